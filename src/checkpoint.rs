@@ -1,0 +1,370 @@
+//! Reading a `.safetensors` checkpoint: the header, and each tensor's bytes on demand.
+//!
+//! The header is parsed and checked here (offsets contiguous, sizes matching shape and dtype,
+//! no duplicate names) so that every later step can trust it. Tensor data is read per tensor
+//! with positioned reads, never the whole file at once: a 500 MB checkpoint costs only the
+//! tensors in flight in memory.
+
+use std::collections::{BTreeMap, HashMap};
+use std::fmt;
+use std::fs::File;
+use std::io::{self, Read};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+
+use safetensors::Dtype;
+use serde::de::{Deserializer, MapAccess, Visitor};
+use serde::Deserialize;
+
+/// Largest header we accept (the safetensors reference implementation uses the same bound).
+const MAX_HEADER_LEN: u64 = 100 * 1024 * 1024;
+
+/// What can be wrong with a checkpoint file itself.
+#[derive(Debug, thiserror::Error)]
+pub enum CheckpointError {
+    /// The file could not be opened or read.
+    #[error("{path}: cannot read: {source}")]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// The underlying error.
+        source: io::Error,
+    },
+    /// The file breaks the safetensors format; `what` says how.
+    #[error("{path}: not a valid safetensors file: {what}")]
+    Format {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong, naming the tensor where there is one.
+        what: String,
+    },
+}
+
+/// One tensor's entry in the header.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TensorInfo {
+    /// The tensor's name as in the file.
+    pub name: String,
+    /// Element type.
+    pub dtype: Dtype,
+    /// Shape, outermost first.
+    pub shape: Vec<usize>,
+    /// Byte offset of the data from the start of the file.
+    pub start: u64,
+    /// Length of the data in bytes.
+    pub len: u64,
+}
+
+impl TensorInfo {
+    /// Number of elements.
+    pub fn numel(&self) -> usize {
+        self.shape.iter().product()
+    }
+}
+
+/// An open checkpoint: its header, and the file to read tensor data from.
+#[derive(Debug)]
+pub struct Checkpoint {
+    path: PathBuf,
+    file: File,
+    tensors: Vec<TensorInfo>,
+    index: HashMap<String, usize>,
+    metadata: Option<BTreeMap<String, String>>,
+}
+
+impl Checkpoint {
+    /// Opens `path` read-only and checks its header against the safetensors format.
+    pub fn open(path: &Path) -> Result<Self, CheckpointError> {
+        let io_err = |source| CheckpointError::Io {
+            path: path.to_path_buf(),
+            source,
+        };
+        let format = |what: String| CheckpointError::Format {
+            path: path.to_path_buf(),
+            what,
+        };
+        let mut file = File::open(path).map_err(io_err)?;
+        let meta = file.metadata().map_err(io_err)?;
+        if meta.is_dir() {
+            return Err(format("it is a directory".into()));
+        }
+        let file_len = meta.len();
+        if file_len < 8 {
+            return Err(format(format!(
+                "the file is {file_len} bytes long, shorter than the 8-byte header length"
+            )));
+        }
+        let mut len_bytes = [0u8; 8];
+        file.read_exact(&mut len_bytes).map_err(io_err)?;
+        let header_len = u64::from_le_bytes(len_bytes);
+        if header_len > MAX_HEADER_LEN {
+            return Err(format(format!(
+                "header length {header_len} is over the {MAX_HEADER_LEN}-byte limit"
+            )));
+        }
+        if header_len > file_len - 8 {
+            return Err(format(format!(
+                "header length {header_len} runs past the end of the {file_len}-byte file"
+            )));
+        }
+        let mut header = vec![0u8; header_len as usize];
+        file.read_exact(&mut header).map_err(io_err)?;
+        let header = std::str::from_utf8(&header)
+            .map_err(|e| format(format!("header is not UTF-8: {e}")))?;
+        let entries: HeaderEntries = serde_json::from_str(header)
+            .map_err(|e| format(format!("header is not valid JSON: {e}")))?;
+
+        let data_start = 8 + header_len;
+        let mut metadata = None;
+        let mut raw = Vec::with_capacity(entries.0.len());
+        let mut seen = HashMap::new();
+        for (name, value) in entries.0 {
+            if seen.insert(name.clone(), ()).is_some() {
+                return Err(format(format!("tensor `{name}` appears twice in the header")));
+            }
+            if name == "__metadata__" {
+                let map: BTreeMap<String, String> = serde_json::from_value(value).map_err(|e| {
+                    format(format!("`__metadata__` must map strings to strings: {e}"))
+                })?;
+                metadata = Some(map);
+                continue;
+            }
+            let info: RawInfo = serde_json::from_value(value)
+                .map_err(|e| format(format!("tensor `{name}`: bad header entry: {e}")))?;
+            raw.push((name, info));
+        }
+        // Data must tile the byte buffer exactly: sorted by offset, each tensor starts where
+        // the previous one ended, and the last ends at the end of the file.
+        raw.sort_by_key(|(_, info)| info.data_offsets);
+        let data_len = file_len - data_start;
+        let mut cursor = 0u64;
+        let mut tensors = Vec::with_capacity(raw.len());
+        for (name, info) in raw {
+            let (begin, end) = info.data_offsets;
+            if begin != cursor {
+                let what = if begin > cursor {
+                    format!("tensor `{name}` starts at byte {begin} of the data, leaving a hole after byte {cursor}")
+                } else {
+                    format!("tensor `{name}` starts at byte {begin} of the data, overlapping the tensor before it (which ends at {cursor})")
+                };
+                return Err(format(what));
+            }
+            if end < begin {
+                return Err(format(format!(
+                    "tensor `{name}` has data_offsets [{begin}, {end}] that run backwards"
+                )));
+            }
+            if end > data_len {
+                return Err(format(format!(
+                    "tensor `{name}` ends at byte {end} of the data, past its end at {data_len} (the file is truncated or the header is wrong)"
+                )));
+            }
+            let expected = info
+                .shape
+                .iter()
+                .try_fold(dtype_bytes(info.dtype) as u64, |acc, &d| {
+                    acc.checked_mul(d as u64)
+                });
+            if expected != Some(end - begin) || info.dtype.bitsize() % 8 != 0 {
+                return Err(format(format!(
+                    "tensor `{name}` is {} bytes but its shape {:?} of {:?} needs {}",
+                    end - begin,
+                    info.shape,
+                    info.dtype,
+                    expected.map_or("more than fits".to_string(), |n| n.to_string())
+                )));
+            }
+            cursor = end;
+            tensors.push(TensorInfo {
+                name,
+                dtype: info.dtype,
+                shape: info.shape,
+                start: data_start + begin,
+                len: end - begin,
+            });
+        }
+        if cursor != data_len {
+            return Err(format(format!(
+                "the tensors cover {cursor} bytes of data but the file holds {data_len}"
+            )));
+        }
+        let index = tensors
+            .iter()
+            .enumerate()
+            .map(|(i, t)| (t.name.clone(), i))
+            .collect();
+        Ok(Self {
+            path: path.to_path_buf(),
+            file,
+            tensors,
+            index,
+            metadata,
+        })
+    }
+
+    /// The file this checkpoint was read from.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The open file, for copying tensor bytes without decoding them.
+    pub fn file(&self) -> &File {
+        &self.file
+    }
+
+    /// All tensors, in the order of their data in the file.
+    pub fn tensors(&self) -> &[TensorInfo] {
+        &self.tensors
+    }
+
+    /// The tensor called `name`, if there is one.
+    pub fn get(&self, name: &str) -> Option<&TensorInfo> {
+        self.index.get(name).map(|&i| &self.tensors[i])
+    }
+
+    /// The header's free-form `__metadata__`, if it has one.
+    pub fn metadata(&self) -> Option<&BTreeMap<String, String>> {
+        self.metadata.as_ref()
+    }
+
+    /// Reads `len` bytes of tensor data starting `offset` bytes into `tensor`.
+    pub fn read_bytes(
+        &self,
+        tensor: &TensorInfo,
+        offset: u64,
+        len: u64,
+    ) -> Result<Vec<u8>, CheckpointError> {
+        debug_assert!(offset + len <= tensor.len);
+        let mut buf = vec![0u8; len as usize];
+        self.file
+            .read_exact_at(&mut buf, tensor.start + offset)
+            .map_err(|source| CheckpointError::Io {
+                path: self.path.clone(),
+                source,
+            })?;
+        Ok(buf)
+    }
+
+    /// Reads elements `range` of a floating-point tensor, widened to f64.
+    ///
+    /// Returns `None` for a tensor whose dtype is not F16, BF16, F32 or F64.
+    pub fn read_f64(
+        &self,
+        tensor: &TensorInfo,
+        range: std::ops::Range<usize>,
+    ) -> Result<Option<Vec<f64>>, CheckpointError> {
+        let Some(width) = float_width(tensor.dtype) else {
+            return Ok(None);
+        };
+        let bytes = self.read_bytes(
+            tensor,
+            (range.start * width) as u64,
+            (range.len() * width) as u64,
+        )?;
+        Ok(Some(decode(tensor.dtype, &bytes)))
+    }
+}
+
+/// Size in bytes of one element of `dtype` (0 for sub-byte types).
+pub fn dtype_bytes(dtype: Dtype) -> usize {
+    dtype.bitsize() / 8
+}
+
+/// Element width in bytes of the floating-point dtypes we fuse, or `None` for any other.
+pub fn float_width(dtype: Dtype) -> Option<usize> {
+    match dtype {
+        Dtype::F16 | Dtype::BF16 => Some(2),
+        Dtype::F32 => Some(4),
+        Dtype::F64 => Some(8),
+        _ => None,
+    }
+}
+
+/// Decodes little-endian floats of `dtype` (one of F16, BF16, F32, F64) to f64.
+pub fn decode(dtype: Dtype, bytes: &[u8]) -> Vec<f64> {
+    match dtype {
+        Dtype::F16 => bytes
+            .chunks_exact(2)
+            .map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f64())
+            .collect(),
+        Dtype::BF16 => bytes
+            .chunks_exact(2)
+            .map(|b| half::bf16::from_le_bytes([b[0], b[1]]).to_f64())
+            .collect(),
+        Dtype::F32 => bytes
+            .chunks_exact(4)
+            .map(|b| f64::from(f32::from_le_bytes([b[0], b[1], b[2], b[3]])))
+            .collect(),
+        Dtype::F64 => bytes
+            .chunks_exact(8)
+            .map(|b| f64::from_le_bytes(b.try_into().unwrap_or([0; 8])))
+            .collect(),
+        _ => Vec::new(),
+    }
+}
+
+/// Rounds each value to `dtype` (nearest, ties to even) and appends its little-endian bytes.
+///
+/// Returns the index of the first value that is finite in f64 but overflows `dtype`.
+pub fn encode(dtype: Dtype, values: &[f64], out: &mut Vec<u8>) -> Result<(), usize> {
+    out.reserve(values.len() * float_width(dtype).unwrap_or(0));
+    for (i, &v) in values.iter().enumerate() {
+        let finite = match dtype {
+            Dtype::F16 => {
+                let h = half::f16::from_f64(v);
+                out.extend_from_slice(&h.to_le_bytes());
+                h.is_finite()
+            }
+            Dtype::BF16 => {
+                let h = half::bf16::from_f64(v);
+                out.extend_from_slice(&h.to_le_bytes());
+                h.is_finite()
+            }
+            Dtype::F32 => {
+                let f = v as f32;
+                out.extend_from_slice(&f.to_le_bytes());
+                f.is_finite()
+            }
+            Dtype::F64 => {
+                out.extend_from_slice(&v.to_le_bytes());
+                true
+            }
+            _ => true,
+        };
+        if !finite && v.is_finite() {
+            return Err(i);
+        }
+    }
+    Ok(())
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawInfo {
+    dtype: Dtype,
+    shape: Vec<usize>,
+    data_offsets: (u64, u64),
+}
+
+/// The header's top-level entries in file order, duplicates kept so they can be refused.
+struct HeaderEntries(Vec<(String, serde_json::Value)>);
+
+impl<'de> Deserialize<'de> for HeaderEntries {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct EntriesVisitor;
+        impl<'de> Visitor<'de> for EntriesVisitor {
+            type Value = HeaderEntries;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a JSON object of tensor entries")
+            }
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+                let mut entries = Vec::new();
+                while let Some(entry) = map.next_entry()? {
+                    entries.push(entry);
+                }
+                Ok(HeaderEntries(entries))
+            }
+        }
+        deserializer.deserialize_map(EntriesVisitor)
+    }
+}

@@ -1,0 +1,372 @@
+//! The `repvgg-fuse` command line: parses, calls the library, prints, picks the exit code.
+
+use std::io::IsTerminal;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use anyhow::Result;
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+use repvgg_fuse::convert::{Inspection, Outcome, Settings};
+use safetensors::Dtype;
+
+/// Fuse RepVGG-family train checkpoints (k×k conv+BN, 1×1 conv+BN, identity BN) into deploy
+/// form (one k×k conv with bias per block), from the weights alone, and prove the two compute
+/// the same thing.
+///
+/// Exit codes: 0 ok; 1 verification found a deviation over tolerance; 2 bad input, usage or
+/// I/O error.
+#[derive(Parser, Debug)]
+#[command(name = "repvgg-fuse", version, args_conflicts_with_subcommands = true)]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+    #[command(flatten)]
+    convert: ConvertArgs,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Judge a deploy file (ours or anyone's, PyTorch's included) against its train file.
+    Verify {
+        /// The train-form checkpoint.
+        train: PathBuf,
+        /// The deploy-form checkpoint to judge.
+        deploy: PathBuf,
+        /// Also write the JSON report here.
+        #[arg(long, value_name = "PATH")]
+        report: Option<PathBuf>,
+        #[command(flatten)]
+        find: FindArgs,
+        #[command(flatten)]
+        check: CheckArgs,
+        /// Print nothing but errors and failures.
+        #[arg(short, long)]
+        quiet: bool,
+    },
+    /// Show the layout and blocks found, and what the deploy file would hold.
+    Inspect {
+        /// The train-form checkpoint.
+        input: PathBuf,
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        find: FindArgs,
+        /// Show the output as cast to this dtype.
+        #[arg(long, value_enum)]
+        dtype: Option<OutDtype>,
+    },
+}
+
+#[derive(Args, Debug)]
+struct ConvertArgs {
+    /// The train-form checkpoint (.safetensors).
+    #[arg(value_name = "INPUT")]
+    input: Option<PathBuf>,
+    /// Where to write the deploy-form checkpoint.
+    #[arg(short, long, value_name = "OUTPUT")]
+    output: Option<PathBuf>,
+    /// Where to write the JSON report [default: beside the output, `<stem>.report.json`].
+    #[arg(long, value_name = "PATH")]
+    report: Option<PathBuf>,
+    /// Re-read the written file and run every block fused and unfused; exit 1 if any is off.
+    #[arg(long)]
+    verify: bool,
+    /// Cast every floating-point tensor of the output to this dtype.
+    #[arg(long, value_enum)]
+    dtype: Option<OutDtype>,
+    #[command(flatten)]
+    find: FindArgs,
+    #[command(flatten)]
+    check: CheckArgs,
+    /// No summary and no progress bar.
+    #[arg(short, long)]
+    quiet: bool,
+}
+
+/// How blocks are found.
+#[derive(Args, Debug, Clone)]
+struct FindArgs {
+    /// Use this layout instead of detecting one (official, timm-repvgg, timm-mobileone,
+    /// apple-mobileone, mmpretrain-repvgg, mmpretrain-mobileone, yolov7, ultralytics).
+    #[arg(long, value_name = "NAME")]
+    layout: Option<String>,
+    /// Read layouts from this JSON file (one layout or an array; see README) instead of the
+    /// built-in table.
+    #[arg(long, value_name = "PATH")]
+    layout_file: Option<PathBuf>,
+    /// BN ε [default: the layout's: 1e-3 for yolov7 and ultralytics, else 1e-5].
+    #[arg(long, value_name = "X", value_parser = non_negative)]
+    bn_eps: Option<f64>,
+}
+
+/// How the fused and unfused blocks are compared.
+#[derive(Args, Debug, Clone)]
+struct CheckArgs {
+    /// Verification input size HxW [default: 8x8, or the kernel size if larger].
+    #[arg(long, value_name = "HxW", value_parser = parse_size)]
+    input_size: Option<[usize; 2]>,
+    /// Images per block in verification.
+    #[arg(long, value_name = "N", default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..))]
+    batch: u32,
+    /// Seed of the random inputs.
+    #[arg(long, value_name = "N", default_value_t = 0)]
+    seed: u64,
+    /// Absolute tolerance [default by dtype: F32 1e-6, F16 1e-3, BF16 1e-2, F64 1e-12].
+    #[arg(long, value_name = "X", value_parser = non_negative)]
+    atol: Option<f64>,
+    /// Relative tolerance, against max |unfused| of the block [default by dtype: F32 1e-5,
+    /// F16 1e-2, BF16 5e-2, F64 1e-10].
+    #[arg(long, value_name = "X", value_parser = non_negative)]
+    rtol: Option<f64>,
+}
+
+#[derive(ValueEnum, Debug, Clone, Copy)]
+enum OutDtype {
+    F32,
+    F16,
+    Bf16,
+}
+
+impl From<OutDtype> for Dtype {
+    fn from(d: OutDtype) -> Dtype {
+        match d {
+            OutDtype::F32 => Dtype::F32,
+            OutDtype::F16 => Dtype::F16,
+            OutDtype::Bf16 => Dtype::BF16,
+        }
+    }
+}
+
+fn non_negative(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(v) if v.is_finite() && v >= 0.0 => Ok(v),
+        _ => Err(format!("`{s}` is not a finite number ≥ 0")),
+    }
+}
+
+fn parse_size(s: &str) -> Result<[usize; 2], String> {
+    let bad = || format!("`{s}` is not a size like 16x16");
+    let (h, w) = s.split_once(['x', 'X']).ok_or_else(bad)?;
+    let h: usize = h.trim().parse().map_err(|_| bad())?;
+    let w: usize = w.trim().parse().map_err(|_| bad())?;
+    if h == 0 || w == 0 || h > 4096 || w > 4096 {
+        return Err(format!("`{s}`: each side must be between 1 and 4096"));
+    }
+    Ok([h, w])
+}
+
+fn settings(find: &FindArgs, check: &CheckArgs, dtype: Option<OutDtype>) -> Settings {
+    Settings {
+        layout: find.layout.clone(),
+        layout_file: find.layout_file.clone(),
+        bn_eps: find.bn_eps,
+        dtype: dtype.map(Dtype::from),
+        seed: check.seed,
+        input_size: check.input_size,
+        batch: check.batch as usize,
+        atol: check.atol,
+        rtol: check.rtol,
+    }
+}
+
+fn progress_bar(quiet: bool) -> ProgressBar {
+    if quiet || !std::io::stderr().is_terminal() {
+        return ProgressBar::hidden();
+    }
+    let bar = ProgressBar::with_draw_target(Some(0), ProgressDrawTarget::stderr());
+    bar.set_style(
+        ProgressStyle::with_template("{spinner} {msg:10} [{bar:40}] {bytes}/{total_bytes} ({eta})")
+            .unwrap_or_else(|_| ProgressStyle::default_bar())
+            .progress_chars("=> "),
+    );
+    bar.set_message("fusing");
+    bar
+}
+
+fn main() -> ExitCode {
+    let flag = repvgg_fuse::interrupt_flag();
+    for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
+        // If registration fails the default action (exit) stays, which loses nothing either:
+        // the temp file is then the only leftover risk.
+        let _ = signal_hook::flag::register(sig, flag.clone());
+    }
+    match run() {
+        Ok(code) => code,
+        Err(err) => {
+            eprintln!("error: {err:#}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+fn run() -> Result<ExitCode> {
+    let cli = Cli::parse();
+    match cli.command {
+        Some(Command::Verify {
+            train,
+            deploy,
+            report,
+            find,
+            check,
+            quiet,
+        }) => {
+            let s = settings(&find, &check, None);
+            let outcome = repvgg_fuse::verify_files(&train, &deploy, &s)?;
+            if let Some(path) = &report {
+                write_report(&outcome, path)?;
+            }
+            Ok(finish(&outcome, quiet, None))
+        }
+        Some(Command::Inspect {
+            input,
+            json,
+            find,
+            dtype,
+        }) => {
+            let s = settings(&find, &CheckArgs::default_values(), dtype);
+            let inspection = repvgg_fuse::inspect(&input, &s)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&inspection)?);
+            } else {
+                print_inspection(&inspection);
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        None => {
+            let args = cli.convert;
+            let (Some(input), Some(output)) = (&args.input, &args.output) else {
+                let missing = if args.input.is_none() { "INPUT" } else { "-o OUTPUT" };
+                eprintln!(
+                    "error: {missing} is required\n\nUsage: repvgg-fuse INPUT -o OUTPUT [--verify]\n       repvgg-fuse verify TRAIN DEPLOY\n       repvgg-fuse inspect INPUT\n\nFor more information, try '--help'."
+                );
+                return Ok(ExitCode::from(2));
+            };
+            let s = settings(&args.find, &args.check, args.dtype);
+            let bar = progress_bar(args.quiet);
+            let outcome = repvgg_fuse::convert(
+                input,
+                output,
+                args.report.as_deref(),
+                &s,
+                args.verify,
+                &bar,
+            );
+            bar.finish_and_clear();
+            Ok(finish(&outcome?, args.quiet, Some(output)))
+        }
+    }
+}
+
+impl CheckArgs {
+    fn default_values() -> Self {
+        CheckArgs {
+            input_size: None,
+            batch: 1,
+            seed: 0,
+            atol: None,
+            rtol: None,
+        }
+    }
+}
+
+fn write_report(outcome: &Outcome, path: &Path) -> Result<()> {
+    let text = serde_json::to_string_pretty(&outcome.report)?;
+    std::fs::write(path, format!("{text}\n"))
+        .map_err(|e| anyhow::anyhow!("{}: cannot write the report: {e}", path.display()))?;
+    Ok(())
+}
+
+/// Prints the summary (stdout) and failures (stderr); returns 0, or 1 for a failed verify.
+fn finish(outcome: &Outcome, quiet: bool, output: Option<&Path>) -> ExitCode {
+    let r = &outcome.report;
+    let s = &r.summary;
+    if !quiet {
+        let verb = if output.is_some() { "fused" } else { "checked" };
+        println!(
+            "{verb} {} blocks ({} layout, {}; BN ε {:e} from {})",
+            s.blocks, r.layout.name, r.layout.chosen_by, r.bn_eps.value, r.bn_eps.source
+        );
+        println!(
+            "parameters {} → {}, tensors {} → {}",
+            s.parameters_in, s.parameters_out, s.tensors_in, s.tensors_out
+        );
+        if let Some(worst) = &s.worst_block {
+            let input = match r.probe.input_size {
+                Some([h, w]) => format!("{}×{h}×{w} random input", r.probe.batch),
+                None => "probe input".to_string(),
+            };
+            println!(
+                "worst deviation: {:.3e} relative, {:.3e} absolute, in block `{worst}` ({input}, seed {})",
+                s.max_rel_deviation, s.max_abs_deviation, r.probe.seed
+            );
+        }
+        if let Some(out) = output {
+            let report = outcome
+                .report_path
+                .as_ref()
+                .map_or(String::new(), |p| format!(", report {}", p.display()));
+            println!("wrote {} ({} bytes){report}", out.display(), s.bytes_out);
+        }
+    }
+    match &r.verify {
+        Some(v) if !v.passed => {
+            for f in &v.failures {
+                eprintln!("verify: FAILED `{}`: {}", f.name, f.reason);
+            }
+            eprintln!(
+                "verify: {} of {} checks failed (atol {:e}, rtol {:e}, {}×{}×{} input, seed {})",
+                v.failures.len(),
+                s.blocks,
+                v.atol,
+                v.rtol,
+                v.batch,
+                v.input_size[0],
+                v.input_size[1],
+                v.seed
+            );
+            ExitCode::from(1)
+        }
+        Some(v) => {
+            if !quiet {
+                println!(
+                    "verify: passed: every block within atol {:e} + rtol {:e} on {}×{}×{} input; every other tensor identical",
+                    v.atol, v.rtol, v.batch, v.input_size[0], v.input_size[1]
+                );
+            }
+            ExitCode::SUCCESS
+        }
+        None => ExitCode::SUCCESS,
+    }
+}
+
+fn print_inspection(i: &Inspection) {
+    println!("{}: layout {} ({}), BN ε {:e} ({})", i.input, i.layout.name, i.layout.chosen_by, i.bn_eps.value, i.bn_eps.source);
+    println!("{} blocks:", i.blocks.len());
+    for b in &i.blocks {
+        let groups = b.groups.map_or("?".to_string(), |g| g.to_string());
+        let cin = b.in_channels.map_or("?".to_string(), |c| c.to_string());
+        println!(
+            "  {:<32} {}→{} ch, groups {groups}, {k}×{k}, {}{}",
+            b.name,
+            cin,
+            b.out_channels,
+            b.branches.join(" + "),
+            if b.identity { "" } else { " (no identity)" },
+            k = b.kernel
+        );
+    }
+    for s in &i.skipped {
+        println!("  not fused: {} ({})", s.name, s.reason);
+    }
+    println!("{} tensors pass through unchanged", i.passthrough.len());
+    let fused = i.output.iter().filter(|o| o.source == "fused").count();
+    println!(
+        "would write {} tensors ({} fused, {} copied, {} cast)",
+        i.output.len(),
+        fused,
+        i.output.iter().filter(|o| o.source == "copy").count(),
+        i.output.iter().filter(|o| o.source == "cast").count()
+    );
+}

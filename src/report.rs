@@ -1,0 +1,237 @@
+//! The JSON report: what was found, what was written, and how far fused is from unfused.
+
+use serde::Serialize;
+
+use crate::block::Block;
+use crate::verify::Deviation;
+
+/// The whole report.
+#[derive(Debug, Clone, Serialize)]
+pub struct Report {
+    /// The tool and its version.
+    pub tool: Tool,
+    /// `convert` or `verify`.
+    pub command: String,
+    /// The train checkpoint.
+    pub input: String,
+    /// The deploy file written (convert) or judged (verify).
+    pub output: String,
+    /// The layout the blocks were found with.
+    pub layout: LayoutInfo,
+    /// The BN ε used, and why.
+    pub bn_eps: EpsInfo,
+    /// The input the deviations were measured on.
+    pub probe: Probe,
+    /// One entry per fused block, in file order.
+    pub blocks: Vec<BlockReport>,
+    /// Candidates of a layout with generic names that were left alone, and why.
+    pub skipped: Vec<Skipped>,
+    /// Totals and the worst block.
+    pub summary: Summary,
+    /// The verification, when one ran.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub verify: Option<VerifyReport>,
+}
+
+/// Tool name and version.
+#[derive(Debug, Clone, Serialize)]
+pub struct Tool {
+    /// `repvgg-fuse`.
+    pub name: &'static str,
+    /// The crate version.
+    pub version: &'static str,
+}
+
+impl Default for Tool {
+    fn default() -> Self {
+        Tool {
+            name: env!("CARGO_PKG_NAME"),
+            version: env!("CARGO_PKG_VERSION"),
+        }
+    }
+}
+
+/// Which layout, and how it was chosen.
+#[derive(Debug, Clone, Serialize)]
+pub struct LayoutInfo {
+    /// Layout id.
+    pub name: String,
+    /// The frameworks that use it.
+    pub description: String,
+    /// `detected`, `--layout` or `--layout-file`.
+    pub chosen_by: String,
+}
+
+/// The BN ε.
+#[derive(Debug, Clone, Serialize)]
+pub struct EpsInfo {
+    /// The value.
+    pub value: f64,
+    /// Where it came from.
+    pub source: String,
+}
+
+/// The random input deviations are measured on.
+#[derive(Debug, Clone, Serialize)]
+pub struct Probe {
+    /// `probe` (cheap, every kernel tap meets data and padding) or `verify` (`--verify`).
+    pub kind: String,
+    /// `[h, w]`; for the probe it is `k/2 + 1` per side for each block's kernel k.
+    pub input_size: Option<[usize; 2]>,
+    /// Images per block.
+    pub batch: usize,
+    /// Seed of the ChaCha8 stream; block i uses stream i.
+    pub seed: u64,
+}
+
+/// One fused block.
+#[derive(Debug, Clone, Serialize)]
+pub struct BlockReport {
+    /// The block prefix exactly as in the checkpoint.
+    pub name: String,
+    /// Layout id.
+    pub layout: String,
+    /// The branches fused, by their path under the block.
+    pub branches: Vec<String>,
+    /// Input channels, when the weights settle them (see `groups`).
+    pub in_channels: Option<usize>,
+    /// Output channels.
+    pub out_channels: usize,
+    /// Input channels per group (the kernel's second dimension).
+    pub in_channels_per_group: usize,
+    /// Groups: known when the block has an identity branch (in == out), else null.
+    pub groups: Option<usize>,
+    /// Fused kernel size k (k×k).
+    pub kernel: usize,
+    /// Whether an identity branch was fused.
+    pub identity: bool,
+    /// dtype of the fused tensors.
+    pub dtype: String,
+    /// Name of the fused weight.
+    pub deploy_weight: String,
+    /// Name of the fused bias.
+    pub deploy_bias: String,
+    /// max |fused − unfused| over the block's output.
+    pub max_abs_deviation: f64,
+    /// max |fused − unfused| / max |unfused|.
+    pub max_rel_deviation: f64,
+    /// max |unfused|.
+    pub max_abs_output: f64,
+}
+
+impl BlockReport {
+    /// The report entry of `block`, with its fused dtype and deviation.
+    pub fn new(block: &Block, layout: &str, dtype: &str, dev: Deviation) -> Self {
+        BlockReport {
+            name: block.name.clone(),
+            layout: layout.to_string(),
+            branches: block.branches.iter().map(|b| b.label.clone()).collect(),
+            in_channels: block.in_channels(),
+            out_channels: block.out_channels,
+            in_channels_per_group: block.in_per_group,
+            groups: block.groups,
+            kernel: block.kernel,
+            identity: block.has_identity(),
+            dtype: dtype.to_string(),
+            deploy_weight: block.deploy_weight.clone(),
+            deploy_bias: block.deploy_bias.clone(),
+            max_abs_deviation: dev.max_abs,
+            max_rel_deviation: dev.max_rel,
+            max_abs_output: dev.max_abs_output,
+        }
+    }
+}
+
+/// A candidate that was not fused.
+#[derive(Debug, Clone, Serialize)]
+pub struct Skipped {
+    /// The prefix.
+    pub name: String,
+    /// Why.
+    pub reason: String,
+}
+
+/// Totals.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Summary {
+    /// Blocks fused.
+    pub blocks: usize,
+    /// The worst block's max |fused − unfused|.
+    pub max_abs_deviation: f64,
+    /// The worst block's relative deviation.
+    pub max_rel_deviation: f64,
+    /// The block with the largest relative deviation.
+    pub worst_block: Option<String>,
+    /// Tensors in the input.
+    pub tensors_in: usize,
+    /// Tensors in the output.
+    pub tensors_out: usize,
+    /// Tensors copied unchanged.
+    pub tensors_passed_through: usize,
+    /// Branch tensors replaced by fused ones (BN step counters included).
+    pub tensors_dropped: usize,
+    /// Elements in the input.
+    pub parameters_in: usize,
+    /// Elements in the output.
+    pub parameters_out: usize,
+    /// Size of the input file.
+    pub bytes_in: u64,
+    /// Size of the output file.
+    pub bytes_out: u64,
+}
+
+impl Summary {
+    /// Sets the worst-block fields from `blocks`.
+    pub fn set_worst(&mut self, blocks: &[BlockReport]) {
+        self.blocks = blocks.len();
+        let worst = blocks.iter().max_by(|a, b| {
+            a.max_rel_deviation
+                .partial_cmp(&b.max_rel_deviation)
+                .unwrap_or(if a.max_rel_deviation.is_nan() {
+                    std::cmp::Ordering::Greater
+                } else {
+                    std::cmp::Ordering::Less
+                })
+        });
+        if let Some(w) = worst {
+            self.worst_block = Some(w.name.clone());
+            self.max_rel_deviation = w.max_rel_deviation;
+        }
+        self.max_abs_deviation = blocks
+            .iter()
+            .map(|b| b.max_abs_deviation)
+            .fold(0.0, |a, b| if a.is_nan() || b.is_nan() { f64::NAN } else { a.max(b) });
+    }
+}
+
+/// The outcome of a verification.
+#[derive(Debug, Clone, Serialize)]
+pub struct VerifyReport {
+    /// Whether every block and tensor passed.
+    pub passed: bool,
+    /// Absolute tolerance.
+    pub atol: f64,
+    /// Relative tolerance (against max |unfused| of the block).
+    pub rtol: f64,
+    /// `[h, w]` of the input.
+    pub input_size: [usize; 2],
+    /// Images per block.
+    pub batch: usize,
+    /// Seed.
+    pub seed: u64,
+    /// Blocks over tolerance or with a missing / mis-shaped fused tensor.
+    pub failures: Vec<Failure>,
+}
+
+/// A block or tensor that failed verification.
+#[derive(Debug, Clone, Serialize)]
+pub struct Failure {
+    /// Block prefix, or tensor name for a pass-through tensor.
+    pub name: String,
+    /// What is wrong.
+    pub reason: String,
+    /// The deviation, when the block could be run.
+    pub max_abs_deviation: Option<f64>,
+    /// The relative deviation, when the block could be run.
+    pub max_rel_deviation: Option<f64>,
+}
