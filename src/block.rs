@@ -7,6 +7,12 @@ use serde::Serialize;
 use crate::checkpoint::{float_width, Checkpoint, TensorInfo};
 use crate::layout::Role;
 
+/// Largest kernel side a block may have: RepLKNet's 31×31, the largest in the
+/// re-parameterization literature. Checking a block costs memory in the kernel side to the
+/// fourth power (the probe input grows with the kernel), so a larger one is refused rather
+/// than run out of memory.
+pub const MAX_KERNEL: usize = 31;
+
 /// A block whose shapes or tensors do not fit together.
 #[derive(Debug, thiserror::Error)]
 #[error("block `{block}`: {what}")]
@@ -161,6 +167,12 @@ impl Block {
             if kh != kw || kh % 2 == 0 {
                 return Err(err(format!(
                     "conv weight `{}` has a {kh}×{kw} kernel; expected a square kernel of odd size",
+                    w.name
+                )));
+            }
+            if kh > MAX_KERNEL {
+                return Err(err(format!(
+                    "conv weight `{}` has a {kh}×{kh} kernel; expected at most {MAX_KERNEL}×{MAX_KERNEL}",
                     w.name
                 )));
             }

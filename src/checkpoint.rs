@@ -111,8 +111,13 @@ impl Checkpoint {
         file.read_exact(&mut header).map_err(io_err)?;
         let header = std::str::from_utf8(&header)
             .map_err(|e| format(format!("header is not UTF-8: {e}")))?;
-        let entries: HeaderEntries = serde_json::from_str(header)
-            .map_err(|e| format(format!("header is not valid JSON: {e}")))?;
+        let entries: HeaderEntries = serde_json::from_str(header).map_err(|e| {
+            if e.is_data() {
+                format(format!("the header is JSON but not an object of tensor entries: {e}"))
+            } else {
+                format(format!("header is not valid JSON: {e}"))
+            }
+        })?;
 
         let data_start = 8 + header_len;
         let mut metadata = None;
@@ -159,13 +164,19 @@ impl Checkpoint {
                     "tensor `{name}` ends at byte {end} of the data, past its end at {data_len} (the file is truncated or the header is wrong)"
                 )));
             }
+            if info.dtype.bitsize() % 8 != 0 {
+                return Err(format(format!(
+                    "tensor `{name}` is {:?}, a sub-byte dtype; expected a dtype of whole bytes",
+                    info.dtype
+                )));
+            }
             let expected = info
                 .shape
                 .iter()
                 .try_fold(dtype_bytes(info.dtype) as u64, |acc, &d| {
                     acc.checked_mul(d as u64)
                 });
-            if expected != Some(end - begin) || info.dtype.bitsize() % 8 != 0 {
+            if expected != Some(end - begin) {
                 return Err(format(format!(
                     "tensor `{name}` is {} bytes but its shape {:?} of {:?} needs {}",
                     end - begin,
@@ -282,24 +293,40 @@ pub fn float_width(dtype: Dtype) -> Option<usize> {
 
 /// Decodes little-endian floats of `dtype` (one of F16, BF16, F32, F64) to f64.
 pub fn decode(dtype: Dtype, bytes: &[u8]) -> Vec<f64> {
+    let mut out = Vec::new();
+    decode_into(dtype, bytes, &mut out);
+    out
+}
+
+/// Like [`decode`], into `out` (cleared first), so a buffer can be reused.
+pub fn decode_into(dtype: Dtype, bytes: &[u8], out: &mut Vec<f64>) {
+    out.clear();
+    let Some(width) = float_width(dtype) else {
+        return;
+    };
+    out.resize(bytes.len() / width, 0.0);
+    // One loop per dtype, so each is a straight, vectorizable pass.
     match dtype {
-        Dtype::F16 => bytes
-            .chunks_exact(2)
-            .map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f64())
-            .collect(),
-        Dtype::BF16 => bytes
-            .chunks_exact(2)
-            .map(|b| half::bf16::from_le_bytes([b[0], b[1]]).to_f64())
-            .collect(),
-        Dtype::F32 => bytes
-            .chunks_exact(4)
-            .map(|b| f64::from(f32::from_le_bytes([b[0], b[1], b[2], b[3]])))
-            .collect(),
-        Dtype::F64 => bytes
-            .chunks_exact(8)
-            .map(|b| f64::from_le_bytes(b.try_into().unwrap_or([0; 8])))
-            .collect(),
-        _ => Vec::new(),
+        Dtype::F16 => {
+            for (o, b) in out.iter_mut().zip(bytes.chunks_exact(2)) {
+                *o = half::f16::from_le_bytes([b[0], b[1]]).to_f64();
+            }
+        }
+        Dtype::BF16 => {
+            for (o, b) in out.iter_mut().zip(bytes.chunks_exact(2)) {
+                *o = half::bf16::from_le_bytes([b[0], b[1]]).to_f64();
+            }
+        }
+        Dtype::F32 => {
+            for (o, b) in out.iter_mut().zip(bytes.chunks_exact(4)) {
+                *o = f64::from(f32::from_le_bytes([b[0], b[1], b[2], b[3]]));
+            }
+        }
+        _ => {
+            for (o, b) in out.iter_mut().zip(bytes.chunks_exact(8)) {
+                *o = f64::from_le_bytes([b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7]]);
+            }
+        }
     }
 }
 
@@ -307,33 +334,50 @@ pub fn decode(dtype: Dtype, bytes: &[u8]) -> Vec<f64> {
 ///
 /// Returns the index of the first value that is finite in f64 but overflows `dtype`.
 pub fn encode(dtype: Dtype, values: &[f64], out: &mut Vec<u8>) -> Result<(), usize> {
-    out.reserve(values.len() * float_width(dtype).unwrap_or(0));
-    for (i, &v) in values.iter().enumerate() {
-        let finite = match dtype {
-            Dtype::F16 => {
-                let h = half::f16::from_f64(v);
-                out.extend_from_slice(&h.to_le_bytes());
-                h.is_finite()
+    let Some(width) = float_width(dtype) else {
+        return Ok(());
+    };
+    let start = out.len();
+    out.resize(start + values.len() * width, 0);
+    let dst = &mut out[start..];
+    // `overflow` collects "finite in, infinite out" without a branch per element.
+    let mut overflow = false;
+    match dtype {
+        Dtype::F16 => {
+            for (o, v) in dst.chunks_exact_mut(2).zip(values) {
+                let h = half::f16::from_f64(*v);
+                overflow |= h.is_infinite() & v.is_finite();
+                o.copy_from_slice(&h.to_le_bytes());
             }
-            Dtype::BF16 => {
-                let h = half::bf16::from_f64(v);
-                out.extend_from_slice(&h.to_le_bytes());
-                h.is_finite()
-            }
-            Dtype::F32 => {
-                let f = v as f32;
-                out.extend_from_slice(&f.to_le_bytes());
-                f.is_finite()
-            }
-            Dtype::F64 => {
-                out.extend_from_slice(&v.to_le_bytes());
-                true
-            }
-            _ => true,
-        };
-        if !finite && v.is_finite() {
-            return Err(i);
         }
+        Dtype::BF16 => {
+            for (o, v) in dst.chunks_exact_mut(2).zip(values) {
+                let h = half::bf16::from_f64(*v);
+                overflow |= h.is_infinite() & v.is_finite();
+                o.copy_from_slice(&h.to_le_bytes());
+            }
+        }
+        Dtype::F32 => {
+            for (o, v) in dst.chunks_exact_mut(4).zip(values) {
+                let f = *v as f32;
+                overflow |= f.is_infinite() & v.is_finite();
+                o.copy_from_slice(&f.to_le_bytes());
+            }
+        }
+        _ => {
+            for (o, v) in dst.chunks_exact_mut(8).zip(values) {
+                o.copy_from_slice(&v.to_le_bytes());
+            }
+        }
+    }
+    if overflow {
+        let back = decode(dtype, dst);
+        let at = values
+            .iter()
+            .zip(&back)
+            .position(|(v, b)| v.is_finite() && b.is_infinite())
+            .unwrap_or(0);
+        return Err(at);
     }
     Ok(())
 }

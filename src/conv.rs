@@ -2,7 +2,7 @@
 
 use std::ops::Range;
 
-use ndarray::{s, Array2, ArrayView2};
+use ndarray::Array2;
 use rand_chacha::rand_core::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
@@ -95,20 +95,72 @@ pub fn conv_rows(
     out_per_group: usize,
 ) -> Array2<f64> {
     let depth = in_per_group * k * k;
-    let mut out = Array2::<f64>::zeros((rows.len(), cols.ncols()));
+    let p = cols.ncols();
+    let mut out = Array2::<f64>::zeros((rows.len(), p));
+    let cols = cols
+        .as_slice()
+        .expect("im2col matrices are standard-layout arrays");
+    let out_slice = out
+        .as_slice_mut()
+        .expect("a fresh array is standard layout");
     let mut o = rows.start;
     while o < rows.end {
         // The run of rows that share o's group.
         let g = o / out_per_group;
         let end = rows.end.min((g + 1) * out_per_group);
         let (r0, r1) = (o - rows.start, end - rows.start);
-        let w = ArrayView2::from_shape((r1 - r0, depth), &weight[r0 * depth..r1 * depth])
-            .expect("weight slice has rows × depth elements");
-        let x = cols.slice(s![g * depth..(g + 1) * depth, ..]);
-        ndarray::linalg::general_mat_mul(1.0, &w, &x, 0.0, &mut out.slice_mut(s![r0..r1, ..]));
+        matmul(
+            &weight[r0 * depth..r1 * depth],
+            &cols[g * depth * p..(g + 1) * depth * p],
+            &mut out_slice[r0 * p..r1 * p],
+            r1 - r0,
+            depth,
+            p,
+        );
         o = end;
     }
     out
+}
+
+/// `c = a · b` for row-major, contiguous `a` (m×k), `b` (k×n) and `c` (m×n).
+///
+/// The `gemm` crate picks its AVX-512 / AVX2 kernels at run time; it is about twice as fast
+/// as matrixmultiply in f64 on AVX-512 machines, which is what makes `--verify` cheap.
+pub fn matmul(a: &[f64], b: &[f64], c: &mut [f64], m: usize, k: usize, n: usize) {
+    assert!(a.len() == m * k && b.len() == k * n && c.len() == m * n);
+    if m == 0 || n == 0 {
+        return;
+    }
+    if k == 0 {
+        c.fill(0.0);
+        return;
+    }
+    // SAFETY: the three slices hold exactly m×k, k×n and m×n elements (asserted above), the
+    // strides below describe contiguous row-major storage within them, and `c` is borrowed
+    // mutably so it aliases neither input.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            c.as_mut_ptr(),
+            1,
+            n as isize,
+            false,
+            a.as_ptr(),
+            1,
+            k as isize,
+            b.as_ptr(),
+            1,
+            n as isize,
+            0.0,
+            1.0,
+            false,
+            false,
+            false,
+            gemm::Parallelism::None,
+        );
+    }
 }
 
 /// A whole grouped conv2d with bias: `weight` is `[out, in/groups, k, k]`; returns NCHW.

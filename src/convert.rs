@@ -11,10 +11,11 @@ use rayon::prelude::*;
 use safetensors::Dtype;
 use serde::Serialize;
 
-use crate::block::Block;
-use crate::checkpoint::{decode, encode, float_width, Checkpoint};
+use crate::block::{Block, BlockError};
+use crate::checkpoint::{encode, float_width, Checkpoint};
 use crate::deploy::{copy_tensor, Plan, Source};
 use crate::fuse::{BlockValues, FusedConv};
+use crate::probe::{fuse_rows, BranchRows, FusedRows, RowError};
 use crate::layout::{Detection, Layout};
 use crate::report::{
     BlockReport, EpsInfo, Failure, LayoutInfo, Probe, Report, Skipped, Summary, Tool,
@@ -122,14 +123,8 @@ fn block_err(ckpt: &Checkpoint, e: crate::block::BlockError) -> Error {
     }
 }
 
-/// One chunk of a block, fused and encoded, with its probe deviation measured on the values
-/// as written.
-struct Chunk {
-    weight: Vec<u8>,
-    bias: Vec<u8>,
-    deviation: Deviation,
-}
-
+/// Fuses output channels `rows` of `block` straight from the file's bytes, encoded in `dtype`,
+/// with the probe deviation of the rows as written.
 fn fuse_chunk(
     ckpt: &Checkpoint,
     block: &Block,
@@ -137,39 +132,79 @@ fn fuse_chunk(
     eps: f64,
     dtype: Dtype,
     probe: &BlockInput,
-) -> Result<Chunk, Error> {
-    let values = BlockValues::load(ckpt, block, rows).map_err(|e| block_err(ckpt, e))?;
-    let fused = values.fuse(eps);
-    let overflow = |tensor: &str, index: usize, value: f64| Error::Overflow {
-        path: ckpt.path().to_path_buf(),
-        block: block.name.clone(),
-        tensor: tensor.to_string(),
-        index,
-        value,
+) -> Result<FusedRows, Error> {
+    let affine = BlockValues::load_affine(ckpt, block, rows.clone()).map_err(|e| block_err(ckpt, e))?;
+    let mut raw = Vec::with_capacity(block.branches.len());
+    for branch in &block.branches {
+        raw.push(match &branch.conv {
+            Some(conv) => {
+                let t = ckpt.get(&conv.weight).ok_or_else(|| {
+                    block_err(ckpt, BlockError::new(&block.name, format!("`{}` is missing", conv.weight)))
+                })?;
+                let per_row = t.len / block.out_channels as u64;
+                let bytes = ckpt.read_bytes(t, rows.start as u64 * per_row, rows.len() as u64 * per_row)?;
+                Some((t.dtype, bytes))
+            }
+            None => None,
+        });
+    }
+    let branches: Vec<BranchRows> = affine
+        .branches
+        .iter()
+        .zip(&raw)
+        .map(|(v, raw)| {
+            let (t, shift) = v.affine(rows.len(), eps);
+            BranchRows {
+                role: v.role,
+                kernel: v.kernel,
+                weight: raw.as_ref().map(|(d, b)| (*d, b.as_slice())),
+                t,
+                shift,
+            }
+        })
+        .collect();
+    let start = rows.start;
+    fuse_rows(
+        rows,
+        block.in_per_group,
+        block.kernel,
+        block.out_per_group(),
+        &branches,
         dtype,
-    };
-    let mut weight = Vec::new();
-    encode(dtype, &fused.weight, &mut weight).map_err(|i| {
-        let per_row = block.in_per_group * block.kernel * block.kernel;
-        overflow(&block.deploy_weight, fused.rows.start * per_row + i, fused.weight[i])
-    })?;
-    let mut bias = Vec::new();
-    encode(dtype, &fused.bias, &mut bias)
-        .map_err(|i| overflow(&block.deploy_bias, fused.rows.start + i, fused.bias[i]))?;
-    let written = FusedConv {
-        weight: decode(dtype, &weight),
-        bias: decode(dtype, &bias),
-        ..fused
-    };
-    let opg = block.out_per_group();
-    let deviation = verify::deviation(
-        &verify::unfused(&values, probe, opg, eps),
-        &verify::fused(&written, probe, opg),
-    );
-    Ok(Chunk {
-        weight,
-        bias,
-        deviation,
+        probe,
+    )
+    .map_err(|e| match e {
+        RowError::NonFinite { branch, index, value } => {
+            let b = &block.branches[branch];
+            let name = b.conv.as_ref().map_or(String::new(), |c| c.weight.clone());
+            let per_row = ckpt.get(&name).map_or(0, |t| t.numel() / block.out_channels);
+            block_err(
+                ckpt,
+                BlockError::new(
+                    &block.name,
+                    format!(
+                        "tensor `{name}` holds {value} at element {}; fusion needs finite values",
+                        start * per_row + index
+                    ),
+                ),
+            )
+        }
+        RowError::Overflow { bias, index, value } => {
+            let per_row = block.in_per_group * block.kernel * block.kernel;
+            let (tensor, at) = if bias {
+                (&block.deploy_bias, start + index)
+            } else {
+                (&block.deploy_weight, start * per_row + index)
+            };
+            Error::Overflow {
+                path: ckpt.path().to_path_buf(),
+                block: block.name.clone(),
+                tensor: tensor.clone(),
+                index: at,
+                value,
+                dtype,
+            }
+        }
     })
 }
 
@@ -270,56 +305,11 @@ pub fn convert(
         what: format!("cannot write: {e}"),
     };
     progress.set_length(plan.file_len());
-    let header = plan.header();
-    tmp.as_file_mut().write_all(&header).map_err(out_err)?;
-    progress.inc(header.len() as u64);
-
-    let mut deviations = vec![Deviation::default(); detection.blocks.len()];
-    let mut pending_bias: Vec<Option<Vec<u8>>> = vec![None; detection.blocks.len()];
-    for entry in &plan.entries {
-        crate::check_interrupted()?;
-        let file = tmp.as_file_mut();
-        match entry.source {
-            Source::Copy(i) if ckpt.tensors()[i].dtype == entry.dtype => {
-                copy_tensor(&ckpt, i, file).map_err(out_err)?;
-            }
-            Source::Copy(i) => {
-                let t = &ckpt.tensors()[i];
-                let values = ckpt.read_f64(t, 0..t.numel())?.unwrap_or_default();
-                let mut bytes = Vec::new();
-                encode(entry.dtype, &values, &mut bytes).map_err(|at| Error::Overflow {
-                    path: ckpt.path().to_path_buf(),
-                    block: String::new(),
-                    tensor: t.name.clone(),
-                    index: at,
-                    value: values[at],
-                    dtype: entry.dtype,
-                })?;
-                file.write_all(&bytes).map_err(out_err)?;
-            }
-            Source::FusedWeight(b) => {
-                let block = &detection.blocks[b];
-                let side = probe_side(block.kernel);
-                let probe = BlockInput::new(block, 1, side, side, settings.seed, b as u64);
-                let chunks: Vec<Chunk> = row_chunks(block)
-                    .into_par_iter()
-                    .map(|rows| fuse_chunk(&ckpt, block, rows, eps.value, entry.dtype, &probe))
-                    .collect::<Result<_, _>>()?;
-                let mut bias = Vec::new();
-                for c in chunks {
-                    file.write_all(&c.weight).map_err(out_err)?;
-                    bias.extend(c.bias);
-                    deviations[b] = deviations[b].merge(c.deviation);
-                }
-                pending_bias[b] = Some(bias);
-            }
-            Source::FusedBias(b) => {
-                let bias = pending_bias[b].take().unwrap_or_default();
-                file.write_all(&bias).map_err(out_err)?;
-            }
-        }
-        progress.inc(entry.len());
-    }
+    let deviations = write_deploy(&ckpt, &detection, &plan, eps.value, settings.seed, tmp.as_file(), progress)
+        .map_err(|e| match e {
+            WriteError::Io(e) => out_err(e),
+            WriteError::Run(e) => e,
+        })?;
     tmp.as_file_mut().flush().map_err(out_err)?;
 
     let dtype_of = |b: &Block| format!("{:?}", settings.dtype.unwrap_or(b.dtype));
@@ -381,6 +371,121 @@ pub fn convert(
         report,
         report_path: Some(report_path),
     })
+}
+
+/// Why writing stopped: the output failed, or the input did.
+enum WriteError {
+    Io(std::io::Error),
+    Run(Error),
+}
+
+impl From<Error> for WriteError {
+    fn from(e: Error) -> Self {
+        WriteError::Run(e)
+    }
+}
+
+/// What the writer thread is asked to put next in the file.
+enum Piece {
+    Bytes(Vec<u8>),
+    Copy(usize),
+}
+
+/// Writes the deploy file's header and data to `file`; returns each block's probe deviation.
+///
+/// The main thread fuses (its chunks in parallel) while a writer thread writes what is done,
+/// so computing and writing overlap; the pieces arrive in file order through a short queue.
+fn write_deploy(
+    ckpt: &Checkpoint,
+    detection: &Detection,
+    plan: &Plan,
+    eps: f64,
+    seed: u64,
+    file: &std::fs::File,
+    progress: &ProgressBar,
+) -> Result<Vec<Deviation>, WriteError> {
+    let (tx, rx) = std::sync::mpsc::sync_channel::<Piece>(8);
+    std::thread::scope(|scope| {
+        let writer = scope.spawn(move || -> std::io::Result<()> {
+            let mut out = file;
+            for piece in rx {
+                match piece {
+                    Piece::Bytes(bytes) => {
+                        out.write_all(&bytes)?;
+                        progress.inc(bytes.len() as u64);
+                    }
+                    Piece::Copy(i) => {
+                        copy_tensor(ckpt, i, &mut out)?;
+                        progress.inc(ckpt.tensors()[i].len);
+                    }
+                }
+            }
+            Ok(())
+        });
+        let produced = produce(ckpt, detection, plan, eps, seed, &tx);
+        drop(tx);
+        let written = writer
+            .join()
+            .unwrap_or_else(|_| Err(std::io::Error::other("the writer thread failed")));
+        // An output error explains a closed queue better than the producer's view of it.
+        written.map_err(WriteError::Io)?;
+        produced
+    })
+}
+
+fn produce(
+    ckpt: &Checkpoint,
+    detection: &Detection,
+    plan: &Plan,
+    eps: f64,
+    seed: u64,
+    tx: &std::sync::mpsc::SyncSender<Piece>,
+) -> Result<Vec<Deviation>, WriteError> {
+    let send = |piece| {
+        tx.send(piece)
+            .map_err(|_| WriteError::Io(std::io::Error::other("the writer stopped")))
+    };
+    send(Piece::Bytes(plan.header()))?;
+    let mut deviations = vec![Deviation::default(); detection.blocks.len()];
+    let mut pending_bias: Vec<Option<Vec<u8>>> = vec![None; detection.blocks.len()];
+    for entry in &plan.entries {
+        crate::check_interrupted()?;
+        match entry.source {
+            Source::Copy(i) if ckpt.tensors()[i].dtype == entry.dtype => send(Piece::Copy(i))?,
+            Source::Copy(i) => {
+                let t = &ckpt.tensors()[i];
+                let values = ckpt.read_f64(t, 0..t.numel()).map_err(Error::from)?.unwrap_or_default();
+                let mut bytes = Vec::new();
+                encode(entry.dtype, &values, &mut bytes).map_err(|at| Error::Overflow {
+                    path: ckpt.path().to_path_buf(),
+                    block: String::new(),
+                    tensor: t.name.clone(),
+                    index: at,
+                    value: values[at],
+                    dtype: entry.dtype,
+                })?;
+                send(Piece::Bytes(bytes))?;
+            }
+            Source::FusedWeight(b) => {
+                let block = &detection.blocks[b];
+                let side = probe_side(block.kernel);
+                let probe = BlockInput::new(block, 1, side, side, seed, b as u64);
+                let chunks: Vec<FusedRows> = row_chunks(block)
+                    .into_par_iter()
+                    .map(|rows| fuse_chunk(ckpt, block, rows, eps, entry.dtype, &probe))
+                    .collect::<Result<_, _>>()?;
+                let mut bias = Vec::new();
+                for c in chunks {
+                    deviations[b] = deviations[b].merge(c.deviation);
+                    bias.extend(c.bias);
+                    send(Piece::Bytes(c.weight))?;
+                }
+                pending_bias[b] = Some(bias);
+            }
+            Source::FusedBias(b) => send(Piece::Bytes(pending_bias[b].take().unwrap_or_default()))?,
+        }
+    }
+    Ok(deviations)
 }
 
 #[allow(clippy::too_many_arguments)]

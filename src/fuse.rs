@@ -105,10 +105,29 @@ impl BlockValues {
     /// Reads the values of `block` for output channels `rows` from `ckpt`, refusing NaN, ±∞
     /// and negative variances.
     pub fn load(ckpt: &Checkpoint, block: &Block, rows: Range<usize>) -> Result<Self, BlockError> {
+        Self::load_parts(ckpt, block, rows, true)
+    }
+
+    /// Like [`BlockValues::load`] but without the conv weights (`weight` is `None` in every
+    /// branch): BN and bias only, for callers that stream the weights themselves.
+    pub fn load_affine(
+        ckpt: &Checkpoint,
+        block: &Block,
+        rows: Range<usize>,
+    ) -> Result<Self, BlockError> {
+        Self::load_parts(ckpt, block, rows, false)
+    }
+
+    fn load_parts(
+        ckpt: &Checkpoint,
+        block: &Block,
+        rows: Range<usize>,
+        with_weight: bool,
+    ) -> Result<Self, BlockError> {
         let branches = block
             .branches
             .iter()
-            .map(|b| load_branch(ckpt, block, b, rows.clone()))
+            .map(|b| load_branch(ckpt, block, b, rows.clone(), with_weight))
             .collect::<Result<_, _>>()?;
         Ok(BlockValues {
             rows,
@@ -118,10 +137,56 @@ impl BlockValues {
         })
     }
 
+    /// Fuses the branches into one conv like [`BlockValues::fuse`], and refuses a result that
+    /// is not finite: a BN with σ² + ε = 0 (ε 0 and a zero running variance) scales by
+    /// γ/√0, and values near f64's limits can overflow when scaled or summed. `block` is the
+    /// block these values were loaded from, for the tensor names in the error.
+    pub fn fuse_finite(&self, eps: f64, block: &Block) -> Result<FusedConv, BlockError> {
+        for (branch, tensors) in self.branches.iter().zip(&block.branches) {
+            let (Some(bn), Some(names)) = (&branch.bn, &tensors.bn) else {
+                continue;
+            };
+            let (t, _) = bn.affine(eps);
+            if let Some(r) = t.iter().position(|t| !t.is_finite()) {
+                return Err(BlockError::new(
+                    &block.name,
+                    format!(
+                        "`{}` is {:e} at channel {} and BN ε is {eps:e}, so γ/√(σ² + ε) = {}; expected σ² + ε > 0 (pass a larger --bn-eps)",
+                        names.running_var,
+                        bn.var[r],
+                        self.rows.start + r,
+                        t[r]
+                    ),
+                ));
+            }
+        }
+        let fused = self.fuse(eps);
+        let per_row = self.in_per_group * self.kernel * self.kernel;
+        let bad = |values: &[f64], tensor: &str, per_row: usize| {
+            values.iter().position(|v| !v.is_finite()).map(|i| {
+                BlockError::new(
+                    &block.name,
+                    format!(
+                        "fused tensor `{tensor}` element {} is {}: the branches' values overflow f64",
+                        self.rows.start * per_row + i,
+                        values[i]
+                    ),
+                )
+            })
+        };
+        if let Some(e) = bad(&fused.weight, &block.deploy_weight, per_row)
+            .or_else(|| bad(&fused.bias, &block.deploy_bias, 1))
+        {
+            return Err(e);
+        }
+        Ok(fused)
+    }
+
     /// Fuses the branches into one conv, with BN ε `eps`.
     pub fn fuse(&self, eps: f64) -> FusedConv {
         let (rows, cpg, k) = (self.rows.len(), self.in_per_group, self.kernel);
-        let mut weight = vec![0.0; rows * cpg * k * k];
+        let per_row = cpg * k * k;
+        let mut weight = vec![0.0; rows * per_row];
         let mut bias = vec![0.0; rows];
         for branch in &self.branches {
             let (t, shift) = branch.affine(rows, eps);
@@ -129,29 +194,12 @@ impl BlockValues {
                 *b += s;
             }
             let kb = branch.kernel;
-            let pad = (k - kb) / 2;
-            for r in 0..rows {
-                let out = &mut weight[r * cpg * k * k..(r + 1) * cpg * k * k];
-                match &branch.weight {
-                    Some(w) => {
-                        let src = &w[r * cpg * kb * kb..(r + 1) * cpg * kb * kb];
-                        for i in 0..cpg {
-                            for y in 0..kb {
-                                for x in 0..kb {
-                                    out[(i * k + y + pad) * k + x + pad] +=
-                                        t[r] * src[(i * kb + y) * kb + x];
-                                }
-                            }
-                        }
-                    }
-                    None => {
-                        // Identity: output channel o reads input channel o mod (in/groups)
-                        // of its own group, at the kernel's centre.
-                        let o = self.rows.start + r;
-                        let c = k / 2;
-                        out[((o % cpg) * k + c) * k + c] += t[r];
-                    }
-                }
+            for (r, fused) in weight.chunks_exact_mut(per_row).enumerate() {
+                let w = branch
+                    .weight
+                    .as_ref()
+                    .map(|w| &w[r * cpg * kb * kb..(r + 1) * cpg * kb * kb]);
+                add_branch_row(fused, self.rows.start + r, cpg, k, kb, t[r], w);
             }
         }
         FusedConv {
@@ -164,11 +212,50 @@ impl BlockValues {
     }
 }
 
+/// Adds one branch's share `t·W` to output channel `o`'s fused kernel `fused`
+/// (`[in/groups, k, k]`): a `kb`×`kb` kernel `w` lands zero-padded at the centre; `w = None` is
+/// the identity, which for output channel o reads input channel `o mod (in/groups)` of its own
+/// group at the centre tap.
+pub fn add_branch_row(
+    fused: &mut [f64],
+    o: usize,
+    cpg: usize,
+    k: usize,
+    kb: usize,
+    t: f64,
+    w: Option<&[f64]>,
+) {
+    let c = k / 2;
+    match w {
+        // Same size: a straight, vectorizable pass.
+        Some(w) if kb == k => {
+            for (f, w) in fused.iter_mut().zip(w) {
+                *f += t * w;
+            }
+        }
+        Some(w) => {
+            let pad = (k - kb) / 2;
+            for i in 0..cpg {
+                for y in 0..kb {
+                    let src = &w[(i * kb + y) * kb..(i * kb + y + 1) * kb];
+                    let dst = &mut fused[(i * k + y + pad) * k + pad..][..kb];
+                    for (f, w) in dst.iter_mut().zip(src) {
+                        *f += t * w;
+                    }
+                }
+            }
+        }
+        None => fused[((o % cpg) * k + c) * k + c] += t,
+    }
+}
+
+/// Loads a branch's BN and conv bias for `rows`, and its weight too when `with_weight`.
 fn load_branch(
     ckpt: &Checkpoint,
     block: &Block,
     branch: &Branch,
     rows: Range<usize>,
+    with_weight: bool,
 ) -> Result<BranchValues, BlockError> {
     let read = |name: &str, per_row: usize| -> Result<Vec<f64>, BlockError> {
         let info = ckpt
@@ -179,10 +266,18 @@ fn load_branch(
     };
     let (weight, conv_bias, kernel) = match &branch.conv {
         Some(conv) => {
-            let kb = ckpt.get(&conv.weight).map_or(1, |t| t.shape[2]);
-            let w = read(&conv.weight, block.in_per_group * kb * kb)?;
+            // Block::new checked that the weight is [out, in/groups, k, k].
+            let kb = ckpt
+                .get(&conv.weight)
+                .and_then(|t| t.shape.get(2).copied())
+                .unwrap_or(1);
+            let w = if with_weight {
+                Some(read(&conv.weight, block.in_per_group * kb * kb)?)
+            } else {
+                None
+            };
             let c = conv.bias.as_deref().map(|b| read(b, 1)).transpose()?;
-            (Some(w), c, kb)
+            (w, c, kb)
         }
         None => (None, None, 1),
     };
@@ -425,6 +520,86 @@ mod tests {
         let mut x = vec![1.0; 49];
         x.extend(vec![2.0; 49]);
         assert_eq!(conv(&x, 2, 7, 7, &f, 1), x);
+    }
+
+    /// The block a [`BlockValues`] of `branches` would come from, for the names in errors.
+    fn named_block(branches: &[BranchValues], rows: usize, cpg: usize, k: usize) -> Block {
+        let branches = branches
+            .iter()
+            .enumerate()
+            .map(|(i, b)| crate::block::Branch {
+                label: format!("b{i}"),
+                role: b.role,
+                conv: None,
+                bn: b.bn.as_ref().map(|_| crate::block::BnTensors {
+                    weight: format!("blk.b{i}.bn.weight"),
+                    bias: format!("blk.b{i}.bn.bias"),
+                    running_mean: format!("blk.b{i}.bn.running_mean"),
+                    running_var: format!("blk.b{i}.bn.running_var"),
+                }),
+                num_batches_tracked: None,
+            })
+            .collect();
+        Block {
+            name: "blk".into(),
+            branches,
+            out_channels: rows,
+            in_per_group: cpg,
+            kernel: k,
+            groups: None,
+            dtype: safetensors::Dtype::F32,
+            deploy_weight: "blk.reparam.weight".into(),
+            deploy_bias: "blk.reparam.bias".into(),
+            consumed: Vec::new(),
+        }
+    }
+
+    /// σ² = 0 with ε = 0 scales by γ/√0: refused, naming the variance and the channel,
+    /// while ε > 0 fuses the same values.
+    #[test]
+    fn zero_variance_with_zero_eps_is_refused() {
+        let mut bn = unit_bn(2);
+        bn.var[1] = 0.0;
+        let values = block(
+            vec![BranchValues {
+                bn: Some(bn),
+                ..plain(1, vec![1.0, 2.0, 3.0, 4.0], None)
+            }],
+            2,
+            2,
+            1,
+        );
+        let names = named_block(&values.branches, 2, 2, 1);
+        let err = values.fuse_finite(0.0, &names).unwrap_err().to_string();
+        assert!(err.contains("block `blk`"), "{err}");
+        assert!(err.contains("`blk.b0.bn.running_var` is 0e0 at channel 1"), "{err}");
+        assert!(err.contains("--bn-eps"), "{err}");
+        let fused = values.fuse_finite(1e-5, &names).expect("finite with ε > 0");
+        assert_eq!(fused, values.fuse(1e-5));
+    }
+
+    /// Finite f64 inputs whose scaled sum overflows f64 are refused, naming the fused tensor.
+    #[test]
+    fn fused_overflow_of_f64_is_refused() {
+        let values = block(
+            vec![
+                plain(1, vec![1e308, 1.0], None),
+                plain(1, vec![1e308, 1.0], Some(vec![1e308])),
+                plain(1, vec![1.0, 1.0], Some(vec![1e308])),
+            ],
+            1,
+            2,
+            1,
+        );
+        let names = named_block(&values.branches, 1, 2, 1);
+        let err = values.fuse_finite(1e-5, &names).unwrap_err().to_string();
+        assert!(err.contains("`blk.reparam.weight` element 0 is inf"), "{err}");
+        let bias_only = block(values.branches[2..].to_vec(), 1, 2, 1);
+        let mut twice = bias_only.clone();
+        twice.branches.extend(bias_only.branches.clone());
+        let names = named_block(&twice.branches, 1, 2, 1);
+        let err = twice.fuse_finite(1e-5, &names).unwrap_err().to_string();
+        assert!(err.contains("`blk.reparam.bias` element 0 is inf"), "{err}");
     }
 
     /// With groups > 1 the identity must read channel `o mod (in/groups)` of its own group; a

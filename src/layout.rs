@@ -546,6 +546,18 @@ fn assemble(
         let bn_slots = [Slot::BnWeight, Slot::BnBias, Slot::BnMean, Slot::BnVar];
         let present: Vec<_> = bn_slots.iter().filter(|s| f.slots.contains_key(s)).collect();
         let bn = if present.is_empty() {
+            if spec.conv.is_some() && spec.bn.is_some() {
+                // The layout puts a BN after this conv; without it the branch would be fused
+                // as a bare conv, silently wrong.
+                let bn_path = join(&format!("{label}.{}", spec.bn.as_deref().unwrap_or("")));
+                return Err(BlockError::new(
+                    prefix,
+                    format!(
+                        "branch `{label}` has {} but no BN: expected `{bn_path}.weight`, `.bias`, `.running_mean` and `.running_var`",
+                        describe_slots(f)
+                    ),
+                ));
+            }
             None
         } else if present.len() < bn_slots.len() {
             let missing: Vec<&str> = bn_slots

@@ -16,6 +16,7 @@ pub mod convert;
 pub mod deploy;
 pub mod fuse;
 pub mod layout;
+pub mod probe;
 pub mod report;
 pub mod verify;
 

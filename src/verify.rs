@@ -22,6 +22,15 @@ pub struct Deviation {
 }
 
 impl Deviation {
+    /// The deviation given max |fused − unfused| and max |unfused|.
+    pub fn of(max_abs: f64, max_abs_output: f64) -> Deviation {
+        Deviation {
+            max_abs,
+            max_rel: relative(max_abs, max_abs_output),
+            max_abs_output,
+        }
+    }
+
     /// The deviation over the union of two sets of outputs.
     pub fn merge(self, other: Deviation) -> Deviation {
         let max_abs = nan_max(self.max_abs, other.max_abs);
@@ -82,7 +91,8 @@ impl BlockInput {
         BlockInput { input, cols }
     }
 
-    fn cols(&self, k: usize) -> std::borrow::Cow<'_, Array2<f64>> {
+    /// The im2col matrix of the input for a k×k kernel (computed on demand for a k not cached).
+    pub fn cols(&self, k: usize) -> std::borrow::Cow<'_, Array2<f64>> {
         match self.cols.get(&k) {
             Some(c) => std::borrow::Cow::Borrowed(c),
             None => std::borrow::Cow::Owned(im2col(&self.input, k)),
