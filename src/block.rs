@@ -4,7 +4,7 @@
 use safetensors::Dtype;
 use serde::Serialize;
 
-use crate::checkpoint::{float_width, Checkpoint, TensorInfo};
+use crate::checkpoint::{Checkpoint, TensorInfo, float_width};
 use crate::layout::Role;
 
 /// Largest kernel side a block may have: RepLKNet's 31×31, the largest in the

@@ -13,8 +13,8 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
 use safetensors::Dtype;
-use serde::de::{Deserializer, MapAccess, Visitor};
 use serde::Deserialize;
+use serde::de::{Deserializer, MapAccess, Visitor};
 
 /// Largest header we accept (the safetensors reference implementation uses the same bound).
 const MAX_HEADER_LEN: u64 = 100 * 1024 * 1024;
@@ -113,7 +113,9 @@ impl Checkpoint {
             .map_err(|e| format(format!("header is not UTF-8: {e}")))?;
         let entries: HeaderEntries = serde_json::from_str(header).map_err(|e| {
             if e.is_data() {
-                format(format!("the header is JSON but not an object of tensor entries: {e}"))
+                format(format!(
+                    "the header is JSON but not an object of tensor entries: {e}"
+                ))
             } else {
                 format(format!("header is not valid JSON: {e}"))
             }
@@ -125,7 +127,9 @@ impl Checkpoint {
         let mut seen = HashMap::new();
         for (name, value) in entries.0 {
             if seen.insert(name.clone(), ()).is_some() {
-                return Err(format(format!("tensor `{name}` appears twice in the header")));
+                return Err(format(format!(
+                    "tensor `{name}` appears twice in the header"
+                )));
             }
             if name == "__metadata__" {
                 let map: BTreeMap<String, String> = serde_json::from_value(value).map_err(|e| {
@@ -148,9 +152,13 @@ impl Checkpoint {
             let (begin, end) = info.data_offsets;
             if begin != cursor {
                 let what = if begin > cursor {
-                    format!("tensor `{name}` starts at byte {begin} of the data, leaving a hole after byte {cursor}")
+                    format!(
+                        "tensor `{name}` starts at byte {begin} of the data, leaving a hole after byte {cursor}"
+                    )
                 } else {
-                    format!("tensor `{name}` starts at byte {begin} of the data, overlapping the tensor before it (which ends at {cursor})")
+                    format!(
+                        "tensor `{name}` starts at byte {begin} of the data, overlapping the tensor before it (which ends at {cursor})"
+                    )
                 };
                 return Err(format(what));
             }

@@ -3,8 +3,8 @@
 use std::ops::Range;
 
 use ndarray::Array2;
-use rand_chacha::rand_core::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
+use rand_chacha::rand_core::{Rng, SeedableRng};
 
 /// An NCHW batch of f64 images.
 #[derive(Debug, Clone, PartialEq)]
@@ -59,7 +59,9 @@ pub fn im2col(x: &Input, k: usize) -> Array2<f64> {
             for kx in 0..k {
                 let row = (ch * k + ky) * k + kx;
                 let mut dst = cols.row_mut(row);
-                let dst = dst.as_slice_mut().expect("rows of a fresh array are contiguous");
+                let dst = dst
+                    .as_slice_mut()
+                    .expect("rows of a fresh array are contiguous");
                 for img in 0..n {
                     let plane = &x.data[(img * c + ch) * h * w..(img * c + ch + 1) * h * w];
                     for y in 0..h {

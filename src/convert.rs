@@ -11,18 +11,17 @@ use rayon::prelude::*;
 use safetensors::Dtype;
 use serde::Serialize;
 
+use crate::Error;
 use crate::block::{Block, BlockError};
-use crate::checkpoint::{encode, float_width, Checkpoint};
-use crate::deploy::{copy_tensor, Plan, Source};
+use crate::checkpoint::{Checkpoint, encode, float_width};
+use crate::deploy::{Plan, Source, copy_tensor};
 use crate::fuse::{BlockValues, FusedConv};
-use crate::probe::{fuse_rows, BranchRows, FusedRows, RowError};
 use crate::layout::{Detection, Layout};
+use crate::probe::{BranchRows, FusedRows, RowError, fuse_rows};
 use crate::report::{
-    BlockReport, EpsInfo, Failure, LayoutInfo, Probe, Report, Skipped, Summary, Tool,
-    VerifyReport,
+    BlockReport, EpsInfo, Failure, LayoutInfo, Probe, Report, Skipped, Summary, Tool, VerifyReport,
 };
 use crate::verify::{self, BlockInput, Deviation};
-use crate::Error;
 
 /// f64 elements of one branch weight processed at a time (8 MB): bounds memory per block.
 const CHUNK_ELEMENTS: usize = 1 << 20;
@@ -133,16 +132,21 @@ fn fuse_chunk(
     dtype: Dtype,
     probe: &BlockInput,
 ) -> Result<FusedRows, Error> {
-    let affine = BlockValues::load_affine(ckpt, block, rows.clone()).map_err(|e| block_err(ckpt, e))?;
+    let affine =
+        BlockValues::load_affine(ckpt, block, rows.clone()).map_err(|e| block_err(ckpt, e))?;
     let mut raw = Vec::with_capacity(block.branches.len());
     for branch in &block.branches {
         raw.push(match &branch.conv {
             Some(conv) => {
                 let t = ckpt.get(&conv.weight).ok_or_else(|| {
-                    block_err(ckpt, BlockError::new(&block.name, format!("`{}` is missing", conv.weight)))
+                    block_err(
+                        ckpt,
+                        BlockError::new(&block.name, format!("`{}` is missing", conv.weight)),
+                    )
                 })?;
                 let per_row = t.len / block.out_channels as u64;
-                let bytes = ckpt.read_bytes(t, rows.start as u64 * per_row, rows.len() as u64 * per_row)?;
+                let bytes =
+                    ckpt.read_bytes(t, rows.start as u64 * per_row, rows.len() as u64 * per_row)?;
                 Some((t.dtype, bytes))
             }
             None => None,
@@ -174,10 +178,16 @@ fn fuse_chunk(
         probe,
     )
     .map_err(|e| match e {
-        RowError::NonFinite { branch, index, value } => {
+        RowError::NonFinite {
+            branch,
+            index,
+            value,
+        } => {
             let b = &block.branches[branch];
             let name = b.conv.as_ref().map_or(String::new(), |c| c.weight.clone());
-            let per_row = ckpt.get(&name).map_or(0, |t| t.numel() / block.out_channels);
+            let per_row = ckpt
+                .get(&name)
+                .map_or(0, |t| t.numel() / block.out_channels);
             block_err(
                 ckpt,
                 BlockError::new(
@@ -305,11 +315,19 @@ pub fn convert(
         what: format!("cannot write: {e}"),
     };
     progress.set_length(plan.file_len());
-    let deviations = write_deploy(&ckpt, &detection, &plan, eps.value, settings.seed, tmp.as_file(), progress)
-        .map_err(|e| match e {
-            WriteError::Io(e) => out_err(e),
-            WriteError::Run(e) => e,
-        })?;
+    let deviations = write_deploy(
+        &ckpt,
+        &detection,
+        &plan,
+        eps.value,
+        settings.seed,
+        tmp.as_file(),
+        progress,
+    )
+    .map_err(|e| match e {
+        WriteError::Io(e) => out_err(e),
+        WriteError::Run(e) => e,
+    })?;
     tmp.as_file_mut().flush().map_err(out_err)?;
 
     let dtype_of = |b: &Block| format!("{:?}", settings.dtype.unwrap_or(b.dtype));
@@ -356,17 +374,26 @@ pub fn convert(
         probe,
         blocks,
         verify_report,
-        (out_tensors, plan.entries.iter().map(|e| e.shape.iter().product::<usize>()).sum(), plan.file_len()),
+        (
+            out_tensors,
+            plan.entries
+                .iter()
+                .map(|e| e.shape.iter().product::<usize>())
+                .sum(),
+            plan.file_len(),
+        ),
     );
     let report_tmp = write_report_tmp(&report, &report_path)?;
     tmp.persist(output).map_err(|e| Error::Output {
         path: output.to_path_buf(),
         what: format!("cannot move the finished file into place: {}", e.error),
     })?;
-    report_tmp.persist(&report_path).map_err(|e| Error::Output {
-        path: report_path.clone(),
-        what: format!("cannot move the report into place: {}", e.error),
-    })?;
+    report_tmp
+        .persist(&report_path)
+        .map_err(|e| Error::Output {
+            path: report_path.clone(),
+            what: format!("cannot move the report into place: {}", e.error),
+        })?;
     Ok(Outcome {
         report,
         report_path: Some(report_path),
@@ -454,7 +481,10 @@ fn produce(
             Source::Copy(i) if ckpt.tensors()[i].dtype == entry.dtype => send(Piece::Copy(i))?,
             Source::Copy(i) => {
                 let t = &ckpt.tensors()[i];
-                let values = ckpt.read_f64(t, 0..t.numel()).map_err(Error::from)?.unwrap_or_default();
+                let values = ckpt
+                    .read_f64(t, 0..t.numel())
+                    .map_err(Error::from)?
+                    .unwrap_or_default();
                 let mut bytes = Vec::new();
                 encode(entry.dtype, &values, &mut bytes).map_err(|at| Error::Overflow {
                     path: ckpt.path().to_path_buf(),
@@ -563,7 +593,11 @@ pub fn check_deploy(
         DEFAULT_VERIFY_SIZE.max(max_k),
         DEFAULT_VERIFY_SIZE.max(max_k),
     ]);
-    if let Some(b) = detection.blocks.iter().find(|b| b.kernel > h || b.kernel > w) {
+    if let Some(b) = detection
+        .blocks
+        .iter()
+        .find(|b| b.kernel > h || b.kernel > w)
+    {
         return Err(Error::Usage(format!(
             "--input-size {h}x{w} is smaller than the {k}×{k} kernel of block `{}`; borders and interior would not both be tested",
             b.name,
@@ -589,7 +623,16 @@ pub fn check_deploy(
         .enumerate()
         .map(|(i, block)| {
             crate::check_interrupted()?;
-            verify_block(train, deploy, block, eps, [h, w], batch, settings.seed, i as u64)
+            verify_block(
+                train,
+                deploy,
+                block,
+                eps,
+                [h, w],
+                batch,
+                settings.seed,
+                i as u64,
+            )
         })
         .collect();
     let mut failures = Vec::new();
@@ -597,7 +640,9 @@ pub fn check_deploy(
     for (block, result) in detection.blocks.iter().zip(results) {
         match result? {
             Ok(dev) => {
-                let dtype = deploy.get(&block.deploy_weight).map_or(Dtype::F32, |t| t.dtype);
+                let dtype = deploy
+                    .get(&block.deploy_weight)
+                    .map_or(Dtype::F32, |t| t.dtype);
                 let (a, r) = tol(dtype);
                 if !dev.within(a, r) {
                     failures.push(Failure {
@@ -653,7 +698,10 @@ fn verify_block(
     let expect_w = vec![block.out_channels, block.in_per_group, k, k];
     let expect_b = vec![block.out_channels];
     let mut fused_tensors = Vec::new();
-    for (name, shape) in [(&block.deploy_weight, &expect_w), (&block.deploy_bias, &expect_b)] {
+    for (name, shape) in [
+        (&block.deploy_weight, &expect_w),
+        (&block.deploy_bias, &expect_b),
+    ] {
         let Some(t) = deploy.get(name) else {
             return Ok(Err(format!("the deploy file has no `{name}`")));
         };
@@ -664,7 +712,10 @@ fn verify_block(
             )));
         }
         if float_width(t.dtype).is_none() {
-            return Ok(Err(format!("`{name}` is {:?}, not floating point", t.dtype)));
+            return Ok(Err(format!(
+                "`{name}` is {:?}, not floating point",
+                t.dtype
+            )));
         }
         fused_tensors.push(t);
     }
@@ -673,7 +724,8 @@ fn verify_block(
     let opg = block.out_per_group();
     let mut dev = Deviation::default();
     for rows in row_chunks(block) {
-        let values = BlockValues::load(train, block, rows.clone()).map_err(|e| block_err(train, e))?;
+        let values =
+            BlockValues::load(train, block, rows.clone()).map_err(|e| block_err(train, e))?;
         let weight = deploy
             .read_f64(fused_tensors[0], rows.start * per_row..rows.end * per_row)?
             .unwrap_or_default();
@@ -728,7 +780,10 @@ fn check_passthrough(
         if d.shape != t.shape {
             failures.push(fail(
                 &t.name,
-                format!("shape {:?} in the deploy file, {:?} in the train file", d.shape, t.shape),
+                format!(
+                    "shape {:?} in the deploy file, {:?} in the train file",
+                    d.shape, t.shape
+                ),
             ));
             continue;
         }
@@ -801,7 +856,17 @@ pub fn verify_files(
         deploy.tensors().iter().map(|t| t.numel()).sum(),
         std::fs::metadata(deploy_path).map_or(0, |m| m.len()),
     );
-    let report = build_report("verify", &train, deploy_path, &detection, eps, probe, blocks, Some(v), out);
+    let report = build_report(
+        "verify",
+        &train,
+        deploy_path,
+        &detection,
+        eps,
+        probe,
+        blocks,
+        Some(v),
+        out,
+    );
     Ok(Outcome {
         report,
         report_path: None,

@@ -9,9 +9,9 @@ use std::collections::BTreeMap;
 use std::io::{self, Read, Seek, SeekFrom, Write};
 
 use safetensors::Dtype;
-use serde_json::{json, Map, Value};
+use serde_json::{Map, Value, json};
 
-use crate::checkpoint::{dtype_bytes, float_width, Checkpoint};
+use crate::checkpoint::{Checkpoint, dtype_bytes, float_width};
 use crate::layout::Detection;
 
 /// Where an output tensor's bytes come from.

@@ -66,7 +66,12 @@ impl BranchValues {
             None => (vec![1.0; rows], vec![0.0; rows]),
         };
         let shift = match &self.conv_bias {
-            Some(c) => t.iter().zip(c).zip(&s).map(|((t, c), s)| t * c + s).collect(),
+            Some(c) => t
+                .iter()
+                .zip(c)
+                .zip(&s)
+                .map(|((t, c), s)| t * c + s)
+                .collect(),
             None => s,
         };
         (t, shift)
@@ -325,7 +330,10 @@ fn read_finite(
         .ok_or_else(|| {
             BlockError::new(
                 &block.name,
-                format!("tensor `{}` is {:?}, not floating point", info.name, info.dtype),
+                format!(
+                    "tensor `{}` is {:?}, not floating point",
+                    info.name, info.dtype
+                ),
             )
         })?;
     if let Some(i) = values.iter().position(|v| !v.is_finite()) {
@@ -441,7 +449,9 @@ mod tests {
         let (t, s) = bn.affine(0.0);
         assert_eq!(t[0] * 50.0 + s[0], 42.5);
 
-        let w: Vec<f64> = (0..2 * 2 * 9).map(|i| (i as f64 * 0.37).sin() * 0.2).collect();
+        let w: Vec<f64> = (0..2 * 2 * 9)
+            .map(|i| (i as f64 * 0.37).sin() * 0.2)
+            .collect();
         let c = vec![0.15, -0.08];
         let branch = BranchValues {
             bn: Some(bn.clone()),
@@ -572,7 +582,10 @@ mod tests {
         let names = named_block(&values.branches, 2, 2, 1);
         let err = values.fuse_finite(0.0, &names).unwrap_err().to_string();
         assert!(err.contains("block `blk`"), "{err}");
-        assert!(err.contains("`blk.b0.bn.running_var` is 0e0 at channel 1"), "{err}");
+        assert!(
+            err.contains("`blk.b0.bn.running_var` is 0e0 at channel 1"),
+            "{err}"
+        );
         assert!(err.contains("--bn-eps"), "{err}");
         let fused = values.fuse_finite(1e-5, &names).expect("finite with ε > 0");
         assert_eq!(fused, values.fuse(1e-5));
@@ -593,7 +606,10 @@ mod tests {
         );
         let names = named_block(&values.branches, 1, 2, 1);
         let err = values.fuse_finite(1e-5, &names).unwrap_err().to_string();
-        assert!(err.contains("`blk.reparam.weight` element 0 is inf"), "{err}");
+        assert!(
+            err.contains("`blk.reparam.weight` element 0 is inf"),
+            "{err}"
+        );
         let bias_only = block(values.branches[2..].to_vec(), 1, 2, 1);
         let mut twice = bias_only.clone();
         twice.branches.extend(bias_only.branches.clone());

@@ -10,7 +10,7 @@ use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 
-use crate::block::{Block, BlockError, Branch, BnTensors, ConvTensors};
+use crate::block::{Block, BlockError, BnTensors, Branch, ConvTensors};
 use crate::checkpoint::Checkpoint;
 
 const BUILTIN: &str = include_str!("layouts.json");
@@ -111,7 +111,9 @@ pub enum LayoutError {
         what: String,
     },
     /// Tensors that look like part of a block whose main branch is missing.
-    #[error("`{tensor}` looks like part of a {layout} block at `{block}`, but that block has no {missing}")]
+    #[error(
+        "`{tensor}` looks like part of a {layout} block at `{block}`, but that block has no {missing}"
+    )]
     HalfBlock {
         /// The layout.
         layout: String,
@@ -126,7 +128,9 @@ pub enum LayoutError {
     #[error(transparent)]
     Block(#[from] BlockError),
     /// The deploy name of a block is already taken by a tensor in the file.
-    #[error("block `{block}`: its deploy tensor `{tensor}` already exists in the file; is it partly converted already?")]
+    #[error(
+        "block `{block}`: its deploy tensor `{tensor}` already exists in the file; is it partly converted already?"
+    )]
     DeployNameTaken {
         /// The block prefix.
         block: String,
@@ -446,7 +450,10 @@ fn find_blocks(
         if !has_main {
             if refuse_half && !layout.generic_names {
                 // A conv branch without its block's k×k conv is half a block.
-                if let Some(f) = branches.values().find(|f| f.slots.contains_key(&Slot::ConvWeight)) {
+                if let Some(f) = branches
+                    .values()
+                    .find(|f| f.slots.contains_key(&Slot::ConvWeight))
+                {
                     let main = layout
                         .branches
                         .iter()
@@ -462,9 +469,11 @@ fn find_blocks(
             }
             continue;
         }
-        let missing_required = layout.branches.iter().enumerate().find(|(i, spec)| {
-            spec.required && !branches.values().any(|f| f.spec == *i)
-        });
+        let missing_required = layout
+            .branches
+            .iter()
+            .enumerate()
+            .find(|(i, spec)| spec.required && !branches.values().any(|f| f.spec == *i));
         if let Some((_, spec)) = missing_required {
             let why = format!("no `{}` branch", spec.path);
             if layout.generic_names || !refuse_half {
@@ -502,7 +511,10 @@ fn find_blocks(
             }
         }
     }
-    blocks.sort_by_key(|b| ckpt.get(&b.branches[0].conv_weight_name()).map_or(0, |t| t.start));
+    blocks.sort_by_key(|b| {
+        ckpt.get(&b.branches[0].conv_weight_name())
+            .map_or(0, |t| t.start)
+    });
     Ok(BlocksFound { blocks, skipped })
 }
 
@@ -537,14 +549,20 @@ fn assemble(
                     format!(
                         "branch `{label}` has {} but no conv weight `{}`",
                         describe_slots(f),
-                        join(&format!("{label}.{}.weight", spec.conv.as_deref().unwrap_or("")))
+                        join(&format!(
+                            "{label}.{}.weight",
+                            spec.conv.as_deref().unwrap_or("")
+                        ))
                     ),
                 ));
             }
             None => None,
         };
         let bn_slots = [Slot::BnWeight, Slot::BnBias, Slot::BnMean, Slot::BnVar];
-        let present: Vec<_> = bn_slots.iter().filter(|s| f.slots.contains_key(s)).collect();
+        let present: Vec<_> = bn_slots
+            .iter()
+            .filter(|s| f.slots.contains_key(s))
+            .collect();
         let bn = if present.is_empty() {
             if spec.conv.is_some() && spec.bn.is_some() {
                 // The layout puts a BN after this conv; without it the branch would be fused

@@ -27,7 +27,7 @@ use std::sync::{Arc, OnceLock};
 use safetensors::Dtype;
 
 pub use checkpoint::CheckpointError;
-pub use convert::{convert, inspect, verify_files, Outcome, Settings};
+pub use convert::{Outcome, Settings, convert, inspect, verify_files};
 pub use layout::LayoutError;
 
 /// Everything that stops a run. All of them are the user's input or environment, not a bug.
@@ -79,7 +79,8 @@ pub enum Error {
 /// The flag SIGINT / SIGTERM handlers set; long loops check it and stop cleanly.
 pub fn interrupt_flag() -> Arc<AtomicBool> {
     static FLAG: OnceLock<Arc<AtomicBool>> = OnceLock::new();
-    FLAG.get_or_init(|| Arc::new(AtomicBool::new(false))).clone()
+    FLAG.get_or_init(|| Arc::new(AtomicBool::new(false)))
+        .clone()
 }
 
 fn check_interrupted() -> Result<(), Error> {

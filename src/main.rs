@@ -237,7 +237,11 @@ fn run() -> Result<ExitCode> {
         None => {
             let args = cli.convert;
             let (Some(input), Some(output)) = (&args.input, &args.output) else {
-                let missing = if args.input.is_none() { "INPUT" } else { "-o OUTPUT" };
+                let missing = if args.input.is_none() {
+                    "INPUT"
+                } else {
+                    "-o OUTPUT"
+                };
                 eprintln!(
                     "error: {missing} is required\n\nUsage: repvgg-fuse INPUT -o OUTPUT [--verify]\n       repvgg-fuse verify TRAIN DEPLOY\n       repvgg-fuse inspect INPUT\n\nFor more information, try '--help'."
                 );
@@ -245,14 +249,8 @@ fn run() -> Result<ExitCode> {
             };
             let s = settings(&args.find, &args.check, args.dtype);
             let bar = progress_bar(args.quiet);
-            let outcome = repvgg_fuse::convert(
-                input,
-                output,
-                args.report.as_deref(),
-                &s,
-                args.verify,
-                &bar,
-            );
+            let outcome =
+                repvgg_fuse::convert(input, output, args.report.as_deref(), &s, args.verify, &bar);
             bar.finish_and_clear();
             Ok(finish(&outcome?, args.quiet, Some(output)))
         }
@@ -342,7 +340,10 @@ fn finish(outcome: &Outcome, quiet: bool, output: Option<&Path>) -> ExitCode {
 }
 
 fn print_inspection(i: &Inspection) {
-    println!("{}: layout {} ({}), BN ε {:e} ({})", i.input, i.layout.name, i.layout.chosen_by, i.bn_eps.value, i.bn_eps.source);
+    println!(
+        "{}: layout {} ({}), BN ε {:e} ({})",
+        i.input, i.layout.name, i.layout.chosen_by, i.bn_eps.value, i.bn_eps.source
+    );
     println!("{} blocks:", i.blocks.len());
     for b in &i.blocks {
         let groups = b.groups.map_or("?".to_string(), |g| g.to_string());

@@ -145,7 +145,11 @@ pub fn fuse_rows(
         })?;
         let mut bias_written = Vec::new();
         decode_into(dtype, &out.bias[before..], &mut bias_written);
-        dot_cols(&written, &cols_k[g * depth * p..(g + 1) * depth * p], &mut fused_out);
+        dot_cols(
+            &written,
+            &cols_k[g * depth * p..(g + 1) * depth * p],
+            &mut fused_out,
+        );
         let mut max_abs: f64 = 0.0;
         let mut max_out: f64 = 0.0;
         for (f, u) in fused_out.iter().zip(&unfused) {

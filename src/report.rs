@@ -200,7 +200,13 @@ impl Summary {
         self.max_abs_deviation = blocks
             .iter()
             .map(|b| b.max_abs_deviation)
-            .fold(0.0, |a, b| if a.is_nan() || b.is_nan() { f64::NAN } else { a.max(b) });
+            .fold(0.0, |a, b| {
+                if a.is_nan() || b.is_nan() {
+                    f64::NAN
+                } else {
+                    a.max(b)
+                }
+            });
     }
 }
 

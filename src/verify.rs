@@ -7,7 +7,7 @@ use ndarray::{Array2, Zip};
 use serde::Serialize;
 
 use crate::block::Block;
-use crate::conv::{conv_rows, im2col, Input};
+use crate::conv::{Input, conv_rows, im2col};
 use crate::fuse::{BlockValues, FusedConv};
 
 /// How far the fused output is from the unfused one.
@@ -101,7 +101,12 @@ impl BlockInput {
 }
 
 /// The unfused block's output for the rows of `values`: Σ over branches of BN(conv(x) + c).
-pub fn unfused(values: &BlockValues, x: &BlockInput, out_per_group: usize, eps: f64) -> Array2<f64> {
+pub fn unfused(
+    values: &BlockValues,
+    x: &BlockInput,
+    out_per_group: usize,
+    eps: f64,
+) -> Array2<f64> {
     let rows = values.rows.clone();
     let p = x.input.positions();
     let mut out = Array2::<f64>::zeros((rows.len(), p));
