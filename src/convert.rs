@@ -242,6 +242,8 @@ fn temp_beside(target: &Path) -> Result<tempfile::NamedTempFile, Error> {
     tempfile::Builder::new()
         .prefix(&format!(".{name}."))
         .suffix(".tmp")
+        // Like any new file: 0666 less the umask (tempfile's own default is 0600).
+        .permissions(std::os::unix::fs::PermissionsExt::from_mode(0o666))
         .tempfile_in(&dir)
         .map_err(|e| Error::Output {
             path: target.to_path_buf(),
@@ -285,8 +287,9 @@ fn check_not_input(input: &Path, output: &Path, what: &str) -> Result<(), Error>
 /// (default: beside the output). With `verify`, re-reads the written file and runs every
 /// block both ways on the verification input.
 ///
-/// Nothing is written unless the whole run succeeds (a failed verification still writes both
-/// files, so the deviation can be looked into; `Outcome::passed` says it failed).
+/// Nothing is written unless the whole run succeeds; after a failed verification only the
+/// report is written, so the deviation can be looked into (`Outcome::passed` says it failed),
+/// and an existing output stays as it was.
 pub fn convert(
     input: &Path,
     output: &Path,
@@ -384,10 +387,14 @@ pub fn convert(
         ),
     );
     let report_tmp = write_report_tmp(&report, &report_path)?;
-    tmp.persist(output).map_err(|e| Error::Output {
-        path: output.to_path_buf(),
-        what: format!("cannot move the finished file into place: {}", e.error),
-    })?;
+    // A deploy file that failed verification is not put in place (the temp file goes with
+    // `tmp`); the report is, since it says what failed.
+    if report.verify.as_ref().is_none_or(|v| v.passed) {
+        tmp.persist(output).map_err(|e| Error::Output {
+            path: output.to_path_buf(),
+            what: format!("cannot move the finished file into place: {}", e.error),
+        })?;
+    }
     report_tmp
         .persist(&report_path)
         .map_err(|e| Error::Output {

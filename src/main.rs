@@ -304,8 +304,18 @@ fn finish(outcome: &Outcome, quiet: bool, output: Option<&Path>) -> ExitCode {
             let report = outcome
                 .report_path
                 .as_ref()
-                .map_or(String::new(), |p| format!(", report {}", p.display()));
-            println!("wrote {} ({} bytes){report}", out.display(), s.bytes_out);
+                .map_or(String::new(), |p| p.display().to_string());
+            if outcome.passed() {
+                println!(
+                    "wrote {} ({} bytes), report {report}",
+                    out.display(),
+                    s.bytes_out
+                );
+            } else {
+                println!(
+                    "wrote the report {report}; not the deploy file, which failed verification"
+                );
+            }
         }
     }
     match &r.verify {
@@ -313,16 +323,26 @@ fn finish(outcome: &Outcome, quiet: bool, output: Option<&Path>) -> ExitCode {
             for f in &v.failures {
                 eprintln!("verify: FAILED `{}`: {}", f.name, f.reason);
             }
+            let block_failures = v
+                .failures
+                .iter()
+                .filter(|f| r.blocks.iter().any(|b| b.name == f.name))
+                .count();
             eprintln!(
-                "verify: {} of {} checks failed (atol {:e}, rtol {:e}, {}×{}×{} input, seed {})",
-                v.failures.len(),
+                "verify: FAILED: {block_failures} of {} blocks, {} other tensors (atol {:e}, rtol {:e}, {}×{}×{} input, seed {}){}",
                 s.blocks,
+                v.failures.len() - block_failures,
                 v.atol,
                 v.rtol,
                 v.batch,
                 v.input_size[0],
                 v.input_size[1],
-                v.seed
+                v.seed,
+                if output.is_some() {
+                    "; the deploy file was not written"
+                } else {
+                    ""
+                }
             );
             ExitCode::from(1)
         }
