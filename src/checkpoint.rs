@@ -307,40 +307,40 @@ pub fn decode(dtype: Dtype, bytes: &[u8]) -> Vec<f64> {
 }
 
 /// Like [`decode`], into `out` (cleared first), so a buffer can be reused.
+#[inline(always)]
 pub fn decode_into(dtype: Dtype, bytes: &[u8], out: &mut Vec<f64>) {
     out.clear();
-    let Some(width) = float_width(dtype) else {
-        return;
-    };
-    out.resize(bytes.len() / width, 0.0);
-    // One loop per dtype, so each is a straight, vectorizable pass.
+    // One loop per dtype, so each is a straight, vectorizable pass (and `extend` from an exact
+    // size iterator writes each element once, with no zeroing first).
     match dtype {
-        Dtype::F16 => {
-            for (o, b) in out.iter_mut().zip(bytes.chunks_exact(2)) {
-                *o = half::f16::from_le_bytes([b[0], b[1]]).to_f64();
-            }
-        }
-        Dtype::BF16 => {
-            for (o, b) in out.iter_mut().zip(bytes.chunks_exact(2)) {
-                *o = half::bf16::from_le_bytes([b[0], b[1]]).to_f64();
-            }
-        }
-        Dtype::F32 => {
-            for (o, b) in out.iter_mut().zip(bytes.chunks_exact(4)) {
-                *o = f64::from(f32::from_le_bytes([b[0], b[1], b[2], b[3]]));
-            }
-        }
-        _ => {
-            for (o, b) in out.iter_mut().zip(bytes.chunks_exact(8)) {
-                *o = f64::from_le_bytes([b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7]]);
-            }
-        }
+        Dtype::F16 => out.extend(
+            bytes
+                .chunks_exact(2)
+                .map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f64()),
+        ),
+        Dtype::BF16 => out.extend(
+            bytes
+                .chunks_exact(2)
+                .map(|b| half::bf16::from_le_bytes([b[0], b[1]]).to_f64()),
+        ),
+        Dtype::F32 => out.extend(
+            bytes
+                .chunks_exact(4)
+                .map(|b| f64::from(f32::from_le_bytes([b[0], b[1], b[2], b[3]]))),
+        ),
+        Dtype::F64 => out.extend(
+            bytes
+                .chunks_exact(8)
+                .map(|b| f64::from_le_bytes([b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7]])),
+        ),
+        _ => {}
     }
 }
 
 /// Rounds each value to `dtype` (nearest, ties to even) and appends its little-endian bytes.
 ///
 /// Returns the index of the first value that is finite in f64 but overflows `dtype`.
+#[inline(always)]
 pub fn encode(dtype: Dtype, values: &[f64], out: &mut Vec<u8>) -> Result<(), usize> {
     let Some(width) = float_width(dtype) else {
         return Ok(());

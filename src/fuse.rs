@@ -221,6 +221,7 @@ impl BlockValues {
 /// (`[in/groups, k, k]`): a `kb`×`kb` kernel `w` lands zero-padded at the centre; `w = None` is
 /// the identity, which for output channel o reads input channel `o mod (in/groups)` of its own
 /// group at the centre tap.
+#[inline(always)]
 pub fn add_branch_row(
     fused: &mut [f64],
     o: usize,
