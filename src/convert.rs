@@ -130,7 +130,7 @@ fn fuse_chunk(
     rows: Range<usize>,
     eps: f64,
     dtype: Dtype,
-    probe: &BlockInput,
+    probe: Option<&BlockInput>,
 ) -> Result<FusedRows, Error> {
     let affine =
         BlockValues::load_affine(ckpt, block, rows.clone()).map_err(|e| block_err(ckpt, e))?;
@@ -323,7 +323,8 @@ pub fn convert(
         &detection,
         &plan,
         eps.value,
-        settings.seed,
+        // With --verify the full check replaces the probe.
+        (!verify).then_some(settings.seed),
         tmp.as_file(),
         progress,
     )
@@ -425,7 +426,8 @@ enum Piece {
     Copy(usize),
 }
 
-/// Writes the deploy file's header and data to `file`; returns each block's probe deviation.
+/// Writes the deploy file's header and data to `file`; returns each block's probe deviation
+/// (all zero when `probe_seed` is `None`: no probe).
 ///
 /// The main thread fuses (its chunks in parallel) while a writer thread writes what is done,
 /// so computing and writing overlap; the pieces arrive in file order through a short queue.
@@ -434,7 +436,7 @@ fn write_deploy(
     detection: &Detection,
     plan: &Plan,
     eps: f64,
-    seed: u64,
+    probe_seed: Option<u64>,
     file: &std::fs::File,
     progress: &ProgressBar,
 ) -> Result<Vec<Deviation>, WriteError> {
@@ -456,7 +458,7 @@ fn write_deploy(
             }
             Ok(())
         });
-        let produced = produce(ckpt, detection, plan, eps, seed, &tx);
+        let produced = produce(ckpt, detection, plan, eps, probe_seed, &tx);
         drop(tx);
         let written = writer
             .join()
@@ -472,7 +474,7 @@ fn produce(
     detection: &Detection,
     plan: &Plan,
     eps: f64,
-    seed: u64,
+    probe_seed: Option<u64>,
     tx: &std::sync::mpsc::SyncSender<Piece>,
 ) -> Result<Vec<Deviation>, WriteError> {
     let send = |piece| {
@@ -506,10 +508,11 @@ fn produce(
             Source::FusedWeight(b) => {
                 let block = &detection.blocks[b];
                 let side = probe_side(block.kernel);
-                let probe = BlockInput::new(block, 1, side, side, seed, b as u64);
+                let probe =
+                    probe_seed.map(|seed| BlockInput::new(block, 1, side, side, seed, b as u64));
                 let chunks: Vec<FusedRows> = row_chunks(block)
                     .into_par_iter()
-                    .map(|rows| fuse_chunk(ckpt, block, rows, eps, entry.dtype, &probe))
+                    .map(|rows| fuse_chunk(ckpt, block, rows, eps, entry.dtype, probe.as_ref()))
                     .collect::<Result<_, _>>()?;
                 let mut bias = Vec::new();
                 for c in chunks {

@@ -62,7 +62,8 @@ pub enum RowError {
 }
 
 /// Fuses output channels `rows` of a block with in/groups `cpg`, kernel `k` and `opg` output
-/// channels per group, writes them in `dtype`, and probes them on `probe`.
+/// channels per group, writes them in `dtype`, and probes them on `probe` (if given; the
+/// deviation stays 0 without one).
 pub fn fuse_rows(
     rows: Range<usize>,
     cpg: usize,
@@ -70,7 +71,7 @@ pub fn fuse_rows(
     opg: usize,
     branches: &[BranchRows],
     dtype: Dtype,
-    probe: &BlockInput,
+    probe: Option<&BlockInput>,
 ) -> Result<FusedRows, RowError> {
     #[cfg(target_arch = "x86_64")]
     if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
@@ -90,7 +91,7 @@ fn fuse_rows_avx2(
     opg: usize,
     branches: &[BranchRows],
     dtype: Dtype,
-    probe: &BlockInput,
+    probe: Option<&BlockInput>,
 ) -> Result<FusedRows, RowError> {
     fuse_rows_any(rows, cpg, k, opg, branches, dtype, probe)
 }
@@ -103,10 +104,10 @@ fn fuse_rows_any(
     opg: usize,
     branches: &[BranchRows],
     dtype: Dtype,
-    probe: &BlockInput,
+    probe: Option<&BlockInput>,
 ) -> Result<FusedRows, RowError> {
     let depth = cpg * k * k;
-    let p = probe.input.positions();
+    let p = probe.map_or(0, |x| x.input.positions());
     let mut out = FusedRows {
         weight: Vec::with_capacity(rows.len() * depth * crate::checkpoint::dtype_bytes(dtype)),
         bias: Vec::new(),
@@ -115,14 +116,10 @@ fn fuse_rows_any(
     let mut fused = vec![0.0; depth];
     let mut w = Vec::new();
     let mut written = Vec::new();
+    let mut bias_written = Vec::new();
     let mut branch_out = vec![0.0; p];
     let mut unfused = vec![0.0; p];
     let mut fused_out = vec![0.0; p];
-    let mut biases = Vec::with_capacity(rows.len());
-    let cols_k = probe.cols(k);
-    let cols_k = cols_k.as_slice().expect("im2col is standard layout");
-    let channels = probe.cols(1);
-    let channels = channels.as_slice().expect("im2col is standard layout");
     for (r, o) in rows.clone().enumerate() {
         let g = o / opg;
         // `fused` still holds the previous row: the first full-size branch overwrites it
@@ -139,10 +136,13 @@ fn fuse_rows_any(
                         fused.fill(0.0);
                     }
                     add_branch_row(&mut fused, o, cpg, k, 1, t, None);
-                    // Output channel o reads input channel o (in == out).
-                    let x = &channels[o * p..(o + 1) * p];
-                    for (u, x) in unfused.iter_mut().zip(x) {
-                        *u += t * x + shift;
+                    if let Some(probe) = probe {
+                        // Output channel o reads input channel o (in == out).
+                        let channels = probe.cols(1);
+                        let x = &channels.as_slice().expect(STANDARD)[o * p..(o + 1) * p];
+                        for (u, x) in unfused.iter_mut().zip(x) {
+                            *u += t * x + shift;
+                        }
                     }
                 }
                 (_, Some((wdtype, bytes))) => {
@@ -169,11 +169,13 @@ fn fuse_rows_any(
                     } else {
                         add_branch_row(&mut fused, o, cpg, k, kb, t, Some(&w));
                     }
-                    let cols_b = probe.cols(kb);
-                    let cols_b = cols_b.as_slice().expect("im2col is standard layout");
-                    dot_cols(&w, &cols_b[g * db * p..(g + 1) * db * p], &mut branch_out);
-                    for (u, y) in unfused.iter_mut().zip(&branch_out) {
-                        *u += t * y + shift;
+                    if let Some(probe) = probe {
+                        let cols = probe.cols(kb);
+                        let cols = &cols.as_slice().expect(STANDARD)[g * db * p..(g + 1) * db * p];
+                        dot_cols(&w, cols, &mut branch_out);
+                        for (u, y) in unfused.iter_mut().zip(&branch_out) {
+                            *u += t * y + shift;
+                        }
                     }
                 }
             }
@@ -184,21 +186,19 @@ fn fuse_rows_any(
             index: r * depth + i,
             value: fused[i],
         })?;
-        decode_into(dtype, &out.weight[before..], &mut written);
-        biases.push(bias);
-        let before = out.bias.len();
+        let before_bias = out.bias.len();
         encode(dtype, &[bias], &mut out.bias).map_err(|_| RowError::Overflow {
             bias: true,
             index: r,
             value: bias,
         })?;
-        let mut bias_written = Vec::new();
-        decode_into(dtype, &out.bias[before..], &mut bias_written);
-        dot_cols(
-            &written,
-            &cols_k[g * depth * p..(g + 1) * depth * p],
-            &mut fused_out,
-        );
+        let Some(probe) = probe else { continue };
+        // The fused row as written, run on the same input.
+        decode_into(dtype, &out.weight[before..], &mut written);
+        decode_into(dtype, &out.bias[before_bias..], &mut bias_written);
+        let cols = probe.cols(k);
+        let cols = &cols.as_slice().expect(STANDARD)[g * depth * p..(g + 1) * depth * p];
+        dot_cols(&written, cols, &mut fused_out);
         let mut max_abs: f64 = 0.0;
         let mut max_out: f64 = 0.0;
         for (f, u) in fused_out.iter().zip(&unfused) {
@@ -209,6 +209,8 @@ fn fuse_rows_any(
     }
     Ok(out)
 }
+
+const STANDARD: &str = "im2col matrices are standard layout";
 
 /// `acc[j] = Σ_i w[i] · cols[i·P + j]` for the P = `acc.len()` probe positions.
 #[inline(always)]
