@@ -253,15 +253,28 @@ impl Checkpoint {
         offset: u64,
         len: u64,
     ) -> Result<Vec<u8>, CheckpointError> {
+        let mut buf = Vec::new();
+        self.read_bytes_into(tensor, offset, len, &mut buf)?;
+        Ok(buf)
+    }
+
+    /// Like [`Checkpoint::read_bytes`], into `buf` (resized to `len`), so that a buffer that
+    /// is reused costs no new pages.
+    pub fn read_bytes_into(
+        &self,
+        tensor: &TensorInfo,
+        offset: u64,
+        len: u64,
+        buf: &mut Vec<u8>,
+    ) -> Result<(), CheckpointError> {
         debug_assert!(offset + len <= tensor.len);
-        let mut buf = vec![0u8; len as usize];
+        buf.resize(len as usize, 0);
         self.file
-            .read_exact_at(&mut buf, tensor.start + offset)
+            .read_exact_at(buf, tensor.start + offset)
             .map_err(|source| CheckpointError::Io {
                 path: self.path.clone(),
                 source,
-            })?;
-        Ok(buf)
+            })
     }
 
     /// Reads elements `range` of a floating-point tensor, widened to f64.
@@ -342,50 +355,48 @@ pub fn decode_into(dtype: Dtype, bytes: &[u8], out: &mut Vec<f64>) {
 /// Returns the index of the first value that is finite in f64 but overflows `dtype`.
 #[inline(always)]
 pub fn encode(dtype: Dtype, values: &[f64], out: &mut Vec<u8>) -> Result<(), usize> {
-    let Some(width) = float_width(dtype) else {
-        return Ok(());
-    };
     let start = out.len();
-    out.resize(start + values.len() * width, 0);
-    let dst = &mut out[start..];
-    // `overflow` collects "finite in, infinite out" without a branch per element.
-    let mut overflow = false;
+    // `extend` from exact-size iterators: each byte written once, no zero-fill first (the
+    // buffers are reused, and a memset of every output byte is measurable).
     match dtype {
-        Dtype::F16 => {
-            for (o, v) in dst.chunks_exact_mut(2).zip(values) {
-                let h = half::f16::from_f64(*v);
-                overflow |= h.is_infinite() & v.is_finite();
-                o.copy_from_slice(&h.to_le_bytes());
-            }
-        }
-        Dtype::BF16 => {
-            for (o, v) in dst.chunks_exact_mut(2).zip(values) {
-                let h = half::bf16::from_f64(*v);
-                overflow |= h.is_infinite() & v.is_finite();
-                o.copy_from_slice(&h.to_le_bytes());
-            }
-        }
-        Dtype::F32 => {
-            for (o, v) in dst.chunks_exact_mut(4).zip(values) {
-                let f = *v as f32;
-                overflow |= f.is_infinite() & v.is_finite();
-                o.copy_from_slice(&f.to_le_bytes());
-            }
-        }
-        _ => {
-            for (o, v) in dst.chunks_exact_mut(8).zip(values) {
-                o.copy_from_slice(&v.to_le_bytes());
-            }
+        Dtype::F16 => out.extend(
+            values
+                .iter()
+                .flat_map(|v| half::f16::from_f64(*v).to_le_bytes()),
+        ),
+        Dtype::BF16 => out.extend(
+            values
+                .iter()
+                .flat_map(|v| half::bf16::from_f64(*v).to_le_bytes()),
+        ),
+        Dtype::F32 => out.extend(values.iter().flat_map(|v| (*v as f32).to_le_bytes())),
+        Dtype::F64 => out.extend(values.iter().flat_map(|v| v.to_le_bytes())),
+        _ => {}
+    }
+    // A finite value that became infinite overflowed. One branchless pass over the input
+    // decides whether to look for it.
+    let mut overflow = false;
+    if dtype != Dtype::F64 {
+        let max = match dtype {
+            Dtype::F16 => f64::from(half::f16::MAX),
+            Dtype::BF16 => f64::from(half::bf16::MAX),
+            _ => f64::from(f32::MAX),
+        };
+        for v in values {
+            // Values past MAX still round down to MAX within half an ulp; the decode below
+            // says which of them really overflowed.
+            overflow |= v.abs() > max && v.is_finite();
         }
     }
     if overflow {
-        let back = decode(dtype, dst);
-        let at = values
+        let back = decode(dtype, &out[start..]);
+        if let Some(at) = values
             .iter()
             .zip(&back)
             .position(|(v, b)| v.is_finite() && b.is_infinite())
-            .unwrap_or(0);
-        return Err(at);
+        {
+            return Err(at);
+        }
     }
     Ok(())
 }

@@ -14,6 +14,7 @@ use serde::Serialize;
 use crate::Error;
 use crate::block::{Block, BlockError};
 use crate::checkpoint::{Checkpoint, encode, float_width};
+use crate::conv::Input;
 use crate::deploy::{Plan, Source, copy_tensor};
 use crate::fuse::{BlockValues, FusedConv};
 use crate::layout::{Detection, Layout};
@@ -122,20 +123,70 @@ fn block_err(ckpt: &Checkpoint, e: crate::block::BlockError) -> Error {
     }
 }
 
-/// Fuses output channels `rows` of `block` straight from the file's bytes, encoded in `dtype`,
-/// with the probe deviation of the rows as written.
+/// Byte buffers passed from the fusing threads to the writer and back, so that a few buffers
+/// carry the whole file: fresh ones would cost a page fault per 4 KiB, and the faults of two
+/// threads contend for the same lock.
+#[derive(Default)]
+struct Buffers(std::sync::Mutex<Vec<Vec<u8>>>);
+
+impl Buffers {
+    fn take(&self) -> Vec<u8> {
+        self.0
+            .lock()
+            .map(|mut v| v.pop())
+            .ok()
+            .flatten()
+            .unwrap_or_default()
+    }
+
+    fn give(&self, mut buf: Vec<u8>) {
+        buf.clear();
+        if let Ok(mut v) = self.0.lock() {
+            v.push(buf);
+        }
+    }
+}
+
+thread_local! {
+    /// Each fusing thread's buffers for the branch weights it reads.
+    static RAW: std::cell::RefCell<Vec<Vec<u8>>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// Fuses output channels `rows` of `block` straight from the file's bytes, encoded in `dtype`
+/// into `out`, with the probe deviation of the rows as written.
+#[allow(clippy::too_many_arguments)]
 fn fuse_chunk(
     ckpt: &Checkpoint,
     block: &Block,
     rows: Range<usize>,
     eps: f64,
     dtype: Dtype,
-    probe: Option<&BlockInput>,
+    probe: Option<&Input>,
+    out: Vec<u8>,
+) -> Result<FusedRows, Error> {
+    RAW.with(|raw| {
+        let mut raw = raw.borrow_mut();
+        let n = block.branches.len().max(raw.len());
+        raw.resize_with(n, Vec::new);
+        fuse_chunk_with(ckpt, block, rows, eps, dtype, probe, out, &mut raw)
+    })
+}
+
+#[allow(clippy::too_many_arguments)]
+fn fuse_chunk_with(
+    ckpt: &Checkpoint,
+    block: &Block,
+    rows: Range<usize>,
+    eps: f64,
+    dtype: Dtype,
+    probe: Option<&Input>,
+    out: Vec<u8>,
+    raw_bufs: &mut [Vec<u8>],
 ) -> Result<FusedRows, Error> {
     let affine =
         BlockValues::load_affine(ckpt, block, rows.clone()).map_err(|e| block_err(ckpt, e))?;
     let mut raw = Vec::with_capacity(block.branches.len());
-    for branch in &block.branches {
+    for (branch, buf) in block.branches.iter().zip(raw_bufs.iter_mut()) {
         raw.push(match &branch.conv {
             Some(conv) => {
                 let t = ckpt.get(&conv.weight).ok_or_else(|| {
@@ -145,9 +196,13 @@ fn fuse_chunk(
                     )
                 })?;
                 let per_row = t.len / block.out_channels as u64;
-                let bytes =
-                    ckpt.read_bytes(t, rows.start as u64 * per_row, rows.len() as u64 * per_row)?;
-                Some((t.dtype, bytes))
+                ckpt.read_bytes_into(
+                    t,
+                    rows.start as u64 * per_row,
+                    rows.len() as u64 * per_row,
+                    buf,
+                )?;
+                Some((t.dtype, &buf[..]))
             }
             None => None,
         });
@@ -161,7 +216,7 @@ fn fuse_chunk(
             BranchRows {
                 role: v.role,
                 kernel: v.kernel,
-                weight: raw.as_ref().map(|(d, b)| (*d, b.as_slice())),
+                weight: *raw,
                 t,
                 shift,
             }
@@ -169,6 +224,7 @@ fn fuse_chunk(
         .collect();
     let start = rows.start;
     fuse_rows(
+        out,
         rows,
         block.in_per_group,
         block.kernel,
@@ -216,12 +272,6 @@ fn fuse_chunk(
             }
         }
     })
-}
-
-/// Side of the probe input for kernel k: k/2 + 1 is the least size at which every tap of
-/// the kernel meets both data and padding somewhere.
-fn probe_side(k: usize) -> usize {
-    k / 2 + 1
 }
 
 /// A new temp file in `target`'s folder, removed unless persisted.
@@ -440,8 +490,10 @@ fn write_deploy(
     file: &std::fs::File,
     progress: &ProgressBar,
 ) -> Result<Vec<Deviation>, WriteError> {
-    let (tx, rx) = std::sync::mpsc::sync_channel::<Piece>(8);
+    let (tx, rx) = std::sync::mpsc::sync_channel::<Piece>(4);
+    let buffers = Buffers::default();
     std::thread::scope(|scope| {
+        let buffers = &buffers;
         let writer = scope.spawn(move || -> std::io::Result<()> {
             let mut out = file;
             for piece in rx {
@@ -449,6 +501,7 @@ fn write_deploy(
                     Piece::Bytes(bytes) => {
                         out.write_all(&bytes)?;
                         progress.inc(bytes.len() as u64);
+                        buffers.give(bytes);
                     }
                     Piece::Copy(i) => {
                         copy_tensor(ckpt, i, &mut out)?;
@@ -458,7 +511,7 @@ fn write_deploy(
             }
             Ok(())
         });
-        let produced = produce(ckpt, detection, plan, eps, probe_seed, &tx);
+        let produced = produce(ckpt, detection, plan, eps, probe_seed, &tx, buffers);
         drop(tx);
         let written = writer
             .join()
@@ -476,6 +529,7 @@ fn produce(
     eps: f64,
     probe_seed: Option<u64>,
     tx: &std::sync::mpsc::SyncSender<Piece>,
+    buffers: &Buffers,
 ) -> Result<Vec<Deviation>, WriteError> {
     let send = |piece| {
         tx.send(piece)
@@ -507,18 +561,34 @@ fn produce(
             }
             Source::FusedWeight(b) => {
                 let block = &detection.blocks[b];
-                let side = probe_side(block.kernel);
-                let probe =
-                    probe_seed.map(|seed| BlockInput::new(block, 1, side, side, seed, b as u64));
-                let chunks: Vec<FusedRows> = row_chunks(block)
-                    .into_par_iter()
-                    .map(|rows| fuse_chunk(ckpt, block, rows, eps, entry.dtype, probe.as_ref()))
-                    .collect::<Result<_, _>>()?;
+                let probe = probe_seed.map(|seed| {
+                    let c = block.in_channels().unwrap_or(block.in_per_group);
+                    Input::random(1, c, block.kernel, block.kernel, seed, b as u64)
+                });
+                // A window of chunks at a time, one per thread: fused in parallel, then queued
+                // for the writer, which writes them while the next window is fused.
                 let mut bias = Vec::new();
-                for c in chunks {
-                    deviations[b] = deviations[b].merge(c.deviation);
-                    bias.extend(c.bias);
-                    send(Piece::Bytes(c.weight))?;
+                for window in row_chunks(block).chunks(rayon::current_num_threads().max(1)) {
+                    let chunks: Vec<FusedRows> = window
+                        .par_iter()
+                        .map(|rows| {
+                            let out = buffers.take();
+                            fuse_chunk(
+                                ckpt,
+                                block,
+                                rows.clone(),
+                                eps,
+                                entry.dtype,
+                                probe.as_ref(),
+                                out,
+                            )
+                        })
+                        .collect::<Result<_, _>>()?;
+                    for c in chunks {
+                        deviations[b] = deviations[b].merge(c.deviation);
+                        bias.extend(c.bias);
+                        send(Piece::Bytes(c.weight))?;
+                    }
                 }
                 pending_bias[b] = Some(bias);
             }

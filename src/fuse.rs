@@ -142,17 +142,20 @@ impl BlockValues {
         })
     }
 
-    /// Fuses the branches into one conv like [`BlockValues::fuse`], and refuses a result that
-    /// is not finite: a BN with σ² + ε = 0 (ε 0 and a zero running variance) scales by
-    /// γ/√0, and values near f64's limits can overflow when scaled or summed. `block` is the
-    /// block these values were loaded from, for the tensor names in the error.
-    pub fn fuse_finite(&self, eps: f64, block: &Block) -> Result<FusedConv, BlockError> {
+    /// Each branch's `(t, b')` as [`BranchValues::affine`] gives them, refusing values that
+    /// are not finite: a BN with σ² + ε = 0 (ε 0 and a zero running variance) scales by γ/√0.
+    /// `block` is the block these values were loaded from, for the tensor names in the error.
+    pub fn affines(
+        &self,
+        eps: f64,
+        block: &Block,
+    ) -> Result<Vec<(Vec<f64>, Vec<f64>)>, BlockError> {
+        let rows = self.rows.len();
+        let mut out = Vec::with_capacity(self.branches.len());
         for (branch, tensors) in self.branches.iter().zip(&block.branches) {
-            let (Some(bn), Some(names)) = (&branch.bn, &tensors.bn) else {
-                continue;
-            };
-            let (t, _) = bn.affine(eps);
-            if let Some(r) = t.iter().position(|t| !t.is_finite()) {
+            let (t, shift) = branch.affine(rows, eps);
+            let bad = t.iter().position(|t| !t.is_finite());
+            if let (Some(r), Some(bn), Some(names)) = (bad, &branch.bn, &tensors.bn) {
                 return Err(BlockError::new(
                     &block.name,
                     format!(
@@ -164,7 +167,27 @@ impl BlockValues {
                     ),
                 ));
             }
+            if let Some(r) = shift.iter().position(|s| !s.is_finite()) {
+                return Err(BlockError::new(
+                    &block.name,
+                    format!(
+                        "branch `{}`: its bias after BN is {} at channel {}: the values overflow f64",
+                        tensors.label,
+                        shift[r],
+                        self.rows.start + r
+                    ),
+                ));
+            }
+            out.push((t, shift));
         }
+        Ok(out)
+    }
+
+    /// Fuses the branches into one conv like [`BlockValues::fuse`], and refuses a result that
+    /// is not finite: σ² + ε = 0 (see [`BlockValues::affines`]), or values near f64's limits
+    /// that overflow when scaled or summed.
+    pub fn fuse_finite(&self, eps: f64, block: &Block) -> Result<FusedConv, BlockError> {
+        self.affines(eps, block)?;
         let fused = self.fuse(eps);
         let per_row = self.in_per_group * self.kernel * self.kernel;
         let bad = |values: &[f64], tensor: &str, per_row: usize| {

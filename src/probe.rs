@@ -1,18 +1,22 @@
 //! The default conversion's fuse-and-check pass: fuses a block's rows straight from the file's
 //! bytes and, in the same pass over the weights, measures each fused row as written against
-//! its branches on a tiny seeded input (the probe). One read of each weight, no f64 copy of a
-//! whole tensor: this is what keeps conversion near the speed of a file copy.
+//! its branches on a seeded random k×k input (the probe). One read of each weight, no f64 copy
+//! of a whole tensor: this is what keeps conversion near the speed of a file copy.
 //!
-//! `--verify` runs the full check ([`crate::verify`]) on a larger input with GEMMs instead.
+//! The probe looks at the output's centre position, where every tap of every kernel meets
+//! the input: each fused weight as written is multiplied by an input value exactly once, and
+//! so is each branch weight, so no weight escapes the comparison. `--verify` runs the full
+//! check ([`crate::verify`]) on a larger input, borders included, with GEMMs.
 
 use std::ops::Range;
 
 use safetensors::Dtype;
 
 use crate::checkpoint::{decode_into, encode};
+use crate::conv::Input;
 use crate::fuse::add_branch_row;
 use crate::layout::Role;
-use crate::verify::{BlockInput, Deviation};
+use crate::verify::Deviation;
 
 /// One branch's share of a range of output channels.
 pub struct BranchRows<'a> {
@@ -62,54 +66,63 @@ pub enum RowError {
 }
 
 /// Fuses output channels `rows` of a block with in/groups `cpg`, kernel `k` and `opg` output
-/// channels per group, writes them in `dtype`, and probes them on `probe` (if given; the
+/// channels per group, writes them in `dtype` into `out` (cleared first; pass a reused buffer
+/// to save fresh pages), and probes them on `probe`, a `1 × C × k × k` input (if given; the
 /// deviation stays 0 without one).
+#[allow(clippy::too_many_arguments)]
 pub fn fuse_rows(
+    out: Vec<u8>,
     rows: Range<usize>,
     cpg: usize,
     k: usize,
     opg: usize,
     branches: &[BranchRows],
     dtype: Dtype,
-    probe: Option<&BlockInput>,
+    probe: Option<&Input>,
 ) -> Result<FusedRows, RowError> {
     #[cfg(target_arch = "x86_64")]
     if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
         // SAFETY: the CPU has the features the function is compiled for (checked above).
-        return unsafe { fuse_rows_avx2(rows, cpg, k, opg, branches, dtype, probe) };
+        return unsafe { fuse_rows_avx2(out, rows, cpg, k, opg, branches, dtype, probe) };
     }
-    fuse_rows_any(rows, cpg, k, opg, branches, dtype, probe)
+    fuse_rows_any(out, rows, cpg, k, opg, branches, dtype, probe)
 }
 
 /// [`fuse_rows`] compiled for AVX2: the same code, with 4-wide f64 vectors in the inner loops.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
+#[allow(clippy::too_many_arguments)]
 fn fuse_rows_avx2(
+    out: Vec<u8>,
     rows: Range<usize>,
     cpg: usize,
     k: usize,
     opg: usize,
     branches: &[BranchRows],
     dtype: Dtype,
-    probe: Option<&BlockInput>,
+    probe: Option<&Input>,
 ) -> Result<FusedRows, RowError> {
-    fuse_rows_any(rows, cpg, k, opg, branches, dtype, probe)
+    fuse_rows_any(out, rows, cpg, k, opg, branches, dtype, probe)
 }
 
 #[inline(always)]
+#[allow(clippy::too_many_arguments)]
 fn fuse_rows_any(
+    mut weight: Vec<u8>,
     rows: Range<usize>,
     cpg: usize,
     k: usize,
     opg: usize,
     branches: &[BranchRows],
     dtype: Dtype,
-    probe: Option<&BlockInput>,
+    probe: Option<&Input>,
 ) -> Result<FusedRows, RowError> {
     let depth = cpg * k * k;
-    let p = probe.map_or(0, |x| x.input.positions());
+    let c = k / 2;
+    weight.clear();
+    weight.reserve(rows.len() * depth * crate::checkpoint::dtype_bytes(dtype));
     let mut out = FusedRows {
-        weight: Vec::with_capacity(rows.len() * depth * crate::checkpoint::dtype_bytes(dtype)),
+        weight,
         bias: Vec::new(),
         deviation: Deviation::default(),
     };
@@ -117,15 +130,15 @@ fn fuse_rows_any(
     let mut w = Vec::new();
     let mut written = Vec::new();
     let mut bias_written = Vec::new();
-    let mut branch_out = vec![0.0; p];
-    let mut unfused = vec![0.0; p];
-    let mut fused_out = vec![0.0; p];
     for (r, o) in rows.clone().enumerate() {
         let g = o / opg;
+        // The input group this row reads, `[cpg, k, k]`: at the centre output, kernel tap
+        // (i, y, x) meets exactly x[g·cpg + i, y, x].
+        let patch = probe.map(|x| &x.data[g * depth..(g + 1) * depth]);
         // `fused` still holds the previous row: the first full-size branch overwrites it
         // (saving a pass of zeros over every weight), anything else starts from zero.
         let mut fresh = true;
-        unfused.fill(0.0);
+        let mut unfused = 0.0;
         let mut bias = 0.0;
         for (bi, b) in branches.iter().enumerate() {
             let (t, shift) = (b.t[r], b.shift[r]);
@@ -136,13 +149,9 @@ fn fuse_rows_any(
                         fused.fill(0.0);
                     }
                     add_branch_row(&mut fused, o, cpg, k, 1, t, None);
-                    if let Some(probe) = probe {
-                        // Output channel o reads input channel o (in == out).
-                        let channels = probe.cols(1);
-                        let x = &channels.as_slice().expect(STANDARD)[o * p..(o + 1) * p];
-                        for (u, x) in unfused.iter_mut().zip(x) {
-                            *u += t * x + shift;
-                        }
+                    // Output channel o reads input channel o (in == out) at the centre.
+                    if let Some(x) = probe {
+                        unfused += t * x.data[(o * k + c) * k + c] + shift;
                     }
                 }
                 (_, Some((wdtype, bytes))) => {
@@ -150,7 +159,14 @@ fn fuse_rows_any(
                     let db = cpg * kb * kb;
                     let width = bytes.len() / (rows.len() * db).max(1);
                     decode_into(wdtype, &bytes[r * db * width..(r + 1) * db * width], &mut w);
-                    if let Some(i) = w.iter().position(|v| !v.is_finite()) {
+                    // A branchless pass (vectorizes); the scan for the culprit runs only on
+                    // failure.
+                    let mut finite = true;
+                    for v in &w {
+                        finite &= v.is_finite();
+                    }
+                    if !finite {
+                        let i = w.iter().position(|v| !v.is_finite()).unwrap_or(0);
                         return Err(RowError::NonFinite {
                             branch: bi,
                             index: r * db + i,
@@ -169,13 +185,22 @@ fn fuse_rows_any(
                     } else {
                         add_branch_row(&mut fused, o, cpg, k, kb, t, Some(&w));
                     }
-                    if let Some(probe) = probe {
-                        let cols = probe.cols(kb);
-                        let cols = &cols.as_slice().expect(STANDARD)[g * db * p..(g + 1) * db * p];
-                        dot_cols(&w, cols, &mut branch_out);
-                        for (u, y) in unfused.iter_mut().zip(&branch_out) {
-                            *u += t * y + shift;
-                        }
+                    if let Some(patch) = patch {
+                        // The branch's own conv, with its own (smaller) kernel at the centre.
+                        let y = if kb == k {
+                            dot(&w, patch)
+                        } else {
+                            let pad = (k - kb) / 2;
+                            let mut y = 0.0;
+                            for i in 0..cpg {
+                                for ky in 0..kb {
+                                    let row = &patch[(i * k + ky + pad) * k + pad..][..kb];
+                                    y += dot(&w[(i * kb + ky) * kb..][..kb], row);
+                                }
+                            }
+                            y
+                        };
+                        unfused += t * y + shift;
                     }
                 }
             }
@@ -192,46 +217,32 @@ fn fuse_rows_any(
             index: r,
             value: bias,
         })?;
-        let Some(probe) = probe else { continue };
+        let Some(patch) = patch else { continue };
         // The fused row as written, run on the same input.
         decode_into(dtype, &out.weight[before..], &mut written);
         decode_into(dtype, &out.bias[before_bias..], &mut bias_written);
-        let cols = probe.cols(k);
-        let cols = &cols.as_slice().expect(STANDARD)[g * depth * p..(g + 1) * depth * p];
-        dot_cols(&written, cols, &mut fused_out);
-        let mut max_abs: f64 = 0.0;
-        let mut max_out: f64 = 0.0;
-        for (f, u) in fused_out.iter().zip(&unfused) {
-            max_abs = max_abs.max((f + bias_written[0] - u).abs());
-            max_out = max_out.max(u.abs());
-        }
-        out.deviation = out.deviation.merge(Deviation::of(max_abs, max_out));
+        let fused_out = dot(&written, patch) + bias_written[0];
+        out.deviation = out
+            .deviation
+            .merge(Deviation::of((fused_out - unfused).abs(), unfused.abs()));
     }
     Ok(out)
 }
 
-const STANDARD: &str = "im2col matrices are standard layout";
-
-/// `acc[j] = Σ_i w[i] · cols[i·P + j]` for the P = `acc.len()` probe positions.
+/// `Σ a[i]·b[i]`, in four interleaved sums so the adds do not wait on each other.
 #[inline(always)]
-fn dot_cols(w: &[f64], cols: &[f64], acc: &mut [f64]) {
-    let p = acc.len();
-    acc.fill(0.0);
-    if p == 4 {
-        // The probe of a 3×3 kernel: four positions, kept in registers.
-        let mut a = [0.0f64; 4];
-        for (wi, c) in w.iter().zip(cols.chunks_exact(4)) {
-            a[0] += wi * c[0];
-            a[1] += wi * c[1];
-            a[2] += wi * c[2];
-            a[3] += wi * c[3];
-        }
-        acc.copy_from_slice(&a);
-        return;
-    }
-    for (wi, c) in w.iter().zip(cols.chunks_exact(p)) {
-        for (a, c) in acc.iter_mut().zip(c) {
-            *a += wi * c;
+fn dot(a: &[f64], b: &[f64]) -> f64 {
+    let mut acc = [0.0f64; 4];
+    let mut a4 = a.chunks_exact(4);
+    let mut b4 = b.chunks_exact(4);
+    for (a, b) in (&mut a4).zip(&mut b4) {
+        for j in 0..4 {
+            acc[j] += a[j] * b[j];
         }
     }
+    let mut tail = 0.0;
+    for (a, b) in a4.remainder().iter().zip(b4.remainder()) {
+        tail += a * b;
+    }
+    (acc[0] + acc[1]) + (acc[2] + acc[3]) + tail
 }

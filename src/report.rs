@@ -74,9 +74,11 @@ pub struct EpsInfo {
 /// The random input deviations are measured on.
 #[derive(Debug, Clone, Serialize)]
 pub struct Probe {
-    /// `probe` (cheap, every kernel tap meets data and padding) or `verify` (`--verify`).
+    /// `probe` (cheap: each block's own k×k input, compared at the centre output, where every
+    /// tap of every kernel is used once) or `verify` (`--verify`: the whole output of an
+    /// `input_size` input, borders included).
     pub kind: String,
-    /// `[h, w]`; for the probe it is `k/2 + 1` per side for each block's kernel k.
+    /// `[h, w]` of the verification input; null for the probe (k×k per block).
     pub input_size: Option<[usize; 2]>,
     /// Images per block.
     pub batch: usize,
