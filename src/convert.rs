@@ -24,8 +24,13 @@ use crate::report::{
 };
 use crate::verify::{self, BlockInput, Deviation};
 
-/// f64 elements of one branch weight processed at a time (8 MB): bounds memory per block.
-const CHUNK_ELEMENTS: usize = 1 << 20;
+/// Weights fused at a time by one thread when converting: small enough that the bytes just
+/// read are still in the core's cache when they are decoded (64 Ki elements, 256 KB of F32).
+const FUSE_CHUNK: usize = 1 << 16;
+
+/// f64 weights run through one GEMM when verifying (8 MB): big enough for the GEMM to be
+/// efficient, small enough to bound memory per block.
+const VERIFY_CHUNK: usize = 1 << 20;
 
 /// Default verification input side, raised to the kernel size where a kernel is larger.
 pub const DEFAULT_VERIFY_SIZE: usize = 8;
@@ -106,10 +111,10 @@ fn layout_info(d: &Detection) -> LayoutInfo {
     }
 }
 
-/// Ranges of output channels small enough to hold in f64 at once.
-fn row_chunks(block: &Block) -> Vec<Range<usize>> {
+/// Ranges of output channels of about `elements` weights each.
+fn row_chunks(block: &Block, elements: usize) -> Vec<Range<usize>> {
     let per_row = block.in_per_group * block.kernel * block.kernel;
-    let step = (CHUNK_ELEMENTS / per_row.max(1)).max(1);
+    let step = (elements / per_row.max(1)).max(1);
     (0..block.out_channels)
         .step_by(step)
         .map(|s| s..(s + step).min(block.out_channels))
@@ -490,7 +495,7 @@ fn write_deploy(
     file: &std::fs::File,
     progress: &ProgressBar,
 ) -> Result<Vec<Deviation>, WriteError> {
-    let (tx, rx) = std::sync::mpsc::sync_channel::<Piece>(4);
+    let (tx, rx) = std::sync::mpsc::sync_channel::<Piece>(16);
     let buffers = Buffers::default();
     std::thread::scope(|scope| {
         let buffers = &buffers;
@@ -568,7 +573,9 @@ fn produce(
                 // A window of chunks at a time, one per thread: fused in parallel, then queued
                 // for the writer, which writes them while the next window is fused.
                 let mut bias = Vec::new();
-                for window in row_chunks(block).chunks(rayon::current_num_threads().max(1)) {
+                for window in
+                    row_chunks(block, FUSE_CHUNK).chunks(4 * rayon::current_num_threads().max(1))
+                {
                     let chunks: Vec<FusedRows> = window
                         .par_iter()
                         .map(|rows| {
@@ -803,7 +810,7 @@ fn verify_block(
     let per_row = block.in_per_group * k * k;
     let opg = block.out_per_group();
     let mut dev = Deviation::default();
-    for rows in row_chunks(block) {
+    for rows in row_chunks(block, VERIFY_CHUNK) {
         let values =
             BlockValues::load(train, block, rows.clone()).map_err(|e| block_err(train, e))?;
         let weight = deploy

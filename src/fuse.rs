@@ -262,6 +262,12 @@ pub fn add_branch_row(
                 *f += t * w;
             }
         }
+        // A 1×1 kernel: one tap per input channel, at the centre.
+        Some(w) if kb == 1 => {
+            for (i, w) in w.iter().enumerate() {
+                fused[(i * k + c) * k + c] += t * w;
+            }
+        }
         Some(w) => {
             let pad = (k - kb) / 2;
             for i in 0..cpg {

@@ -189,6 +189,13 @@ fn fuse_rows_any(
                         // The branch's own conv, with its own (smaller) kernel at the centre.
                         let y = if kb == k {
                             dot(&w, patch)
+                        } else if kb == 1 {
+                            // A 1×1 kernel: one tap per input channel, at the centre.
+                            let mut y = 0.0;
+                            for (i, w) in w.iter().enumerate() {
+                                y += w * patch[(i * k + c) * k + c];
+                            }
+                            y
                         } else {
                             let pad = (k - kb) / 2;
                             let mut y = 0.0;
