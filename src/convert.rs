@@ -216,15 +216,13 @@ fn fuse_chunk_with(
         .branches
         .iter()
         .zip(&raw)
-        .map(|(v, raw)| {
-            let (t, shift) = v.affine(rows.len(), eps);
-            BranchRows {
-                role: v.role,
-                kernel: v.kernel,
-                weight: *raw,
-                t,
-                shift,
-            }
+        .zip(affine.affines(eps, block).map_err(|e| block_err(ckpt, e))?)
+        .map(|((v, raw), (t, shift))| BranchRows {
+            role: v.role,
+            kernel: v.kernel,
+            weight: *raw,
+            t,
+            shift,
         })
         .collect();
     let start = rows.start;
@@ -322,11 +320,7 @@ fn check_not_input(input: &Path, output: &Path, what: &str) -> Result<(), Error>
             what: format!("the {what} is a directory"),
         });
     }
-    let same = match (std::fs::canonicalize(input), std::fs::canonicalize(output)) {
-        (Ok(a), Ok(b)) => a == b,
-        _ => false,
-    };
-    if same {
+    if same_file(input, output) {
         return Err(Error::Output {
             path: output.to_path_buf(),
             what: format!(
@@ -336,6 +330,23 @@ fn check_not_input(input: &Path, output: &Path, what: &str) -> Result<(), Error>
         });
     }
     Ok(())
+}
+
+/// Whether `a` and `b` name the same file: the same inode when both exist (any path, symlink
+/// or hard link), else the same canonical folder and file name.
+fn same_file(a: &Path, b: &Path) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    if let (Ok(x), Ok(y)) = (std::fs::metadata(a), std::fs::metadata(b)) {
+        return x.dev() == y.dev() && x.ino() == y.ino();
+    }
+    let place = |p: &Path| {
+        let dir = match p.parent() {
+            Some(d) if !d.as_os_str().is_empty() => d,
+            _ => Path::new("."),
+        };
+        Some((std::fs::canonicalize(dir).ok()?, p.file_name()?.to_owned()))
+    };
+    a == b || matches!((place(a), place(b)), (Some(x), Some(y)) if x == y)
 }
 
 /// Converts `input` to deploy form at `output`, with the report at `report_path`
@@ -356,7 +367,7 @@ pub fn convert(
     let report_path = report_path.map_or_else(|| default_report_path(output), Path::to_path_buf);
     check_not_input(input, output, "output")?;
     check_not_input(input, &report_path, "report path")?;
-    if report_path == output {
+    if same_file(&report_path, output) {
         return Err(Error::Output {
             path: output.to_path_buf(),
             what: "the report would overwrite the deploy file".into(),
@@ -651,6 +662,21 @@ fn build_report(
         summary,
         verify,
     }
+}
+
+/// Writes `report` to `path` atomically (a temp file beside it, renamed into place), refusing
+/// a path that is one of `inputs`.
+pub fn write_report(report: &Report, path: &Path, inputs: &[&Path]) -> Result<(), Error> {
+    for input in inputs {
+        check_not_input(input, path, "report path")?;
+    }
+    write_report_tmp(report, path)?
+        .persist(path)
+        .map_err(|e| Error::Output {
+            path: path.to_path_buf(),
+            what: format!("cannot move the report into place: {}", e.error),
+        })?;
+    Ok(())
 }
 
 fn write_report_tmp(report: &Report, path: &Path) -> Result<tempfile::NamedTempFile, Error> {

@@ -78,6 +78,10 @@ impl BranchValues {
     }
 }
 
+/// A branch's per-channel `(t, b')`: its output is `t·conv(x) + b'` (see
+/// [`BranchValues::affine`]).
+pub type Affine = (Vec<f64>, Vec<f64>);
+
 /// A block's values for output channels `rows`.
 #[derive(Debug, Clone, PartialEq)]
 pub struct BlockValues {
@@ -145,11 +149,7 @@ impl BlockValues {
     /// Each branch's `(t, b')` as [`BranchValues::affine`] gives them, refusing values that
     /// are not finite: a BN with σ² + ε = 0 (ε 0 and a zero running variance) scales by γ/√0.
     /// `block` is the block these values were loaded from, for the tensor names in the error.
-    pub fn affines(
-        &self,
-        eps: f64,
-        block: &Block,
-    ) -> Result<Vec<(Vec<f64>, Vec<f64>)>, BlockError> {
+    pub fn affines(&self, eps: f64, block: &Block) -> Result<Vec<Affine>, BlockError> {
         let rows = self.rows.len();
         let mut out = Vec::with_capacity(self.branches.len());
         for (branch, tensors) in self.branches.iter().zip(&block.branches) {

@@ -185,6 +185,20 @@ fn progress_bar(quiet: bool) -> ProgressBar {
     bar
 }
 
+/// Appends a line to the text that goes to stdout.
+macro_rules! say {
+    ($buf:expr, $($arg:tt)*) => {{
+        use std::fmt::Write as _;
+        let _ = writeln!($buf, $($arg)*);
+    }};
+}
+
+/// Writes `text` to stdout; a reader that went away (`| head`) is not an error.
+fn print(text: &str) {
+    use std::io::Write as _;
+    let _ = std::io::stdout().lock().write_all(text.as_bytes());
+}
+
 fn main() -> ExitCode {
     let flag = repvgg_fuse::interrupt_flag();
     for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
@@ -215,7 +229,7 @@ fn run() -> Result<ExitCode> {
             let s = settings(&find, &check, None);
             let outcome = repvgg_fuse::verify_files(&train, &deploy, &s)?;
             if let Some(path) = &report {
-                write_report(&outcome, path)?;
+                repvgg_fuse::convert::write_report(&outcome.report, path, &[&train, &deploy])?;
             }
             Ok(finish(&outcome, quiet, None))
         }
@@ -228,9 +242,9 @@ fn run() -> Result<ExitCode> {
             let s = settings(&find, &CheckArgs::default_values(), dtype);
             let inspection = repvgg_fuse::inspect(&input, &s)?;
             if json {
-                println!("{}", serde_json::to_string_pretty(&inspection)?);
+                print(&format!("{}\n", serde_json::to_string_pretty(&inspection)?));
             } else {
-                print_inspection(&inspection);
+                print(&inspection_text(&inspection));
             }
             Ok(ExitCode::SUCCESS)
         }
@@ -269,35 +283,41 @@ impl CheckArgs {
     }
 }
 
-fn write_report(outcome: &Outcome, path: &Path) -> Result<()> {
-    let text = serde_json::to_string_pretty(&outcome.report)?;
-    std::fs::write(path, format!("{text}\n"))
-        .map_err(|e| anyhow::anyhow!("{}: cannot write the report: {e}", path.display()))?;
-    Ok(())
-}
-
 /// Prints the summary (stdout) and failures (stderr); returns 0, or 1 for a failed verify.
 fn finish(outcome: &Outcome, quiet: bool, output: Option<&Path>) -> ExitCode {
     let r = &outcome.report;
     let s = &r.summary;
+    let mut text = String::new();
     if !quiet {
         let verb = if output.is_some() { "fused" } else { "checked" };
-        println!(
+        say!(
+            text,
             "{verb} {} blocks ({} layout, {}; BN ε {:e} from {})",
-            s.blocks, r.layout.name, r.layout.chosen_by, r.bn_eps.value, r.bn_eps.source
+            s.blocks,
+            r.layout.name,
+            r.layout.chosen_by,
+            r.bn_eps.value,
+            r.bn_eps.source
         );
-        println!(
+        say!(
+            text,
             "parameters {} → {}, tensors {} → {}",
-            s.parameters_in, s.parameters_out, s.tensors_in, s.tensors_out
+            s.parameters_in,
+            s.parameters_out,
+            s.tensors_in,
+            s.tensors_out
         );
         if let Some(worst) = &s.worst_block {
             let input = match r.probe.input_size {
                 Some([h, w]) => format!("{}×{h}×{w} random input", r.probe.batch),
                 None => "probe input".to_string(),
             };
-            println!(
+            say!(
+                text,
                 "worst deviation: {:.3e} relative, {:.3e} absolute, in block `{worst}` ({input}, seed {})",
-                s.max_rel_deviation, s.max_abs_deviation, r.probe.seed
+                s.max_rel_deviation,
+                s.max_abs_deviation,
+                r.probe.seed
             );
         }
         if let Some(out) = output {
@@ -306,19 +326,21 @@ fn finish(outcome: &Outcome, quiet: bool, output: Option<&Path>) -> ExitCode {
                 .as_ref()
                 .map_or(String::new(), |p| p.display().to_string());
             if outcome.passed() {
-                println!(
+                say!(
+                    text,
                     "wrote {} ({} bytes), report {report}",
                     out.display(),
                     s.bytes_out
                 );
             } else {
-                println!(
+                say!(
+                    text,
                     "wrote the report {report}; not the deploy file, which failed verification"
                 );
             }
         }
     }
-    match &r.verify {
+    let code = match &r.verify {
         Some(v) if !v.passed => {
             for f in &v.failures {
                 eprintln!("verify: FAILED `{}`: {}", f.name, f.reason);
@@ -348,27 +370,41 @@ fn finish(outcome: &Outcome, quiet: bool, output: Option<&Path>) -> ExitCode {
         }
         Some(v) => {
             if !quiet {
-                println!(
+                say!(
+                    text,
                     "verify: passed: every block within atol {:e} + rtol {:e} on {}×{}×{} input; every other tensor identical",
-                    v.atol, v.rtol, v.batch, v.input_size[0], v.input_size[1]
+                    v.atol,
+                    v.rtol,
+                    v.batch,
+                    v.input_size[0],
+                    v.input_size[1]
                 );
             }
             ExitCode::SUCCESS
         }
         None => ExitCode::SUCCESS,
-    }
+    };
+    print(&text);
+    code
 }
 
-fn print_inspection(i: &Inspection) {
-    println!(
+fn inspection_text(i: &Inspection) -> String {
+    let mut text = String::new();
+    say!(
+        text,
         "{}: layout {} ({}), BN ε {:e} ({})",
-        i.input, i.layout.name, i.layout.chosen_by, i.bn_eps.value, i.bn_eps.source
+        i.input,
+        i.layout.name,
+        i.layout.chosen_by,
+        i.bn_eps.value,
+        i.bn_eps.source
     );
-    println!("{} blocks:", i.blocks.len());
+    say!(text, "{} blocks:", i.blocks.len());
     for b in &i.blocks {
         let groups = b.groups.map_or("?".to_string(), |g| g.to_string());
         let cin = b.in_channels.map_or("?".to_string(), |c| c.to_string());
-        println!(
+        say!(
+            text,
             "  {:<32} {}→{} ch, groups {groups}, {k}×{k}, {}{}",
             b.name,
             cin,
@@ -379,17 +415,23 @@ fn print_inspection(i: &Inspection) {
         );
     }
     for s in &i.skipped {
-        println!("  not fused: {} ({})", s.name, s.reason);
+        say!(text, "  not fused: {} ({})", s.name, s.reason);
     }
-    println!("{} tensors pass through unchanged", i.passthrough.len());
+    say!(
+        text,
+        "{} tensors pass through unchanged",
+        i.passthrough.len()
+    );
     let fused = i.output.iter().filter(|o| o.source == "fused").count();
-    println!(
+    say!(
+        text,
         "would write {} tensors ({} fused, {} copied, {} cast)",
         i.output.len(),
         fused,
         i.output.iter().filter(|o| o.source == "copy").count(),
         i.output.iter().filter(|o| o.source == "cast").count()
     );
+    text
 }
 
 /// mimalloc keeps freed pages for reuse; with the system allocator every large buffer of a

@@ -212,6 +212,25 @@ fn fuse_rows_any(
                 }
             }
         }
+        // A sum of finite branches can still overflow f64 itself; encode only sees inf then.
+        let mut finite = bias.is_finite();
+        for v in &fused {
+            finite &= v.is_finite();
+        }
+        if !finite {
+            return Err(match fused.iter().position(|v| !v.is_finite()) {
+                Some(i) => RowError::Overflow {
+                    bias: false,
+                    index: r * depth + i,
+                    value: fused[i],
+                },
+                None => RowError::Overflow {
+                    bias: true,
+                    index: r,
+                    value: bias,
+                },
+            });
+        }
         let before = out.weight.len();
         encode(dtype, &fused, &mut out.weight).map_err(|i| RowError::Overflow {
             bias: false,

@@ -1,0 +1,56 @@
+#!/usr/bin/env bash
+# Fuzzes checkpoint loading, layout detection, planning and fusion on arbitrary bytes for
+# SECONDS (default 120), starting from the built-in seed checkpoints and the fixtures.
+#
+#   fuzz/run.sh [SECONDS]
+#
+# With a nightly toolchain: cargo-fuzz (installed if missing) runs the libFuzzer target
+# `load_and_detect` with AddressSanitizer and overflow checks. Without one: the plain-Rust
+# mutation loop `mutate` drives the same entry point on stable. Either way the last line says
+# how many executions ran clean; a crash exits non-zero and leaves the input under
+# fuzz/artifacts/load_and_detect/.
+set -euo pipefail
+
+seconds=${1:-120}
+case $seconds in
+  '' | *[!0-9]*) echo "usage: $0 [SECONDS]" >&2; exit 2 ;;
+esac
+cd "$(dirname "$0")"
+
+corpus=corpus/load_and_detect
+mkdir -p "$corpus" artifacts/load_and_detect
+fixtures=()
+for d in ../fixtures/*/; do
+  [ -f "$d/train.safetensors" ] && fixtures+=("$d/train.safetensors")
+done
+
+if rustup toolchain list 2>/dev/null | grep -q '^nightly'; then
+  if ! cargo fuzz --version >/dev/null 2>&1; then
+    echo "run.sh: installing cargo-fuzz" >&2
+    cargo install cargo-fuzz
+  fi
+  # Seeds: one small checkpoint per layout (written by the same crate), and the fixtures.
+  cargo run --quiet --release --no-default-features --bin mutate -- --write-seeds "$corpus"
+  for f in "${fixtures[@]}"; do
+    cp "$f" "$corpus/fixture-$(basename "$(dirname "$f")").safetensors"
+  done
+  log=$(mktemp)
+  trap 'rm -f "$log"' EXIT
+  status=0
+  # -a: debug assertions and overflow checks, so a wrapped size is a finding too.
+  cargo +nightly fuzz run -a load_and_detect "$corpus" -- \
+    -max_total_time="$seconds" -dict=dict.txt -max_len=262144 -rss_limit_mb=4096 \
+    -timeout=20 -print_final_stats=1 2>&1 | tee "$log" | grep -E '^(#[0-9]+.*(pulse|DONE)|Done|==|.*panicked|SUMMARY|artifact)' || true
+  status=${PIPESTATUS[0]}
+  runs=$(grep -oE '^Done [0-9]+ runs in [0-9]+ second' "$log" | tail -n 1 || true)
+  if [ "$status" -ne 0 ]; then
+    echo "run.sh: libFuzzer found a crash (exit $status); see fuzz/artifacts/load_and_detect/" >&2
+    exit 1
+  fi
+  execs=$(echo "$runs" | awk '{print $2}')
+  secs=$(echo "$runs" | awk '{print $5}')
+  echo "run.sh: load_and_detect (libFuzzer): ${execs:-?} execs in ${secs:-$seconds} s, no crash"
+else
+  echo "run.sh: no nightly toolchain; using the plain-Rust mutation loop" >&2
+  cargo run --quiet --release --no-default-features --bin mutate -- "$seconds" "$corpus" "${fixtures[@]}"
+fi
