@@ -366,7 +366,15 @@ fn read_finite(
                 ),
             )
         })?;
-    if let Some(i) = values.iter().position(|v| !v.is_finite()) {
+    // A branchless pass decides (it vectorizes); the scan for the culprit runs on failure.
+    let mut finite = true;
+    for v in &values {
+        finite &= v.is_finite();
+    }
+    if let Some(i) = (!finite)
+        .then(|| values.iter().position(|v| !v.is_finite()))
+        .flatten()
+    {
         return Err(BlockError::new(
             &block.name,
             format!(
