@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Write a deterministic RepVGG-B3 *train-form* checkpoint for benchmarking.
 
-    python bench/make_b3.py OUT.safetensors [--seed N]
+    python bench/make_b3.py OUT.safetensors [--seed N] [--model repvgg_b3]
 
 Builds timm `repvgg_b3` (pretrained=False, no network), puts it in eval mode, gives every
 BatchNorm non-trivial random statistics (gamma, beta, running_mean, running_var,
@@ -22,11 +22,12 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("out")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--model", default="repvgg_b3", help="timm repvgg_* model name (default repvgg_b3)")
     args = ap.parse_args()
 
     t0 = time.perf_counter()
     torch.manual_seed(args.seed)
-    model = timm.create_model("repvgg_b3", pretrained=False)
+    model = timm.create_model(args.model, pretrained=False)
     model.eval()
 
     g = torch.Generator().manual_seed(args.seed + 1)
