@@ -20,7 +20,8 @@ use crate::fuse::{BlockValues, FusedConv};
 use crate::layout::{Detection, Layout};
 use crate::probe::{BranchRows, FusedRows, RowError, fuse_rows};
 use crate::report::{
-    BlockReport, EpsInfo, Failure, LayoutInfo, Probe, Report, Skipped, Summary, Tool, VerifyReport,
+    BlockInfo, BlockReport, EpsInfo, Failure, LayoutInfo, Probe, Report, Skipped, Summary, Tool,
+    VerifyReport,
 };
 use crate::verify::{self, BlockInput, Deviation};
 
@@ -651,14 +652,7 @@ fn build_report(
         bn_eps: eps,
         probe,
         blocks,
-        skipped: detection
-            .skipped
-            .iter()
-            .map(|(name, reason)| Skipped {
-                name: name.clone(),
-                reason: reason.clone(),
-            })
-            .collect(),
+        skipped: Skipped::all(detection),
         summary,
         verify,
     }
@@ -1008,22 +1002,9 @@ pub struct Inspection {
 /// A block as `inspect` shows it.
 #[derive(Debug, Clone, Serialize)]
 pub struct InspectBlock {
-    /// Block prefix.
-    pub name: String,
-    /// Branch paths.
-    pub branches: Vec<String>,
-    /// Input channels, when known.
-    pub in_channels: Option<usize>,
-    /// Output channels.
-    pub out_channels: usize,
-    /// Input channels per group.
-    pub in_channels_per_group: usize,
-    /// Groups, when known.
-    pub groups: Option<usize>,
-    /// Kernel size.
-    pub kernel: usize,
-    /// Whether it has an identity branch.
-    pub identity: bool,
+    /// Name and shape.
+    #[serde(flatten)]
+    pub block: BlockInfo,
     /// Tensors it consumes.
     pub tensors: Vec<String>,
 }
@@ -1055,25 +1036,11 @@ pub fn inspect(input: &Path, settings: &Settings) -> Result<Inspection, Error> {
             .blocks
             .iter()
             .map(|b| InspectBlock {
-                name: b.name.clone(),
-                branches: b.branches.iter().map(|x| x.label.clone()).collect(),
-                in_channels: b.in_channels(),
-                out_channels: b.out_channels,
-                in_channels_per_group: b.in_per_group,
-                groups: b.groups,
-                kernel: b.kernel,
-                identity: b.has_identity(),
+                block: b.into(),
                 tensors: b.consumed.clone(),
             })
             .collect(),
-        skipped: detection
-            .skipped
-            .iter()
-            .map(|(name, reason)| Skipped {
-                name: name.clone(),
-                reason: reason.clone(),
-            })
-            .collect(),
+        skipped: Skipped::all(&detection),
         passthrough: ckpt
             .tensors()
             .iter()

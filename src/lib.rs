@@ -6,7 +6,7 @@
 //! the blocks by their tensor names (a table per framework) and [`block`] checks their shapes;
 //! [`fuse`] does the arithmetic in f64; [`deploy`] lays out and writes the deploy file;
 //! [`conv`] and [`verify`] run a block both ways on random input; [`report`] is the JSON report;
-//! [`convert`] strings them together.
+//! [`mod@convert`] strings them together.
 #![deny(missing_docs)]
 
 pub mod block;

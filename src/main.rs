@@ -348,7 +348,7 @@ fn finish(outcome: &Outcome, quiet: bool, output: Option<&Path>) -> ExitCode {
             let block_failures = v
                 .failures
                 .iter()
-                .filter(|f| r.blocks.iter().any(|b| b.name == f.name))
+                .filter(|f| r.blocks.iter().any(|b| b.block.name == f.name))
                 .count();
             eprintln!(
                 "verify: FAILED: {block_failures} of {} blocks, {} other tensors (atol {:e}, rtol {:e}, {}×{}×{} input, seed {}){}",
@@ -400,7 +400,7 @@ fn inspection_text(i: &Inspection) -> String {
         i.bn_eps.source
     );
     say!(text, "{} blocks:", i.blocks.len());
-    for b in &i.blocks {
+    for b in i.blocks.iter().map(|b| &b.block) {
         let groups = b.groups.map_or("?".to_string(), |g| g.to_string());
         let cin = b.in_channels.map_or("?".to_string(), |c| c.to_string());
         say!(

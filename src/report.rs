@@ -86,13 +86,11 @@ pub struct Probe {
     pub seed: u64,
 }
 
-/// One fused block.
+/// What a block is: its name and shape, as found in the checkpoint.
 #[derive(Debug, Clone, Serialize)]
-pub struct BlockReport {
+pub struct BlockInfo {
     /// The block prefix exactly as in the checkpoint.
     pub name: String,
-    /// Layout id.
-    pub layout: String,
     /// The branches fused, by their path under the block.
     pub branches: Vec<String>,
     /// Input channels, when the weights settle them (see `groups`).
@@ -107,6 +105,31 @@ pub struct BlockReport {
     pub kernel: usize,
     /// Whether an identity branch was fused.
     pub identity: bool,
+}
+
+impl From<&Block> for BlockInfo {
+    fn from(block: &Block) -> Self {
+        BlockInfo {
+            name: block.name.clone(),
+            branches: block.branches.iter().map(|b| b.label.clone()).collect(),
+            in_channels: block.in_channels(),
+            out_channels: block.out_channels,
+            in_channels_per_group: block.in_per_group,
+            groups: block.groups,
+            kernel: block.kernel,
+            identity: block.has_identity(),
+        }
+    }
+}
+
+/// One fused block.
+#[derive(Debug, Clone, Serialize)]
+pub struct BlockReport {
+    /// Name and shape.
+    #[serde(flatten)]
+    pub block: BlockInfo,
+    /// Layout id.
+    pub layout: String,
     /// dtype of the fused tensors.
     pub dtype: String,
     /// Name of the fused weight.
@@ -125,15 +148,8 @@ impl BlockReport {
     /// The report entry of `block`, with its fused dtype and deviation.
     pub fn new(block: &Block, layout: &str, dtype: &str, dev: Deviation) -> Self {
         BlockReport {
-            name: block.name.clone(),
+            block: block.into(),
             layout: layout.to_string(),
-            branches: block.branches.iter().map(|b| b.label.clone()).collect(),
-            in_channels: block.in_channels(),
-            out_channels: block.out_channels,
-            in_channels_per_group: block.in_per_group,
-            groups: block.groups,
-            kernel: block.kernel,
-            identity: block.has_identity(),
             dtype: dtype.to_string(),
             deploy_weight: block.deploy_weight.clone(),
             deploy_bias: block.deploy_bias.clone(),
@@ -151,6 +167,20 @@ pub struct Skipped {
     pub name: String,
     /// Why.
     pub reason: String,
+}
+
+impl Skipped {
+    /// The candidates `detection` left alone.
+    pub fn all(detection: &crate::layout::Detection) -> Vec<Skipped> {
+        detection
+            .skipped
+            .iter()
+            .map(|(name, reason)| Skipped {
+                name: name.clone(),
+                reason: reason.clone(),
+            })
+            .collect()
+    }
 }
 
 /// Totals.
@@ -196,7 +226,7 @@ impl Summary {
                 })
         });
         if let Some(w) = worst {
-            self.worst_block = Some(w.name.clone());
+            self.worst_block = Some(w.block.name.clone());
             self.max_rel_deviation = w.max_rel_deviation;
         }
         self.max_abs_deviation = blocks
