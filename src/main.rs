@@ -202,8 +202,11 @@ fn print(text: &str) {
 fn main() -> ExitCode {
     let flag = repvgg_fuse::interrupt_flag();
     for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
-        // If registration fails the default action (exit) stays, which loses nothing either:
-        // the temp file is then the only leftover risk.
+        // The first signal sets the flag: the run stops at the next chunk and removes its temp
+        // files. A second one while the flag is set exits at once, for a run that does not
+        // stop (the order of registration matters: the check runs before the flag is set).
+        // If registration fails the default action (exit) stays, which loses no data either.
+        let _ = signal_hook::flag::register_conditional_shutdown(sig, 2, flag.clone());
         let _ = signal_hook::flag::register(sig, flag.clone());
     }
     match run() {
