@@ -306,6 +306,17 @@ fn temp_beside(target: &Path) -> Result<tempfile::NamedTempFile, Error> {
 }
 
 /// `deploy.safetensors` → `deploy.report.json`, in the same folder.
+///
+/// ```
+/// use std::path::Path;
+/// use repvgg_fuse::convert::default_report_path;
+///
+/// assert_eq!(
+///     default_report_path(Path::new("out/deploy.safetensors")),
+///     Path::new("out/deploy.report.json")
+/// );
+/// assert_eq!(default_report_path(Path::new("model")), Path::new("model.report.json"));
+/// ```
 pub fn default_report_path(output: &Path) -> PathBuf {
     let stem = output
         .file_stem()

@@ -26,6 +26,17 @@ pub struct BatchNorm {
 
 impl BatchNorm {
     /// `(t, s)` such that `bn(y) = t·y + s`, per channel.
+    ///
+    /// The seed document's BN (μ = 5, σ² = 100, γ = 5, β = 20) maps 50 to
+    /// (50 − 5)·5/10 + 20 = 42.5:
+    ///
+    /// ```
+    /// use repvgg_fuse::fuse::BatchNorm;
+    ///
+    /// let bn = BatchNorm { gamma: vec![5.0], beta: vec![20.0], mean: vec![5.0], var: vec![100.0] };
+    /// let (t, s) = bn.affine(0.0);
+    /// assert_eq!(t[0] * 50.0 + s[0], 42.5);
+    /// ```
     pub fn affine(&self, eps: f64) -> (Vec<f64>, Vec<f64>) {
         let t: Vec<f64> = self
             .gamma
