@@ -288,12 +288,21 @@ impl Checkpoint {
         let Some(width) = float_width(tensor.dtype) else {
             return Ok(None);
         };
-        let bytes = self.read_bytes(
-            tensor,
-            (range.start * width) as u64,
-            (range.len() * width) as u64,
-        )?;
-        Ok(Some(decode(tensor.dtype, &bytes)))
+        // The raw bytes only pass through: one buffer per thread serves every read, so a
+        // large tensor costs no fresh (zeroed, faulted-in) pages beyond its decoded values.
+        thread_local! {
+            static BYTES: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+        }
+        BYTES.with(|bytes| {
+            let mut bytes = bytes.borrow_mut();
+            self.read_bytes_into(
+                tensor,
+                (range.start * width) as u64,
+                (range.len() * width) as u64,
+                &mut bytes,
+            )?;
+            Ok(Some(decode(tensor.dtype, &bytes)))
+        })
     }
 }
 
