@@ -15,6 +15,7 @@ pub mod conv;
 pub mod convert;
 pub mod deploy;
 pub mod fuse;
+pub mod inspect;
 pub mod layout;
 pub mod probe;
 pub mod report;
@@ -27,8 +28,10 @@ use std::sync::{Arc, OnceLock};
 use safetensors::Dtype;
 
 pub use checkpoint::CheckpointError;
-pub use convert::{Outcome, Settings, convert, inspect, verify_files};
+pub use convert::{Outcome, Settings, convert};
+pub use inspect::inspect;
 pub use layout::LayoutError;
+pub use verify::verify_files;
 
 /// Everything that stops a run. All of them are the user's input or environment, not a bug.
 #[derive(Debug, thiserror::Error)]

@@ -7,7 +7,8 @@ use std::process::ExitCode;
 use anyhow::Result;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
-use repvgg_fuse::convert::{Inspection, Outcome, Settings};
+use repvgg_fuse::convert::{Outcome, Settings};
+use repvgg_fuse::inspect::Inspection;
 use safetensors::Dtype;
 
 /// Fuse RepVGG-family train checkpoints (k×k conv+BN, 1×1 conv+BN, identity BN) into deploy

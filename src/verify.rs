@@ -1,14 +1,23 @@
 //! Running a block both ways — each branch conv then BN, summed (unfused), and the one fused
-//! conv — on the same seeded random input, and measuring how far apart the outputs are.
+//! conv — on the same seeded random input, and measuring how far apart the outputs are; and
+//! judging a whole deploy file that way against its train file.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::Path;
 
 use ndarray::{Array2, Zip};
 use serde::Serialize;
 
+use crate::Error;
 use crate::block::Block;
+use crate::checkpoint::{Checkpoint, encode, float_width};
 use crate::conv::{Input, conv_rows, im2col};
+use crate::convert::{Outcome, Settings, block_err, build_report, eps_info, find, row_chunks};
 use crate::fuse::{BlockValues, FusedConv};
+use crate::layout::Detection;
+use crate::report::{BlockReport, Failure, Probe, VerifyReport};
+use rayon::prelude::*;
+use safetensors::Dtype;
 
 /// How far the fused output is from the unfused one.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Serialize)]
@@ -162,4 +171,314 @@ pub fn deviation(reference: &Array2<f64>, candidate: &Array2<f64>) -> Deviation 
         max_rel: relative(max_abs, max_out),
         max_abs_output: max_out,
     }
+}
+
+/// f64 weights run through one GEMM when verifying (8 MB): big enough for the GEMM to be
+/// efficient, small enough to bound memory per block.
+const VERIFY_CHUNK: usize = 1 << 20;
+
+/// Default verification input side, raised to the kernel size where a kernel is larger.
+pub const DEFAULT_VERIFY_SIZE: usize = 8;
+
+/// Default tolerances `(atol, rtol)` for fused tensors stored as `dtype`: a few units of the
+/// dtype's rounding, so a correct file passes and a wrong ε or a dropped bias does not.
+pub fn default_tolerance(dtype: Dtype) -> (f64, f64) {
+    match dtype {
+        Dtype::F64 => (1e-12, 1e-10),
+        Dtype::F16 => (1e-3, 1e-2),
+        Dtype::BF16 => (1e-2, 5e-2),
+        _ => (1e-6, 1e-5),
+    }
+}
+
+/// Judges `deploy` against the blocks of `train`: every block run both ways on the verification
+/// input, every other tensor compared. Returns the verdict and each block's deviation (`None`
+/// where the fused tensors are missing or mis-shaped).
+pub fn check_deploy(
+    train: &Checkpoint,
+    deploy: &Checkpoint,
+    detection: &Detection,
+    eps: f64,
+    settings: &Settings,
+) -> Result<(VerifyReport, Vec<Option<Deviation>>), Error> {
+    let max_k = detection.blocks.iter().map(|b| b.kernel).max().unwrap_or(1);
+    let [h, w] = settings.input_size.unwrap_or([
+        DEFAULT_VERIFY_SIZE.max(max_k),
+        DEFAULT_VERIFY_SIZE.max(max_k),
+    ]);
+    if let Some(b) = detection
+        .blocks
+        .iter()
+        .find(|b| b.kernel > h || b.kernel > w)
+    {
+        return Err(Error::Usage(format!(
+            "--input-size {h}x{w} is smaller than the {k}×{k} kernel of block `{}`; borders and interior would not both be tested",
+            b.name,
+            k = b.kernel
+        )));
+    }
+    let batch = settings.batch.max(1);
+    let tol = |dtype: Dtype| {
+        let (a, r) = default_tolerance(dtype);
+        (settings.atol.unwrap_or(a), settings.rtol.unwrap_or(r))
+    };
+    // Tolerances reported are those of the blocks' (first) dtype.
+    let report_dtype = detection
+        .blocks
+        .first()
+        .and_then(|b| deploy.get(&b.deploy_weight).map(|t| t.dtype))
+        .unwrap_or(Dtype::F32);
+    let (atol, rtol) = tol(report_dtype);
+
+    let results: Vec<Result<Result<Deviation, String>, Error>> = detection
+        .blocks
+        .par_iter()
+        .enumerate()
+        .map(|(i, block)| {
+            crate::check_interrupted()?;
+            verify_block(
+                train,
+                deploy,
+                block,
+                eps,
+                [h, w],
+                batch,
+                settings.seed,
+                i as u64,
+            )
+        })
+        .collect();
+    let mut failures = Vec::new();
+    let mut devs = Vec::new();
+    for (block, result) in detection.blocks.iter().zip(results) {
+        match result? {
+            Ok(dev) => {
+                let dtype = deploy
+                    .get(&block.deploy_weight)
+                    .map_or(Dtype::F32, |t| t.dtype);
+                let (a, r) = tol(dtype);
+                if !dev.within(a, r) {
+                    failures.push(Failure {
+                        name: block.name.clone(),
+                        reason: format!(
+                            "deviation {:.3e} (relative {:.3e}) is over the tolerance {a:.1e} + {r:.1e} × {:.3e}",
+                            dev.max_abs, dev.max_rel, dev.max_abs_output
+                        ),
+                        max_abs_deviation: Some(dev.max_abs),
+                        max_rel_deviation: Some(dev.max_rel),
+                    });
+                }
+                devs.push(Some(dev));
+            }
+            Err(reason) => {
+                failures.push(Failure {
+                    name: block.name.clone(),
+                    reason,
+                    max_abs_deviation: None,
+                    max_rel_deviation: None,
+                });
+                devs.push(None);
+            }
+        }
+    }
+    failures.extend(check_passthrough(train, deploy, detection)?);
+    Ok((
+        VerifyReport {
+            passed: failures.is_empty(),
+            atol,
+            rtol,
+            input_size: [h, w],
+            batch,
+            seed: settings.seed,
+            failures,
+        },
+        devs,
+    ))
+}
+
+#[allow(clippy::too_many_arguments)]
+fn verify_block(
+    train: &Checkpoint,
+    deploy: &Checkpoint,
+    block: &Block,
+    eps: f64,
+    [h, w]: [usize; 2],
+    batch: usize,
+    seed: u64,
+    stream: u64,
+) -> Result<Result<Deviation, String>, Error> {
+    let k = block.kernel;
+    let expect_w = vec![block.out_channels, block.in_per_group, k, k];
+    let expect_b = vec![block.out_channels];
+    let mut fused_tensors = Vec::new();
+    for (name, shape) in [
+        (&block.deploy_weight, &expect_w),
+        (&block.deploy_bias, &expect_b),
+    ] {
+        let Some(t) = deploy.get(name) else {
+            return Ok(Err(format!("the deploy file has no `{name}`")));
+        };
+        if &t.shape != shape {
+            return Ok(Err(format!(
+                "`{name}` has shape {:?}; expected {shape:?}",
+                t.shape
+            )));
+        }
+        if float_width(t.dtype).is_none() {
+            return Ok(Err(format!(
+                "`{name}` is {:?}, not floating point",
+                t.dtype
+            )));
+        }
+        fused_tensors.push(t);
+    }
+    let x = BlockInput::new(block, batch, h, w, seed, stream);
+    let per_row = block.in_per_group * k * k;
+    let opg = block.out_per_group();
+    let mut dev = Deviation::default();
+    for rows in row_chunks(block, VERIFY_CHUNK) {
+        let values =
+            BlockValues::load(train, block, rows.clone()).map_err(|e| block_err(train, e))?;
+        let weight = deploy
+            .read_f64(fused_tensors[0], rows.start * per_row..rows.end * per_row)?
+            .unwrap_or_default();
+        let bias = deploy
+            .read_f64(fused_tensors[1], rows.clone())?
+            .unwrap_or_default();
+        let conv = FusedConv {
+            rows,
+            in_per_group: block.in_per_group,
+            kernel: k,
+            weight,
+            bias,
+        };
+        let d = deviation(&unfused(&values, &x, opg, eps), &fused(&conv, &x, opg));
+        dev = dev.merge(d);
+    }
+    Ok(Ok(dev))
+}
+
+/// Every tensor the deploy file should carry over unchanged is there, equal to the train
+/// file's (cast to the deploy dtype where that differs); and nothing else is there.
+fn check_passthrough(
+    train: &Checkpoint,
+    deploy: &Checkpoint,
+    detection: &Detection,
+) -> Result<Vec<Failure>, Error> {
+    let consumed = detection.consumed();
+    let mut expected: BTreeSet<&str> = BTreeSet::new();
+    let mut failures = Vec::new();
+    let fail = |name: &str, reason: String| Failure {
+        name: name.to_string(),
+        reason,
+        max_abs_deviation: None,
+        max_rel_deviation: None,
+    };
+    for b in &detection.blocks {
+        expected.insert(&b.deploy_weight);
+        expected.insert(&b.deploy_bias);
+    }
+    for t in train.tensors() {
+        if consumed.contains(t.name.as_str()) {
+            continue;
+        }
+        expected.insert(&t.name);
+        let Some(d) = deploy.get(&t.name) else {
+            failures.push(fail(&t.name, "missing from the deploy file".into()));
+            continue;
+        };
+        if d.shape != t.shape {
+            failures.push(fail(
+                &t.name,
+                format!(
+                    "shape {:?} in the deploy file, {:?} in the train file",
+                    d.shape, t.shape
+                ),
+            ));
+            continue;
+        }
+        let same = if d.dtype == t.dtype {
+            train.read_bytes(t, 0, t.len)? == deploy.read_bytes(d, 0, d.len)?
+        } else if float_width(d.dtype).is_some() && float_width(t.dtype).is_some() {
+            let values = train.read_f64(t, 0..t.numel())?.unwrap_or_default();
+            let mut cast = Vec::new();
+            let _ = encode(d.dtype, &values, &mut cast);
+            cast == deploy.read_bytes(d, 0, d.len)?
+        } else {
+            false
+        };
+        if !same {
+            failures.push(fail(
+                &t.name,
+                format!(
+                    "differs from the train file's ({:?} there, {:?} here)",
+                    t.dtype, d.dtype
+                ),
+            ));
+        }
+    }
+    for d in deploy.tensors() {
+        if !expected.contains(d.name.as_str()) {
+            failures.push(fail(
+                &d.name,
+                "is in the deploy file but not expected there (a leftover train branch? strict loading would refuse it)".into(),
+            ));
+        }
+    }
+    Ok(failures)
+}
+
+/// Judges a deploy file made by anyone against its train file.
+pub fn verify_files(
+    train_path: &Path,
+    deploy_path: &Path,
+    settings: &Settings,
+) -> Result<Outcome, Error> {
+    let train = Checkpoint::open(train_path)?;
+    let deploy = Checkpoint::open(deploy_path)?;
+    let detection = find(&train, settings)?;
+    let eps = eps_info(&detection, settings);
+    let (v, devs) = check_deploy(&train, &deploy, &detection, eps.value, settings)?;
+    let blocks = detection
+        .blocks
+        .iter()
+        .zip(devs)
+        .map(|(b, d)| {
+            let dtype = deploy
+                .get(&b.deploy_weight)
+                .map_or("missing".to_string(), |t| format!("{:?}", t.dtype));
+            let d = d.unwrap_or(Deviation {
+                max_abs: f64::NAN,
+                max_rel: f64::NAN,
+                max_abs_output: f64::NAN,
+            });
+            BlockReport::new(b, &detection.layout.name, &dtype, d)
+        })
+        .collect();
+    let probe = Probe {
+        kind: "verify".into(),
+        input_size: Some(v.input_size),
+        batch: v.batch,
+        seed: v.seed,
+    };
+    let out = (
+        deploy.tensors().len(),
+        deploy.tensors().iter().map(|t| t.numel()).sum(),
+        std::fs::metadata(deploy_path).map_or(0, |m| m.len()),
+    );
+    let report = build_report(
+        "verify",
+        &train,
+        deploy_path,
+        &detection,
+        eps,
+        probe,
+        blocks,
+        Some(v),
+        out,
+    );
+    Ok(Outcome {
+        report,
+        report_path: None,
+    })
 }
