@@ -224,111 +224,97 @@ fn fuse_chunk(
     probe: Option<&Input>,
     out: Vec<u8>,
 ) -> Result<FusedRows, Error> {
-    RAW.with(|raw| {
-        let mut raw = raw.borrow_mut();
-        let n = block.branches.len().max(raw.len());
-        raw.resize_with(n, Vec::new);
-        fuse_chunk_with(ckpt, block, rows, eps, dtype, probe, out, &mut raw)
-    })
-}
-
-#[allow(clippy::too_many_arguments)]
-fn fuse_chunk_with(
-    ckpt: &Checkpoint,
-    block: &Block,
-    rows: Range<usize>,
-    eps: f64,
-    dtype: Dtype,
-    probe: Option<&Input>,
-    out: Vec<u8>,
-    raw_bufs: &mut [Vec<u8>],
-) -> Result<FusedRows, Error> {
-    let affine =
-        BlockValues::load_affine(ckpt, block, rows.clone()).map_err(|e| block_err(ckpt, e))?;
-    let mut raw = Vec::with_capacity(block.branches.len());
-    for (branch, buf) in block.branches.iter().zip(raw_bufs.iter_mut()) {
-        raw.push(match &branch.conv {
-            Some(conv) => {
-                let t = ckpt.get(&conv.weight).ok_or_else(|| {
-                    block_err(
-                        ckpt,
-                        BlockError::new(&block.name, format!("`{}` is missing", conv.weight)),
-                    )
-                })?;
-                let per_row = t.len / block.out_channels as u64;
-                ckpt.read_bytes_into(
-                    t,
-                    rows.start as u64 * per_row,
-                    rows.len() as u64 * per_row,
-                    buf,
-                )?;
-                Some((t.dtype, &buf[..]))
-            }
-            None => None,
-        });
-    }
-    let branches: Vec<BranchRows> = affine
-        .branches
-        .iter()
-        .zip(&raw)
-        .zip(affine.affines(eps, block).map_err(|e| block_err(ckpt, e))?)
-        .map(|((v, raw), (t, shift))| BranchRows {
-            role: v.role,
-            kernel: v.kernel,
-            weight: *raw,
-            t,
-            shift,
-        })
-        .collect();
-    let start = rows.start;
-    fuse_rows(
-        out,
-        rows,
-        block.in_per_group,
-        block.kernel,
-        block.out_per_group(),
-        &branches,
-        dtype,
-        probe,
-    )
-    .map_err(|e| match e {
-        RowError::NonFinite {
-            branch,
-            index,
-            value,
-        } => {
-            let b = &block.branches[branch];
-            let name = b.conv.as_ref().map_or(String::new(), |c| c.weight.clone());
-            let per_row = ckpt
-                .get(&name)
-                .map_or(0, |t| t.numel() / block.out_channels);
-            block_err(
-                ckpt,
-                BlockError::new(
-                    &block.name,
-                    format!(
-                        "tensor `{name}` holds {value} at element {}; fusion needs finite values",
-                        start * per_row + index
-                    ),
-                ),
-            )
+    RAW.with(|raw_bufs| {
+        let mut raw_bufs = raw_bufs.borrow_mut();
+        let n = block.branches.len().max(raw_bufs.len());
+        raw_bufs.resize_with(n, Vec::new);
+        let affine =
+            BlockValues::load_affine(ckpt, block, rows.clone()).map_err(|e| block_err(ckpt, e))?;
+        let mut raw = Vec::with_capacity(block.branches.len());
+        for (branch, buf) in block.branches.iter().zip(raw_bufs.iter_mut()) {
+            raw.push(match &branch.conv {
+                Some(conv) => {
+                    let t = ckpt.get(&conv.weight).ok_or_else(|| {
+                        block_err(
+                            ckpt,
+                            BlockError::new(&block.name, format!("`{}` is missing", conv.weight)),
+                        )
+                    })?;
+                    let per_row = t.len / block.out_channels as u64;
+                    ckpt.read_bytes_into(
+                        t,
+                        rows.start as u64 * per_row,
+                        rows.len() as u64 * per_row,
+                        buf,
+                    )?;
+                    Some((t.dtype, &buf[..]))
+                }
+                None => None,
+            });
         }
-        RowError::Overflow { bias, index, value } => {
-            let per_row = block.in_per_group * block.kernel * block.kernel;
-            let (tensor, at) = if bias {
-                (&block.deploy_bias, start + index)
-            } else {
-                (&block.deploy_weight, start * per_row + index)
-            };
-            Error::Overflow {
-                path: ckpt.path().to_path_buf(),
-                block: block.name.clone(),
-                tensor: tensor.clone(),
-                index: at,
+        let branches: Vec<BranchRows> = affine
+            .branches
+            .iter()
+            .zip(&raw)
+            .zip(affine.affines(eps, block).map_err(|e| block_err(ckpt, e))?)
+            .map(|((v, raw), (t, shift))| BranchRows {
+                role: v.role,
+                kernel: v.kernel,
+                weight: *raw,
+                t,
+                shift,
+            })
+            .collect();
+        let start = rows.start;
+        fuse_rows(
+            out,
+            rows,
+            block.in_per_group,
+            block.kernel,
+            block.out_per_group(),
+            &branches,
+            dtype,
+            probe,
+        )
+        .map_err(|e| match e {
+            RowError::NonFinite {
+                branch,
+                index,
                 value,
-                dtype,
+            } => {
+                let b = &block.branches[branch];
+                let name = b.conv.as_ref().map_or(String::new(), |c| c.weight.clone());
+                let per_row = ckpt
+                    .get(&name)
+                    .map_or(0, |t| t.numel() / block.out_channels);
+                block_err(
+                    ckpt,
+                    BlockError::new(
+                        &block.name,
+                        format!(
+                            "tensor `{name}` holds {value} at element {}; fusion needs finite values",
+                            start * per_row + index
+                        ),
+                    ),
+                )
             }
-        }
+            RowError::Overflow { bias, index, value } => {
+                let per_row = block.in_per_group * block.kernel * block.kernel;
+                let (tensor, at) = if bias {
+                    (&block.deploy_bias, start + index)
+                } else {
+                    (&block.deploy_weight, start * per_row + index)
+                };
+                Error::Overflow {
+                    path: ckpt.path().to_path_buf(),
+                    block: block.name.clone(),
+                    tensor: tensor.clone(),
+                    index: at,
+                    value,
+                    dtype,
+                }
+            }
+        })
     })
 }
 
