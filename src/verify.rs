@@ -13,7 +13,7 @@ use crate::block::Block;
 use crate::checkpoint::{Checkpoint, encode, float_width};
 use crate::conv::{Input, conv_rows, im2col};
 use crate::convert::{Outcome, Settings, block_err, build_report, eps_info, find, row_chunks};
-use crate::fuse::{BlockValues, FusedConv};
+use crate::fuse::{Affine, BlockValues, FusedConv};
 use crate::layout::Detection;
 use crate::report::{BlockReport, Failure, Probe, VerifyReport};
 use rayon::prelude::*;
@@ -109,18 +109,18 @@ impl BlockInput {
     }
 }
 
-/// The unfused block's output for the rows of `values`: Σ over branches of BN(conv(x) + c).
+/// The unfused block's output for the rows of `values`: Σ over branches of BN(conv(x) + c),
+/// with each branch's `(t, b')` from [`BlockValues::affines`] (which refuses non-finite ones).
 pub fn unfused(
     values: &BlockValues,
+    affines: &[Affine],
     x: &BlockInput,
     out_per_group: usize,
-    eps: f64,
 ) -> Array2<f64> {
     let rows = values.rows.clone();
     let p = x.input.positions();
     let mut out = Array2::<f64>::zeros((rows.len(), p));
-    for branch in &values.branches {
-        let (t, shift) = branch.affine(rows.len(), eps);
+    for (branch, (t, shift)) in values.branches.iter().zip(affines) {
         let y = match &branch.weight {
             Some(w) => conv_rows(
                 &x.cols(branch.kernel),
@@ -352,7 +352,10 @@ fn verify_block(
             weight,
             bias,
         };
-        let d = deviation(&unfused(&values, &x, opg, eps), &fused(&conv, &x, opg));
+        let affines = values
+            .affines(eps, block)
+            .map_err(|e| block_err(train, e))?;
+        let d = deviation(&unfused(&values, &affines, &x, opg), &fused(&conv, &x, opg));
         dev = dev.merge(d);
     }
     Ok(Ok(dev))

@@ -996,6 +996,30 @@ fn zero_running_var_with_zero_eps() {
 }
 
 #[test]
+fn verify_refuses_zero_running_var_with_zero_eps_like_convert() {
+    // `verify` judges a deploy file against this train file: a train block that cannot be
+    // run (γ/√0) is bad input (exit 2, naming the tensor), not a deviation of the deploy file.
+    let m = model().poke("stages.0.0.conv_kxk.bn.running_var", 2, 0.0);
+    let case = Case::of(&m);
+    case.converts(&[]);
+    let args = [
+        OsStr::new("verify"),
+        case.input.as_os_str(),
+        case.out.as_os_str(),
+        OsStr::new("--bn-eps"),
+        OsStr::new("0"),
+    ];
+    case.refused_with(
+        &args,
+        &case.input,
+        &[
+            "block `stages.0.0`",
+            "`stages.0.0.conv_kxk.bn.running_var` is 0e0 at channel 2",
+        ],
+    );
+}
+
+#[test]
 fn fused_value_overflows_f16_output() {
     // γ = 1e4 over √(1e-4 + ε) ≈ 1e6 times weights up to 0.5: far past f16's 65504.
     let m = model().poke("stages.0.0.conv_kxk.bn.weight", 1, 1e4).poke(

@@ -154,8 +154,9 @@ fn exercise(ckpt: &Checkpoint, detection: &Detection) -> Depth {
         if work <= PROBE_BUDGET {
             let probe = BlockInput::new(block, 1, side, side, 0, i as u64);
             let opg = block.out_per_group();
+            let affines = values.affines(eps, block).unwrap_or_default();
             let _ = verify::deviation(
-                &verify::unfused(&values, &probe, opg, eps),
+                &verify::unfused(&values, &affines, &probe, opg),
                 &verify::fused(&fused, &probe, opg),
             );
         }
