@@ -1,11 +1,13 @@
-//! A re-parameterizable block: its branches, the tensors each one reads, and the shape checks
-//! that make fusion well defined.
+//! The block model: a re-parameterizable block is a weighted sum of branches, optionally
+//! followed by per-channel post-ops; a branch is a chain of linear ops — a source (a conv, the
+//! identity, an average pool) then per-channel ops (BN, a scale). This module holds the model
+//! with the tensor names each op reads, and the shape checks that make fusion well defined.
+//! The arithmetic on these ops lives in [`crate::ops`].
 
 use safetensors::Dtype;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::checkpoint::{Checkpoint, TensorInfo, float_width};
-use crate::layout::Role;
 
 /// Largest kernel side a block may have: RepLKNet's 31×31, the largest in the
 /// re-parameterization literature. Checking a block costs memory in the kernel side to the
@@ -33,13 +35,16 @@ impl BlockError {
     }
 }
 
-/// The tensors of a branch's conv.
-#[derive(Debug, Clone, Serialize)]
-pub struct ConvTensors {
-    /// `[out, in/groups, k, k]` kernel.
-    pub weight: String,
-    /// The conv's own bias, where it has one.
-    pub bias: Option<String>,
+/// The part a branch plays in a block.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    /// A k×k conv (+ BN): the block's main branch; MobileOne has several.
+    Kxk,
+    /// A 1×1 conv (+ BN), padded to k×k at the centre.
+    Scale,
+    /// The input itself (the skip connection), usually through a BN.
+    Identity,
 }
 
 /// The tensors of a BatchNorm.
@@ -53,66 +58,138 @@ pub struct BnTensors {
     pub running_mean: String,
     /// σ².
     pub running_var: String,
+    /// The step counter, dropped with the BN.
+    pub num_batches_tracked: Option<String>,
 }
 
-/// One branch of a block: conv (+ bias) (+ BN), or BN alone for the identity.
+/// One linear op of a branch, with the tensors it reads.
+///
+/// A branch is a *source* op ([`Op::Conv`], [`Op::Identity`], [`Op::AvgPool`]) followed by
+/// per-output-channel ops ([`Op::Bn`], [`Op::Scale`]). Every such chain is, per output
+/// channel o, `α[o]·source(x)[o] + β[o]`, which is what makes it fusable row by row.
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Op {
+    /// A conv `[out, in/groups, kh, kw]`, stride 1, same padding, with its own bias if any.
+    Conv {
+        /// The kernel.
+        weight: String,
+        /// The conv's own bias.
+        bias: Option<String>,
+        /// Spacing between kernel taps (UniRepLKNet's dilated branches); 1 for a plain conv.
+        dilation: usize,
+    },
+    /// The block's input itself: output channel o reads input channel o (in == out).
+    Identity,
+    /// Average pooling `kernel`×`kernel`, stride 1, zero padding counted in the mean
+    /// (PyTorch's `count_include_pad=True`), channel by channel.
+    AvgPool {
+        /// The pooling window side.
+        kernel: usize,
+    },
+    /// A BatchNorm over the output channels (eval mode: running statistics).
+    Bn(BnTensors),
+    /// A per-output-channel multiply (a layer scale γ), one value per channel.
+    Scale {
+        /// The scale tensor, `[out]` or `[out, 1, 1]`.
+        weight: String,
+    },
+}
+
+impl Op {
+    /// Whether the op starts a branch (reads the block's input).
+    pub fn is_source(&self) -> bool {
+        matches!(self, Op::Conv { .. } | Op::Identity | Op::AvgPool { .. })
+    }
+
+    /// Every tensor the op reads.
+    pub fn tensor_names(&self) -> Vec<String> {
+        match self {
+            Op::Conv { weight, bias, .. } => std::iter::once(weight.clone())
+                .chain(bias.clone())
+                .collect(),
+            Op::Identity | Op::AvgPool { .. } => Vec::new(),
+            Op::Bn(bn) => [&bn.weight, &bn.bias, &bn.running_mean, &bn.running_var]
+                .into_iter()
+                .cloned()
+                .chain(bn.num_batches_tracked.clone())
+                .collect(),
+            Op::Scale { weight } => vec![weight.clone()],
+        }
+    }
+
+    /// A short name for reports: `conv3x3`, `bn`, `identity`, …
+    pub fn describe(&self, ckpt: &Checkpoint) -> String {
+        match self {
+            Op::Conv {
+                weight, dilation, ..
+            } => {
+                let (kh, kw) = ckpt
+                    .get(weight)
+                    .map_or((0, 0), |t| (t.shape[2], t.shape[3]));
+                if *dilation > 1 {
+                    format!("conv{kh}x{kw}d{dilation}")
+                } else {
+                    format!("conv{kh}x{kw}")
+                }
+            }
+            Op::Identity => "identity".into(),
+            Op::AvgPool { kernel } => format!("avgpool{kernel}x{kernel}"),
+            Op::Bn(_) => "bn".into(),
+            Op::Scale { .. } => "scale".into(),
+        }
+    }
+}
+
+/// One branch of a block: `coef · chain(x)`.
 #[derive(Debug, Clone, Serialize)]
 pub struct Branch {
     /// The branch's path under the block, e.g. `rbr_dense` or `conv_kxk.1`.
     pub label: String,
     /// The part it plays.
     pub role: Role,
-    /// Its conv, absent for the identity branch.
-    pub conv: Option<ConvTensors>,
-    /// Its BN, absent for a conv that carries its own bias instead.
-    pub bn: Option<BnTensors>,
-    /// The BN's step counter, dropped with the branch.
-    pub num_batches_tracked: Option<String>,
+    /// Its weight in the block's sum (−1 for a subtracted branch).
+    pub coef: f64,
+    /// The chain: a source op, then per-channel ops.
+    pub ops: Vec<Op>,
 }
 
 impl Branch {
-    /// Name of the conv weight, or of the BN weight for the identity branch.
-    pub fn conv_weight_name(&self) -> String {
-        match (&self.conv, &self.bn) {
-            (Some(c), _) => c.weight.clone(),
-            (None, Some(bn)) => bn.weight.clone(),
-            (None, None) => String::new(),
+    /// The branch's source op.
+    pub fn source(&self) -> &Op {
+        &self.ops[0]
+    }
+
+    /// The conv weight's name, if the branch starts with a conv.
+    pub fn conv_weight(&self) -> Option<&str> {
+        match self.source() {
+            Op::Conv { weight, .. } => Some(weight),
+            _ => None,
         }
     }
 
     /// Every tensor of the branch.
     pub fn tensor_names(&self) -> Vec<String> {
-        let mut v = Vec::new();
-        if let Some(c) = &self.conv {
-            v.push(c.weight.clone());
-            v.extend(c.bias.clone());
-        }
-        if let Some(bn) = &self.bn {
-            v.extend([
-                bn.weight.clone(),
-                bn.bias.clone(),
-                bn.running_mean.clone(),
-                bn.running_var.clone(),
-            ]);
-        }
-        v.extend(self.num_batches_tracked.clone());
-        v
+        self.ops.iter().flat_map(Op::tensor_names).collect()
     }
 }
 
-/// A checked block: every branch agrees on output channels and input channels per group, every
-/// kernel is odd, square and no larger than the block's.
+/// A checked block: every conv agrees on output channels and input channels per group, every
+/// kernel is odd and square and fits the block's, every per-channel tensor has one value per
+/// output channel.
 #[derive(Debug, Clone)]
 pub struct Block {
     /// The block prefix exactly as in the checkpoint, e.g. `stages.2.13`.
     pub name: String,
-    /// Branches, k×k first.
+    /// Branches, main (k×k) first.
     pub branches: Vec<Branch>,
+    /// Per-channel ops applied to the sum of the branches (RepViT's BN after the sum).
+    pub post: Vec<Op>,
     /// Output channels.
     pub out_channels: usize,
     /// Input channels per group (the kernel's second dimension).
     pub in_per_group: usize,
-    /// The fused kernel size (the largest branch kernel).
+    /// The fused kernel size (the largest extent of any branch).
     pub kernel: usize,
     /// Groups, when the weights settle it (an identity branch means in == out).
     pub groups: Option<usize>,
@@ -126,117 +203,158 @@ pub struct Block {
     pub consumed: Vec<String>,
 }
 
+/// What the checks need of a checkpoint while a block is being built.
+struct Checker<'a> {
+    ckpt: &'a Checkpoint,
+    name: &'a str,
+}
+
+impl<'a> Checker<'a> {
+    fn err(&self, what: String) -> BlockError {
+        BlockError::new(self.name, what)
+    }
+
+    fn get(&self, tensor: &str) -> Result<&'a TensorInfo, BlockError> {
+        self.ckpt
+            .get(tensor)
+            .ok_or_else(|| self.err(format!("tensor `{tensor}` is missing")))
+    }
+
+    fn float(&self, tensor: &str) -> Result<&'a TensorInfo, BlockError> {
+        let t = self.get(tensor)?;
+        match float_width(t.dtype) {
+            Some(_) => Ok(t),
+            None => Err(self.err(format!(
+                "tensor `{}` is {:?}; expected a floating-point dtype (F16, BF16, F32 or F64)",
+                t.name, t.dtype
+            ))),
+        }
+    }
+
+    /// A per-channel tensor: `[len]`, or `[len, 1, …]` where `allow_trailing_ones`.
+    fn vector(&self, tensor: &str, len: usize, allow_trailing_ones: bool) -> Result<(), BlockError> {
+        let t = self.float(tensor)?;
+        let ok = t.shape.first() == Some(&len)
+            && (t.shape.len() == 1 || allow_trailing_ones && t.shape[1..].iter().all(|&d| d == 1));
+        if ok {
+            Ok(())
+        } else {
+            Err(self.err(format!(
+                "tensor `{}` has shape {:?}; expected [{len}], one value per output channel",
+                t.name, t.shape
+            )))
+        }
+    }
+
+    /// Checks a conv weight on its own; returns it and its extent (dilated kernel side).
+    fn conv(&self, branch: &Branch, weight: &str, dilation: usize) -> Result<(&'a TensorInfo, usize), BlockError> {
+        let w = self.float(weight)?;
+        if w.shape.len() != 4 {
+            return Err(self.err(format!(
+                "conv weight `{}` has shape {:?}; expected 4 dimensions [out, in/groups, k, k]",
+                w.name, w.shape
+            )));
+        }
+        let (kh, kw) = (w.shape[2], w.shape[3]);
+        if kh != kw || kh % 2 == 0 {
+            return Err(self.err(format!(
+                "conv weight `{}` has a {kh}×{kw} kernel; expected a square kernel of odd size",
+                w.name
+            )));
+        }
+        let extent = (kh - 1) * dilation.max(1) + 1;
+        if extent > MAX_KERNEL {
+            return Err(self.err(format!(
+                "conv weight `{}` has a {extent}×{extent} kernel; expected at most {MAX_KERNEL}×{MAX_KERNEL}",
+                w.name
+            )));
+        }
+        if branch.role == Role::Scale && kh != 1 {
+            return Err(self.err(format!(
+                "1×1 branch `{}` has weight `{}` of shape {:?}; expected a 1×1 kernel",
+                branch.label, w.name, w.shape
+            )));
+        }
+        Ok((w, extent))
+    }
+}
+
+/// The main conv and the block's kernel, from every conv and pool of the branches.
+fn main_conv<'a>(c: &Checker<'a>, branches: &[Branch]) -> Result<(&'a TensorInfo, usize), BlockError> {
+    let mut main: Option<&TensorInfo> = None;
+    let mut kernel = 0;
+    for b in branches {
+        match b.source() {
+            Op::Conv {
+                weight, dilation, ..
+            } => {
+                let (w, extent) = c.conv(b, weight, *dilation)?;
+                main.get_or_insert(w);
+                kernel = kernel.max(extent);
+            }
+            Op::AvgPool { kernel: k } => kernel = kernel.max(*k),
+            _ => {}
+        }
+    }
+    let Some(main) = main else {
+        return Err(c.err("it has no conv branch".to_string()));
+    };
+    if main.shape[0] == 0 || main.shape[1] == 0 {
+        return Err(c.err(format!(
+            "conv weight `{}` has shape {:?}, with no channels",
+            main.name, main.shape
+        )));
+    }
+    Ok((main, kernel))
+}
+
 impl Block {
     /// Checks the branches' tensors in `ckpt` against each other.
     pub fn new(
         ckpt: &Checkpoint,
         name: &str,
         branches: Vec<Branch>,
-        deploy_weight: String,
-        deploy_bias: String,
+        post: Vec<Op>,
+        deploy: [String; 2],
     ) -> Result<Block, BlockError> {
-        let err = |what: String| BlockError::new(name, what);
-        let get = |tensor: &str| -> Result<&TensorInfo, BlockError> {
-            ckpt.get(tensor)
-                .ok_or_else(|| err(format!("tensor `{tensor}` is missing")))
-        };
-        let float = |t: &TensorInfo| -> Result<(), BlockError> {
-            match float_width(t.dtype) {
-                Some(_) => Ok(()),
-                None => Err(err(format!(
-                    "tensor `{}` is {:?}; expected a floating-point dtype (F16, BF16, F32 or F64)",
-                    t.name, t.dtype
-                ))),
-            }
-        };
-
-        // The main weight sets out channels and in-per-group; the largest kernel sets k.
-        let mut main: Option<&TensorInfo> = None;
-        let mut kernel = 0;
-        for b in &branches {
-            let Some(conv) = &b.conv else { continue };
-            let w = get(&conv.weight)?;
-            float(w)?;
-            if w.shape.len() != 4 {
-                return Err(err(format!(
-                    "conv weight `{}` has shape {:?}; expected 4 dimensions [out, in/groups, k, k]",
-                    w.name, w.shape
-                )));
-            }
-            let (kh, kw) = (w.shape[2], w.shape[3]);
-            if kh != kw || kh % 2 == 0 {
-                return Err(err(format!(
-                    "conv weight `{}` has a {kh}×{kw} kernel; expected a square kernel of odd size",
-                    w.name
-                )));
-            }
-            if kh > MAX_KERNEL {
-                return Err(err(format!(
-                    "conv weight `{}` has a {kh}×{kh} kernel; expected at most {MAX_KERNEL}×{MAX_KERNEL}",
-                    w.name
-                )));
-            }
-            if b.role == Role::Scale && kh != 1 {
-                return Err(err(format!(
-                    "1×1 branch `{}` has weight `{}` of shape {:?}; expected a 1×1 kernel",
-                    b.label, w.name, w.shape
-                )));
-            }
-            if main.is_none() {
-                main = Some(w);
-            }
-            kernel = kernel.max(kh);
-        }
-        let Some(main) = main else {
-            return Err(err("it has no conv branch".to_string()));
-        };
+        let c = Checker { ckpt, name };
+        let (main, kernel) = main_conv(&c, &branches)?;
         let (out_channels, in_per_group) = (main.shape[0], main.shape[1]);
-        if out_channels == 0 || in_per_group == 0 {
-            return Err(err(format!(
-                "conv weight `{}` has shape {:?}, with no channels",
-                main.name, main.shape
-            )));
-        }
         let mut groups = None;
-        let mut consumed = Vec::new();
         for b in &branches {
-            if let Some(conv) = &b.conv {
-                let w = get(&conv.weight)?;
+            if let Op::Conv { weight, .. } = b.source() {
+                let w = c.get(weight)?;
                 if w.shape[0] != out_channels || w.shape[1] != in_per_group {
-                    return Err(err(format!(
+                    return Err(c.err(format!(
                         "branch `{}` weight `{}` has shape {:?}, but `{}` has {:?}: expected [{out_channels}, {in_per_group}, k, k] in every branch",
                         b.label, w.name, w.shape, main.name, main.shape
                     )));
                 }
-                if let Some(bias) = &conv.bias {
-                    let t = get(bias)?;
-                    float(t)?;
-                    vector(t, out_channels).map_err(err)?;
-                }
             }
-            if let Some(bn) = &b.bn {
-                for tensor in [&bn.weight, &bn.bias, &bn.running_mean, &bn.running_var] {
-                    let t = get(tensor)?;
-                    float(t)?;
-                    vector(t, out_channels).map_err(err)?;
-                }
-            }
-            if b.role == Role::Identity {
+            if matches!(b.source(), Op::Identity | Op::AvgPool { .. }) {
                 // The identity maps input channel o to output channel o: in == out.
                 if out_channels % in_per_group != 0 {
-                    return Err(err(format!(
+                    return Err(c.err(format!(
                         "identity branch `{}` needs in == out channels, but {out_channels} output channels are not a multiple of {in_per_group} input channels per group",
                         b.label
                     )));
                 }
                 groups = Some(out_channels / in_per_group);
             }
-            consumed.extend(b.tensor_names());
+            check_channel_ops(&c, &b.ops, out_channels)?;
         }
+        check_channel_ops(&c, &post, out_channels)?;
+        let consumed = branches
+            .iter()
+            .flat_map(Branch::tensor_names)
+            .chain(post.iter().flat_map(Op::tensor_names))
+            .collect();
+        let [deploy_weight, deploy_bias] = deploy;
         Ok(Block {
             name: name.to_string(),
             dtype: main.dtype,
             branches,
+            post,
             out_channels,
             in_per_group,
             kernel,
@@ -261,14 +379,46 @@ impl Block {
     pub fn out_per_group(&self) -> usize {
         self.out_channels / self.groups.unwrap_or(1)
     }
+
+    /// Weights per output channel of the fused kernel: `in/groups · k · k`.
+    pub fn row_len(&self) -> usize {
+        self.in_per_group * self.kernel * self.kernel
+    }
+
+    /// Ranges of output channels of about `elements` fused weights each: the unit of work
+    /// when fusing or checking a block, so that a block is never in memory whole.
+    pub fn row_chunks(&self, elements: usize) -> Vec<std::ops::Range<usize>> {
+        let step = (elements / self.row_len().max(1)).max(1);
+        (0..self.out_channels)
+            .step_by(step)
+            .map(|s| s..(s + step).min(self.out_channels))
+            .collect()
+    }
+
+    /// The tensor whose position in the file orders the block: its main conv weight.
+    pub fn main_weight(&self) -> &str {
+        self.branches
+            .iter()
+            .find_map(Branch::conv_weight)
+            .unwrap_or_default()
+    }
 }
 
-fn vector(t: &TensorInfo, len: usize) -> Result<(), String> {
-    if t.shape.len() != 1 || t.shape[0] != len {
-        return Err(format!(
-            "tensor `{}` has shape {:?}; expected [{len}], one value per output channel",
-            t.name, t.shape
-        ));
+/// Checks the per-channel tensors of `ops` (the source op's bias included).
+fn check_channel_ops(c: &Checker, ops: &[Op], out: usize) -> Result<(), BlockError> {
+    for op in ops {
+        match op {
+            Op::Conv {
+                bias: Some(bias), ..
+            } => c.vector(bias, out, false)?,
+            Op::Bn(bn) => {
+                for t in [&bn.weight, &bn.bias, &bn.running_mean, &bn.running_var] {
+                    c.vector(t, out, false)?;
+                }
+            }
+            Op::Scale { weight } => c.vector(weight, out, true)?,
+            _ => {}
+        }
     }
     Ok(())
 }

@@ -1,5 +1,7 @@
 //! Grouped 2-D convolution, stride 1, padding k/2, in f64: im2col then one GEMM per group.
 
+use std::borrow::Cow;
+use std::collections::BTreeMap;
 use std::ops::Range;
 
 use ndarray::Array2;
@@ -44,15 +46,43 @@ impl Input {
 
     /// The input as a `[c, n·h·w]` matrix: the im2col of a 1×1 kernel.
     pub fn channels(&self) -> Array2<f64> {
-        im2col(self, 1)
+        im2col(self, 1, 1)
     }
 }
 
-/// The im2col matrix for a k×k kernel with padding k/2: row `(ch·k + ky)·k + kx`, column
-/// `(img·h + y)·w + x` holds input `[img, ch, y + ky − k/2, x + kx − k/2]` (0 outside).
-pub fn im2col(x: &Input, k: usize) -> Array2<f64> {
+/// The input a block is run on, and its im2col matrices by kernel side and dilation.
+pub struct BlockInput {
+    /// The input images.
+    pub input: Input,
+    cols: BTreeMap<(usize, usize), Array2<f64>>,
+}
+
+impl BlockInput {
+    /// `input`, with the im2col matrices of the `kernels` (side, dilation) made ahead.
+    pub fn new(input: Input, kernels: &[(usize, usize)]) -> Self {
+        let cols = kernels
+            .iter()
+            .map(|&(k, d)| ((k, d), im2col(&input, k, d)))
+            .collect();
+        BlockInput { input, cols }
+    }
+
+    /// The im2col matrix of the input for a k×k kernel with dilation `d` (computed on demand
+    /// for one not made ahead).
+    pub fn cols(&self, k: usize, d: usize) -> Cow<'_, Array2<f64>> {
+        match self.cols.get(&(k, d)) {
+            Some(c) => Cow::Borrowed(c),
+            None => Cow::Owned(im2col(&self.input, k, d)),
+        }
+    }
+}
+
+/// The im2col matrix for a k×k kernel with taps `d` apart and same padding `(k − 1)·d/2`:
+/// row `(ch·k + ky)·k + kx`, column `(img·h + y)·w + x` holds input
+/// `[img, ch, y + ky·d − p, x + kx·d − p]` (0 outside).
+pub fn im2col(x: &Input, k: usize, d: usize) -> Array2<f64> {
     let (n, c, h, w) = (x.n, x.c, x.h, x.w);
-    let p = k / 2;
+    let p = (k - 1) * d / 2;
     let mut cols = Array2::<f64>::zeros((c * k * k, n * h * w));
     for ch in 0..c {
         for ky in 0..k {
@@ -65,14 +95,14 @@ pub fn im2col(x: &Input, k: usize) -> Array2<f64> {
                 for img in 0..n {
                     let plane = &x.data[(img * c + ch) * h * w..(img * c + ch + 1) * h * w];
                     for y in 0..h {
-                        let iy = y + ky;
+                        let iy = y + ky * d;
                         if iy < p || iy - p >= h {
                             continue;
                         }
                         let src = &plane[(iy - p) * w..(iy - p + 1) * w];
                         let out = &mut dst[(img * h + y) * w..(img * h + y + 1) * w];
                         for (xo, o) in out.iter_mut().enumerate() {
-                            let ix = xo + kx;
+                            let ix = xo + kx * d;
                             if ix >= p && ix - p < w {
                                 *o = src[ix - p];
                             }
@@ -169,7 +199,7 @@ pub fn matmul(a: &[f64], b: &[f64], c: &mut [f64], m: usize, k: usize, n: usize)
 pub fn conv2d(x: &Input, weight: &[f64], bias: Option<&[f64]>, out: usize, groups: usize) -> Input {
     let cpg = x.c / groups;
     let k = ((weight.len() / (out * cpg)) as f64).sqrt().round() as usize;
-    let cols = im2col(x, k);
+    let cols = im2col(x, k, 1);
     let y = conv_rows(&cols, weight, 0..out, cpg, k, out / groups);
     let hw = x.h * x.w;
     let mut data = vec![0.0; x.n * out * hw];

@@ -9,20 +9,18 @@ use std::collections::BTreeMap;
 use std::io::{self, Read, Seek, SeekFrom, Write};
 use std::ops::Range;
 
-use indicatif::ProgressBar;
 use rayon::prelude::*;
 use safetensors::Dtype;
 use serde_json::{Map, Value, json};
 
 use crate::Error;
-use crate::block::{Block, BlockError};
+use crate::block::{Block, BlockError, Branch, Op};
 use crate::checkpoint::{Checkpoint, dtype_bytes, encode, float_width};
 use crate::conv::Input;
-use crate::convert::{block_err, row_chunks};
-use crate::fuse::BlockValues;
+use crate::deviation::Deviation;
 use crate::layout::Detection;
-use crate::probe::{BranchRows, FusedRows, RowError, fuse_rows};
-use crate::verify::Deviation;
+use crate::ops::{ChannelValues, FusedRows, Grid, Kernel, RowError, Term, fuse_rows};
+use crate::progress::{Cancel, Hooks};
 
 /// Where an output tensor's bytes come from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -95,11 +93,7 @@ impl Plan {
             ));
         }
         for (b, block) in detection.blocks.iter().enumerate() {
-            let pos = block
-                .branches
-                .first()
-                .and_then(|br| ckpt.get(&br.conv_weight_name()))
-                .map_or(0, |t| t.start);
+            let pos = ckpt.get(block.main_weight()).map_or(0, |t| t.start);
             let dtype = out_dtype(block.dtype);
             let k = block.kernel;
             keyed.push((
@@ -214,112 +208,120 @@ thread_local! {
 
 /// Fuses output channels `rows` of `block` straight from the file's bytes, encoded in `dtype`
 /// into `out`, with the probe deviation of the rows as written.
-#[allow(clippy::too_many_arguments)]
 fn fuse_chunk(
     ckpt: &Checkpoint,
     block: &Block,
     rows: Range<usize>,
     eps: f64,
-    dtype: Dtype,
-    probe: Option<&Input>,
+    (dtype, probe): (Dtype, Option<&Input>),
     out: Vec<u8>,
 ) -> Result<FusedRows, Error> {
+    let block_err = |e| Error::block(ckpt, e);
+    let values = ChannelValues::load(ckpt, block, rows.clone()).map_err(block_err)?;
+    let (affines, post) = values.affines(eps, block).map_err(block_err)?;
     RAW.with(|raw_bufs| {
         let mut raw_bufs = raw_bufs.borrow_mut();
         let n = block.branches.len().max(raw_bufs.len());
         raw_bufs.resize_with(n, Vec::new);
-        let affine =
-            BlockValues::load_affine(ckpt, block, rows.clone()).map_err(|e| block_err(ckpt, e))?;
-        let mut raw = Vec::with_capacity(block.branches.len());
+        let mut sides = Vec::with_capacity(block.branches.len());
         for (branch, buf) in block.branches.iter().zip(raw_bufs.iter_mut()) {
-            raw.push(match &branch.conv {
-                Some(conv) => {
-                    let t = ckpt.get(&conv.weight).ok_or_else(|| {
-                        block_err(
-                            ckpt,
-                            BlockError::new(&block.name, format!("`{}` is missing", conv.weight)),
-                        )
-                    })?;
-                    let per_row = t.len / block.out_channels as u64;
-                    ckpt.read_bytes_into(
-                        t,
-                        rows.start as u64 * per_row,
-                        rows.len() as u64 * per_row,
-                        buf,
-                    )?;
-                    Some((t.dtype, &buf[..]))
-                }
+            sides.push(match branch.conv_weight() {
+                Some(name) => Some(read_rows_raw(ckpt, block, name, rows.clone(), buf)?),
                 None => None,
             });
         }
-        let branches: Vec<BranchRows> = affine
+        let terms: Vec<Term> = block
             .branches
             .iter()
-            .zip(&raw)
-            .zip(affine.affines(eps, block).map_err(|e| block_err(ckpt, e))?)
-            .map(|((v, raw), (t, shift))| BranchRows {
-                role: v.role,
-                kernel: v.kernel,
-                weight: *raw,
-                t,
-                shift,
+            .zip(raw_bufs.iter())
+            .zip(sides)
+            .zip(affines)
+            .map(|(((branch, buf), side), a)| Term {
+                kernel: kernel_of(branch, buf, side),
+                scale: a.scale,
+                shift: a.shift,
             })
             .collect();
         let start = rows.start;
-        fuse_rows(
-            out,
-            rows,
-            block.in_per_group,
-            block.kernel,
-            block.out_per_group(),
-            &branches,
-            dtype,
-            probe,
-        )
-        .map_err(|e| match e {
-            RowError::NonFinite {
-                branch,
-                index,
-                value,
-            } => {
-                let b = &block.branches[branch];
-                let name = b.conv.as_ref().map_or(String::new(), |c| c.weight.clone());
-                let per_row = ckpt
-                    .get(&name)
-                    .map_or(0, |t| t.numel() / block.out_channels);
-                block_err(
-                    ckpt,
-                    BlockError::new(
-                        &block.name,
-                        format!(
-                            "tensor `{name}` holds {value} at element {}; fusion needs finite values",
-                            start * per_row + index
-                        ),
-                    ),
-                )
-            }
-            RowError::Overflow { bias, index, value } => {
-                let per_row = block.in_per_group * block.kernel * block.kernel;
-                let (tensor, at) = if bias {
-                    (&block.deploy_bias, start + index)
-                } else {
-                    (&block.deploy_weight, start * per_row + index)
-                };
-                Error::Overflow {
-                    path: ckpt.path().to_path_buf(),
-                    block: block.name.clone(),
-                    tensor: tensor.clone(),
-                    index: at,
-                    value,
-                    dtype,
-                }
-            }
-        })
+        fuse_rows(out, rows, Grid::of(block), &terms, post.as_deref(), dtype, probe)
+            .map_err(|e| row_error(ckpt, block, start, dtype, e))
     })
 }
 
+/// Reads rows `rows` of conv weight `name` as raw bytes into `buf`; returns (dtype, side).
+fn read_rows_raw(
+    ckpt: &Checkpoint,
+    block: &Block,
+    name: &str,
+    rows: Range<usize>,
+    buf: &mut Vec<u8>,
+) -> Result<(Dtype, usize), Error> {
+    let t = ckpt.get(name).ok_or_else(|| {
+        Error::internal(format!("block `{}`: `{name}` vanished after its checks", block.name))
+    })?;
+    let per_row = t.len / block.out_channels as u64;
+    ckpt.read_bytes_into(
+        t,
+        rows.start as u64 * per_row,
+        rows.len() as u64 * per_row,
+        buf,
+    )?;
+    Ok((t.dtype, t.shape[2]))
+}
+
+/// The fusion routine's view of a branch's source.
+fn kernel_of<'a>(branch: &Branch, raw: &'a [u8], weights: Option<(Dtype, usize)>) -> Kernel<'a> {
+    match (branch.source(), weights) {
+        (Op::Conv { dilation, .. }, Some((dtype, side))) => Kernel::Weights {
+            dtype,
+            bytes: raw,
+            side,
+            dilation: *dilation,
+        },
+        (Op::AvgPool { kernel }, _) => Kernel::AvgPool { side: *kernel },
+        _ => Kernel::Identity,
+    }
+}
+
+/// A [`RowError`] of rows from `start` on, as the user's error: names the tensor and element.
+fn row_error(ckpt: &Checkpoint, block: &Block, start: usize, dtype: Dtype, e: RowError) -> Error {
+    match e {
+        RowError::NonFinite { term, index, value } => {
+            let name = block.branches[term].conv_weight().unwrap_or_default();
+            let per_row = ckpt
+                .get(name)
+                .map_or(0, |t| t.numel() / block.out_channels);
+            Error::block(
+                ckpt,
+                BlockError::new(
+                    &block.name,
+                    format!(
+                        "tensor `{name}` holds {value} at element {}; fusion needs finite values",
+                        start * per_row + index
+                    ),
+                ),
+            )
+        }
+        RowError::Overflow { bias, index, value } => {
+            let (tensor, at) = if bias {
+                (&block.deploy_bias, start + index)
+            } else {
+                (&block.deploy_weight, start * block.row_len() + index)
+            };
+            Error::Overflow {
+                path: ckpt.path().to_path_buf(),
+                block: block.name.clone(),
+                tensor: tensor.clone(),
+                index: at,
+                value,
+                dtype,
+            }
+        }
+    }
+}
+
 /// Why writing stopped: the output failed, or the input did.
-pub(crate) enum WriteError {
+pub enum WriteError {
     /// Writing the output failed.
     Io(std::io::Error),
     /// The input or the fusion failed.
@@ -343,14 +345,14 @@ enum Piece {
 ///
 /// The main thread fuses (its chunks in parallel) while a writer thread writes what is done,
 /// so computing and writing overlap; the pieces arrive in file order through a short queue.
-pub(crate) fn write_deploy(
+pub fn write_deploy(
     ckpt: &Checkpoint,
     detection: &Detection,
     plan: &Plan,
     eps: f64,
     probe_seed: Option<u64>,
     file: &std::fs::File,
-    progress: &ProgressBar,
+    hooks: Hooks,
 ) -> Result<Vec<Deviation>, WriteError> {
     let (tx, rx) = std::sync::mpsc::sync_channel::<Piece>(16);
     let buffers = Buffers::default();
@@ -362,18 +364,26 @@ pub(crate) fn write_deploy(
                 match piece {
                     Piece::Bytes(bytes) => {
                         out.write_all(&bytes)?;
-                        progress.inc(bytes.len() as u64);
+                        hooks.progress.advance(bytes.len() as u64);
                         buffers.give(bytes);
                     }
                     Piece::Copy(i) => {
                         copy_tensor(ckpt, i, &mut out)?;
-                        progress.inc(ckpt.tensors()[i].len);
+                        hooks.progress.advance(ckpt.tensors()[i].len);
                     }
                 }
             }
             Ok(())
         });
-        let produced = produce(ckpt, detection, plan, eps, probe_seed, &tx, buffers);
+        let producer = Producer {
+            ckpt,
+            detection,
+            eps,
+            probe_seed,
+            tx: &tx,
+            buffers,
+        };
+        let produced = producer.run(plan, hooks.cancel);
         drop(tx);
         let written = writer
             .join()
@@ -384,80 +394,102 @@ pub(crate) fn write_deploy(
     })
 }
 
-fn produce(
-    ckpt: &Checkpoint,
-    detection: &Detection,
-    plan: &Plan,
+/// The fusing side of [`write_deploy`]: makes each piece of the file, in order.
+struct Producer<'a> {
+    ckpt: &'a Checkpoint,
+    detection: &'a Detection,
     eps: f64,
     probe_seed: Option<u64>,
-    tx: &std::sync::mpsc::SyncSender<Piece>,
-    buffers: &Buffers,
-) -> Result<Vec<Deviation>, WriteError> {
-    let send = |piece| {
-        tx.send(piece)
+    tx: &'a std::sync::mpsc::SyncSender<Piece>,
+    buffers: &'a Buffers,
+}
+
+impl Producer<'_> {
+    fn send(&self, piece: Piece) -> Result<(), WriteError> {
+        self.tx
+            .send(piece)
             .map_err(|_| WriteError::Io(std::io::Error::other("the writer stopped")))
-    };
-    send(Piece::Bytes(plan.header()))?;
-    let mut deviations = vec![Deviation::default(); detection.blocks.len()];
-    let mut pending_bias: Vec<Option<Vec<u8>>> = vec![None; detection.blocks.len()];
-    for entry in &plan.entries {
-        crate::check_interrupted()?;
-        match entry.source {
-            Source::Copy(i) if ckpt.tensors()[i].dtype == entry.dtype => send(Piece::Copy(i))?,
-            Source::Copy(i) => {
-                let t = &ckpt.tensors()[i];
-                let values = ckpt
-                    .read_f64(t, 0..t.numel())
-                    .map_err(Error::from)?
-                    .unwrap_or_default();
-                let mut bytes = Vec::new();
-                encode(entry.dtype, &values, &mut bytes).map_err(|at| Error::Overflow {
-                    path: ckpt.path().to_path_buf(),
-                    block: String::new(),
-                    tensor: t.name.clone(),
-                    index: at,
-                    value: values[at],
-                    dtype: entry.dtype,
-                })?;
-                send(Piece::Bytes(bytes))?;
-            }
-            Source::FusedWeight(b) => {
-                let block = &detection.blocks[b];
-                let probe = probe_seed.map(|seed| {
-                    let c = block.in_channels().unwrap_or(block.in_per_group);
-                    Input::random(1, c, block.kernel, block.kernel, seed, b as u64)
-                });
-                // A window of chunks at a time, one per thread: fused in parallel, then queued
-                // for the writer, which writes them while the next window is fused.
-                let mut bias = Vec::new();
-                for window in
-                    row_chunks(block, FUSE_CHUNK).chunks(4 * rayon::current_num_threads().max(1))
-                {
-                    let chunks: Vec<FusedRows> = window
-                        .par_iter()
-                        .map(|rows| {
-                            let out = buffers.take();
-                            fuse_chunk(
-                                ckpt,
-                                block,
-                                rows.clone(),
-                                eps,
-                                entry.dtype,
-                                probe.as_ref(),
-                                out,
-                            )
-                        })
-                        .collect::<Result<_, _>>()?;
-                    for c in chunks {
-                        deviations[b] = deviations[b].merge(c.deviation);
-                        bias.extend(c.bias);
-                        send(Piece::Bytes(c.weight))?;
-                    }
-                }
-                pending_bias[b] = Some(bias);
-            }
-            Source::FusedBias(b) => send(Piece::Bytes(pending_bias[b].take().unwrap_or_default()))?,
-        }
     }
-    Ok(deviations)
+
+    fn run(&self, plan: &Plan, cancel: &Cancel) -> Result<Vec<Deviation>, WriteError> {
+        self.send(Piece::Bytes(plan.header()))?;
+        let blocks = &self.detection.blocks;
+        let mut deviations = vec![Deviation::default(); blocks.len()];
+        let mut pending_bias: Vec<Option<Vec<u8>>> = vec![None; blocks.len()];
+        for entry in &plan.entries {
+            cancel.check()?;
+            match entry.source {
+                Source::Copy(i) if self.ckpt.tensors()[i].dtype == entry.dtype => {
+                    self.send(Piece::Copy(i))?
+                }
+                Source::Copy(i) => self.send(Piece::Bytes(self.cast(i, entry.dtype)?))?,
+                Source::FusedWeight(b) => {
+                    let (bias, dev) = self.fuse_block(b, entry.dtype)?;
+                    deviations[b] = dev;
+                    pending_bias[b] = Some(bias);
+                }
+                Source::FusedBias(b) => {
+                    let bias = pending_bias[b].take().ok_or_else(|| {
+                        Error::internal(format!(
+                            "the plan puts `{}` before its weight",
+                            entry.name
+                        ))
+                    })?;
+                    self.send(Piece::Bytes(bias))?
+                }
+            }
+        }
+        Ok(deviations)
+    }
+
+    /// Input tensor `i`, cast to `dtype`.
+    fn cast(&self, i: usize, dtype: Dtype) -> Result<Vec<u8>, Error> {
+        let t = &self.ckpt.tensors()[i];
+        let values = self.ckpt.read_f64(t, 0..t.numel())?.ok_or_else(|| {
+            Error::internal(format!("the plan casts `{}`, which is not floating point", t.name))
+        })?;
+        let mut bytes = Vec::new();
+        encode(dtype, &values, &mut bytes).map_err(|at| Error::Overflow {
+            path: self.ckpt.path().to_path_buf(),
+            block: String::new(),
+            tensor: t.name.clone(),
+            index: at,
+            value: values[at],
+            dtype,
+        })?;
+        Ok(bytes)
+    }
+
+    /// Fuses block `b` and queues its weight; returns its bias bytes and probe deviation.
+    ///
+    /// A window of chunks at a time, one per thread: fused in parallel, then queued for the
+    /// writer, which writes them while the next window is fused.
+    fn fuse_block(&self, b: usize, dtype: Dtype) -> Result<(Vec<u8>, Deviation), WriteError> {
+        let block = &self.detection.blocks[b];
+        let probe = self.probe_seed.map(|seed| {
+            let c = block.in_channels().unwrap_or(block.in_per_group);
+            Input::random(1, c, block.kernel, block.kernel, seed, b as u64)
+        });
+        let mut bias = Vec::new();
+        let mut dev = Deviation::default();
+        for window in block
+            .row_chunks(FUSE_CHUNK)
+            .chunks(4 * rayon::current_num_threads().max(1))
+        {
+            let chunks: Vec<FusedRows> = window
+                .par_iter()
+                .map(|rows| {
+                    let out = self.buffers.take();
+                    let at = (dtype, probe.as_ref());
+                    fuse_chunk(self.ckpt, block, rows.clone(), self.eps, at, out)
+                })
+                .collect::<Result<_, _>>()?;
+            for c in chunks {
+                dev = dev.merge(c.deviation);
+                bias.extend(c.bias);
+                self.send(Piece::Bytes(c.weight))?;
+            }
+        }
+        Ok((bias, dev))
+    }
 }

@@ -10,7 +10,7 @@ use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 
-use crate::block::{Block, BlockError, BnTensors, Branch, ConvTensors};
+use crate::block::{Block, BlockError, BnTensors, Branch, Op, Role};
 use crate::checkpoint::Checkpoint;
 
 const BUILTIN: &str = include_str!("layouts.json");
@@ -18,19 +18,36 @@ const BUILTIN: &str = include_str!("layouts.json");
 /// PyTorch's `BatchNorm2d` default ε, used where a layout does not settle it.
 pub const DEFAULT_BN_EPS: f64 = 1e-5;
 
-/// The part a branch plays in a block.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Role {
-    /// A k×k conv (+ BN): the block's main branch; MobileOne has several.
-    Kxk,
-    /// A 1×1 conv (+ BN), padded to k×k at the centre.
-    Scale,
-    /// A BN on the input itself (the skip connection).
-    Identity,
+/// One op of a branch in a layout file: exactly one of `conv`, `bn`, `scale`, `identity`,
+/// `avgpool`. Names are relative to the branch's path; a name starting with `/` is relative
+/// to the block (a tensor the block's branches share, like a layer scale).
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OpSpec {
+    /// A conv submodule: `{name}.weight` and optional `{name}.bias`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub conv: Option<String>,
+    /// Tap spacing of that conv (default 1).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dilation: Option<usize>,
+    /// A BN submodule (`""`: the branch path itself).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bn: Option<String>,
+    /// A per-channel scale tensor (its full name under the path, e.g. `layer_scale.gamma`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scale: Option<String>,
+    /// The block's input itself.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub identity: bool,
+    /// Average pooling with this window.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub avgpool: Option<usize>,
 }
 
 /// One branch's names, relative to the block prefix.
+///
+/// The short form names a conv and a BN (`conv`, `bn`), or for the identity branch just a BN
+/// (`path` itself, or `bn` under it); the long form lists the branch's `ops` in order.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct BranchSpec {
@@ -38,15 +55,85 @@ pub struct BranchSpec {
     pub role: Role,
     /// Path of the branch module under the block; `{n}` stands for a branch index (0, 1, …).
     pub path: String,
-    /// Name of the conv submodule under `path` (absent for the identity branch).
+    /// Name of the conv submodule under `path` (short form; absent for the identity branch).
     #[serde(default)]
     pub conv: Option<String>,
-    /// Name of the BN submodule under `path`; absent means the BN is `path` itself.
+    /// Name of the BN submodule under `path`; absent means the BN is `path` itself (short
+    /// form).
     #[serde(default)]
     pub bn: Option<String>,
+    /// The branch's ops in order (long form, instead of `conv`/`bn`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub ops: Vec<OpSpec>,
+    /// The branch's weight in the block's sum (default 1; −1 subtracts it).
+    #[serde(default = "one", skip_serializing_if = "is_one")]
+    pub coef: f64,
     /// Whether a block must have this branch to count as a block of this layout.
     #[serde(default)]
     pub required: bool,
+}
+
+impl OpSpec {
+    /// How many kinds of op the entry names (a valid one names exactly one).
+    fn kinds(&self) -> usize {
+        [
+            self.conv.is_some(),
+            self.bn.is_some(),
+            self.scale.is_some(),
+            self.identity,
+            self.avgpool.is_some(),
+        ]
+        .into_iter()
+        .filter(|k| *k)
+        .count()
+    }
+
+    /// Whether the op starts a branch.
+    fn is_source(&self) -> bool {
+        self.conv.is_some() || self.identity || self.avgpool.is_some()
+    }
+}
+
+fn one() -> f64 {
+    1.0
+}
+
+fn is_one(x: &f64) -> bool {
+    *x == 1.0
+}
+
+impl BranchSpec {
+    /// The branch's ops, the short form expanded.
+    pub fn op_specs(&self) -> Vec<OpSpec> {
+        if !self.ops.is_empty() {
+            return self.ops.clone();
+        }
+        let mut ops = Vec::new();
+        match &self.conv {
+            Some(conv) => {
+                ops.push(OpSpec {
+                    conv: Some(conv.clone()),
+                    ..OpSpec::default()
+                });
+                // A conv branch without a BN module name has no BN.
+                ops.extend(self.bn.clone().map(|bn| OpSpec {
+                    bn: Some(bn),
+                    ..OpSpec::default()
+                }));
+            }
+            None => {
+                ops.push(OpSpec {
+                    identity: true,
+                    ..OpSpec::default()
+                });
+                ops.push(OpSpec {
+                    bn: Some(self.bn.clone().unwrap_or_default()),
+                    ..OpSpec::default()
+                });
+            }
+        }
+        ops
+    }
 }
 
 /// Names of the deploy conv's tensors, relative to the block prefix.
@@ -80,6 +167,9 @@ pub struct Layout {
     pub generic_names: bool,
     /// The branches a block can have.
     pub branches: Vec<BranchSpec>,
+    /// Per-channel ops on the sum of the branches (names relative to the block).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub post: Vec<OpSpec>,
     /// Where the fused conv goes.
     pub deploy: DeployNames,
 }
@@ -175,19 +265,32 @@ impl Layout {
             return Err(format!("layout `{}` has no \"kxk\" branch", self.name));
         }
         for b in &self.branches {
-            let has_conv = b.conv.is_some();
-            if (b.role == Role::Identity) == has_conv {
-                return Err(format!(
-                    "layout `{}`, branch `{}`: {}",
-                    self.name,
-                    b.path,
-                    if has_conv {
+            let err = |what: &str| Err(format!("layout `{}`, branch `{}`: {what}", self.name, b.path));
+            if b.ops.is_empty() {
+                let has_conv = b.conv.is_some();
+                if (b.role == Role::Identity) == has_conv {
+                    return err(if has_conv {
                         "an identity branch has no conv"
                     } else {
                         "a conv branch needs \"conv\""
-                    }
-                ));
+                    });
+                }
+                continue;
             }
+            if b.conv.is_some() || b.bn.is_some() {
+                return err("give either \"ops\" or \"conv\"/\"bn\", not both");
+            }
+            for (i, op) in b.ops.iter().enumerate() {
+                match (op.kinds(), i == 0, op.is_source()) {
+                    (1, true, true) | (1, false, false) => {}
+                    (1, true, false) => return err("the first op must be conv, identity or avgpool"),
+                    (1, false, true) => return err("only the first op may be conv, identity or avgpool"),
+                    _ => return err("each op has exactly one of conv, bn, scale, identity, avgpool"),
+                }
+            }
+        }
+        if self.post.iter().any(|op| op.kinds() != 1 || op.is_source()) {
+            return Err(format!("layout `{}`: \"post\" takes bn and scale ops only", self.name));
         }
         Ok(())
     }
@@ -322,9 +425,9 @@ fn deployed_hint(ckpt: &Checkpoint, layouts: &[Layout]) -> String {
     "; expected tensors named like `<block>.rbr_dense.conv.weight` (see --layout for the known layouts)".to_string()
 }
 
-/// A tensor of a branch: which slot of the branch it fills.
+/// Which tensor of an op a name fills.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
-enum Slot {
+enum Leaf {
     ConvWeight,
     ConvBias,
     BnWeight,
@@ -332,15 +435,19 @@ enum Slot {
     BnMean,
     BnVar,
     BnCount,
+    Scale,
 }
 
-const BN_SLOTS: [(Slot, &str); 5] = [
-    (Slot::BnWeight, "weight"),
-    (Slot::BnBias, "bias"),
-    (Slot::BnMean, "running_mean"),
-    (Slot::BnVar, "running_var"),
-    (Slot::BnCount, "num_batches_tracked"),
+const BN_LEAVES: [(Leaf, &str); 5] = [
+    (Leaf::BnWeight, "weight"),
+    (Leaf::BnBias, "bias"),
+    (Leaf::BnMean, "running_mean"),
+    (Leaf::BnVar, "running_var"),
+    (Leaf::BnCount, "num_batches_tracked"),
 ];
+
+/// A tensor's place in a branch: (index of the op in the branch's chain, which tensor).
+type Slot = (usize, Leaf);
 
 /// The tensors found for one branch of one candidate block.
 #[derive(Debug, Default)]
@@ -354,37 +461,61 @@ struct BlocksFound {
     skipped: Vec<(String, String)>,
 }
 
-/// Expands a branch spec into (slot, pattern segments) pairs.
-fn slot_patterns(spec: &BranchSpec) -> Vec<(Slot, Vec<String>)> {
-    let split = |s: &str| -> Vec<String> {
-        s.split('.')
-            .filter(|p| !p.is_empty())
-            .map(str::to_string)
-            .collect()
-    };
-    let mut out = Vec::new();
-    let path = split(&spec.path);
-    if let Some(conv) = &spec.conv {
-        let mut base = path.clone();
-        base.extend(split(conv));
-        for (slot, leaf) in [(Slot::ConvWeight, "weight"), (Slot::ConvBias, "bias")] {
-            let mut p = base.clone();
-            p.push(leaf.to_string());
-            out.push((slot, p));
+fn segments(s: &str) -> Vec<String> {
+    s.split('.')
+        .filter(|p| !p.is_empty())
+        .map(str::to_string)
+        .collect()
+}
+
+/// Every tensor an op reads, as (leaf, name relative to the op's base).
+fn op_leaves(op: &OpSpec) -> Vec<(Leaf, String)> {
+    let under = |base: &str, leaf: &str| {
+        let base = base.trim_start_matches('/');
+        if base.is_empty() {
+            leaf.to_string()
+        } else {
+            format!("{base}.{leaf}")
         }
+    };
+    if let Some(conv) = &op.conv {
+        vec![
+            (Leaf::ConvWeight, under(conv, "weight")),
+            (Leaf::ConvBias, under(conv, "bias")),
+        ]
+    } else if let Some(bn) = &op.bn {
+        BN_LEAVES
+            .iter()
+            .map(|(l, leaf)| (*l, under(bn, leaf)))
+            .collect()
+    } else if let Some(scale) = &op.scale {
+        vec![(Leaf::Scale, scale.trim_start_matches('/').to_string())]
+    } else {
+        Vec::new()
     }
-    let mut bn_base = path;
-    if let Some(bn) = &spec.bn {
-        bn_base.extend(split(bn));
-    }
-    if spec.conv.is_some() && spec.bn.is_none() {
-        // A conv branch without a BN module name has no BN.
-        return out;
-    }
-    for (slot, leaf) in BN_SLOTS {
-        let mut p = bn_base.clone();
-        p.push(leaf.to_string());
-        out.push((slot, p));
+}
+
+/// Whether an op's names are relative to the block rather than the branch.
+fn block_relative(op: &OpSpec) -> bool {
+    [&op.conv, &op.bn, &op.scale]
+        .into_iter()
+        .flatten()
+        .any(|n| n.starts_with('/'))
+}
+
+/// Expands a branch spec into (slot, pattern segments) pairs, for its branch-relative ops.
+fn slot_patterns(spec: &BranchSpec) -> Vec<(Slot, Vec<String>)> {
+    let path = segments(&spec.path);
+    let mut out = Vec::new();
+    for (i, op) in spec.op_specs().iter().enumerate() {
+        if block_relative(op) {
+            continue;
+        }
+        for (leaf, name) in op_leaves(op) {
+            let mut p = path.clone();
+            p.extend(segments(&name));
+            out.push(((i, leaf), p));
+        }
     }
     out
 }
@@ -410,19 +541,15 @@ fn match_suffix(name: &[&str], pattern: &[String], n_path: usize) -> Option<(Str
     Some((prefix, label))
 }
 
-fn find_blocks(
-    ckpt: &Checkpoint,
-    layout: &Layout,
-    refuse_half: bool,
-) -> Result<BlocksFound, LayoutError> {
+/// Candidate blocks of `layout`: prefix → branch label → tensors found.
+fn candidates(ckpt: &Checkpoint, layout: &Layout) -> BTreeMap<String, BTreeMap<String, Found>> {
     let patterns: Vec<Vec<(Slot, Vec<String>)>> =
         layout.branches.iter().map(slot_patterns).collect();
     let path_len: Vec<usize> = layout
         .branches
         .iter()
-        .map(|b| b.path.split('.').filter(|p| !p.is_empty()).count())
+        .map(|b| segments(&b.path).len())
         .collect();
-    // prefix → branch label → tensors found
     let mut candidates: BTreeMap<String, BTreeMap<String, Found>> = BTreeMap::new();
     for tensor in ckpt.tensors() {
         let segs: Vec<&str> = tensor.name.split('.').collect();
@@ -440,32 +567,24 @@ fn find_blocks(
             }
         }
     }
+    candidates
+}
 
+fn find_blocks(
+    ckpt: &Checkpoint,
+    layout: &Layout,
+    refuse_half: bool,
+) -> Result<BlocksFound, LayoutError> {
     let mut blocks = Vec::new();
     let mut skipped = Vec::new();
-    for (prefix, branches) in &candidates {
-        let has_main = branches.values().any(|f| {
-            layout.branches[f.spec].role == Role::Kxk && f.slots.contains_key(&Slot::ConvWeight)
-        });
-        if !has_main {
+    let is_main = |f: &Found| {
+        layout.branches[f.spec].role == Role::Kxk
+            && f.slots.contains_key(&(0, Leaf::ConvWeight))
+    };
+    for (prefix, branches) in &candidates(ckpt, layout) {
+        if !branches.values().any(is_main) {
             if refuse_half && !layout.generic_names {
-                // A conv branch without its block's k×k conv is half a block.
-                if let Some(f) = branches
-                    .values()
-                    .find(|f| f.slots.contains_key(&Slot::ConvWeight))
-                {
-                    let main = layout
-                        .branches
-                        .iter()
-                        .find(|b| b.role == Role::Kxk)
-                        .map_or("k×k".to_string(), |b| format!("`{}` branch", b.path));
-                    return Err(LayoutError::HalfBlock {
-                        layout: layout.name.clone(),
-                        block: prefix.clone(),
-                        tensor: f.slots[&Slot::ConvWeight].clone(),
-                        missing: main,
-                    });
-                }
+                refuse_half_block(layout, prefix, branches)?;
             }
             continue;
         }
@@ -488,7 +607,40 @@ fn find_blocks(
             Err(e) => return Err(e.into()),
         }
     }
-    for block in &blocks {
+    check_ownership(ckpt, &blocks)?;
+    blocks.sort_by_key(|b| ckpt.get(b.main_weight()).map_or(0, |t| t.start));
+    Ok(BlocksFound { blocks, skipped })
+}
+
+/// A conv branch without its block's k×k conv is half a block.
+fn refuse_half_block(
+    layout: &Layout,
+    prefix: &str,
+    branches: &BTreeMap<String, Found>,
+) -> Result<(), LayoutError> {
+    let Some(tensor) = branches
+        .values()
+        .find_map(|f| f.slots.get(&(0, Leaf::ConvWeight)))
+    else {
+        return Ok(());
+    };
+    let main = layout
+        .branches
+        .iter()
+        .find(|b| b.role == Role::Kxk)
+        .map_or("k×k".to_string(), |b| format!("`{}` branch", b.path));
+    Err(LayoutError::HalfBlock {
+        layout: layout.name.clone(),
+        block: prefix.to_string(),
+        tensor: tensor.clone(),
+        missing: main,
+    })
+}
+
+/// Refuses a deploy name that is taken, and a tensor that two blocks both claim (blocks nest
+/// only if a layout's names are ambiguous).
+fn check_ownership(ckpt: &Checkpoint, blocks: &[Block]) -> Result<(), LayoutError> {
+    for block in blocks {
         for tensor in [&block.deploy_weight, &block.deploy_bias] {
             if ckpt.get(tensor).is_some() {
                 return Err(LayoutError::DeployNameTaken {
@@ -498,10 +650,10 @@ fn find_blocks(
             }
         }
     }
-    // Blocks nest only if a layout's names are ambiguous; a tensor must belong to one block.
     let mut owner: BTreeMap<&str, &str> = BTreeMap::new();
-    for block in &blocks {
-        for t in &block.consumed {
+    for block in blocks {
+        let own: BTreeSet<&str> = block.consumed.iter().map(String::as_str).collect();
+        for t in own {
             if let Some(other) = owner.insert(t, &block.name) {
                 return Err(BlockError::new(
                     &block.name,
@@ -511,11 +663,17 @@ fn find_blocks(
             }
         }
     }
-    blocks.sort_by_key(|b| {
-        ckpt.get(&b.branches[0].conv_weight_name())
-            .map_or(0, |t| t.start)
-    });
-    Ok(BlocksFound { blocks, skipped })
+    Ok(())
+}
+
+/// Joins a prefix and a name relative to it.
+fn join(prefix: &str, leaf: &str) -> String {
+    let leaf = leaf.trim_start_matches('/');
+    if prefix.is_empty() {
+        leaf.to_string()
+    } else {
+        format!("{prefix}.{leaf}")
+    }
 }
 
 /// Turns the tensors found under one prefix into a checked [`Block`].
@@ -525,119 +683,175 @@ fn assemble(
     prefix: &str,
     found: &BTreeMap<String, Found>,
 ) -> Result<Block, BlockError> {
-    let join = |leaf: &str| {
-        if prefix.is_empty() {
-            leaf.to_string()
-        } else {
-            format!("{prefix}.{leaf}")
-        }
-    };
-    let mut branches = Vec::new();
-    // Branch order: by role (k×k first), then label — so the main branch is first.
     let mut order: Vec<(&String, &Found)> = found.iter().collect();
-    order.sort_by_key(|(label, f)| (role_rank(layout.branches[f.spec].role), natural_key(label)));
+    // Branch order: by role (k×k first), then label — so the main branch is first.
+    order.sort_by_key(|(label, f)| (layout.branches[f.spec].role, natural_key(label)));
+    let mut branches = Vec::new();
     for (label, f) in order {
         let spec = &layout.branches[f.spec];
-        let conv = match f.slots.get(&Slot::ConvWeight) {
-            Some(weight) => Some(ConvTensors {
-                weight: weight.clone(),
-                bias: f.slots.get(&Slot::ConvBias).cloned(),
-            }),
-            None if spec.role != Role::Identity => {
-                return Err(BlockError::new(
-                    prefix,
-                    format!(
-                        "branch `{label}` has {} but no conv weight `{}`",
-                        describe_slots(f),
-                        join(&format!(
-                            "{label}.{}.weight",
-                            spec.conv.as_deref().unwrap_or("")
-                        ))
-                    ),
-                ));
-            }
-            None => None,
+        let at = Place {
+            prefix,
+            base: join(prefix, label),
+            label,
+            identity: spec.role == Role::Identity,
         };
-        let bn_slots = [Slot::BnWeight, Slot::BnBias, Slot::BnMean, Slot::BnVar];
-        let present: Vec<_> = bn_slots
+        let ops = spec
+            .op_specs()
             .iter()
-            .filter(|s| f.slots.contains_key(s))
-            .collect();
-        let bn = if present.is_empty() {
-            if spec.conv.is_some() && spec.bn.is_some() {
-                // The layout puts a BN after this conv; without it the branch would be fused
-                // as a bare conv, silently wrong.
-                let bn_path = join(&format!("{label}.{}", spec.bn.as_deref().unwrap_or("")));
-                return Err(BlockError::new(
-                    prefix,
-                    format!(
-                        "branch `{label}` has {} but no BN: expected `{bn_path}.weight`, `.bias`, `.running_mean` and `.running_var`",
-                        describe_slots(f)
-                    ),
-                ));
-            }
-            None
-        } else if present.len() < bn_slots.len() {
-            let missing: Vec<&str> = bn_slots
-                .iter()
-                .filter(|s| !f.slots.contains_key(s))
-                .map(|s| match s {
-                    Slot::BnWeight => "weight",
-                    Slot::BnBias => "bias",
-                    Slot::BnMean => "running_mean",
-                    _ => "running_var",
-                })
-                .collect();
-            return Err(BlockError::new(
-                prefix,
-                format!(
-                    "branch `{label}`: its BN is missing {} (found {})",
-                    missing.join(", "),
-                    describe_slots(f)
-                ),
-            ));
-        } else {
-            Some(BnTensors {
-                weight: f.slots[&Slot::BnWeight].clone(),
-                bias: f.slots[&Slot::BnBias].clone(),
-                running_mean: f.slots[&Slot::BnMean].clone(),
-                running_var: f.slots[&Slot::BnVar].clone(),
-            })
-        };
-        if spec.role == Role::Identity && bn.is_none() {
-            return Err(BlockError::new(
-                prefix,
-                format!("identity branch `{label}` has no BN tensors"),
-            ));
-        }
+            .enumerate()
+            .map(|(i, op)| at.op(ckpt, f, i, op))
+            .collect::<Result<Vec<_>, _>>()?;
         branches.push(Branch {
             label: label.clone(),
             role: spec.role,
-            conv,
-            bn,
-            num_batches_tracked: f.slots.get(&Slot::BnCount).cloned(),
+            coef: spec.coef,
+            ops,
         });
     }
-    Block::new(
-        ckpt,
+    let at = Place {
         prefix,
-        branches,
-        join(&layout.deploy.weight),
-        join(&layout.deploy.bias),
-    )
+        base: prefix.to_string(),
+        label: "(post-ops)",
+        identity: false,
+    };
+    let none = Found::default();
+    let post = layout
+        .post
+        .iter()
+        .enumerate()
+        .map(|(i, op)| at.op(ckpt, &none, i, op))
+        .collect::<Result<Vec<_>, _>>()?;
+    let deploy = [
+        join(prefix, &layout.deploy.weight),
+        join(prefix, &layout.deploy.bias),
+    ];
+    Block::new(ckpt, prefix, branches, post, deploy)
+}
+
+/// Where an op's tensors are: the block prefix, the branch's own path and label.
+struct Place<'a> {
+    prefix: &'a str,
+    base: String,
+    label: &'a str,
+    identity: bool,
+}
+
+impl Place<'_> {
+    /// Op `i` of a branch whose branch-relative tensors matched as `f`; block-relative ones
+    /// (and the post-ops') are looked up by name.
+    fn op(&self, ckpt: &Checkpoint, f: &Found, i: usize, op: &OpSpec) -> Result<Op, BlockError> {
+        let looked_up;
+        let slots = if block_relative(op) || f.slots.is_empty() {
+            let root = if block_relative(op) {
+                self.prefix
+            } else {
+                &self.base
+            };
+            looked_up = op_leaves(op)
+                .into_iter()
+                .map(|(leaf, name)| ((i, leaf), join(root, &name)))
+                .filter(|(_, name)| ckpt.get(name).is_some())
+                .collect();
+            &looked_up
+        } else {
+            &f.slots
+        };
+        self.from_slots(slots, f, i, op)
+    }
+
+    fn err<T>(&self, what: String) -> Result<T, BlockError> {
+        Err(BlockError::new(self.prefix, what))
+    }
+
+    /// Op `i` from `slots`, refusing one that is incomplete; `f` is all the branch matched.
+    fn from_slots(
+        &self,
+        slots: &BTreeMap<Slot, String>,
+        f: &Found,
+        i: usize,
+        op: &OpSpec,
+    ) -> Result<Op, BlockError> {
+        let label = self.label;
+        let slot = |leaf| slots.get(&(i, leaf)).cloned();
+        if let Some(conv) = &op.conv {
+            let Some(weight) = slot(Leaf::ConvWeight) else {
+                return self.err(format!(
+                    "branch `{label}` has {} but no conv weight `{}`",
+                    describe_slots(f),
+                    join(&self.base, &format!("{conv}.weight"))
+                ));
+            };
+            return Ok(Op::Conv {
+                weight,
+                bias: slot(Leaf::ConvBias),
+                dilation: op.dilation.unwrap_or(1),
+            });
+        }
+        if op.identity {
+            return Ok(Op::Identity);
+        }
+        if let Some(side) = op.avgpool {
+            return Ok(Op::AvgPool { kernel: side });
+        }
+        if let Some(scale) = &op.scale {
+            return match slot(Leaf::Scale) {
+                Some(weight) => Ok(Op::Scale { weight }),
+                None => self.err(format!(
+                    "branch `{label}` has no scale tensor `{}`",
+                    join(&self.base, scale)
+                )),
+            };
+        }
+        self.bn(slots, f, i, op.bn.as_deref().unwrap_or_default())
+    }
+
+    /// A BN op: all four tensors, or an error that says which are missing.
+    fn bn(
+        &self,
+        slots: &BTreeMap<Slot, String>,
+        f: &Found,
+        i: usize,
+        bn_path: &str,
+    ) -> Result<Op, BlockError> {
+        let label = self.label;
+        let missing: Vec<&str> = BN_LEAVES[..4]
+            .iter()
+            .filter(|(l, _)| !slots.contains_key(&(i, *l)))
+            .map(|(_, name)| *name)
+            .collect();
+        if missing.len() == 4 {
+            if self.identity {
+                return self.err(format!("identity branch `{label}` has no BN tensors"));
+            }
+            // The layout puts a BN here; without it the branch would be fused as a bare conv,
+            // silently wrong.
+            let path = join(&self.base, bn_path);
+            return self.err(format!(
+                "branch `{label}` has {} but no BN: expected `{path}.weight`, `.bias`, `.running_mean` and `.running_var`",
+                describe_slots(f)
+            ));
+        }
+        if !missing.is_empty() {
+            return self.err(format!(
+                "branch `{label}`: its BN is missing {} (found {})",
+                missing.join(", "),
+                describe_slots(f)
+            ));
+        }
+        let get = |leaf| slots[&(i, leaf)].clone();
+        Ok(Op::Bn(BnTensors {
+            weight: get(Leaf::BnWeight),
+            bias: get(Leaf::BnBias),
+            running_mean: get(Leaf::BnMean),
+            running_var: get(Leaf::BnVar),
+            num_batches_tracked: slots.get(&(i, Leaf::BnCount)).cloned(),
+        }))
+    }
 }
 
 fn describe_slots(f: &Found) -> String {
     let names: Vec<&str> = f.slots.values().map(String::as_str).collect();
     names.join(", ")
-}
-
-fn role_rank(role: Role) -> u8 {
-    match role {
-        Role::Kxk => 0,
-        Role::Scale => 1,
-        Role::Identity => 2,
-    }
 }
 
 /// Sorts `conv_kxk.10` after `conv_kxk.2`.
@@ -671,6 +885,8 @@ mod tests {
             path: "conv_kxk.{n}".into(),
             conv: Some("conv".into()),
             bn: Some("bn".into()),
+            ops: Vec::new(),
+            coef: 1.0,
             required: false,
         };
         let pats = slot_patterns(&spec);

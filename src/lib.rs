@@ -1,39 +1,41 @@
-//! `repvgg-fuse`: turns a RepVGG-family train checkpoint (multi-branch blocks: k×k conv+BN,
-//! 1×1 conv+BN, identity BN) into its deploy form (one k×k conv with bias per block), from the
-//! weights alone, and proves the two compute the same thing.
+//! `repvgg-fuse`: turns a structural re-parameterization train checkpoint (RepVGG and its
+//! family: multi-branch blocks of k×k conv+BN, 1×1 conv+BN, identity BN, …) into its deploy
+//! form (one k×k conv with bias per block), from the weights alone, and proves the two compute
+//! the same thing.
 //!
-//! The steps, each in its module: [`checkpoint`] reads the safetensors file; [`layout`] finds
-//! the blocks by their tensor names (a table per framework) and [`block`] checks their shapes;
-//! [`fuse`] does the arithmetic in f64; [`deploy`] lays out and writes the deploy file;
-//! [`conv`] and [`verify`] run a block both ways on random input; [`report`] is the JSON report;
-//! [`mod@convert`] strings them together.
+//! Layers, each depending only on those below it (ARCHITECTURE.md has the map):
+//! - use cases: [`app`] — [`convert()`], [`verify_files()`], [`inspect()`];
+//! - stages: [`layout`] finds the blocks by their tensor names, [`deploy`] fuses and writes
+//!   the deploy file as a stream, [`check`] judges a deploy file;
+//! - leaves: [`checkpoint`] reads tensors, [`block`] is the block model, [`ops`] the branch
+//!   algebra (the one fusion routine and each op's forward), [`conv`] the f64 convolution,
+//!   [`deviation`] the figure of merit, [`report`] the JSON report, [`progress`] the hooks a
+//!   caller gives a run.
 #![deny(missing_docs)]
 
+pub mod app;
 pub mod block;
+pub mod check;
 pub mod checkpoint;
 pub mod conv;
-pub mod convert;
 pub mod deploy;
-pub mod fuse;
-pub mod inspect;
+pub mod deviation;
 pub mod layout;
-pub mod probe;
+pub mod ops;
+pub mod progress;
 pub mod report;
-pub mod verify;
 
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, OnceLock};
 
 use safetensors::Dtype;
 
+pub use app::{Outcome, Settings, convert, inspect, verify_files};
+pub use block::BlockError;
 pub use checkpoint::CheckpointError;
-pub use convert::{Outcome, Settings, convert};
-pub use inspect::inspect;
 pub use layout::LayoutError;
-pub use verify::verify_files;
 
-/// Everything that stops a run. All of them are the user's input or environment, not a bug.
+/// Everything that stops a run. All of them but [`Error::Internal`] are the user's input or
+/// environment, not a bug.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     /// The checkpoint file is unreadable or malformed.
@@ -46,6 +48,14 @@ pub enum Error {
         path: PathBuf,
         /// What is wrong.
         error: LayoutError,
+    },
+    /// A block's values cannot be fused.
+    #[error("{}: {error}", path.display())]
+    Block {
+        /// The checkpoint.
+        path: PathBuf,
+        /// What is wrong, naming the block and the tensor.
+        error: BlockError,
     },
     /// A fused or cast value does not fit the output dtype.
     #[error("{}: {}`{tensor}` element {index} is {value:e}, which overflows {dtype:?}{}", path.display(), if block.is_empty() { String::new() } else { format!("block `{block}`: fused tensor ") }, if matches!(dtype, Dtype::F16) { " (max 65504); keep the output in F32 with --dtype f32" } else { "" })]
@@ -74,22 +84,25 @@ pub enum Error {
     /// An option value that cannot work with this checkpoint.
     #[error("{0}")]
     Usage(String),
-    /// SIGINT or SIGTERM arrived; nothing was written.
+    /// The run was cancelled (SIGINT or SIGTERM); nothing was written.
     #[error("interrupted; nothing was written")]
     Interrupted,
+    /// An invariant of this program broke: a bug, reported instead of writing a wrong file.
+    #[error("internal error (a bug in repvgg-fuse; nothing was written): {0}")]
+    Internal(String),
 }
 
-/// The flag SIGINT / SIGTERM handlers set; long loops check it and stop cleanly.
-pub fn interrupt_flag() -> Arc<AtomicBool> {
-    static FLAG: OnceLock<Arc<AtomicBool>> = OnceLock::new();
-    FLAG.get_or_init(|| Arc::new(AtomicBool::new(false)))
-        .clone()
-}
+impl Error {
+    /// A block error in the checkpoint `ckpt`.
+    pub fn block(ckpt: &checkpoint::Checkpoint, error: BlockError) -> Error {
+        Error::Block {
+            path: ckpt.path().to_path_buf(),
+            error,
+        }
+    }
 
-fn check_interrupted() -> Result<(), Error> {
-    if interrupt_flag().load(Ordering::Relaxed) {
-        Err(Error::Interrupted)
-    } else {
-        Ok(())
+    /// An [`Error::Internal`].
+    pub fn internal(what: impl Into<String>) -> Error {
+        Error::Internal(what.into())
     }
 }

@@ -7,8 +7,8 @@ use std::process::ExitCode;
 use anyhow::Result;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
-use repvgg_fuse::convert::{Outcome, Settings};
-use repvgg_fuse::inspect::Inspection;
+use repvgg_fuse::app::{CheckOptions, FindOptions, Inspection, Outcome, Settings};
+use repvgg_fuse::progress::{Cancel, Hooks, Progress};
 use safetensors::Dtype;
 
 /// Fuse RepVGG-family train checkpoints (k×k conv+BN, 1×1 conv+BN, identity BN) into deploy
@@ -158,17 +158,38 @@ fn parse_size(s: &str) -> Result<[usize; 2], String> {
     Ok([h, w])
 }
 
-fn settings(find: &FindArgs, check: &CheckArgs, dtype: Option<OutDtype>) -> Settings {
+fn settings(find: &FindArgs, check: Option<&CheckArgs>, dtype: Option<OutDtype>) -> Settings {
     Settings {
-        layout: find.layout.clone(),
-        layout_file: find.layout_file.clone(),
-        bn_eps: find.bn_eps,
-        dtype: dtype.map(Dtype::from),
-        seed: check.seed,
-        input_size: check.input_size,
-        batch: check.batch as usize,
-        atol: check.atol,
-        rtol: check.rtol,
+        find: FindOptions {
+            layout: find.layout.clone(),
+            layout_file: find.layout_file.clone(),
+            bn_eps: find.bn_eps,
+        },
+        check: check.map_or_else(CheckOptions::default, |check| CheckOptions {
+            seed: check.seed,
+            input_size: check.input_size,
+            batch: check.batch as usize,
+            atol: check.atol,
+            rtol: check.rtol,
+        }),
+        cast: dtype.map(Dtype::from),
+    }
+}
+
+/// The progress bar, as the library's [`Progress`].
+struct Bar(ProgressBar);
+
+impl Progress for Bar {
+    fn start(&self, total: u64) {
+        self.0.set_length(total);
+    }
+
+    fn advance(&self, bytes: u64) {
+        self.0.inc(bytes);
+    }
+
+    fn stage(&self, name: &str) {
+        self.0.set_message(name.to_string());
     }
 }
 
@@ -201,7 +222,8 @@ fn print(text: &str) {
 }
 
 fn main() -> ExitCode {
-    let flag = repvgg_fuse::interrupt_flag();
+    let cancel = Cancel::new();
+    let flag = cancel.flag();
     for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
         // The first signal sets the flag: the run stops at the next chunk and removes its temp
         // files. A second one while the flag is set exits at once, for a run that does not
@@ -210,7 +232,7 @@ fn main() -> ExitCode {
         let _ = signal_hook::flag::register_conditional_shutdown(sig, 2, flag.clone());
         let _ = signal_hook::flag::register(sig, flag.clone());
     }
-    match run() {
+    match run(&cancel) {
         Ok(code) => code,
         Err(err) => {
             eprintln!("error: {err:#}");
@@ -219,7 +241,7 @@ fn main() -> ExitCode {
     }
 }
 
-fn run() -> Result<ExitCode> {
+fn run(cancel: &Cancel) -> Result<ExitCode> {
     let cli = Cli::parse();
     match cli.command {
         Some(Command::Verify {
@@ -230,10 +252,14 @@ fn run() -> Result<ExitCode> {
             check,
             quiet,
         }) => {
-            let s = settings(&find, &check, None);
-            let outcome = repvgg_fuse::verify_files(&train, &deploy, &s)?;
+            let s = settings(&find, Some(&check), None);
+            let hooks = Hooks {
+                progress: &repvgg_fuse::progress::Silent,
+                cancel,
+            };
+            let outcome = repvgg_fuse::verify_files(&train, &deploy, &s, hooks)?;
             if let Some(path) = &report {
-                repvgg_fuse::convert::write_report(&outcome.report, path, &[&train, &deploy])?;
+                repvgg_fuse::app::write_report(&outcome.report, path, &[&train, &deploy])?;
             }
             Ok(finish(&outcome, quiet, None))
         }
@@ -243,7 +269,7 @@ fn run() -> Result<ExitCode> {
             find,
             dtype,
         }) => {
-            let s = settings(&find, &CheckArgs::default_values(), dtype);
+            let s = settings(&find, None, dtype);
             let inspection = repvgg_fuse::inspect(&input, &s)?;
             if json {
                 print(&format!("{}\n", serde_json::to_string_pretty(&inspection)?));
@@ -265,24 +291,16 @@ fn run() -> Result<ExitCode> {
                 );
                 return Ok(ExitCode::from(2));
             };
-            let s = settings(&args.find, &args.check, args.dtype);
-            let bar = progress_bar(args.quiet);
+            let s = settings(&args.find, Some(&args.check), args.dtype);
+            let bar = Bar(progress_bar(args.quiet));
+            let hooks = Hooks {
+                progress: &bar,
+                cancel,
+            };
             let outcome =
-                repvgg_fuse::convert(input, output, args.report.as_deref(), &s, args.verify, &bar);
-            bar.finish_and_clear();
+                repvgg_fuse::convert(input, output, args.report.as_deref(), &s, args.verify, hooks);
+            bar.0.finish_and_clear();
             Ok(finish(&outcome?, args.quiet, Some(output)))
-        }
-    }
-}
-
-impl CheckArgs {
-    fn default_values() -> Self {
-        CheckArgs {
-            input_size: None,
-            batch: 1,
-            seed: 0,
-            atol: None,
-            rtol: None,
         }
     }
 }

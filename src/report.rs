@@ -3,7 +3,7 @@
 use serde::Serialize;
 
 use crate::block::Block;
-use crate::verify::Deviation;
+use crate::deviation::Deviation;
 
 /// The whole report.
 #[derive(Debug, Clone, Serialize)]
@@ -167,20 +167,6 @@ pub struct Skipped {
     pub name: String,
     /// Why.
     pub reason: String,
-}
-
-impl Skipped {
-    /// The candidates `detection` left alone.
-    pub fn all(detection: &crate::layout::Detection) -> Vec<Skipped> {
-        detection
-            .skipped
-            .iter()
-            .map(|(name, reason)| Skipped {
-                name: name.clone(),
-                reason: reason.clone(),
-            })
-            .collect()
-    }
 }
 
 /// Totals.

@@ -4,9 +4,9 @@ use std::path::Path;
 
 use serde::Serialize;
 
+use super::{Settings, eps_info, find, layout_info, skipped};
 use crate::Error;
 use crate::checkpoint::Checkpoint;
-use crate::convert::{Settings, eps_info, find, layout_info};
 use crate::deploy::{Plan, Source};
 use crate::report::{BlockInfo, EpsInfo, LayoutInfo, Skipped};
 
@@ -55,13 +55,13 @@ pub struct OutputTensor {
 /// Describes what `convert` would do with `input`, without writing anything.
 pub fn inspect(input: &Path, settings: &Settings) -> Result<Inspection, Error> {
     let ckpt = Checkpoint::open(input)?;
-    let detection = find(&ckpt, settings)?;
-    let plan = Plan::new(&ckpt, &detection, settings.dtype);
+    let detection = find(&ckpt, &settings.find)?;
+    let plan = Plan::new(&ckpt, &detection, settings.cast);
     let consumed = detection.consumed();
     Ok(Inspection {
         input: input.display().to_string(),
         layout: layout_info(&detection),
-        bn_eps: eps_info(&detection, settings),
+        bn_eps: eps_info(&detection, &settings.find),
         blocks: detection
             .blocks
             .iter()
@@ -70,7 +70,7 @@ pub fn inspect(input: &Path, settings: &Settings) -> Result<Inspection, Error> {
                 tensors: b.consumed.clone(),
             })
             .collect(),
-        skipped: Skipped::all(&detection),
+        skipped: skipped(&detection),
         passthrough: ckpt
             .tensors()
             .iter()

@@ -1,0 +1,119 @@
+//! The conversion: read the checkpoint, find the blocks, write the deploy file (fusing each
+//! block on the way), optionally verify it, write the report — and put both in place only
+//! when all of that succeeded.
+
+use std::io::Write;
+use std::path::Path;
+
+use super::output::{check_not_input, default_report_path, persist, report_tmp, same_file, temp_beside};
+use super::{
+    Outcome, ReportParts, Settings, Written, block_reports, build_report, eps_info, find,
+    verify_probe,
+};
+use crate::Error;
+use crate::check::check_deploy;
+use crate::checkpoint::Checkpoint;
+use crate::deploy::{Plan, WriteError, write_deploy};
+use crate::deviation::Deviation;
+use crate::progress::Hooks;
+use crate::report::{BlockReport, Probe, VerifyReport};
+
+/// Converts `input` to deploy form at `output`, with the report at `report_path`
+/// (default: beside the output). With `verify`, re-reads the written file and runs every
+/// block both ways on the verification input.
+///
+/// Nothing is written unless the whole run succeeds; after a failed verification only the
+/// report is written, so the deviation can be looked into (`Outcome::passed` says it failed),
+/// and an existing output stays as it was.
+pub fn convert(
+    input: &Path,
+    output: &Path,
+    report_path: Option<&Path>,
+    settings: &Settings,
+    verify: bool,
+    hooks: Hooks,
+) -> Result<Outcome, Error> {
+    let report_path = report_path.map_or_else(|| default_report_path(output), Path::to_path_buf);
+    check_not_input(input, output, "output")?;
+    check_not_input(input, &report_path, "report path")?;
+    if same_file(&report_path, output) {
+        return Err(Error::Output {
+            path: output.to_path_buf(),
+            what: "the report would overwrite the deploy file".into(),
+        });
+    }
+    let ckpt = Checkpoint::open(input)?;
+    let detection = find(&ckpt, &settings.find)?;
+    let eps = eps_info(&detection, &settings.find);
+    let plan = Plan::new(&ckpt, &detection, settings.cast);
+
+    let mut tmp = temp_beside(output)?;
+    let out_err = |e: std::io::Error| Error::Output {
+        path: output.to_path_buf(),
+        what: format!("cannot write: {e}"),
+    };
+    hooks.progress.start(plan.file_len());
+    // With --verify the full check replaces the probe.
+    let probe_seed = (!verify).then_some(settings.check.seed);
+    let deviations = write_deploy(&ckpt, &detection, &plan, eps.value, probe_seed, tmp.as_file(), hooks)
+        .map_err(|e| match e {
+            WriteError::Io(e) => out_err(e),
+            WriteError::Run(e) => e,
+        })?;
+    tmp.as_file_mut().flush().map_err(out_err)?;
+
+    let dtype_of = |b: &crate::block::Block| format!("{:?}", settings.cast.unwrap_or(b.dtype));
+    let mut blocks = block_reports(&detection, dtype_of, deviations);
+    let mut probe = Probe {
+        kind: "probe".into(),
+        input_size: None,
+        batch: 1,
+        seed: settings.check.seed,
+    };
+    let mut verify_report = None;
+    if verify {
+        hooks.progress.stage("verifying");
+        let deploy = Checkpoint::open(tmp.path())?;
+        let (v, devs) = check_deploy(&ckpt, &deploy, &detection, eps.value, &settings.check, hooks.cancel)?;
+        set_deviations(&mut blocks, devs);
+        probe = verify_probe(&v);
+        verify_report = Some(v);
+    }
+    let written = Written {
+        tensors: plan.entries.len(),
+        parameters: plan.entries.iter().map(|e| e.shape.iter().product::<usize>()).sum(),
+        bytes: plan.file_len(),
+    };
+    let parts = ReportParts {
+        command: "convert",
+        output: output.to_path_buf(),
+        eps,
+        probe,
+        blocks,
+        verify: verify_report,
+        written,
+    };
+    let report = build_report(&ckpt, &detection, parts);
+    let report_file = report_tmp(&report, &report_path)?;
+    // A deploy file that failed verification is not put in place (the temp file goes with
+    // `tmp`); the report is, since it says what failed.
+    if report.verify.as_ref().is_none_or(|v: &VerifyReport| v.passed) {
+        persist(tmp, output, "the finished file")?;
+    }
+    persist(report_file, &report_path, "the report")?;
+    Ok(Outcome {
+        report,
+        report_path: Some(report_path),
+    })
+}
+
+/// Replaces the probe deviations with the verification's, where a block could be run.
+fn set_deviations(blocks: &mut [BlockReport], devs: Vec<Option<Deviation>>) {
+    for (report, dev) in blocks.iter_mut().zip(devs) {
+        if let Some(dev) = dev {
+            report.max_abs_deviation = dev.max_abs;
+            report.max_rel_deviation = dev.max_rel;
+            report.max_abs_output = dev.max_abs_output;
+        }
+    }
+}

@@ -1,0 +1,176 @@
+//! The use cases — [`convert()`], [`verify_files()`], [`inspect()`] — each strings the stages
+//! together: read the checkpoint, find the blocks, fuse and write (or check), report. What they
+//! share is here: the options, finding the blocks, and building the report.
+
+mod convert;
+mod inspect;
+mod output;
+mod verify;
+
+use std::path::PathBuf;
+
+use safetensors::Dtype;
+
+pub use convert::convert;
+pub use inspect::{Inspection, InspectBlock, OutputTensor, inspect};
+pub use output::{default_report_path, write_report};
+pub use verify::verify_files;
+
+use crate::Error;
+use crate::block::Block;
+pub use crate::check::CheckOptions;
+use crate::checkpoint::Checkpoint;
+use crate::deviation::Deviation;
+use crate::layout::{Detection, Layout};
+use crate::report::{
+    BlockReport, EpsInfo, LayoutInfo, Probe, Report, Skipped, Summary, Tool, VerifyReport,
+};
+
+/// How blocks are found.
+#[derive(Debug, Clone, Default)]
+pub struct FindOptions {
+    /// Force this layout instead of detecting one.
+    pub layout: Option<String>,
+    /// Read layouts from this JSON file instead of the built-in table.
+    pub layout_file: Option<PathBuf>,
+    /// BN ε instead of the layout's default.
+    pub bn_eps: Option<f64>,
+}
+
+/// Everything the user can set.
+#[derive(Debug, Clone, Default)]
+pub struct Settings {
+    /// How blocks are found.
+    pub find: FindOptions,
+    /// How fused and unfused blocks are compared.
+    pub check: CheckOptions,
+    /// Cast every floating-point tensor of the output to this dtype.
+    pub cast: Option<Dtype>,
+}
+
+/// What a run produced.
+#[derive(Debug, Clone)]
+pub struct Outcome {
+    /// The report.
+    pub report: Report,
+    /// Where the report was written, if it was.
+    pub report_path: Option<PathBuf>,
+}
+
+impl Outcome {
+    /// False when a verification ran and found a deviation over tolerance.
+    pub fn passed(&self) -> bool {
+        self.report.verify.as_ref().is_none_or(|v| v.passed)
+    }
+}
+
+/// The blocks of `ckpt`, by the layouts `opts` selects.
+fn find(ckpt: &Checkpoint, opts: &FindOptions) -> Result<Detection, Error> {
+    let wrap = |error| Error::Layout {
+        path: ckpt.path().to_path_buf(),
+        error,
+    };
+    let (layouts, chosen_by) = match &opts.layout_file {
+        Some(file) => (Layout::from_file(file).map_err(wrap)?, "--layout-file"),
+        None if opts.layout.is_some() => (Layout::builtin(), "--layout"),
+        None => (Layout::builtin(), "detected"),
+    };
+    Detection::find(ckpt, &layouts, opts.layout.as_deref(), chosen_by).map_err(wrap)
+}
+
+fn eps_info(detection: &Detection, opts: &FindOptions) -> EpsInfo {
+    let (value, source) = detection.layout.bn_eps(opts.bn_eps);
+    EpsInfo { value, source }
+}
+
+fn layout_info(d: &Detection) -> LayoutInfo {
+    LayoutInfo {
+        name: d.layout.name.clone(),
+        description: d.layout.description.clone(),
+        chosen_by: d.chosen_by.clone(),
+    }
+}
+
+fn skipped(detection: &Detection) -> Vec<Skipped> {
+    detection
+        .skipped
+        .iter()
+        .map(|(name, reason)| Skipped {
+            name: name.clone(),
+            reason: reason.clone(),
+        })
+        .collect()
+}
+
+/// One report entry per block, with its fused dtype and deviation.
+fn block_reports(
+    detection: &Detection,
+    dtype_of: impl Fn(&Block) -> String,
+    devs: impl IntoIterator<Item = Deviation>,
+) -> Vec<BlockReport> {
+    detection
+        .blocks
+        .iter()
+        .zip(devs)
+        .map(|(b, d)| BlockReport::new(b, &detection.layout.name, &dtype_of(b), d))
+        .collect()
+}
+
+/// What the written (or judged) file holds: tensors, parameters, bytes.
+struct Written {
+    tensors: usize,
+    parameters: usize,
+    bytes: u64,
+}
+
+/// The parts of a report that only the use case knows.
+struct ReportParts {
+    command: &'static str,
+    output: PathBuf,
+    eps: EpsInfo,
+    probe: Probe,
+    blocks: Vec<BlockReport>,
+    verify: Option<VerifyReport>,
+    written: Written,
+}
+
+fn build_report(ckpt: &Checkpoint, detection: &Detection, parts: ReportParts) -> Report {
+    let consumed = detection.consumed();
+    let tensors_in = ckpt.tensors().len();
+    let mut summary = Summary {
+        tensors_in,
+        tensors_out: parts.written.tensors,
+        tensors_passed_through: tensors_in - consumed.len(),
+        tensors_dropped: consumed.len(),
+        parameters_in: ckpt.tensors().iter().map(|t| t.numel()).sum(),
+        parameters_out: parts.written.parameters,
+        bytes_in: std::fs::metadata(ckpt.path()).map_or(0, |m| m.len()),
+        bytes_out: parts.written.bytes,
+        ..Summary::default()
+    };
+    summary.set_worst(&parts.blocks);
+    Report {
+        tool: Tool::default(),
+        command: parts.command.into(),
+        input: ckpt.path().display().to_string(),
+        output: parts.output.display().to_string(),
+        layout: layout_info(detection),
+        bn_eps: parts.eps,
+        probe: parts.probe,
+        blocks: parts.blocks,
+        skipped: skipped(detection),
+        summary,
+        verify: parts.verify,
+    }
+}
+
+/// The probe record of a verification.
+fn verify_probe(v: &VerifyReport) -> Probe {
+    Probe {
+        kind: "verify".into(),
+        input_size: Some(v.input_size),
+        batch: v.batch,
+        seed: v.seed,
+    }
+}
+

@@ -1,0 +1,364 @@
+//! Judging a deploy file against its train file: every block run both ways — the train
+//! block op by op ([`crate::ops::forward_unfused`]), the deploy conv as written — on the same
+//! seeded random input, and every other tensor compared with the train file's.
+
+use std::collections::BTreeSet;
+
+use ndarray::Array2;
+use rayon::prelude::*;
+use safetensors::Dtype;
+
+use crate::Error;
+use crate::block::{Block, Op};
+use crate::checkpoint::{Checkpoint, TensorInfo, encode, float_width};
+use crate::conv::{BlockInput, Input, conv_rows};
+use crate::deviation::{self, Deviation};
+use crate::layout::Detection;
+use crate::ops::{ChannelValues, forward_unfused, read_rows};
+use crate::progress::Cancel;
+use crate::report::{Failure, VerifyReport};
+
+/// How fused and unfused blocks are compared.
+#[derive(Debug, Clone)]
+pub struct CheckOptions {
+    /// Seed of the random inputs.
+    pub seed: u64,
+    /// Verification input `[h, w]`; `None` for the default.
+    pub input_size: Option<[usize; 2]>,
+    /// Images per block.
+    pub batch: usize,
+    /// Absolute tolerance; `None` for the dtype's default.
+    pub atol: Option<f64>,
+    /// Relative tolerance; `None` for the dtype's default.
+    pub rtol: Option<f64>,
+}
+
+impl Default for CheckOptions {
+    fn default() -> Self {
+        CheckOptions {
+            seed: 0,
+            input_size: None,
+            batch: 1,
+            atol: None,
+            rtol: None,
+        }
+    }
+}
+
+impl CheckOptions {
+    /// `(atol, rtol)` for fused tensors stored as `dtype`: the options', else the dtype's.
+    pub fn tolerance(&self, dtype: Dtype) -> (f64, f64) {
+        let (a, r) = default_tolerance(dtype);
+        (self.atol.unwrap_or(a), self.rtol.unwrap_or(r))
+    }
+}
+
+/// f64 weights run through one GEMM when verifying (8 MB): big enough for the GEMM to be
+/// efficient, small enough to bound memory per block.
+const VERIFY_CHUNK: usize = 1 << 20;
+
+/// Default verification input side, raised to the kernel size where a kernel is larger.
+pub const DEFAULT_VERIFY_SIZE: usize = 8;
+
+/// Default tolerances `(atol, rtol)` for fused tensors stored as `dtype`: a few units of the
+/// dtype's rounding, so a correct file passes and a wrong ε or a dropped bias does not.
+pub fn default_tolerance(dtype: Dtype) -> (f64, f64) {
+    match dtype {
+        Dtype::F64 => (1e-12, 1e-10),
+        Dtype::F16 => (1e-3, 1e-2),
+        Dtype::BF16 => (1e-2, 5e-2),
+        _ => (1e-6, 1e-5),
+    }
+}
+
+/// The verification input size: the option's, else 8×8 or the largest kernel; refused when a
+/// kernel does not fit.
+fn input_size(detection: &Detection, opts: &CheckOptions) -> Result<[usize; 2], Error> {
+    let max_k = detection.blocks.iter().map(|b| b.kernel).max().unwrap_or(1);
+    let side = DEFAULT_VERIFY_SIZE.max(max_k);
+    let [h, w] = opts.input_size.unwrap_or([side, side]);
+    match detection.blocks.iter().find(|b| b.kernel > h || b.kernel > w) {
+        Some(b) => Err(Error::Usage(format!(
+            "--input-size {h}x{w} is smaller than the {k}×{k} kernel of block `{}`; borders and interior would not both be tested",
+            b.name,
+            k = b.kernel
+        ))),
+        None => Ok([h, w]),
+    }
+}
+
+/// Judges `deploy` against the blocks of `train`: every block run both ways on the verification
+/// input, every other tensor compared. Returns the verdict and each block's deviation (`None`
+/// where the fused tensors are missing or mis-shaped).
+pub fn check_deploy(
+    train: &Checkpoint,
+    deploy: &Checkpoint,
+    detection: &Detection,
+    eps: f64,
+    opts: &CheckOptions,
+    cancel: &Cancel,
+) -> Result<(VerifyReport, Vec<Option<Deviation>>), Error> {
+    let size = input_size(detection, opts)?;
+    let batch = opts.batch.max(1);
+    // Tolerances reported are those of the blocks' (first) dtype.
+    let report_dtype = detection
+        .blocks
+        .first()
+        .and_then(|b| deploy.get(&b.deploy_weight).map(|t| t.dtype))
+        .unwrap_or(Dtype::F32);
+    let (atol, rtol) = opts.tolerance(report_dtype);
+    let results: Vec<Result<Result<Deviation, String>, Error>> = detection
+        .blocks
+        .par_iter()
+        .enumerate()
+        .map(|(i, block)| {
+            cancel.check()?;
+            let run = Run {
+                train,
+                deploy,
+                block,
+                eps,
+            };
+            run.deviation(size, batch, opts.seed, i as u64)
+        })
+        .collect();
+    let mut failures = Vec::new();
+    let mut devs = Vec::new();
+    for (block, result) in detection.blocks.iter().zip(results) {
+        let result = result?;
+        let dtype = deploy
+            .get(&block.deploy_weight)
+            .map_or(Dtype::F32, |t| t.dtype);
+        failures.extend(judge(block, &result, opts.tolerance(dtype)));
+        devs.push(result.ok());
+    }
+    failures.extend(check_passthrough(train, deploy, detection)?);
+    let report = VerifyReport {
+        passed: failures.is_empty(),
+        atol,
+        rtol,
+        input_size: size,
+        batch,
+        seed: opts.seed,
+        failures,
+    };
+    Ok((report, devs))
+}
+
+/// The failure of a block whose deviation is over `(atol, rtol)` or that could not be run.
+fn judge(block: &Block, result: &Result<Deviation, String>, (a, r): (f64, f64)) -> Option<Failure> {
+    match result {
+        Ok(dev) if dev.within(a, r) => None,
+        Ok(dev) => Some(Failure {
+            name: block.name.clone(),
+            reason: format!(
+                "deviation {:.3e} (relative {:.3e}) is over the tolerance {a:.1e} + {r:.1e} × {:.3e}",
+                dev.max_abs, dev.max_rel, dev.max_abs_output
+            ),
+            max_abs_deviation: Some(dev.max_abs),
+            max_rel_deviation: Some(dev.max_rel),
+        }),
+        Err(reason) => Some(Failure {
+            name: block.name.clone(),
+            reason: reason.clone(),
+            max_abs_deviation: None,
+            max_rel_deviation: None,
+        }),
+    }
+}
+
+/// One block of the train file against its fused tensors in the deploy file.
+struct Run<'a> {
+    train: &'a Checkpoint,
+    deploy: &'a Checkpoint,
+    block: &'a Block,
+    eps: f64,
+}
+
+impl Run<'_> {
+    /// The deploy file's fused weight and bias, or why they cannot be run.
+    fn fused_tensors(&self) -> Result<[&TensorInfo; 2], String> {
+        let b = self.block;
+        let k = b.kernel;
+        let expect_w = vec![b.out_channels, b.in_per_group, k, k];
+        let expect_b = vec![b.out_channels];
+        let get = |name: &String, shape: &Vec<usize>| {
+            let t = self
+                .deploy
+                .get(name)
+                .ok_or_else(|| format!("the deploy file has no `{name}`"))?;
+            if &t.shape != shape {
+                return Err(format!(
+                    "`{name}` has shape {:?}; expected {shape:?}",
+                    t.shape
+                ));
+            }
+            if float_width(t.dtype).is_none() {
+                return Err(format!("`{name}` is {:?}, not floating point", t.dtype));
+            }
+            Ok(t)
+        };
+        Ok([get(&b.deploy_weight, &expect_w)?, get(&b.deploy_bias, &expect_b)?])
+    }
+
+    /// The block's deviation on a seeded `batch`×`h`×`w` input (stream `stream`); the inner
+    /// `Err` says why the deploy file's tensors cannot be run.
+    fn deviation(
+        &self,
+        [h, w]: [usize; 2],
+        batch: usize,
+        seed: u64,
+        stream: u64,
+    ) -> Result<Result<Deviation, String>, Error> {
+        let fused = match self.fused_tensors() {
+            Ok(t) => t,
+            Err(why) => return Ok(Err(why)),
+        };
+        let b = self.block;
+        let c = b.in_channels().unwrap_or(b.in_per_group);
+        let x = BlockInput::new(Input::random(batch, c, h, w, seed, stream), &kernels(self.train, b));
+        let mut dev = Deviation::default();
+        for rows in b.row_chunks(VERIFY_CHUNK) {
+            let unfused = self.unfused(&x, rows.clone())?;
+            let fused = self.fused(&x, fused, rows)?;
+            dev = dev.merge(deviation::between(&unfused, &fused));
+        }
+        Ok(Ok(dev))
+    }
+
+    /// The train block, op by op, for output channels `rows`.
+    fn unfused(&self, x: &BlockInput, rows: std::ops::Range<usize>) -> Result<Array2<f64>, Error> {
+        let (b, train) = (self.block, self.train);
+        let block_err = |e| Error::block(train, e);
+        let values = ChannelValues::load(train, b, rows.clone()).map_err(block_err)?;
+        // The checks of the composed values (σ² + ε = 0 is bad input, not a deviation).
+        values.affines(self.eps, b).map_err(block_err)?;
+        let mut sources = Vec::with_capacity(b.branches.len());
+        for branch in &b.branches {
+            sources.push(match branch.conv_weight() {
+                Some(name) => {
+                    let per_row = train.get(name).map_or(0, |t| t.numel() / b.out_channels);
+                    Some(read_rows(train, b, name, rows.clone(), per_row).map_err(block_err)?)
+                }
+                None => None,
+            });
+        }
+        Ok(forward_unfused(b, &values, &sources, x, self.eps))
+    }
+
+    /// The deploy conv as written, for output channels `rows`.
+    fn fused(
+        &self,
+        x: &BlockInput,
+        [weight, bias]: [&TensorInfo; 2],
+        rows: std::ops::Range<usize>,
+    ) -> Result<Array2<f64>, Error> {
+        let b = self.block;
+        let not_float = || Error::internal(format!("`{}` was checked to be floating point", weight.name));
+        let w = self
+            .deploy
+            .read_f64(weight, rows.start * b.row_len()..rows.end * b.row_len())?
+            .ok_or_else(not_float)?;
+        let bias = self.deploy.read_f64(bias, rows.clone())?.ok_or_else(not_float)?;
+        let mut y = conv_rows(&x.cols(b.kernel, 1), &w, rows, b.in_per_group, b.kernel, b.out_per_group());
+        for (mut row, c) in y.rows_mut().into_iter().zip(bias) {
+            row += c;
+        }
+        Ok(y)
+    }
+}
+
+/// The (side, dilation) of every kernel the block's forward passes use: the fused one and
+/// each branch's source.
+fn kernels(ckpt: &Checkpoint, block: &Block) -> Vec<(usize, usize)> {
+    let mut ks = vec![(block.kernel, 1), (1, 1)];
+    for branch in &block.branches {
+        match branch.source() {
+            Op::Conv {
+                weight, dilation, ..
+            } => ks.extend(ckpt.get(weight).map(|t| (t.shape[2], *dilation))),
+            Op::AvgPool { kernel } => ks.push((*kernel, 1)),
+            _ => {}
+        }
+    }
+    ks.sort_unstable();
+    ks.dedup();
+    ks
+}
+
+/// Every tensor the deploy file should carry over unchanged is there, equal to the train
+/// file's (cast to the deploy dtype where that differs); and nothing else is there.
+fn check_passthrough(
+    train: &Checkpoint,
+    deploy: &Checkpoint,
+    detection: &Detection,
+) -> Result<Vec<Failure>, Error> {
+    let consumed = detection.consumed();
+    let mut expected: BTreeSet<&str> = BTreeSet::new();
+    let mut failures = Vec::new();
+    for b in &detection.blocks {
+        expected.insert(&b.deploy_weight);
+        expected.insert(&b.deploy_bias);
+    }
+    for t in train.tensors() {
+        if consumed.contains(t.name.as_str()) {
+            continue;
+        }
+        expected.insert(&t.name);
+        let why = match deploy.get(&t.name) {
+            None => Some("missing from the deploy file".to_string()),
+            Some(d) if d.shape != t.shape => Some(format!(
+                "shape {:?} in the deploy file, {:?} in the train file",
+                d.shape, t.shape
+            )),
+            Some(d) if !same_values(train, t, deploy, d)? => Some(format!(
+                "differs from the train file's ({:?} there, {:?} here)",
+                t.dtype, d.dtype
+            )),
+            Some(_) => None,
+        };
+        failures.extend(why.map(|reason| failure(&t.name, reason)));
+    }
+    for d in deploy.tensors() {
+        if !expected.contains(d.name.as_str()) {
+            failures.push(failure(
+                &d.name,
+                "is in the deploy file but not expected there (a leftover train branch? strict loading would refuse it)".into(),
+            ));
+        }
+    }
+    Ok(failures)
+}
+
+fn failure(name: &str, reason: String) -> Failure {
+    Failure {
+        name: name.to_string(),
+        reason,
+        max_abs_deviation: None,
+        max_rel_deviation: None,
+    }
+}
+
+/// Whether deploy tensor `d` holds train tensor `t`'s values: the same bytes, or for a cast
+/// file the train values rounded to `d`'s dtype (a value that overflows it cannot match).
+fn same_values(
+    train: &Checkpoint,
+    t: &TensorInfo,
+    deploy: &Checkpoint,
+    d: &TensorInfo,
+) -> Result<bool, Error> {
+    if d.dtype == t.dtype {
+        return Ok(train.read_bytes(t, 0, t.len)? == deploy.read_bytes(d, 0, d.len)?);
+    }
+    let Some(values) = train.read_f64(t, 0..t.numel())? else {
+        return Ok(false);
+    };
+    if float_width(d.dtype).is_none() {
+        return Ok(false);
+    }
+    let mut cast = Vec::new();
+    if encode(d.dtype, &values, &mut cast).is_err() {
+        return Ok(false);
+    }
+    Ok(cast == deploy.read_bytes(d, 0, d.len)?)
+}

@@ -1,0 +1,774 @@
+//! The branch algebra: what each op of a [`Block`] does to a range of output channels, in f64.
+//!
+//! Every branch is a source op (conv, identity, average pool) followed by per-channel ops (the
+//! conv's bias, BN, a scale) and a coefficient; the block's post-ops are per-channel too. So
+//! per output channel o a branch computes `α[o]·source(x)[o] + β[o]`, and the block
+//! `Σ α_b[o]·source_b(x)[o] + Σ β_b[o]`. [`ChannelValues`] loads the per-channel ops for some
+//! rows and composes them into each branch's [`Affine`]; [`fuse_rows`] — the one fusion
+//! routine — places every source's kernel on the block's k×k grid, scaled by α, sums, rounds
+//! once to the output dtype, and probes the rows as written.
+//!
+//! For `--verify`, [`forward_unfused`] runs the same ops the other way: each source on a real
+//! input (a GEMM), then each per-channel op on the outputs in order, the BN as a BN — never
+//! through the composed α/β — so the check does not depend on this algebra.
+//!
+//! Flat slices in the hot loops ([`fuse_rows`]), `ndarray` for the forward pass.
+
+use std::ops::Range;
+
+use ndarray::{Array2, Zip, s};
+use safetensors::Dtype;
+
+use crate::block::{Block, BlockError, Branch, Op};
+use crate::checkpoint::{Checkpoint, TensorInfo, decode_into, dtype_bytes, encode};
+use crate::conv::{BlockInput, Input, conv_rows};
+use crate::deviation::Deviation;
+
+/// A BatchNorm's parameters for a range of channels.
+#[derive(Debug, Clone, PartialEq)]
+pub struct BatchNorm {
+    /// γ.
+    pub gamma: Vec<f64>,
+    /// β.
+    pub beta: Vec<f64>,
+    /// μ (running mean).
+    pub mean: Vec<f64>,
+    /// σ² (running variance).
+    pub var: Vec<f64>,
+}
+
+impl BatchNorm {
+    /// `(t, s)` such that `bn(y) = t·y + s`, per channel.
+    ///
+    /// The seed document's BN (μ = 5, σ² = 100, γ = 5, β = 20) maps 50 to
+    /// (50 − 5)·5/10 + 20 = 42.5:
+    ///
+    /// ```
+    /// use repvgg_fuse::ops::BatchNorm;
+    ///
+    /// let bn = BatchNorm { gamma: vec![5.0], beta: vec![20.0], mean: vec![5.0], var: vec![100.0] };
+    /// let (t, s) = bn.affine(0.0);
+    /// assert_eq!(t[0] * 50.0 + s[0], 42.5);
+    /// ```
+    pub fn affine(&self, eps: f64) -> (Vec<f64>, Vec<f64>) {
+        let t: Vec<f64> = self
+            .gamma
+            .iter()
+            .zip(&self.var)
+            .map(|(g, v)| g / (v + eps).sqrt())
+            .collect();
+        let s = t
+            .iter()
+            .zip(self.beta.iter().zip(&self.mean))
+            .map(|(t, (b, m))| b - t * m)
+            .collect();
+        (t, s)
+    }
+}
+
+/// One per-channel op's values for a range of rows.
+#[derive(Debug, Clone, PartialEq)]
+pub enum ChannelOp {
+    /// Add a bias (a conv's own).
+    Bias(Vec<f64>),
+    /// A BatchNorm.
+    Bn(BatchNorm),
+    /// Multiply by a per-channel scale.
+    Scale(Vec<f64>),
+}
+
+/// A branch's output per channel: `scale·source(x) + shift`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Affine {
+    /// α per row.
+    pub scale: Vec<f64>,
+    /// β per row.
+    pub shift: Vec<f64>,
+}
+
+impl Affine {
+    fn identity(rows: usize) -> Affine {
+        Affine {
+            scale: vec![1.0; rows],
+            shift: vec![0.0; rows],
+        }
+    }
+
+    /// This affine followed by `op`: `op(α·y + β)`. A BN is `t·y + s` with
+    /// `t = γ/√(σ² + ε)`, `s = β − t·μ`, so a conv bias c becomes `t·c + s`.
+    fn then(&mut self, op: &ChannelOp, eps: f64) {
+        match op {
+            ChannelOp::Bias(c) => self.shift.iter_mut().zip(c).for_each(|(b, c)| *b += c),
+            ChannelOp::Bn(bn) => {
+                let (t, s) = bn.affine(eps);
+                self.times(&t);
+                self.shift.iter_mut().zip(&s).for_each(|(b, s)| *b += s);
+            }
+            ChannelOp::Scale(g) => self.times(g),
+        }
+    }
+
+    fn times(&mut self, t: &[f64]) {
+        self.scale.iter_mut().zip(t).for_each(|(a, t)| *a *= t);
+        self.shift.iter_mut().zip(t).for_each(|(b, t)| *b *= t);
+    }
+}
+
+/// The per-channel values of a block for output channels `rows`: each branch's ops after its
+/// source, and the post-ops.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ChannelValues {
+    /// The output channels covered.
+    pub rows: Range<usize>,
+    /// Per branch: its coefficient and its per-channel ops, in order.
+    pub branches: Vec<(f64, Vec<ChannelOp>)>,
+    /// Ops on the sum of the branches.
+    pub post: Vec<ChannelOp>,
+}
+
+impl ChannelValues {
+    /// Reads the per-channel values of `block` for `rows`, refusing NaN, ±∞ and negative
+    /// variances.
+    pub fn load(ckpt: &Checkpoint, block: &Block, rows: Range<usize>) -> Result<Self, BlockError> {
+        let load = |ops: &[Op]| -> Result<Vec<ChannelOp>, BlockError> {
+            let mut out = Vec::new();
+            for op in ops {
+                out.extend(load_channel_op(ckpt, block, op, rows.clone())?);
+            }
+            Ok(out)
+        };
+        let branches = block
+            .branches
+            .iter()
+            .map(|b| Ok((b.coef, load(&b.ops)?)))
+            .collect::<Result<_, BlockError>>()?;
+        Ok(ChannelValues {
+            branches,
+            post: load(&block.post)?,
+            rows,
+        })
+    }
+
+    /// Each branch's [`Affine`] with the post-ops folded in, and the post-ops' own shift
+    /// (`None` without post-ops); values that are not finite are refused, naming the tensor:
+    /// a BN with σ² + ε = 0 (ε 0 and a zero running variance) scales by γ/√0.
+    pub fn affines(
+        &self,
+        eps: f64,
+        block: &Block,
+    ) -> Result<(Vec<Affine>, Option<Vec<f64>>), BlockError> {
+        let n = self.rows.len();
+        let post = (!self.post.is_empty()).then(|| {
+            let mut p = Affine::identity(n);
+            self.post.iter().for_each(|op| p.then(op, eps));
+            p
+        });
+        if let Some(p) = &post {
+            self.refuse_non_finite(p, &self.post, &block.post, eps, block, "the post-ops")?;
+        }
+        let mut out = Vec::with_capacity(self.branches.len());
+        for ((coef, ops), branch) in self.branches.iter().zip(&block.branches) {
+            let mut a = Affine::identity(n);
+            ops.iter().for_each(|op| a.then(op, eps));
+            if *coef != 1.0 {
+                a.times(&vec![*coef; n]);
+            }
+            if let Some(p) = &post {
+                a.times(&p.scale);
+            }
+            self.refuse_non_finite(&a, ops, &branch.ops, eps, block, &branch.label)?;
+            out.push(a);
+        }
+        Ok((out, post.map(|p| p.shift)))
+    }
+
+    fn refuse_non_finite(
+        &self,
+        a: &Affine,
+        values: &[ChannelOp],
+        ops: &[Op],
+        eps: f64,
+        block: &Block,
+        label: &str,
+    ) -> Result<(), BlockError> {
+        let err = |what: String| Err(BlockError::new(&block.name, what));
+        if let Some(r) = a.scale.iter().position(|t| !t.is_finite()) {
+            let bn = values.iter().find_map(|v| match v {
+                ChannelOp::Bn(bn) => Some(bn),
+                _ => None,
+            });
+            let names = ops.iter().find_map(|op| match op {
+                Op::Bn(bn) => Some(bn),
+                _ => None,
+            });
+            if let (Some(bn), Some(names)) = (bn, names) {
+                return err(format!(
+                    "`{}` is {:e} at channel {} and BN ε is {eps:e}, so γ/√(σ² + ε) = {}; expected σ² + ε > 0 (pass a larger --bn-eps)",
+                    names.running_var,
+                    bn.var[r],
+                    self.rows.start + r,
+                    a.scale[r]
+                ));
+            }
+            return err(format!(
+                "branch `{label}`: its scale is {} at channel {}: the values overflow f64",
+                a.scale[r],
+                self.rows.start + r
+            ));
+        }
+        if let Some(r) = a.shift.iter().position(|s| !s.is_finite()) {
+            return err(format!(
+                "branch `{label}`: its bias after BN is {} at channel {}: the values overflow f64",
+                a.shift[r],
+                self.rows.start + r
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// The per-channel values an op contributes for `rows` (a conv: its bias, if any).
+fn load_channel_op(
+    ckpt: &Checkpoint,
+    block: &Block,
+    op: &Op,
+    rows: Range<usize>,
+) -> Result<Option<ChannelOp>, BlockError> {
+    let read = |name: &str| read_finite(ckpt, block, name, rows.clone());
+    Ok(match op {
+        Op::Conv {
+            bias: Some(bias), ..
+        } => Some(ChannelOp::Bias(read(bias)?)),
+        Op::Conv { .. } | Op::Identity | Op::AvgPool { .. } => None,
+        Op::Scale { weight } => Some(ChannelOp::Scale(read(weight)?)),
+        Op::Bn(bn) => {
+            let var = read(&bn.running_var)?;
+            if let Some(i) = var.iter().position(|v| *v < 0.0) {
+                return Err(BlockError::new(
+                    &block.name,
+                    format!(
+                        "tensor `{}` has a negative variance {} at channel {}; a running variance must be ≥ 0",
+                        bn.running_var,
+                        var[i],
+                        rows.start + i
+                    ),
+                ));
+            }
+            Some(ChannelOp::Bn(BatchNorm {
+                gamma: read(&bn.weight)?,
+                beta: read(&bn.bias)?,
+                mean: read(&bn.running_mean)?,
+                var,
+            }))
+        }
+    })
+}
+
+/// Elements `rows` of tensor `name` (`per_row` elements a row), refusing NaN and ±∞.
+pub fn read_rows(
+    ckpt: &Checkpoint,
+    block: &Block,
+    name: &str,
+    rows: Range<usize>,
+    per_row: usize,
+) -> Result<Vec<f64>, BlockError> {
+    read_finite(ckpt, block, name, rows.start * per_row..rows.end * per_row)
+}
+
+fn read_finite(
+    ckpt: &Checkpoint,
+    block: &Block,
+    name: &str,
+    range: Range<usize>,
+) -> Result<Vec<f64>, BlockError> {
+    let err = |what: String| BlockError::new(&block.name, what);
+    let info: &TensorInfo = ckpt
+        .get(name)
+        .ok_or_else(|| err(format!("tensor `{name}` is missing")))?;
+    let values = ckpt
+        .read_f64(info, range.clone())
+        .map_err(|e| err(format!("reading `{name}`: {e}")))?
+        .ok_or_else(|| err(format!("tensor `{name}` is {:?}, not floating point", info.dtype)))?;
+    match first_non_finite(&values) {
+        Some(i) => Err(err(format!(
+            "tensor `{name}` holds {} at element {}; fusion needs finite values",
+            values[i],
+            range.start + i
+        ))),
+        None => Ok(values),
+    }
+}
+
+/// The index of the first NaN or ±∞: a branchless pass decides (it vectorizes), the scan for
+/// the culprit runs only on failure.
+#[inline(always)]
+pub fn first_non_finite(values: &[f64]) -> Option<usize> {
+    let mut finite = true;
+    for v in values {
+        finite &= v.is_finite();
+    }
+    if finite {
+        None
+    } else {
+        values.iter().position(|v| !v.is_finite())
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Fusion
+
+/// A branch's source as the fusion routine sees it, for a range of rows.
+#[derive(Debug, Clone, Copy)]
+pub enum Kernel<'a> {
+    /// Conv weights `[rows, in/groups, side, side]` as raw bytes of `dtype`.
+    Weights {
+        /// Their dtype.
+        dtype: Dtype,
+        /// The rows' bytes.
+        bytes: &'a [u8],
+        /// Kernel side.
+        side: usize,
+        /// Spacing between taps.
+        dilation: usize,
+    },
+    /// Output channel o reads input channel `o mod (in/groups)` of its group at the centre.
+    Identity,
+    /// Output channel o averages input channel `o mod (in/groups)` over `side`×`side`.
+    AvgPool {
+        /// Window side.
+        side: usize,
+    },
+}
+
+/// One branch's share of a range of rows: `scale·kernel`, plus `shift` to the bias.
+#[derive(Debug, Clone)]
+pub struct Term<'a> {
+    /// Where the kernel comes from.
+    pub kernel: Kernel<'a>,
+    /// α per row.
+    pub scale: Vec<f64>,
+    /// β per row.
+    pub shift: Vec<f64>,
+}
+
+/// The block's kernel grid: `in/groups` channels of `k`×`k`, `out_per_group` rows a group.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Grid {
+    /// Input channels per group.
+    pub in_per_group: usize,
+    /// Kernel side.
+    pub k: usize,
+    /// Output channels per group.
+    pub out_per_group: usize,
+}
+
+impl Grid {
+    /// The grid of `block`.
+    pub fn of(block: &Block) -> Grid {
+        Grid {
+            in_per_group: block.in_per_group,
+            k: block.kernel,
+            out_per_group: block.out_per_group(),
+        }
+    }
+
+    /// Weights per row.
+    pub fn row_len(&self) -> usize {
+        self.in_per_group * self.k * self.k
+    }
+
+    /// Where tap (y, x) of a `side`-wide kernel with `dilation` lands: its offset within one
+    /// input channel of the grid, the kernel centred.
+    #[inline(always)]
+    fn tap(&self, side: usize, dilation: usize, y: usize, x: usize) -> usize {
+        let pad = (self.k - ((side - 1) * dilation + 1)) / 2;
+        (pad + y * dilation) * self.k + pad + x * dilation
+    }
+
+    /// `Σ` over the taps of row `w` (`[in/groups, side, side]`) of `f(tap in grid, weight)`.
+    #[inline(always)]
+    fn each_tap(&self, w: &[f64], side: usize, dilation: usize, mut f: impl FnMut(usize, f64)) {
+        let kk = self.k * self.k;
+        if side == self.k {
+            w.iter().enumerate().for_each(|(i, &v)| f(i, v));
+            return;
+        }
+        for i in 0..self.in_per_group {
+            for y in 0..side {
+                for x in 0..side {
+                    let v = w[(i * side + y) * side + x];
+                    f(i * kk + self.tap(side, dilation, y, x), v);
+                }
+            }
+        }
+    }
+
+    /// The taps of input channel `ch` that a `side`-wide window at the centre covers.
+    fn window(&self, ch: usize, side: usize) -> impl Iterator<Item = usize> + '_ {
+        let base = ch * self.k * self.k;
+        (0..side * side).map(move |t| base + self.tap(side, 1, t / side, t % side))
+    }
+}
+
+/// Fused rows, encoded as they will be written.
+#[derive(Debug, Clone, Default)]
+pub struct FusedRows {
+    /// `[rows, in/groups, k, k]` in the output dtype.
+    pub weight: Vec<u8>,
+    /// `[rows]` in the output dtype.
+    pub bias: Vec<u8>,
+    /// Fused-as-written vs unfused on the probe input.
+    pub deviation: Deviation,
+}
+
+/// What stops a row.
+#[derive(Debug, Clone, PartialEq)]
+pub enum RowError {
+    /// A weight of term `term` is NaN or infinite at element `index` of the rows.
+    NonFinite {
+        /// Index into the terms.
+        term: usize,
+        /// Element index within the rows' weight.
+        index: usize,
+        /// The value.
+        value: f64,
+    },
+    /// A fused value overflows f64 or the output dtype.
+    Overflow {
+        /// Whether it is the bias (else the weight).
+        bias: bool,
+        /// Element index within the rows.
+        index: usize,
+        /// The value.
+        value: f64,
+    },
+}
+
+/// Scratch space of one row, reused across rows.
+#[derive(Default)]
+struct RowScratch {
+    fused: Vec<f64>,
+    w: Vec<f64>,
+    written: Vec<f64>,
+    bias_written: Vec<f64>,
+}
+
+/// Fuses output channels `rows` of a block on `grid`: `Σ term.scale·kernel` placed on the grid,
+/// bias `Σ term.shift (+ post_shift)`; writes them in `dtype` into `out` (cleared first; pass a
+/// reused buffer to save fresh pages), and probes them on `probe`, a `1 × C × k × k` input
+/// (if given; the deviation stays 0 without one). The one fusion routine: the converter, the
+/// tests and the fuzzer all fuse through it.
+pub fn fuse_rows(
+    out: Vec<u8>,
+    rows: Range<usize>,
+    grid: Grid,
+    terms: &[Term],
+    post_shift: Option<&[f64]>,
+    dtype: Dtype,
+    probe: Option<&Input>,
+) -> Result<FusedRows, RowError> {
+    #[cfg(target_arch = "x86_64")]
+    if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
+        // SAFETY: the CPU has the features the function is compiled for (checked above).
+        return unsafe { fuse_rows_avx2(out, rows, grid, terms, post_shift, dtype, probe) };
+    }
+    fuse_rows_any(out, rows, grid, terms, post_shift, dtype, probe)
+}
+
+/// [`fuse_rows`] compiled for AVX2: the same code, with 4-wide f64 vectors in the inner loops.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+fn fuse_rows_avx2(
+    out: Vec<u8>,
+    rows: Range<usize>,
+    grid: Grid,
+    terms: &[Term],
+    post_shift: Option<&[f64]>,
+    dtype: Dtype,
+    probe: Option<&Input>,
+) -> Result<FusedRows, RowError> {
+    fuse_rows_any(out, rows, grid, terms, post_shift, dtype, probe)
+}
+
+#[inline(always)]
+fn fuse_rows_any(
+    weight: Vec<u8>,
+    rows: Range<usize>,
+    grid: Grid,
+    terms: &[Term],
+    post_shift: Option<&[f64]>,
+    dtype: Dtype,
+    probe: Option<&Input>,
+) -> Result<FusedRows, RowError> {
+    let depth = grid.row_len();
+    let mut out = FusedRows {
+        weight,
+        ..FusedRows::default()
+    };
+    out.weight.clear();
+    out.weight.reserve(rows.len() * depth * dtype_bytes(dtype));
+    let mut scratch = RowScratch {
+        fused: vec![0.0; depth],
+        ..RowScratch::default()
+    };
+    for (r, o) in rows.clone().enumerate() {
+        // The input group this row reads, `[in/groups, k, k]`: at the centre output, grid
+        // tap (i, y, x) meets exactly x[g·in/groups + i, y, x].
+        let g = o / grid.out_per_group;
+        let patch = probe.map(|x| &x.data[g * depth..(g + 1) * depth]);
+        let (unfused, mut bias) = fuse_row(&mut scratch, r, o, grid, terms, patch)?;
+        if let Some(p) = post_shift {
+            bias += p[r];
+        }
+        encode_row(&mut out, &scratch.fused, bias, r, dtype)?;
+        if let Some(patch) = patch {
+            out.deviation = out
+                .deviation
+                .merge(probe_row(&mut scratch, &out, dtype, patch, unfused));
+        }
+    }
+    Ok(out)
+}
+
+/// Sums the terms' row `r` (output channel `o`) into `scratch.fused`; returns the unfused
+/// output at the probe's centre (0 without a probe) and the bias before post-ops.
+#[inline(always)]
+fn fuse_row(
+    scratch: &mut RowScratch,
+    r: usize,
+    o: usize,
+    grid: Grid,
+    terms: &[Term],
+    patch: Option<&[f64]>,
+) -> Result<(f64, f64), RowError> {
+    let (depth, kk) = (grid.row_len(), grid.k * grid.k);
+    let centre = (grid.k / 2) * grid.k + grid.k / 2;
+    // `fused` still holds the previous row: the first full-size term overwrites it (saving a
+    // pass of zeros over every weight), anything else starts from zero.
+    let mut fresh = true;
+    let (mut unfused, mut bias) = (0.0, 0.0);
+    for (ti, term) in terms.iter().enumerate() {
+        let (a, b) = (term.scale[r], term.shift[r]);
+        bias += b;
+        let fused = &mut scratch.fused;
+        let y = match term.kernel {
+            Kernel::Weights {
+                dtype,
+                bytes,
+                side,
+                dilation,
+            } => {
+                let per_row = grid.in_per_group * side * side;
+                let row_bytes = per_row * dtype_bytes(dtype);
+                decode_into(dtype, &bytes[r * row_bytes..(r + 1) * row_bytes], &mut scratch.w);
+                let w = &scratch.w;
+                if let Some(i) = first_non_finite(w) {
+                    return Err(RowError::NonFinite {
+                        term: ti,
+                        index: r * per_row + i,
+                        value: w[i],
+                    });
+                }
+                if side == grid.k && std::mem::take(&mut fresh) {
+                    fused.iter_mut().zip(w).for_each(|(f, w)| *f = a * w);
+                } else {
+                    if std::mem::take(&mut fresh) {
+                        fused.fill(0.0);
+                    }
+                    grid.each_tap(w, side, dilation, |at, v| fused[at] += a * v);
+                }
+                patch.map_or(0.0, |p| {
+                    if side == grid.k {
+                        dot(w, p)
+                    } else {
+                        let mut y = 0.0;
+                        grid.each_tap(w, side, dilation, |at, v| y += v * p[at]);
+                        y
+                    }
+                })
+            }
+            Kernel::Identity => {
+                if std::mem::take(&mut fresh) {
+                    fused.fill(0.0);
+                }
+                let at = (o % grid.in_per_group) * kk + centre;
+                fused[at] += a;
+                patch.map_or(0.0, |p| p[at])
+            }
+            Kernel::AvgPool { side } => {
+                if std::mem::take(&mut fresh) {
+                    fused.fill(0.0);
+                }
+                let v = 1.0 / (side * side) as f64;
+                let ch = o % grid.in_per_group;
+                grid.window(ch, side).for_each(|at| fused[at] += a * v);
+                patch.map_or(0.0, |p| grid.window(ch, side).map(|at| p[at]).sum::<f64>() * v)
+            }
+        };
+        if patch.is_some() {
+            unfused += a * y + b;
+        }
+    }
+    if fresh {
+        scratch.fused.fill(0.0);
+    }
+    debug_assert_eq!(scratch.fused.len(), depth);
+    Ok((unfused, bias))
+}
+
+/// Checks row `r`'s fused values and appends them, encoded in `dtype`, to `out`.
+#[inline(always)]
+fn encode_row(
+    out: &mut FusedRows,
+    fused: &[f64],
+    bias: f64,
+    r: usize,
+    dtype: Dtype,
+) -> Result<(), RowError> {
+    let depth = fused.len();
+    // A sum of finite terms can still overflow f64 itself; encode only sees inf then.
+    if let Some(i) = first_non_finite(fused) {
+        return Err(RowError::Overflow {
+            bias: false,
+            index: r * depth + i,
+            value: fused[i],
+        });
+    }
+    let bias_overflow = RowError::Overflow {
+        bias: true,
+        index: r,
+        value: bias,
+    };
+    if !bias.is_finite() {
+        return Err(bias_overflow);
+    }
+    encode(dtype, fused, &mut out.weight).map_err(|i| RowError::Overflow {
+        bias: false,
+        index: r * depth + i,
+        value: fused[i],
+    })?;
+    encode(dtype, &[bias], &mut out.bias).map_err(|_| bias_overflow)
+}
+
+/// The last row of `out` as written, run on `patch` at the centre, against `unfused`.
+#[inline(always)]
+fn probe_row(
+    scratch: &mut RowScratch,
+    out: &FusedRows,
+    dtype: Dtype,
+    patch: &[f64],
+    unfused: f64,
+) -> Deviation {
+    let width = dtype_bytes(dtype);
+    let row_bytes = scratch.fused.len() * width;
+    let weight = &out.weight[out.weight.len() - row_bytes..];
+    decode_into(dtype, weight, &mut scratch.written);
+    decode_into(dtype, &out.bias[out.bias.len() - width..], &mut scratch.bias_written);
+    let fused_out = dot(&scratch.written, patch) + scratch.bias_written[0];
+    Deviation::of((fused_out - unfused).abs(), unfused.abs())
+}
+
+/// `Σ a[i]·b[i]`, in four interleaved sums so the adds do not wait on each other.
+#[inline(always)]
+fn dot(a: &[f64], b: &[f64]) -> f64 {
+    let mut acc = [0.0f64; 4];
+    let mut a4 = a.chunks_exact(4);
+    let mut b4 = b.chunks_exact(4);
+    for (a, b) in (&mut a4).zip(&mut b4) {
+        for j in 0..4 {
+            acc[j] += a[j] * b[j];
+        }
+    }
+    let mut tail = 0.0;
+    for (a, b) in a4.remainder().iter().zip(b4.remainder()) {
+        tail += a * b;
+    }
+    (acc[0] + acc[1]) + (acc[2] + acc[3]) + tail
+}
+
+// ---------------------------------------------------------------------------------------------
+// Forward
+
+/// The unfused block's output for output channels `rows`: each branch's source run on `x`,
+/// then its per-channel ops applied to the outputs one by one (BN as a BN), times its
+/// coefficient; summed; then the post-ops. `sources` holds each branch's conv weights for the
+/// rows (f64, `None` for a source without weights).
+pub fn forward_unfused(
+    block: &Block,
+    values: &ChannelValues,
+    sources: &[Option<Vec<f64>>],
+    x: &BlockInput,
+    eps: f64,
+) -> Array2<f64> {
+    let rows = values.rows.clone();
+    let mut out = Array2::<f64>::zeros((rows.len(), x.input.positions()));
+    for ((branch, (coef, ops)), w) in block.branches.iter().zip(&values.branches).zip(sources) {
+        let mut y = forward_source(block, branch, w.as_deref(), x, rows.clone());
+        for op in ops {
+            forward_channel_op(op, eps, &mut y);
+        }
+        out.scaled_add(*coef, &y);
+    }
+    for op in &values.post {
+        forward_channel_op(op, eps, &mut out);
+    }
+    out
+}
+
+/// A branch's source op on `x`, for output channels `rows`: `[rows, n·h·w]`.
+fn forward_source(
+    block: &Block,
+    branch: &Branch,
+    weight: Option<&[f64]>,
+    x: &BlockInput,
+    rows: Range<usize>,
+) -> Array2<f64> {
+    match (branch.source(), weight) {
+        (Op::Conv { dilation, .. }, Some(w)) => {
+            let side = ((w.len() / (rows.len() * block.in_per_group).max(1)) as f64)
+                .sqrt()
+                .round() as usize;
+            conv_rows(
+                &x.cols(side, *dilation),
+                w,
+                rows,
+                block.in_per_group,
+                side,
+                block.out_per_group(),
+            )
+        }
+        (Op::AvgPool { kernel }, _) => {
+            // Channel o's window: rows o·k²..(o+1)·k² of the k×k im2col, averaged.
+            let cols = x.cols(*kernel, 1);
+            let kk = kernel * kernel;
+            let mut y = Array2::<f64>::zeros((rows.len(), cols.ncols()));
+            for (r, o) in rows.enumerate() {
+                let window = cols.slice(s![o * kk..(o + 1) * kk, ..]);
+                y.row_mut(r).assign(&window.sum_axis(ndarray::Axis(0)));
+            }
+            y / kk as f64
+        }
+        // The identity reads input channel o for output channel o.
+        _ => x.cols(1, 1).slice(s![rows, ..]).to_owned(),
+    }
+}
+
+/// A per-channel op applied to outputs `y` (`[rows, positions]`).
+fn forward_channel_op(op: &ChannelOp, eps: f64, y: &mut Array2<f64>) {
+    for (r, mut row) in y.rows_mut().into_iter().enumerate() {
+        match op {
+            ChannelOp::Bias(c) => row += c[r],
+            ChannelOp::Scale(g) => row *= g[r],
+            ChannelOp::Bn(bn) => {
+                let (t, s) = bn_row(bn, eps, r);
+                Zip::from(&mut row).for_each(|v| *v = t * *v + s);
+            }
+        }
+    }
+}
+
+/// BN `r`'s `(γ/√(σ² + ε), β − μ·γ/√(σ² + ε))`.
+fn bn_row(bn: &BatchNorm, eps: f64, r: usize) -> (f64, f64) {
+    let t = bn.gamma[r] / (bn.var[r] + eps).sqrt();
+    (t, bn.beta[r] - t * bn.mean[r])
+}
