@@ -87,11 +87,24 @@ pub struct Affine {
 }
 
 impl Affine {
-    fn identity(rows: usize) -> Affine {
-        Affine {
+    /// `coef · ops(y)` for `rows` channels: the per-channel ops applied in order, then the
+    /// coefficient.
+    pub fn chain(rows: usize, ops: &[ChannelOp], coef: f64, eps: f64) -> Affine {
+        let mut a = Affine {
             scale: vec![1.0; rows],
             shift: vec![0.0; rows],
+        };
+        ops.iter().for_each(|op| a.then(op, eps));
+        if coef != 1.0 {
+            a.times(&vec![coef; rows]);
         }
+        a
+    }
+
+    /// This affine followed by `post` (the block's post-ops): `post(α·y + β)`, without
+    /// `post`'s own shift, which belongs to the block once, not to every branch.
+    pub fn then_scaled(&mut self, post: &Affine) {
+        self.times(&post.scale);
     }
 
     /// This affine followed by `op`: `op(α·y + β)`. A BN is `t·y + s` with
@@ -158,23 +171,15 @@ impl ChannelValues {
         block: &Block,
     ) -> Result<(Vec<Affine>, Option<Vec<f64>>), BlockError> {
         let n = self.rows.len();
-        let post = (!self.post.is_empty()).then(|| {
-            let mut p = Affine::identity(n);
-            self.post.iter().for_each(|op| p.then(op, eps));
-            p
-        });
+        let post = (!self.post.is_empty()).then(|| Affine::chain(n, &self.post, 1.0, eps));
         if let Some(p) = &post {
             self.refuse_non_finite(p, &self.post, &block.post, eps, block, "the post-ops")?;
         }
         let mut out = Vec::with_capacity(self.branches.len());
         for ((coef, ops), branch) in self.branches.iter().zip(&block.branches) {
-            let mut a = Affine::identity(n);
-            ops.iter().for_each(|op| a.then(op, eps));
-            if *coef != 1.0 {
-                a.times(&vec![*coef; n]);
-            }
+            let mut a = Affine::chain(n, ops, *coef, eps);
             if let Some(p) = &post {
-                a.times(&p.scale);
+                a.then_scaled(p);
             }
             self.refuse_non_finite(&a, ops, &branch.ops, eps, block, &branch.label)?;
             out.push(a);

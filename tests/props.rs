@@ -1,19 +1,56 @@
 //! Property: for any block — output channels, input channels per group, groups (in == out when
-//! there is an identity), kernel 1/3/5/7 with a 1×1 branch, several k×k branches, conv biases
-//! or not, any BN statistics with σ² ≥ 0 — the fused conv applied to a random input equals the
-//! sum of the branches applied separately, to f64 rounding.
+//! there is an identity), kernel 1/3/5/7 with a 1×1 branch, several k×k branches (smaller ones
+//! dilated now and then), conv biases or not, any BN statistics with σ² ≥ 0, branch
+//! coefficients (a subtracted branch), a layer scale, an average-pool branch, a BN after the
+//! sum — the fused conv applied to a random input equals the sum of the branches applied
+//! separately, to f64 rounding.
 //!
 //! The reference is an independent direct convolution written here (loops over every tap,
-//! each branch with its own kernel and padding, then its BN), not the crate's fusion or conv.
+//! each branch with its own kernel, dilation and padding, then its BN), not the crate's
+//! fusion or conv. What is tested is the one fusion routine the converter ships
+//! ([`fuse_rows`]), fed as the converter feeds it: raw weight bytes and the composed
+//! per-channel affines.
 
 use proptest::prelude::*;
 use proptest::sample::select;
+use repvgg_fuse::block::Role;
 use repvgg_fuse::checkpoint::decode;
 use repvgg_fuse::conv::Input;
-use repvgg_fuse::fuse::{BatchNorm, BlockValues, BranchValues, FusedConv};
-use repvgg_fuse::layout::Role;
-use repvgg_fuse::probe::{BranchRows, fuse_rows};
+use repvgg_fuse::deviation::Deviation;
+use repvgg_fuse::ops::{Affine, BatchNorm, ChannelOp, Grid, Kernel, Term, fuse_rows};
 use safetensors::Dtype;
+
+/// One branch's values, as a framework's module holds them.
+#[derive(Debug, Clone)]
+struct BranchValues {
+    role: Role,
+    /// Kernel side (1 for the identity and for an average pool's … nothing: see `pool`).
+    kernel: usize,
+    dilation: usize,
+    /// `[out, cpg, kernel, kernel]`; `None` for the identity or a pool.
+    weight: Option<Vec<f64>>,
+    /// An average pool of this side instead of a conv (in == out, like the identity).
+    pool: Option<usize>,
+    conv_bias: Option<Vec<f64>>,
+    bn: Option<BatchNorm>,
+    /// A layer scale after the BN.
+    scale: Option<Vec<f64>>,
+    coef: f64,
+}
+
+/// A block: branches, then optionally a BN on their sum.
+#[derive(Debug, Clone)]
+struct BlockValues {
+    branches: Vec<BranchValues>,
+    post: Option<BatchNorm>,
+}
+
+/// A fused conv.
+struct FusedConv {
+    kernel: usize,
+    weight: Vec<f64>,
+    bias: Vec<f64>,
+}
 
 /// The block's shape.
 #[derive(Debug, Clone)]
@@ -25,11 +62,14 @@ struct Shape {
     opg: usize,
     /// The block's kernel: the largest branch kernel.
     k: usize,
-    /// Kernel of each k×k branch: one is `k`; MobileOne-style extra branches may be smaller
-    /// odd sizes (zero-padded like the 1×1), and the largest need not come first.
-    kxk: Vec<usize>,
+    /// (kernel, dilation) of each k×k branch: one is `k`; MobileOne-style extra branches may
+    /// be smaller odd sizes (zero-padded like the 1×1), UniRepLKNet-style ones dilated, and
+    /// the largest need not come first.
+    kxk: Vec<(usize, usize)>,
     scale: bool,
     identity: bool,
+    /// An average-pool branch of this side (only with in == out).
+    pool: Option<usize>,
     h: usize,
     w: usize,
 }
@@ -43,11 +83,11 @@ impl Shape {
         self.groups * self.cpg
     }
 
-    /// (role, kernel) of every conv branch.
-    fn conv_branches(&self) -> Vec<(Role, usize)> {
-        let mut v: Vec<_> = self.kxk.iter().map(|&k| (Role::Kxk, k)).collect();
+    /// (role, kernel, dilation) of every conv branch.
+    fn conv_branches(&self) -> Vec<(Role, usize, usize)> {
+        let mut v: Vec<_> = self.kxk.iter().map(|&(k, d)| (Role::Kxk, k, d)).collect();
         if self.scale {
-            v.push((Role::Scale, 1));
+            v.push((Role::Scale, 1, 1));
         }
         v
     }
@@ -66,18 +106,27 @@ fn shape() -> impl Strategy<Value = Shape> {
     )
         .prop_flat_map(|(groups, cpg, opg, k, scale, identity, h, w)| {
             let odd: Vec<usize> = (1..=k).step_by(2).collect();
-            let extra = proptest::collection::vec(select(odd), 0..=2);
+            // A dilated branch: taps 2 apart where its extent still fits the block's kernel.
+            let dilated = move |kb: usize, d: bool| (kb, if d && 2 * kb - 1 <= k { 2 } else { 1 });
+            let extra = proptest::collection::vec(
+                (select(odd), any::<bool>()).prop_map(move |(kb, d)| dilated(kb, d)),
+                0..=2,
+            );
+            let pools: Vec<usize> = [1, 3].into_iter().filter(|&p| p <= k).collect();
             (
                 Just((groups, cpg, opg, k, scale, identity, h, w)),
                 extra,
                 0..3usize,
+                proptest::option::weighted(0.3, select(pools)),
             )
         })
         .prop_map(
-            |((groups, cpg, opg, k, scale, identity, h, w), extra, at)| {
+            |((groups, cpg, opg, k, scale, identity, h, w), extra, at, pool)| {
                 let mut kxk = extra;
-                kxk.insert(at.min(kxk.len()), k);
+                kxk.insert(at.min(kxk.len()), (k, 1));
+                let pool = pool.filter(|_| identity);
                 Shape {
+                    pool,
                     groups,
                     cpg,
                     // The identity maps channel o to channel o: in == out.
@@ -126,53 +175,70 @@ struct Case {
     stored: Dtype,
 }
 
+/// A conv branch of `role` with a `kb` kernel, taps `d` apart.
+fn conv_branch(out: usize, cpg: usize, role: Role, kb: usize, d: usize) -> BoxedStrategy<BranchValues> {
+    (
+        values(out * cpg * kb * kb, -1.0..1.0),
+        proptest::option::of(values(out, -1.0..1.0)),
+        proptest::option::weighted(0.9, batch_norm(out)),
+        proptest::option::weighted(0.2, values(out, -2.0..2.0)),
+        select(vec![1.0, 1.0, -1.0, 0.5]),
+    )
+        .prop_map(move |(weight, conv_bias, bn, scale, coef)| BranchValues {
+            role,
+            kernel: kb,
+            dilation: d,
+            weight: Some(weight),
+            pool: None,
+            conv_bias,
+            bn,
+            scale,
+            coef,
+        })
+        .boxed()
+}
+
+/// The identity branch (a BN on the input), or an average pool then a BN.
+fn skip_branch(out: usize, pool: Option<usize>) -> BoxedStrategy<BranchValues> {
+    (batch_norm(out), select(vec![1.0, -1.0]))
+        .prop_map(move |(bn, coef)| BranchValues {
+            role: Role::Identity,
+            kernel: pool.unwrap_or(1),
+            dilation: 1,
+            weight: None,
+            pool,
+            conv_bias: None,
+            bn: Some(bn),
+            scale: None,
+            coef,
+        })
+        .boxed()
+}
+
 fn case() -> impl Strategy<Value = Case> {
     shape().prop_flat_map(|s| {
         let (out, cpg) = (s.out(), s.cpg);
-        let convs: Vec<BoxedStrategy<BranchValues>> = s
+        let mut branches: Vec<BoxedStrategy<BranchValues>> = s
             .conv_branches()
             .into_iter()
-            .map(|(role, kb)| {
-                (
-                    values(out * cpg * kb * kb, -1.0..1.0),
-                    proptest::option::of(values(out, -1.0..1.0)),
-                    proptest::option::weighted(0.9, batch_norm(out)),
-                )
-                    .prop_map(move |(weight, conv_bias, bn)| BranchValues {
-                        role,
-                        kernel: kb,
-                        weight: Some(weight),
-                        conv_bias,
-                        bn,
-                    })
-                    .boxed()
-            })
+            .map(|(role, kb, d)| conv_branch(out, cpg, role, kb, d))
             .collect();
-        let identity = if s.identity {
-            batch_norm(out)
-                .prop_map(|bn| {
-                    Some(BranchValues {
-                        role: Role::Identity,
-                        kernel: 1,
-                        weight: None,
-                        conv_bias: None,
-                        bn: Some(bn),
-                    })
-                })
-                .boxed()
-        } else {
-            Just(None).boxed()
-        };
+        if s.identity {
+            branches.push(skip_branch(out, None));
+        }
+        if let Some(side) = s.pool {
+            branches.push(skip_branch(out, Some(side)));
+        }
         (
             Just(s.clone()),
-            convs,
-            identity,
+            branches,
+            proptest::option::weighted(0.3, batch_norm(out)),
             values(s.cin() * s.h * s.w, -1.0..1.0),
             select(vec![1e-5, 1e-3]),
             0..=out,
             select(vec![Dtype::F32, Dtype::F64]),
         )
-            .prop_map(|(shape, mut branches, identity, x, eps, split, stored)| {
+            .prop_map(|(shape, mut branches, post, x, eps, split, stored)| {
                 if stored == Dtype::F32 {
                     for b in &mut branches {
                         for v in b.weight.iter_mut().flatten() {
@@ -180,16 +246,9 @@ fn case() -> impl Strategy<Value = Case> {
                         }
                     }
                 }
-                branches.extend(identity);
-                let block = BlockValues {
-                    rows: 0..shape.out(),
-                    in_per_group: shape.cpg,
-                    kernel: shape.k,
-                    branches,
-                };
                 Case {
                     shape,
-                    block,
+                    block: BlockValues { branches, post },
                     x,
                     eps,
                     split,
@@ -199,12 +258,13 @@ fn case() -> impl Strategy<Value = Case> {
     })
 }
 
-/// Direct grouped convolution of `x` (`[cin, h, w]`), stride 1, padding kb/2, no bias, with
-/// `weight` `[out, cpg, kb, kb]`; also returns Σ|w·x| per output for the rounding bound.
-fn direct_conv(s: &Shape, x: &[f64], weight: &[f64], kb: usize) -> (Vec<f64>, Vec<f64>) {
+/// Direct grouped convolution of `x` (`[cin, h, w]`), stride 1, same padding, no bias, with
+/// `weight` `[out, cpg, kb, kb]` and taps `d` apart; also returns Σ|w·x| per output for the
+/// rounding bound.
+fn direct_conv(s: &Shape, x: &[f64], weight: &[f64], kb: usize, d: usize) -> (Vec<f64>, Vec<f64>) {
     let (out, cpg, h, w) = (s.out(), s.cpg, s.h, s.w);
     let opg = out / s.groups;
-    let pad = (kb / 2) as isize;
+    let pad = ((kb - 1) * d / 2) as isize;
     let mut y = vec![0.0; out * h * w];
     let mut mag = vec![0.0; out * h * w];
     for o in 0..out {
@@ -215,8 +275,8 @@ fn direct_conv(s: &Shape, x: &[f64], weight: &[f64], kb: usize) -> (Vec<f64>, Ve
                 for i in 0..cpg {
                     for ky in 0..kb {
                         for kx in 0..kb {
-                            let iy = oy as isize + ky as isize - pad;
-                            let ix = ox as isize + kx as isize - pad;
+                            let iy = oy as isize + (ky * d) as isize - pad;
+                            let ix = ox as isize + (kx * d) as isize - pad;
                             if iy < 0 || ix < 0 || iy >= h as isize || ix >= w as isize {
                                 continue;
                             }
@@ -235,38 +295,62 @@ fn direct_conv(s: &Shape, x: &[f64], weight: &[f64], kb: usize) -> (Vec<f64>, Ve
     (y, mag)
 }
 
-/// The unfused block: Σ over branches of BN(conv(x) + c), each branch on its own, straight
-/// from the BN formula γ·(y − μ)/√(σ² + ε) + β. Returns the output and, per element, the
-/// sum of the magnitudes of every term (the scale f64 rounding is relative to).
+/// Average pooling of channel o of `x` (in == out), `side`×`side`, zero padding counted.
+fn direct_pool(s: &Shape, x: &[f64], side: usize) -> (Vec<f64>, Vec<f64>) {
+    let cpg = s.cpg;
+    let ones = vec![1.0 / (side * side) as f64; s.out() * cpg * side * side];
+    // A depthwise-in-the-group kernel: 1/side² on channel o mod cpg only.
+    let mut w = vec![0.0; ones.len()];
+    for o in 0..s.out() {
+        let i = o % cpg;
+        w[(o * cpg + i) * side * side..(o * cpg + i + 1) * side * side]
+            .copy_from_slice(&ones[..side * side]);
+    }
+    direct_conv(s, x, &w, side, 1)
+}
+
+/// BN straight from its formula γ·(y − μ)/√(σ² + ε) + β, and the magnitude bound.
+fn bn(bn: &BatchNorm, o: usize, eps: f64, (v, m): (f64, f64)) -> (f64, f64) {
+    let d = (bn.var[o] + eps).sqrt();
+    (
+        bn.gamma[o] * (v - bn.mean[o]) / d + bn.beta[o],
+        bn.gamma[o].abs() * (m + bn.mean[o].abs()) / d + bn.beta[o].abs(),
+    )
+}
+
+/// The unfused block: Σ over branches of coef·scale·BN(conv(x) + c), each branch on its own,
+/// then the post BN. Returns the output and, per element, the sum of the magnitudes of every
+/// term (the scale f64 rounding is relative to).
 fn unfused(c: &Case) -> (Vec<f64>, Vec<f64>) {
     let s = &c.shape;
     let hw = s.h * s.w;
     let mut y = vec![0.0; s.out() * hw];
     let mut mag = vec![0.0; s.out() * hw];
     for b in &c.block.branches {
-        let (conv, conv_mag) = match &b.weight {
-            Some(w) => direct_conv(s, &c.x, w, b.kernel),
+        let (conv, conv_mag) = match (&b.weight, b.pool) {
+            (Some(w), _) => direct_conv(s, &c.x, w, b.kernel, b.dilation),
+            (None, Some(side)) => direct_pool(s, &c.x, side),
             // Identity: output channel o is input channel o.
-            None => (c.x.clone(), c.x.iter().map(|v: &f64| v.abs()).collect()),
+            (None, None) => (c.x.clone(), c.x.iter().map(|v: &f64| v.abs()).collect()),
         };
         for o in 0..s.out() {
             let bias = b.conv_bias.as_ref().map_or(0.0, |c| c[o]);
+            let scale = b.scale.as_ref().map_or(1.0, |g| g[o]);
             for p in 0..hw {
                 let i = o * hw + p;
-                let pre = conv[i] + bias;
-                let pre_mag = conv_mag[i] + bias.abs();
-                let (v, m) = match &b.bn {
-                    Some(bn) => {
-                        let d = (bn.var[o] + c.eps).sqrt();
-                        let v = bn.gamma[o] * (pre - bn.mean[o]) / d + bn.beta[o];
-                        let m =
-                            bn.gamma[o].abs() * (pre_mag + bn.mean[o].abs()) / d + bn.beta[o].abs();
-                        (v, m)
-                    }
-                    None => (pre, pre_mag),
-                };
-                y[i] += v;
-                mag[i] += m;
+                let mut vm = (conv[i] + bias, conv_mag[i] + bias.abs());
+                if let Some(n) = &b.bn {
+                    vm = bn(n, o, c.eps, vm);
+                }
+                y[i] += b.coef * scale * vm.0;
+                mag[i] += (b.coef * scale).abs() * vm.1;
+            }
+        }
+    }
+    if let Some(post) = &c.block.post {
+        for o in 0..s.out() {
+            for i in o * hw..(o + 1) * hw {
+                (y[i], mag[i]) = bn(post, o, c.eps, (y[i], mag[i]));
             }
         }
     }
@@ -275,7 +359,7 @@ fn unfused(c: &Case) -> (Vec<f64>, Vec<f64>) {
 
 /// The fused conv applied with the same direct convolution, plus its bias.
 fn apply_fused(s: &Shape, x: &[f64], f: &FusedConv) -> Vec<f64> {
-    let (mut y, _) = direct_conv(s, x, &f.weight, f.kernel);
+    let (mut y, _) = direct_conv(s, x, &f.weight, f.kernel, 1);
     let hw = s.h * s.w;
     for (o, b) in f.bias.iter().enumerate() {
         for v in &mut y[o * hw..(o + 1) * hw] {
@@ -283,36 +367,6 @@ fn apply_fused(s: &Shape, x: &[f64], f: &FusedConv) -> Vec<f64> {
         }
     }
     y
-}
-
-/// The block's values for output channels `rows` only, as a chunked read would give them.
-fn rows_of(block: &BlockValues, rows: std::ops::Range<usize>) -> BlockValues {
-    let cut = |v: &Vec<f64>, per_row: usize| v[rows.start * per_row..rows.end * per_row].to_vec();
-    let branches = block
-        .branches
-        .iter()
-        .map(|b| BranchValues {
-            role: b.role,
-            kernel: b.kernel,
-            weight: b
-                .weight
-                .as_ref()
-                .map(|w| cut(w, block.in_per_group * b.kernel * b.kernel)),
-            conv_bias: b.conv_bias.as_ref().map(|c| cut(c, 1)),
-            bn: b.bn.as_ref().map(|bn| BatchNorm {
-                gamma: cut(&bn.gamma, 1),
-                beta: cut(&bn.beta, 1),
-                mean: cut(&bn.mean, 1),
-                var: cut(&bn.var, 1),
-            }),
-        })
-        .collect();
-    BlockValues {
-        rows,
-        in_per_group: block.in_per_group,
-        kernel: block.kernel,
-        branches,
-    }
 }
 
 /// Little-endian bytes of `values` in `dtype` (F32 or F64; the values fit exactly).
@@ -326,52 +380,89 @@ fn raw_bytes(dtype: Dtype, values: &[f64]) -> Vec<u8> {
     }
 }
 
+/// A branch's per-channel ops for output channels `rows`, as the converter loads them.
+fn channel_ops(b: &BranchValues, rows: &std::ops::Range<usize>) -> Vec<ChannelOp> {
+    let cut = |v: &Vec<f64>| v[rows.clone()].to_vec();
+    let mut ops = Vec::new();
+    ops.extend(b.conv_bias.as_ref().map(|c| ChannelOp::Bias(cut(c))));
+    ops.extend(b.bn.as_ref().map(|bn| ChannelOp::Bn(cut_bn(bn, rows))));
+    ops.extend(b.scale.as_ref().map(|g| ChannelOp::Scale(cut(g))));
+    ops
+}
+
+fn cut_bn(bn: &BatchNorm, rows: &std::ops::Range<usize>) -> BatchNorm {
+    let cut = |v: &Vec<f64>| v[rows.clone()].to_vec();
+    BatchNorm {
+        gamma: cut(&bn.gamma),
+        beta: cut(&bn.beta),
+        mean: cut(&bn.mean),
+        var: cut(&bn.var),
+    }
+}
+
 /// The converter's own pass ([`fuse_rows`]: raw weight bytes in, encoded rows out, with the
-/// probe measured alongside) for output channels `rows`, written as F64.
+/// probe measured alongside) for output channels `rows`, written as F64. Also returns a bound
+/// on every term the probe sums.
 fn shipped_rows(
     c: &Case,
     rows: std::ops::Range<usize>,
     probe: &Input,
-) -> (Vec<f64>, Vec<f64>, repvgg_fuse::verify::Deviation, f64) {
-    let part = rows_of(&c.block, rows.clone());
-    let raw: Vec<Option<Vec<u8>>> = part
+) -> (Vec<f64>, Vec<f64>, Deviation, f64) {
+    let s = &c.shape;
+    let n = rows.len();
+    let post = c.block.post.as_ref().map(|bn| {
+        Affine::chain(n, &[ChannelOp::Bn(cut_bn(bn, &rows))], 1.0, c.eps)
+    });
+    let raw: Vec<Option<Vec<u8>>> = c
+        .block
         .branches
         .iter()
-        .map(|b| b.weight.as_ref().map(|w| raw_bytes(c.stored, w)))
+        .map(|b| {
+            b.weight.as_ref().map(|w| {
+                let per_row = s.cpg * b.kernel * b.kernel;
+                raw_bytes(c.stored, &w[rows.start * per_row..rows.end * per_row])
+            })
+        })
         .collect();
-    let mut bound = 0.0;
-    let branches: Vec<BranchRows> = part
+    let mut bound = post.as_ref().map_or(0.0, |p| max_abs(&p.shift));
+    let terms: Vec<Term> = c
+        .block
         .branches
         .iter()
         .zip(&raw)
         .map(|(b, raw)| {
-            let (t, shift) = b.affine(rows.len(), c.eps);
+            let mut a = Affine::chain(n, &channel_ops(b, &rows), b.coef, c.eps);
+            if let Some(p) = &post {
+                a.then_scaled(p);
+            }
             // |x| < 1 and |w| ≤ 1: a bound on every term the probe sums, per branch.
-            let taps = (c.shape.cpg * b.kernel * b.kernel) as f64;
-            let tmax = t.iter().fold(0.0f64, |m, t| m.max(t.abs()));
-            let smax = shift.iter().fold(0.0f64, |m, s| m.max(s.abs()));
-            bound += tmax * taps + smax;
-            BranchRows {
-                role: b.role,
-                kernel: b.kernel,
-                weight: raw.as_deref().map(|r| (c.stored, r)),
-                t,
-                shift,
+            let taps = (s.cpg * b.kernel * b.kernel) as f64;
+            bound += max_abs(&a.scale) * taps + max_abs(&a.shift);
+            let kernel = match (raw, b.pool) {
+                (Some(bytes), _) => Kernel::Weights {
+                    dtype: c.stored,
+                    bytes,
+                    side: b.kernel,
+                    dilation: b.dilation,
+                },
+                (None, Some(side)) => Kernel::AvgPool { side },
+                (None, None) => Kernel::Identity,
+            };
+            Term {
+                kernel,
+                scale: a.scale,
+                shift: a.shift,
             }
         })
         .collect();
-    let s = &c.shape;
-    let out = fuse_rows(
-        Vec::new(),
-        rows,
-        s.cpg,
-        s.k,
-        s.opg,
-        &branches,
-        Dtype::F64,
-        Some(probe),
-    )
-    .expect("finite values fuse");
+    let grid = Grid {
+        in_per_group: s.cpg,
+        k: s.k,
+        out_per_group: s.opg,
+    };
+    let post_shift = post.as_ref().map(|p| p.shift.as_slice());
+    let out = fuse_rows(Vec::new(), rows, grid, &terms, post_shift, Dtype::F64, Some(probe))
+        .expect("finite values fuse");
     (
         decode(Dtype::F64, &out.weight),
         decode(Dtype::F64, &out.bias),
@@ -380,45 +471,15 @@ fn shipped_rows(
     )
 }
 
+fn max_abs(v: &[f64]) -> f64 {
+    v.iter().fold(0.0f64, |m, x| m.max(x.abs()))
+}
+
 proptest! {
     #![proptest_config(ProptestConfig::with_cases(512))]
 
-    #[test]
-    fn fused_conv_equals_sum_of_branches(c in case()) {
-        let fused = c.block.fuse(c.eps);
-        let s = &c.shape;
-        prop_assert_eq!(fused.weight.len(), s.out() * s.cpg * s.k * s.k);
-        prop_assert_eq!(fused.bias.len(), s.out());
-        let got = apply_fused(s, &c.x, &fused);
-        let (want, mag) = unfused(&c);
-        for (i, ((g, w), m)) in got.iter().zip(&want).zip(&mag).enumerate() {
-            prop_assert!(
-                (g - w).abs() <= 1e-12 * m,
-                "output {}: fused {} vs branches {} (term magnitude {}, off by {:e} relative)",
-                i, g, w, m, (g - w).abs() / m
-            );
-        }
-    }
-
-    /// Fusing output channels in chunks, as the converter does for large blocks, gives the
-    /// same values bit for bit as fusing the block whole: the identity's position depends on
-    /// the absolute channel, not the chunk's.
-    #[test]
-    fn fusing_in_row_chunks_equals_fusing_whole(c in case()) {
-        let out = c.shape.out();
-        let whole = c.block.fuse(c.eps);
-        let head = rows_of(&c.block, 0..c.split).fuse(c.eps);
-        let tail = rows_of(&c.block, c.split..out).fuse(c.eps);
-        let mut weight = head.weight;
-        weight.extend(tail.weight);
-        let mut bias = head.bias;
-        bias.extend(tail.bias);
-        prop_assert_eq!(weight, whole.weight);
-        prop_assert_eq!(bias, whole.bias);
-    }
-
-    /// The same property for the pass the converter ships ([`fuse_rows`], which reads the
-    /// weights' raw bytes and probes as it fuses), fused in two chunks of rows: the fused
+    /// The shipped pass ([`fuse_rows`], which reads the weights' raw bytes and probes as it
+    /// fuses), fused in two chunks of rows as the converter does for large blocks: the fused
     /// conv equals the branches, and the probe it measured on the way is at rounding level.
     #[test]
     fn shipped_fuse_rows_equals_sum_of_branches(c in case()) {
@@ -429,13 +490,9 @@ proptest! {
         let (w2, b2, dev_b, bound_b) = shipped_rows(&c, c.split..s.out(), &probe);
         weight.extend(w2);
         bias.extend(b2);
-        let fused = FusedConv {
-            rows: 0..s.out(),
-            in_per_group: s.cpg,
-            kernel: s.k,
-            weight,
-            bias,
-        };
+        prop_assert_eq!(weight.len(), s.out() * s.cpg * s.k * s.k);
+        prop_assert_eq!(bias.len(), s.out());
+        let fused = FusedConv { kernel: s.k, weight, bias };
         let got = apply_fused(s, &c.x, &fused);
         let (want, mag) = unfused(&c);
         for (i, ((g, w), m)) in got.iter().zip(&want).zip(&mag).enumerate() {
@@ -452,5 +509,20 @@ proptest! {
                 dev.max_abs, bound
             );
         }
+    }
+
+    /// Fusing output channels in chunks gives the same bytes as fusing the block whole: the
+    /// identity's position depends on the absolute channel, not the chunk's.
+    #[test]
+    fn fusing_in_row_chunks_equals_fusing_whole(c in case()) {
+        let s = &c.shape;
+        let probe = Input::random(1, s.cin(), s.k, s.k, 7, 0);
+        let (whole_w, whole_b, _, _) = shipped_rows(&c, 0..s.out(), &probe);
+        let (mut w, mut b, _, _) = shipped_rows(&c, 0..c.split, &probe);
+        let (w2, b2, _, _) = shipped_rows(&c, c.split..s.out(), &probe);
+        w.extend(w2);
+        b.extend(b2);
+        prop_assert_eq!(w, whole_w);
+        prop_assert_eq!(b, whole_b);
     }
 }
