@@ -232,7 +232,12 @@ impl<'a> Checker<'a> {
     }
 
     /// A per-channel tensor: `[len]`, or `[len, 1, …]` where `allow_trailing_ones`.
-    fn vector(&self, tensor: &str, len: usize, allow_trailing_ones: bool) -> Result<(), BlockError> {
+    fn vector(
+        &self,
+        tensor: &str,
+        len: usize,
+        allow_trailing_ones: bool,
+    ) -> Result<(), BlockError> {
         let t = self.float(tensor)?;
         let ok = t.shape.first() == Some(&len)
             && (t.shape.len() == 1 || allow_trailing_ones && t.shape[1..].iter().all(|&d| d == 1));
@@ -247,7 +252,12 @@ impl<'a> Checker<'a> {
     }
 
     /// Checks a conv weight on its own; returns it and its extent (dilated kernel side).
-    fn conv(&self, branch: &Branch, weight: &str, dilation: usize) -> Result<(&'a TensorInfo, usize), BlockError> {
+    fn conv(
+        &self,
+        branch: &Branch,
+        weight: &str,
+        dilation: usize,
+    ) -> Result<(&'a TensorInfo, usize), BlockError> {
         let w = self.float(weight)?;
         if w.shape.len() != 4 {
             return Err(self.err(format!(
@@ -280,7 +290,10 @@ impl<'a> Checker<'a> {
 }
 
 /// The main conv and the block's kernel, from every conv and pool of the branches.
-fn main_conv<'a>(c: &Checker<'a>, branches: &[Branch]) -> Result<(&'a TensorInfo, usize), BlockError> {
+fn main_conv<'a>(
+    c: &Checker<'a>,
+    branches: &[Branch],
+) -> Result<(&'a TensorInfo, usize), BlockError> {
     let mut main: Option<&TensorInfo> = None;
     let mut kernel = 0;
     for b in branches {

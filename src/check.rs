@@ -77,7 +77,11 @@ fn input_size(detection: &Detection, opts: &CheckOptions) -> Result<[usize; 2], 
     let max_k = detection.blocks.iter().map(|b| b.kernel).max().unwrap_or(1);
     let side = DEFAULT_VERIFY_SIZE.max(max_k);
     let [h, w] = opts.input_size.unwrap_or([side, side]);
-    match detection.blocks.iter().find(|b| b.kernel > h || b.kernel > w) {
+    match detection
+        .blocks
+        .iter()
+        .find(|b| b.kernel > h || b.kernel > w)
+    {
         Some(b) => Err(Error::Usage(format!(
             "--input-size {h}x{w} is smaller than the {k}×{k} kernel of block `{}`; borders and interior would not both be tested",
             b.name,
@@ -198,7 +202,10 @@ impl Run<'_> {
             }
             Ok(t)
         };
-        Ok([get(&b.deploy_weight, &expect_w)?, get(&b.deploy_bias, &expect_b)?])
+        Ok([
+            get(&b.deploy_weight, &expect_w)?,
+            get(&b.deploy_bias, &expect_b)?,
+        ])
     }
 
     /// The block's deviation on a seeded `batch`×`h`×`w` input (stream `stream`); the inner
@@ -216,7 +223,10 @@ impl Run<'_> {
         };
         let b = self.block;
         let c = b.in_channels().unwrap_or(b.in_per_group);
-        let x = BlockInput::new(Input::random(batch, c, h, w, seed, stream), &kernels(self.train, b));
+        let x = BlockInput::new(
+            Input::random(batch, c, h, w, seed, stream),
+            &kernels(self.train, b),
+        );
         let mut dev = Deviation::default();
         for rows in b.row_chunks(VERIFY_CHUNK) {
             let unfused = self.unfused(&x, rows.clone())?;
@@ -254,18 +264,51 @@ impl Run<'_> {
         rows: std::ops::Range<usize>,
     ) -> Result<Array2<f64>, Error> {
         let b = self.block;
-        let not_float = || Error::internal(format!("`{}` was checked to be floating point", weight.name));
+        let not_float = || {
+            Error::internal(format!(
+                "`{}` was checked to be floating point",
+                weight.name
+            ))
+        };
         let w = self
             .deploy
             .read_f64(weight, rows.start * b.row_len()..rows.end * b.row_len())?
             .ok_or_else(not_float)?;
-        let bias = self.deploy.read_f64(bias, rows.clone())?.ok_or_else(not_float)?;
-        let mut y = conv_rows(&x.cols(b.kernel, 1), &w, rows, b.in_per_group, b.kernel, b.out_per_group());
+        let bias = self
+            .deploy
+            .read_f64(bias, rows.clone())?
+            .ok_or_else(not_float)?;
+        let mut y = conv_rows(
+            &x.cols(b.kernel, 1),
+            &w,
+            rows,
+            b.in_per_group,
+            b.kernel,
+            b.out_per_group(),
+        );
         for (mut row, c) in y.rows_mut().into_iter().zip(bias) {
             row += c;
         }
         Ok(y)
     }
+}
+
+/// The train block run op by op on `x`, for output channels `rows` (what verification
+/// compares the deploy conv against).
+pub fn unfused_rows(
+    train: &Checkpoint,
+    block: &Block,
+    eps: f64,
+    x: &BlockInput,
+    rows: std::ops::Range<usize>,
+) -> Result<Array2<f64>, Error> {
+    let run = Run {
+        train,
+        deploy: train,
+        block,
+        eps,
+    };
+    run.unfused(x, rows)
 }
 
 /// The (side, dilation) of every kernel the block's forward passes use: the fused one and

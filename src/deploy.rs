@@ -243,9 +243,30 @@ fn fuse_chunk(
             })
             .collect();
         let start = rows.start;
-        fuse_rows(out, rows, Grid::of(block), &terms, post.as_deref(), dtype, probe)
-            .map_err(|e| row_error(ckpt, block, start, dtype, e))
+        fuse_rows(
+            out,
+            rows,
+            Grid::of(block),
+            &terms,
+            post.as_deref(),
+            dtype,
+            probe,
+        )
+        .map_err(|e| row_error(ckpt, block, start, dtype, e))
     })
+}
+
+/// Fuses output channels `rows` of `block` on their own, as the converter does chunk by chunk
+/// (for callers outside the write pipeline: the fuzzer, tools).
+pub fn fuse_block_rows(
+    ckpt: &Checkpoint,
+    block: &Block,
+    rows: Range<usize>,
+    eps: f64,
+    dtype: Dtype,
+    probe: Option<&Input>,
+) -> Result<FusedRows, Error> {
+    fuse_chunk(ckpt, block, rows, eps, (dtype, probe), Vec::new())
 }
 
 /// Reads rows `rows` of conv weight `name` as raw bytes into `buf`; returns (dtype, side).
@@ -257,7 +278,10 @@ fn read_rows_raw(
     buf: &mut Vec<u8>,
 ) -> Result<(Dtype, usize), Error> {
     let t = ckpt.get(name).ok_or_else(|| {
-        Error::internal(format!("block `{}`: `{name}` vanished after its checks", block.name))
+        Error::internal(format!(
+            "block `{}`: `{name}` vanished after its checks",
+            block.name
+        ))
     })?;
     let per_row = t.len / block.out_channels as u64;
     ckpt.read_bytes_into(
@@ -288,9 +312,7 @@ fn row_error(ckpt: &Checkpoint, block: &Block, start: usize, dtype: Dtype, e: Ro
     match e {
         RowError::NonFinite { term, index, value } => {
             let name = block.branches[term].conv_weight().unwrap_or_default();
-            let per_row = ckpt
-                .get(name)
-                .map_or(0, |t| t.numel() / block.out_channels);
+            let per_row = ckpt.get(name).map_or(0, |t| t.numel() / block.out_channels);
             Error::block(
                 ckpt,
                 BlockError::new(
@@ -430,10 +452,7 @@ impl Producer<'_> {
                 }
                 Source::FusedBias(b) => {
                     let bias = pending_bias[b].take().ok_or_else(|| {
-                        Error::internal(format!(
-                            "the plan puts `{}` before its weight",
-                            entry.name
-                        ))
+                        Error::internal(format!("the plan puts `{}` before its weight", entry.name))
                     })?;
                     self.send(Piece::Bytes(bias))?
                 }
@@ -446,7 +465,10 @@ impl Producer<'_> {
     fn cast(&self, i: usize, dtype: Dtype) -> Result<Vec<u8>, Error> {
         let t = &self.ckpt.tensors()[i];
         let values = self.ckpt.read_f64(t, 0..t.numel())?.ok_or_else(|| {
-            Error::internal(format!("the plan casts `{}`, which is not floating point", t.name))
+            Error::internal(format!(
+                "the plan casts `{}`, which is not floating point",
+                t.name
+            ))
         })?;
         let mut bytes = Vec::new();
         encode(dtype, &values, &mut bytes).map_err(|at| Error::Overflow {

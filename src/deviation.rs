@@ -76,7 +76,6 @@ pub fn between(reference: &Array2<f64>, candidate: &Array2<f64>) -> Deviation {
     }
 }
 
-
 impl Deviation {
     /// A deviation that could not be measured: NaN everywhere, so it fails every tolerance.
     pub fn unknown() -> Deviation {

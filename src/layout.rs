@@ -265,7 +265,12 @@ impl Layout {
             return Err(format!("layout `{}` has no \"kxk\" branch", self.name));
         }
         for b in &self.branches {
-            let err = |what: &str| Err(format!("layout `{}`, branch `{}`: {what}", self.name, b.path));
+            let err = |what: &str| {
+                Err(format!(
+                    "layout `{}`, branch `{}`: {what}",
+                    self.name, b.path
+                ))
+            };
             if b.ops.is_empty() {
                 let has_conv = b.conv.is_some();
                 if (b.role == Role::Identity) == has_conv {
@@ -283,14 +288,23 @@ impl Layout {
             for (i, op) in b.ops.iter().enumerate() {
                 match (op.kinds(), i == 0, op.is_source()) {
                     (1, true, true) | (1, false, false) => {}
-                    (1, true, false) => return err("the first op must be conv, identity or avgpool"),
-                    (1, false, true) => return err("only the first op may be conv, identity or avgpool"),
-                    _ => return err("each op has exactly one of conv, bn, scale, identity, avgpool"),
+                    (1, true, false) => {
+                        return err("the first op must be conv, identity or avgpool");
+                    }
+                    (1, false, true) => {
+                        return err("only the first op may be conv, identity or avgpool");
+                    }
+                    _ => {
+                        return err("each op has exactly one of conv, bn, scale, identity, avgpool");
+                    }
                 }
             }
         }
         if self.post.iter().any(|op| op.kinds() != 1 || op.is_source()) {
-            return Err(format!("layout `{}`: \"post\" takes bn and scale ops only", self.name));
+            return Err(format!(
+                "layout `{}`: \"post\" takes bn and scale ops only",
+                self.name
+            ));
         }
         Ok(())
     }
@@ -578,8 +592,7 @@ fn find_blocks(
     let mut blocks = Vec::new();
     let mut skipped = Vec::new();
     let is_main = |f: &Found| {
-        layout.branches[f.spec].role == Role::Kxk
-            && f.slots.contains_key(&(0, Leaf::ConvWeight))
+        layout.branches[f.spec].role == Role::Kxk && f.slots.contains_key(&(0, Leaf::ConvWeight))
     };
     for (prefix, branches) in &candidates(ckpt, layout) {
         if !branches.values().any(is_main) {

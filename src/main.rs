@@ -297,8 +297,14 @@ fn run(cancel: &Cancel) -> Result<ExitCode> {
                 progress: &bar,
                 cancel,
             };
-            let outcome =
-                repvgg_fuse::convert(input, output, args.report.as_deref(), &s, args.verify, hooks);
+            let outcome = repvgg_fuse::convert(
+                input,
+                output,
+                args.report.as_deref(),
+                &s,
+                args.verify,
+                hooks,
+            );
             bar.0.finish_and_clear();
             Ok(finish(&outcome?, args.quiet, Some(output)))
         }

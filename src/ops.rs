@@ -293,7 +293,12 @@ fn read_finite(
     let values = ckpt
         .read_f64(info, range.clone())
         .map_err(|e| err(format!("reading `{name}`: {e}")))?
-        .ok_or_else(|| err(format!("tensor `{name}` is {:?}, not floating point", info.dtype)))?;
+        .ok_or_else(|| {
+            err(format!(
+                "tensor `{name}` is {:?}, not floating point",
+                info.dtype
+            ))
+        })?;
     match first_non_finite(&values) {
         Some(i) => Err(err(format!(
             "tensor `{name}` holds {} at element {}; fusion needs finite values",
@@ -521,15 +526,16 @@ fn fuse_rows_any(
         // tap (i, y, x) meets exactly x[g·in/groups + i, y, x].
         let g = o / grid.out_per_group;
         let patch = probe.map(|x| &x.data[g * depth..(g + 1) * depth]);
-        let (unfused, mut bias) = fuse_row(&mut scratch, r, o, grid, terms, patch)?;
+        let (mut unfused, mut bias) = fuse_row(&mut scratch, r, o, grid, terms, patch)?;
         if let Some(p) = post_shift {
             bias += p[r];
+            unfused += p[r];
         }
         encode_row(&mut out, &scratch.fused, bias, r, dtype)?;
         if let Some(patch) = patch {
-            out.deviation = out
-                .deviation
-                .merge(probe_row(&mut scratch, &out, dtype, patch, unfused));
+            out.deviation =
+                out.deviation
+                    .merge(probe_row(&mut scratch, &out, dtype, patch, unfused));
         }
     }
     Ok(out)
@@ -565,7 +571,11 @@ fn fuse_row(
             } => {
                 let per_row = grid.in_per_group * side * side;
                 let row_bytes = per_row * dtype_bytes(dtype);
-                decode_into(dtype, &bytes[r * row_bytes..(r + 1) * row_bytes], &mut scratch.w);
+                decode_into(
+                    dtype,
+                    &bytes[r * row_bytes..(r + 1) * row_bytes],
+                    &mut scratch.w,
+                );
                 let w = &scratch.w;
                 if let Some(i) = first_non_finite(w) {
                     return Err(RowError::NonFinite {
@@ -607,7 +617,9 @@ fn fuse_row(
                 let v = 1.0 / (side * side) as f64;
                 let ch = o % grid.in_per_group;
                 grid.window(ch, side).for_each(|at| fused[at] += a * v);
-                patch.map_or(0.0, |p| grid.window(ch, side).map(|at| p[at]).sum::<f64>() * v)
+                patch.map_or(0.0, |p| {
+                    grid.window(ch, side).map(|at| p[at]).sum::<f64>() * v
+                })
             }
         };
         if patch.is_some() {
@@ -668,7 +680,11 @@ fn probe_row(
     let row_bytes = scratch.fused.len() * width;
     let weight = &out.weight[out.weight.len() - row_bytes..];
     decode_into(dtype, weight, &mut scratch.written);
-    decode_into(dtype, &out.bias[out.bias.len() - width..], &mut scratch.bias_written);
+    decode_into(
+        dtype,
+        &out.bias[out.bias.len() - width..],
+        &mut scratch.bias_written,
+    );
     let fused_out = dot(&scratch.written, patch) + scratch.bias_written[0];
     Deviation::of((fused_out - unfused).abs(), unfused.abs())
 }

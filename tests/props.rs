@@ -23,8 +23,7 @@ use safetensors::Dtype;
 /// One branch's values, as a framework's module holds them.
 #[derive(Debug, Clone)]
 struct BranchValues {
-    role: Role,
-    /// Kernel side (1 for the identity and for an average pool's … nothing: see `pool`).
+    /// Kernel side (1 for the identity, the window for a pool).
     kernel: usize,
     dilation: usize,
     /// `[out, cpg, kernel, kernel]`; `None` for the identity or a pool.
@@ -176,7 +175,7 @@ struct Case {
 }
 
 /// A conv branch of `role` with a `kb` kernel, taps `d` apart.
-fn conv_branch(out: usize, cpg: usize, role: Role, kb: usize, d: usize) -> BoxedStrategy<BranchValues> {
+fn conv_branch(out: usize, cpg: usize, kb: usize, d: usize) -> BoxedStrategy<BranchValues> {
     (
         values(out * cpg * kb * kb, -1.0..1.0),
         proptest::option::of(values(out, -1.0..1.0)),
@@ -185,7 +184,6 @@ fn conv_branch(out: usize, cpg: usize, role: Role, kb: usize, d: usize) -> Boxed
         select(vec![1.0, 1.0, -1.0, 0.5]),
     )
         .prop_map(move |(weight, conv_bias, bn, scale, coef)| BranchValues {
-            role,
             kernel: kb,
             dilation: d,
             weight: Some(weight),
@@ -202,7 +200,6 @@ fn conv_branch(out: usize, cpg: usize, role: Role, kb: usize, d: usize) -> Boxed
 fn skip_branch(out: usize, pool: Option<usize>) -> BoxedStrategy<BranchValues> {
     (batch_norm(out), select(vec![1.0, -1.0]))
         .prop_map(move |(bn, coef)| BranchValues {
-            role: Role::Identity,
             kernel: pool.unwrap_or(1),
             dilation: 1,
             weight: None,
@@ -221,7 +218,7 @@ fn case() -> impl Strategy<Value = Case> {
         let mut branches: Vec<BoxedStrategy<BranchValues>> = s
             .conv_branches()
             .into_iter()
-            .map(|(role, kb, d)| conv_branch(out, cpg, role, kb, d))
+            .map(|(_, kb, d)| conv_branch(out, cpg, kb, d))
             .collect();
         if s.identity {
             branches.push(skip_branch(out, None));
@@ -410,9 +407,11 @@ fn shipped_rows(
 ) -> (Vec<f64>, Vec<f64>, Deviation, f64) {
     let s = &c.shape;
     let n = rows.len();
-    let post = c.block.post.as_ref().map(|bn| {
-        Affine::chain(n, &[ChannelOp::Bn(cut_bn(bn, &rows))], 1.0, c.eps)
-    });
+    let post = c
+        .block
+        .post
+        .as_ref()
+        .map(|bn| Affine::chain(n, &[ChannelOp::Bn(cut_bn(bn, &rows))], 1.0, c.eps));
     let raw: Vec<Option<Vec<u8>>> = c
         .block
         .branches
@@ -461,8 +460,16 @@ fn shipped_rows(
         out_per_group: s.opg,
     };
     let post_shift = post.as_ref().map(|p| p.shift.as_slice());
-    let out = fuse_rows(Vec::new(), rows, grid, &terms, post_shift, Dtype::F64, Some(probe))
-        .expect("finite values fuse");
+    let out = fuse_rows(
+        Vec::new(),
+        rows,
+        grid,
+        &terms,
+        post_shift,
+        Dtype::F64,
+        Some(probe),
+    )
+    .expect("finite values fuse");
     (
         decode(Dtype::F64, &out.weight),
         decode(Dtype::F64, &out.bias),

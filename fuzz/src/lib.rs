@@ -9,12 +9,14 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
-use repvgg_fuse::checkpoint::Checkpoint;
-use repvgg_fuse::convert::Settings;
-use repvgg_fuse::deploy::Plan;
-use repvgg_fuse::fuse::BlockValues;
-use repvgg_fuse::layout::{Detection, Layout, Role};
-use repvgg_fuse::verify::{self, BlockInput};
+use repvgg_fuse::Settings;
+use repvgg_fuse::block::Role;
+use repvgg_fuse::check::unfused_rows;
+use repvgg_fuse::checkpoint::{Checkpoint, dtype_bytes};
+use repvgg_fuse::conv::{BlockInput, Input};
+use repvgg_fuse::deploy::{Plan, fuse_block_rows};
+use repvgg_fuse::layout::{Detection, Layout};
+use repvgg_fuse::progress::Hooks;
 use safetensors::Dtype;
 
 /// The scratch file inputs are written to: one per process, in memory where `/dev/shm` is.
@@ -102,8 +104,7 @@ pub fn load_and_detect(data: &[u8]) -> Depth {
     if depth >= Depth::Detected {
         // The whole conversion as the binary runs it, writer thread and report included.
         let out = scratch_out().join("deploy.safetensors");
-        let progress = indicatif::ProgressBar::hidden();
-        match repvgg_fuse::convert(path, &out, None, &Settings::default(), false, &progress) {
+        match repvgg_fuse::convert(path, &out, None, &Settings::default(), false, Hooks::none()) {
             Ok(outcome) => {
                 let _ = outcome.passed();
             }
@@ -125,40 +126,32 @@ fn exercise(ckpt: &Checkpoint, detection: &Detection) -> Depth {
     let _ = detection.consumed();
     let (eps, _) = detection.layout.bn_eps(None);
     for (i, block) in detection.blocks.iter().enumerate() {
-        let values = match BlockValues::load(ckpt, block, 0..block.out_channels) {
-            Ok(v) => v,
-            Err(e) => {
-                let _ = e.to_string();
-                continue;
-            }
-        };
-        let fused = match values.fuse_finite(eps, block) {
+        let side = block.kernel / 2 + 1;
+        let channels = block.in_channels().unwrap_or(block.in_per_group);
+        let probe = Input::random(1, channels, block.kernel, block.kernel, 0, i as u64);
+        // The one fusion routine, as the converter runs it (probe included).
+        let rows = 0..block.out_channels;
+        let fused = match fuse_block_rows(ckpt, block, rows.clone(), eps, block.dtype, Some(&probe)) {
             Ok(f) => f,
             Err(e) => {
                 let _ = e.to_string();
                 continue;
             }
         };
-        assert_eq!(
-            fused.weight.len(),
-            block.out_channels * block.in_per_group * block.kernel * block.kernel
-        );
-        assert_eq!(fused.bias.len(), block.out_channels);
+        let width = dtype_bytes(block.dtype);
+        assert_eq!(fused.weight.len(), block.out_channels * block.row_len() * width);
+        assert_eq!(fused.bias.len(), block.out_channels * width);
         depth = Depth::Fused;
-        let side = block.kernel / 2 + 1;
-        let channels = block.in_channels().unwrap_or(block.in_per_group);
         let work = channels
             .saturating_mul(block.kernel * block.kernel)
             .saturating_mul(side * side)
             .saturating_mul(block.out_channels);
         if work <= PROBE_BUDGET {
-            let probe = BlockInput::new(block, 1, side, side, 0, i as u64);
-            let opg = block.out_per_group();
-            let affines = values.affines(eps, block).unwrap_or_default();
-            let _ = verify::deviation(
-                &verify::unfused(&values, &affines, &probe, opg),
-                &verify::fused(&fused, &probe, opg),
-            );
+            // The verification's other side: the train block op by op.
+            let x = BlockInput::new(Input::random(1, channels, side, side, 0, i as u64), &[]);
+            if let Err(e) = unfused_rows(ckpt, block, eps, &x, rows) {
+                let _ = e.to_string();
+            }
         }
     }
     depth

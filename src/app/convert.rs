@@ -5,7 +5,9 @@
 use std::io::Write;
 use std::path::Path;
 
-use super::output::{check_not_input, default_report_path, persist, report_tmp, same_file, temp_beside};
+use super::output::{
+    check_not_input, default_report_path, persist, report_tmp, same_file, temp_beside,
+};
 use super::{
     Outcome, ReportParts, Settings, Written, block_reports, build_report, eps_info, find,
     verify_probe,
@@ -55,11 +57,19 @@ pub fn convert(
     hooks.progress.start(plan.file_len());
     // With --verify the full check replaces the probe.
     let probe_seed = (!verify).then_some(settings.check.seed);
-    let deviations = write_deploy(&ckpt, &detection, &plan, eps.value, probe_seed, tmp.as_file(), hooks)
-        .map_err(|e| match e {
-            WriteError::Io(e) => out_err(e),
-            WriteError::Run(e) => e,
-        })?;
+    let deviations = write_deploy(
+        &ckpt,
+        &detection,
+        &plan,
+        eps.value,
+        probe_seed,
+        tmp.as_file(),
+        hooks,
+    )
+    .map_err(|e| match e {
+        WriteError::Io(e) => out_err(e),
+        WriteError::Run(e) => e,
+    })?;
     tmp.as_file_mut().flush().map_err(out_err)?;
 
     let dtype_of = |b: &crate::block::Block| format!("{:?}", settings.cast.unwrap_or(b.dtype));
@@ -74,14 +84,25 @@ pub fn convert(
     if verify {
         hooks.progress.stage("verifying");
         let deploy = Checkpoint::open(tmp.path())?;
-        let (v, devs) = check_deploy(&ckpt, &deploy, &detection, eps.value, &settings.check, hooks.cancel)?;
+        let (v, devs) = check_deploy(
+            &ckpt,
+            &deploy,
+            &detection,
+            eps.value,
+            &settings.check,
+            hooks.cancel,
+        )?;
         set_deviations(&mut blocks, devs);
         probe = verify_probe(&v);
         verify_report = Some(v);
     }
     let written = Written {
         tensors: plan.entries.len(),
-        parameters: plan.entries.iter().map(|e| e.shape.iter().product::<usize>()).sum(),
+        parameters: plan
+            .entries
+            .iter()
+            .map(|e| e.shape.iter().product::<usize>())
+            .sum(),
         bytes: plan.file_len(),
     };
     let parts = ReportParts {
@@ -97,7 +118,11 @@ pub fn convert(
     let report_file = report_tmp(&report, &report_path)?;
     // A deploy file that failed verification is not put in place (the temp file goes with
     // `tmp`); the report is, since it says what failed.
-    if report.verify.as_ref().is_none_or(|v: &VerifyReport| v.passed) {
+    if report
+        .verify
+        .as_ref()
+        .is_none_or(|v: &VerifyReport| v.passed)
+    {
         persist(tmp, output, "the finished file")?;
     }
     persist(report_file, &report_path, "the report")?;

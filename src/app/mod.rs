@@ -12,7 +12,7 @@ use std::path::PathBuf;
 use safetensors::Dtype;
 
 pub use convert::convert;
-pub use inspect::{Inspection, InspectBlock, OutputTensor, inspect};
+pub use inspect::{InspectBlock, Inspection, OutputTensor, inspect};
 pub use output::{default_report_path, write_report};
 pub use verify::verify_files;
 
@@ -173,4 +173,3 @@ fn verify_probe(v: &VerifyReport) -> Probe {
         seed: v.seed,
     }
 }
-

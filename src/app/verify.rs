@@ -23,13 +23,22 @@ pub fn verify_files(
     let deploy = Checkpoint::open(deploy_path)?;
     let detection = find(&train, &settings.find)?;
     let eps = eps_info(&detection, &settings.find);
-    let (v, devs) = check_deploy(&train, &deploy, &detection, eps.value, &settings.check, hooks.cancel)?;
+    let (v, devs) = check_deploy(
+        &train,
+        &deploy,
+        &detection,
+        eps.value,
+        &settings.check,
+        hooks.cancel,
+    )?;
     let dtype_of = |b: &crate::block::Block| {
         deploy
             .get(&b.deploy_weight)
             .map_or("missing".to_string(), |t| format!("{:?}", t.dtype))
     };
-    let devs = devs.into_iter().map(|d| d.unwrap_or_else(Deviation::unknown));
+    let devs = devs
+        .into_iter()
+        .map(|d| d.unwrap_or_else(Deviation::unknown));
     let blocks = block_reports(&detection, dtype_of, devs);
     let written = Written {
         tensors: deploy.tensors().len(),
