@@ -2,7 +2,7 @@
 //! followed by per-channel post-ops; a branch is a chain of linear ops — a source (a conv, the
 //! identity, an average pool) then per-channel ops (BN, a scale). This module holds the model
 //! with the tensor names each op reads, and the shape checks that make fusion well defined.
-//! The arithmetic on these ops lives in [`crate::ops`].
+//! The arithmetic on these ops lives in the `ops` module.
 
 use safetensors::Dtype;
 use serde::{Deserialize, Serialize};

@@ -148,6 +148,14 @@ impl Plan {
         out
     }
 
+    /// Elements in the file.
+    pub fn parameters(&self) -> usize {
+        self.entries
+            .iter()
+            .map(|e| e.shape.iter().product::<usize>())
+            .sum()
+    }
+
     /// Total size of the file.
     pub fn file_len(&self) -> u64 {
         self.header().len() as u64 + self.entries.iter().map(Entry::len).sum::<u64>()

@@ -295,7 +295,9 @@ impl Layout {
                         return err("only the first op may be conv, identity or avgpool");
                     }
                     _ => {
-                        return err("each op has exactly one of conv, bn, scale, identity, avgpool");
+                        return err(
+                            "each op has exactly one of conv, bn, scale, identity, avgpool",
+                        );
                     }
                 }
             }

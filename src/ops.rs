@@ -576,31 +576,15 @@ fn fuse_row(
                     &bytes[r * row_bytes..(r + 1) * row_bytes],
                     &mut scratch.w,
                 );
-                let w = &scratch.w;
-                if let Some(i) = first_non_finite(w) {
+                if let Some(i) = first_non_finite(&scratch.w) {
                     return Err(RowError::NonFinite {
                         term: ti,
                         index: r * per_row + i,
-                        value: w[i],
+                        value: scratch.w[i],
                     });
                 }
-                if side == grid.k && std::mem::take(&mut fresh) {
-                    fused.iter_mut().zip(w).for_each(|(f, w)| *f = a * w);
-                } else {
-                    if std::mem::take(&mut fresh) {
-                        fused.fill(0.0);
-                    }
-                    grid.each_tap(w, side, dilation, |at, v| fused[at] += a * v);
-                }
-                patch.map_or(0.0, |p| {
-                    if side == grid.k {
-                        dot(w, p)
-                    } else {
-                        let mut y = 0.0;
-                        grid.each_tap(w, side, dilation, |at, v| y += v * p[at]);
-                        y
-                    }
-                })
+                let first = std::mem::take(&mut fresh);
+                add_weights(grid, fused, &scratch.w, (side, dilation), a, first, patch)
             }
             Kernel::Identity => {
                 if std::mem::take(&mut fresh) {
@@ -631,6 +615,38 @@ fn fuse_row(
     }
     debug_assert_eq!(scratch.fused.len(), depth);
     Ok((unfused, bias))
+}
+
+/// Adds `a·w` (one row of a `side`×`side` kernel, taps `dilation` apart) to `fused`, centred
+/// (over whatever it holds unless `first`); returns the kernel's own conv at the centre of
+/// `patch` (0 without one).
+#[inline(always)]
+fn add_weights(
+    grid: Grid,
+    fused: &mut [f64],
+    w: &[f64],
+    (side, dilation): (usize, usize),
+    a: f64,
+    first: bool,
+    patch: Option<&[f64]>,
+) -> f64 {
+    if side == grid.k && first {
+        fused.iter_mut().zip(w).for_each(|(f, w)| *f = a * w);
+    } else {
+        if first {
+            fused.fill(0.0);
+        }
+        grid.each_tap(w, side, dilation, |at, v| fused[at] += a * v);
+    }
+    patch.map_or(0.0, |p| {
+        if side == grid.k {
+            dot(w, p)
+        } else {
+            let mut y = 0.0;
+            grid.each_tap(w, side, dilation, |at, v| y += v * p[at]);
+            y
+        }
+    })
 }
 
 /// Checks row `r`'s fused values and appends them, encoded in `dtype`, to `out`.

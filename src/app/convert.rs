@@ -17,6 +17,7 @@ use crate::check::check_deploy;
 use crate::checkpoint::Checkpoint;
 use crate::deploy::{Plan, WriteError, write_deploy};
 use crate::deviation::Deviation;
+use crate::layout::Detection;
 use crate::progress::Hooks;
 use crate::report::{BlockReport, Probe, VerifyReport};
 
@@ -36,52 +37,20 @@ pub fn convert(
     hooks: Hooks,
 ) -> Result<Outcome, Error> {
     let report_path = report_path.map_or_else(|| default_report_path(output), Path::to_path_buf);
-    check_not_input(input, output, "output")?;
-    check_not_input(input, &report_path, "report path")?;
-    if same_file(&report_path, output) {
-        return Err(Error::Output {
-            path: output.to_path_buf(),
-            what: "the report would overwrite the deploy file".into(),
-        });
-    }
+    check_paths(input, output, &report_path)?;
     let ckpt = Checkpoint::open(input)?;
     let detection = find(&ckpt, &settings.find)?;
     let eps = eps_info(&detection, &settings.find);
     let plan = Plan::new(&ckpt, &detection, settings.cast);
 
-    let mut tmp = temp_beside(output)?;
-    let out_err = |e: std::io::Error| Error::Output {
-        path: output.to_path_buf(),
-        what: format!("cannot write: {e}"),
-    };
-    hooks.progress.start(plan.file_len());
     // With --verify the full check replaces the probe.
     let probe_seed = (!verify).then_some(settings.check.seed);
-    let deviations = write_deploy(
-        &ckpt,
-        &detection,
-        &plan,
-        eps.value,
-        probe_seed,
-        tmp.as_file(),
-        hooks,
-    )
-    .map_err(|e| match e {
-        WriteError::Io(e) => out_err(e),
-        WriteError::Run(e) => e,
-    })?;
-    tmp.as_file_mut().flush().map_err(out_err)?;
-
+    let (tmp, deviations) = write(
+        &ckpt, &detection, &plan, eps.value, probe_seed, output, hooks,
+    )?;
     let dtype_of = |b: &crate::block::Block| format!("{:?}", settings.cast.unwrap_or(b.dtype));
     let mut blocks = block_reports(&detection, dtype_of, deviations);
-    let mut probe = Probe {
-        kind: "probe".into(),
-        input_size: None,
-        batch: 1,
-        seed: settings.check.seed,
-    };
-    let mut verify_report = None;
-    if verify {
+    let (probe, verify_report) = if verify {
         hooks.progress.stage("verifying");
         let deploy = Checkpoint::open(tmp.path())?;
         let (v, devs) = check_deploy(
@@ -93,16 +62,19 @@ pub fn convert(
             hooks.cancel,
         )?;
         set_deviations(&mut blocks, devs);
-        probe = verify_probe(&v);
-        verify_report = Some(v);
-    }
+        (verify_probe(&v), Some(v))
+    } else {
+        let probe = Probe {
+            kind: "probe".into(),
+            input_size: None,
+            batch: 1,
+            seed: settings.check.seed,
+        };
+        (probe, None)
+    };
     let written = Written {
         tensors: plan.entries.len(),
-        parameters: plan
-            .entries
-            .iter()
-            .map(|e| e.shape.iter().product::<usize>())
-            .sum(),
+        parameters: plan.parameters(),
         bytes: plan.file_len(),
     };
     let parts = ReportParts {
@@ -130,6 +102,45 @@ pub fn convert(
         report,
         report_path: Some(report_path),
     })
+}
+
+/// Refuses an output or report that would overwrite the input, or each other.
+fn check_paths(input: &Path, output: &Path, report_path: &Path) -> Result<(), Error> {
+    check_not_input(input, output, "output")?;
+    check_not_input(input, report_path, "report path")?;
+    if same_file(report_path, output) {
+        return Err(Error::Output {
+            path: output.to_path_buf(),
+            what: "the report would overwrite the deploy file".into(),
+        });
+    }
+    Ok(())
+}
+
+/// Writes the deploy file to a temp file beside `output`; returns it and each block's probe
+/// deviation (with `probe_seed`; zero without).
+fn write(
+    ckpt: &Checkpoint,
+    detection: &Detection,
+    plan: &Plan,
+    eps: f64,
+    probe_seed: Option<u64>,
+    output: &Path,
+    hooks: Hooks,
+) -> Result<(tempfile::NamedTempFile, Vec<Deviation>), Error> {
+    let mut tmp = temp_beside(output)?;
+    let out_err = |e: std::io::Error| Error::Output {
+        path: output.to_path_buf(),
+        what: format!("cannot write: {e}"),
+    };
+    hooks.progress.start(plan.file_len());
+    let deviations = write_deploy(ckpt, detection, plan, eps, probe_seed, tmp.as_file(), hooks)
+        .map_err(|e| match e {
+            WriteError::Io(e) => out_err(e),
+            WriteError::Run(e) => e,
+        })?;
+    tmp.as_file_mut().flush().map_err(out_err)?;
+    Ok((tmp, deviations))
 }
 
 /// Replaces the probe deviations with the verification's, where a block could be run.
