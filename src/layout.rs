@@ -771,7 +771,7 @@ impl Place<'_> {
         } else {
             &f.slots
         };
-        self.from_slots(slots, f, i, op)
+        self.build(slots, f, i, op)
     }
 
     fn err<T>(&self, what: String) -> Result<T, BlockError> {
@@ -779,7 +779,7 @@ impl Place<'_> {
     }
 
     /// Op `i` from `slots`, refusing one that is incomplete; `f` is all the branch matched.
-    fn from_slots(
+    fn build(
         &self,
         slots: &BTreeMap<Slot, String>,
         f: &Found,
