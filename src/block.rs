@@ -201,6 +201,11 @@ pub struct Block {
     pub deploy_bias: String,
     /// Every tensor the block consumes, which the deploy file drops.
     pub consumed: Vec<String>,
+    /// The op chain of each branch, e.g. `conv3x3+bn`, `-(identity+bn+scale)`, then
+    /// `post:bn` for post-ops: what the report and `inspect` show.
+    pub ops: Vec<String>,
+    /// The framework's name for this kind of block (`RepMixer`), when the layout gives one.
+    pub kind: String,
 }
 
 /// What the checks need of a checkpoint while a block is being built.
@@ -363,7 +368,24 @@ impl Block {
             .chain(post.iter().flat_map(Op::tensor_names))
             .collect();
         let [deploy_weight, deploy_bias] = deploy;
+        let chain = |ops: &[Op]| {
+            let names: Vec<String> = ops.iter().map(|op| op.describe(ckpt)).collect();
+            names.join("+")
+        };
+        let mut described: Vec<String> = branches
+            .iter()
+            .map(|b| match b.coef {
+                1.0 => chain(&b.ops),
+                -1.0 => format!("-({})", chain(&b.ops)),
+                c => format!("{c}*({})", chain(&b.ops)),
+            })
+            .collect();
+        if !post.is_empty() {
+            described.push(format!("post:{}", chain(&post)));
+        }
         Ok(Block {
+            ops: described,
+            kind: String::new(),
             name: name.to_string(),
             dtype: main.dtype,
             branches,

@@ -42,6 +42,10 @@ pub struct OpSpec {
     /// Average pooling with this window.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub avgpool: Option<usize>,
+    /// The op may be absent (FastViT's `layer_scale.gamma` when layer scale is off): a block
+    /// without its tensors runs without the op. Without it, a missing tensor is an error.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub optional: bool,
 }
 
 /// One branch's names, relative to the block prefix.
@@ -91,6 +95,63 @@ impl OpSpec {
     /// Whether the op starts a branch.
     fn is_source(&self) -> bool {
         self.conv.is_some() || self.identity || self.avgpool.is_some()
+    }
+}
+
+impl Kind {
+    /// Checks that the kind can describe a block at all.
+    fn check(&self, layout: &str) -> Result<(), String> {
+        if !self.branches.iter().any(|b| b.role == Role::Kxk) {
+            return Err(format!("layout `{layout}` has no \"kxk\" branch"));
+        }
+        for b in &self.branches {
+            let err = |what: &str| Err(format!("layout `{layout}`, branch `{}`: {what}", b.path));
+            if b.ops.is_empty() {
+                let has_conv = b.conv.is_some();
+                if (b.role == Role::Identity) == has_conv {
+                    return err(if has_conv {
+                        "an identity branch has no conv"
+                    } else {
+                        "a conv branch needs \"conv\""
+                    });
+                }
+                continue;
+            }
+            if b.conv.is_some() || b.bn.is_some() {
+                return err("give either \"ops\" or \"conv\"/\"bn\", not both");
+            }
+            for (i, op) in b.ops.iter().enumerate() {
+                match (op.kinds(), i == 0, op.is_source()) {
+                    (1, true, true) | (1, false, false) => {}
+                    (1, true, false) => {
+                        return err("the first op must be conv, identity or avgpool");
+                    }
+                    (1, false, true) => {
+                        return err("only the first op may be conv, identity or avgpool");
+                    }
+                    _ => {
+                        return err(
+                            "each op has exactly one of conv, bn, scale, identity, avgpool",
+                        );
+                    }
+                }
+            }
+        }
+        if self.post.iter().any(|op| op.kinds() != 1 || op.is_source()) {
+            return Err(format!(
+                "layout `{layout}`: \"post\" takes bn and scale ops only"
+            ));
+        }
+        Ok(())
+    }
+
+    /// Whether a block at `prefix` can be of this kind.
+    fn applies_at(&self, prefix: &str) -> bool {
+        self.at.is_empty()
+            || self
+                .at
+                .iter()
+                .any(|a| prefix == a || prefix.ends_with(&format!(".{a}")))
     }
 }
 
@@ -165,6 +226,38 @@ pub struct Layout {
     /// a candidate whose shapes do not fit is left alone instead of refused.
     #[serde(default)]
     pub generic_names: bool,
+    /// Only used when no other layout finds blocks: its names (a conv `conv` beside a BN
+    /// `bn`) are common enough to occur in files of other layouts.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub fallback: bool,
+    /// The branches a block can have (the layout's first kind of block; may be empty when
+    /// `kinds` lists them all).
+    #[serde(default)]
+    pub branches: Vec<BranchSpec>,
+    /// Per-channel ops on the sum of the branches (names relative to the block).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub post: Vec<OpSpec>,
+    /// Where the fused conv goes (with `branches`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub deploy: Option<DeployNames>,
+    /// Further kinds of block in the same models (FastViT: MobileOneBlock, RepMixer,
+    /// ReparamLargeKernelConv, RepConditionalPosEnc). A block of one kind whose tensors all
+    /// belong to a block of another (the mixer inside a RepMixer) is part of that block.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub kinds: Vec<Kind>,
+}
+
+/// One kind of block of a layout: its branches, post-ops and deploy names.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Kind {
+    /// The framework's class name, for reports.
+    #[serde(default)]
+    pub name: String,
+    /// Block prefixes must end with one of these names (LeViT's `head`, whose BN comes before
+    /// its Linear, where every other `linear` + `bn` has it after); empty: any prefix.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub at: Vec<String>,
     /// The branches a block can have.
     pub branches: Vec<BranchSpec>,
     /// Per-channel ops on the sum of the branches (names relative to the block).
@@ -259,58 +352,33 @@ impl Layout {
         Ok(layouts)
     }
 
-    /// Checks that the layout can describe a block at all.
-    fn check(&self) -> Result<(), String> {
-        if !self.branches.iter().any(|b| b.role == Role::Kxk) {
-            return Err(format!("layout `{}` has no \"kxk\" branch", self.name));
-        }
-        for b in &self.branches {
-            let err = |what: &str| {
-                Err(format!(
-                    "layout `{}`, branch `{}`: {what}",
-                    self.name, b.path
-                ))
-            };
-            if b.ops.is_empty() {
-                let has_conv = b.conv.is_some();
-                if (b.role == Role::Identity) == has_conv {
-                    return err(if has_conv {
-                        "an identity branch has no conv"
-                    } else {
-                        "a conv branch needs \"conv\""
-                    });
-                }
-                continue;
-            }
-            if b.conv.is_some() || b.bn.is_some() {
-                return err("give either \"ops\" or \"conv\"/\"bn\", not both");
-            }
-            for (i, op) in b.ops.iter().enumerate() {
-                match (op.kinds(), i == 0, op.is_source()) {
-                    (1, true, true) | (1, false, false) => {}
-                    (1, true, false) => {
-                        return err("the first op must be conv, identity or avgpool");
-                    }
-                    (1, false, true) => {
-                        return err("only the first op may be conv, identity or avgpool");
-                    }
-                    _ => {
-                        return err(
-                            "each op has exactly one of conv, bn, scale, identity, avgpool",
-                        );
-                    }
-                }
-            }
-        }
-        if self.post.iter().any(|op| op.kinds() != 1 || op.is_source()) {
-            return Err(format!(
-                "layout `{}`: \"post\" takes bn and scale ops only",
-                self.name
-            ));
-        }
-        Ok(())
+    /// Every kind of block of the layout: the top-level one (if it has branches), then `kinds`.
+    pub fn all_kinds(&self) -> Vec<Kind> {
+        let top = (!self.branches.is_empty()).then(|| Kind {
+            name: String::new(),
+            at: Vec::new(),
+            branches: self.branches.clone(),
+            post: self.post.clone(),
+            deploy: self.deploy.clone().unwrap_or(DeployNames {
+                weight: String::new(),
+                bias: String::new(),
+            }),
+        });
+        top.into_iter().chain(self.kinds.iter().cloned()).collect()
     }
 
+    /// Checks that the layout can describe a block at all.
+    fn check(&self) -> Result<(), String> {
+        if self.branches.is_empty() && self.kinds.is_empty() {
+            return Err(format!("layout `{}` has no \"branches\"", self.name));
+        }
+        if !self.branches.is_empty() && self.deploy.is_none() {
+            return Err(format!("layout `{}` has no \"deploy\" names", self.name));
+        }
+        self.all_kinds()
+            .iter()
+            .try_for_each(|k| k.check(&self.name))
+    }
     /// The BN ε to use and why: `--bn-eps` wins, then the layout's own, then PyTorch's default.
     pub fn bn_eps(&self, overridden: Option<f64>) -> (f64, String) {
         match (overridden, self.bn_eps) {
@@ -373,17 +441,27 @@ impl Detection {
         }
         let mut hits = Vec::new();
         for layout in layouts {
-            let found = find_blocks(ckpt, layout, false)?;
+            let found = match find_blocks(ckpt, layout, false) {
+                // A fallback's common names may meet tensors they do not describe.
+                Err(_) if layout.fallback => continue,
+                found => found?,
+            };
             if !found.blocks.is_empty() {
                 hits.push((layout, found));
             }
         }
+        let hits = settle(hits);
         match hits.len() {
             0 => Err(LayoutError::NoBlocks {
                 hint: deployed_hint(ckpt, layouts),
             }),
             1 => {
-                let (layout, _) = hits.remove(0);
+                let (layout, _) = hits
+                    .into_iter()
+                    .next()
+                    .ok_or_else(|| LayoutError::NoBlocks {
+                        hint: String::new(),
+                    })?;
                 // Again, now refusing half blocks: the layout is settled.
                 let found = find_blocks(ckpt, layout, true)?;
                 Ok(Detection {
@@ -419,23 +497,57 @@ impl Detection {
     }
 }
 
+/// Of the layouts that found blocks, the ones left to choose from: fallbacks only when
+/// nothing else found blocks, and not a layout whose blocks take only tensors that another
+/// layout's take too (a FastViT file holds timm MobileOne blocks; a pure MobileOne file
+/// matches FastViT's MobileOne kind as well: the earlier layout in the table wins a tie).
+fn settle(mut hits: Vec<(&Layout, BlocksFound)>) -> Vec<(&Layout, BlocksFound)> {
+    if hits.iter().any(|(l, _)| !l.fallback) {
+        hits.retain(|(l, _)| !l.fallback);
+    }
+    let sets: Vec<BTreeSet<&str>> = hits
+        .iter()
+        .map(|(_, f)| {
+            f.blocks
+                .iter()
+                .flat_map(|b| b.consumed.iter().map(String::as_str))
+                .collect()
+        })
+        .collect();
+    let subsumed: Vec<bool> = (0..sets.len())
+        .map(|i| {
+            (0..sets.len()).any(|j| {
+                j != i && sets[i].is_subset(&sets[j]) && (sets[j].len() > sets[i].len() || j < i)
+            })
+        })
+        .collect();
+    let mut keep = subsumed.into_iter().map(|s| !s);
+    hits.retain(|_| keep.next().unwrap_or(true));
+    hits
+}
+
 /// Says so when the file looks like it is in deploy form already.
 fn deployed_hint(ckpt: &Checkpoint, layouts: &[Layout]) -> String {
     for layout in layouts {
-        if layout.generic_names {
+        if layout.generic_names || layout.fallback {
             continue;
         }
-        let suffix = format!(".{}", layout.deploy.weight);
-        let n = ckpt
-            .tensors()
-            .iter()
-            .filter(|t| t.name.ends_with(&suffix) || t.name == layout.deploy.weight)
-            .count();
-        if n > 0 {
-            return format!(
-                "; it has {n} `{}` tensors, so it looks like a deploy file already",
-                layout.deploy.weight
-            );
+        for kind in layout.all_kinds() {
+            let weight = &kind.deploy.weight;
+            if !weight.contains('.') {
+                continue;
+            }
+            let suffix = format!(".{weight}");
+            let n = ckpt
+                .tensors()
+                .iter()
+                .filter(|t| t.name.ends_with(&suffix) || &t.name == weight)
+                .count();
+            if n > 0 {
+                return format!(
+                    "; it has {n} `{weight}` tensors, so it looks like a deploy file already"
+                );
+            }
         }
     }
     "; expected tensors named like `<block>.rbr_dense.conv.weight` (see --layout for the known layouts)".to_string()
@@ -557,11 +669,10 @@ fn match_suffix(name: &[&str], pattern: &[String], n_path: usize) -> Option<(Str
     Some((prefix, label))
 }
 
-/// Candidate blocks of `layout`: prefix → branch label → tensors found.
-fn candidates(ckpt: &Checkpoint, layout: &Layout) -> BTreeMap<String, BTreeMap<String, Found>> {
-    let patterns: Vec<Vec<(Slot, Vec<String>)>> =
-        layout.branches.iter().map(slot_patterns).collect();
-    let path_len: Vec<usize> = layout
+/// Candidate blocks of `kind`: prefix → branch label → tensors found.
+fn candidates(ckpt: &Checkpoint, kind: &Kind) -> BTreeMap<String, BTreeMap<String, Found>> {
+    let patterns: Vec<Vec<(Slot, Vec<String>)>> = kind.branches.iter().map(slot_patterns).collect();
+    let path_len: Vec<usize> = kind
         .branches
         .iter()
         .map(|b| segments(&b.path).len())
@@ -586,24 +697,85 @@ fn candidates(ckpt: &Checkpoint, layout: &Layout) -> BTreeMap<String, BTreeMap<S
     candidates
 }
 
+/// A candidate that is not a block: half a block (a conv branch without the main conv) or a
+/// block without a required branch. An error, unless blocks of another kind take all its
+/// tensors (at the same prefix, for a missing branch: RepViT's current and legacy RepVggDw).
+struct Orphan {
+    error: LayoutError,
+    prefix: Option<String>,
+    tensors: Vec<String>,
+}
+
 fn find_blocks(
     ckpt: &Checkpoint,
     layout: &Layout,
     refuse_half: bool,
 ) -> Result<BlocksFound, LayoutError> {
-    let mut blocks = Vec::new();
-    let mut skipped = Vec::new();
-    let is_main = |f: &Found| {
-        layout.branches[f.spec].role == Role::Kxk && f.slots.contains_key(&(0, Leaf::ConvWeight))
+    let mut found = BlocksFound {
+        blocks: Vec::new(),
+        skipped: Vec::new(),
     };
-    for (prefix, branches) in &candidates(ckpt, layout) {
+    let mut kinds_of = Vec::new();
+    let mut orphans = Vec::new();
+    for (k, kind) in layout.all_kinds().iter().enumerate() {
+        let before = found.blocks.len();
+        find_kind(ckpt, layout, kind, refuse_half, &mut found, &mut orphans)?;
+        kinds_of.resize(kinds_of.len() + found.blocks.len() - before, k);
+    }
+    let mut blocks = drop_contained(std::mem::take(&mut found.blocks), &kinds_of);
+    let consumed: BTreeSet<&str> = blocks
+        .iter()
+        .flat_map(|b| b.consumed.iter().map(String::as_str))
+        .collect();
+    for o in orphans {
+        let taken = o.tensors.iter().all(|t| consumed.contains(t.as_str()))
+            && o.prefix.is_none_or(|p| blocks.iter().any(|b| b.name == p));
+        if !taken {
+            return Err(o.error);
+        }
+    }
+    check_ownership(ckpt, &blocks)?;
+    blocks.sort_by_key(|b| ckpt.get(b.main_weight()).map_or(0, |t| t.start));
+    found.blocks = blocks;
+    Ok(found)
+}
+
+/// The blocks of one kind of `layout` into `found`; candidates that are not blocks into
+/// `orphans` (when refusing half blocks).
+fn find_kind(
+    ckpt: &Checkpoint,
+    layout: &Layout,
+    kind: &Kind,
+    refuse_half: bool,
+    found: &mut BlocksFound,
+    orphans: &mut Vec<Orphan>,
+) -> Result<(), LayoutError> {
+    let is_main = |f: &Found| {
+        kind.branches[f.spec].role == Role::Kxk && f.slots.contains_key(&(0, Leaf::ConvWeight))
+    };
+    for (prefix, branches) in &candidates(ckpt, kind) {
+        if !kind.applies_at(prefix) {
+            continue;
+        }
+        let tensors = || {
+            branches
+                .values()
+                .flat_map(|f| f.slots.values().cloned())
+                .collect()
+        };
         if !branches.values().any(is_main) {
             if refuse_half && !layout.generic_names {
-                refuse_half_block(layout, prefix, branches)?;
+                if let Err(error) = refuse_half_block(layout, kind, prefix, branches) {
+                    orphans.push(Orphan {
+                        error,
+                        prefix: None,
+                        tensors: tensors(),
+                    });
+                }
             }
             continue;
         }
-        let missing_required = layout
+        let missing_required = kind
             .branches
             .iter()
             .enumerate()
@@ -611,25 +783,63 @@ fn find_blocks(
         if let Some((_, spec)) = missing_required {
             let why = format!("no `{}` branch", spec.path);
             if layout.generic_names || !refuse_half {
-                skipped.push((prefix.clone(), why));
-                continue;
+                found.skipped.push((prefix.clone(), why));
+            } else {
+                orphans.push(Orphan {
+                    error: BlockError::new(prefix, why).into(),
+                    prefix: Some(prefix.clone()),
+                    tensors: tensors(),
+                });
             }
-            return Err(BlockError::new(prefix, why).into());
+            continue;
         }
-        match assemble(ckpt, layout, prefix, branches) {
-            Ok(block) => blocks.push(block),
-            Err(e) if layout.generic_names => skipped.push((prefix.clone(), e.what)),
+        match assemble(ckpt, kind, prefix, branches) {
+            Ok(block) => found.blocks.push(block),
+            Err(e) if layout.generic_names => found.skipped.push((prefix.clone(), e.what)),
             Err(e) => return Err(e.into()),
         }
     }
-    check_ownership(ckpt, &blocks)?;
-    blocks.sort_by_key(|b| ckpt.get(b.main_weight()).map_or(0, |t| t.start));
-    Ok(BlocksFound { blocks, skipped })
+    Ok(())
+}
+
+/// Drops a block whose tensors all belong to a larger block of another kind (the mixer
+/// inside FastViT's RepMixer, the ConvNorm inside RepViT's RepVggDw: the framework converts
+/// the outer module), and of two blocks with the same tensors the one of the later kind.
+fn drop_contained(blocks: Vec<Block>, kinds_of: &[usize]) -> Vec<Block> {
+    let sets: Vec<BTreeSet<&str>> = blocks
+        .iter()
+        .map(|b| b.consumed.iter().map(String::as_str).collect())
+        .collect();
+    let mut owners: BTreeMap<&str, Vec<usize>> = BTreeMap::new();
+    for (i, set) in sets.iter().enumerate() {
+        for t in set {
+            owners.entry(t).or_default().push(i);
+        }
+    }
+    let inside = |i: usize| {
+        let Some(first) = sets[i].first() else {
+            return false;
+        };
+        owners[first].iter().any(|&j| {
+            j != i
+                && kinds_of[j] != kinds_of[i]
+                && (sets[j].len() > sets[i].len()
+                    || sets[j].len() == sets[i].len() && kinds_of[j] < kinds_of[i])
+                && sets[i].is_subset(&sets[j])
+        })
+    };
+    let keep: Vec<bool> = (0..blocks.len()).map(|i| !inside(i)).collect();
+    blocks
+        .into_iter()
+        .zip(keep)
+        .filter_map(|(b, k)| k.then_some(b))
+        .collect()
 }
 
 /// A conv branch without its block's k×k conv is half a block.
 fn refuse_half_block(
     layout: &Layout,
+    kind: &Kind,
     prefix: &str,
     branches: &BTreeMap<String, Found>,
 ) -> Result<(), LayoutError> {
@@ -639,7 +849,7 @@ fn refuse_half_block(
     else {
         return Ok(());
     };
-    let main = layout
+    let main = kind
         .branches
         .iter()
         .find(|b| b.role == Role::Kxk)
@@ -657,7 +867,8 @@ fn refuse_half_block(
 fn check_ownership(ckpt: &Checkpoint, blocks: &[Block]) -> Result<(), LayoutError> {
     for block in blocks {
         for tensor in [&block.deploy_weight, &block.deploy_bias] {
-            if ckpt.get(tensor).is_some() {
+            // UniRepLKNet writes its fused kernel under the name of a kernel it consumes.
+            if ckpt.get(tensor).is_some() && !block.consumed.contains(tensor) {
                 return Err(LayoutError::DeployNameTaken {
                     block: block.name.clone(),
                     tensor: tensor.clone(),
@@ -694,28 +905,46 @@ fn join(prefix: &str, leaf: &str) -> String {
 /// Turns the tensors found under one prefix into a checked [`Block`].
 fn assemble(
     ckpt: &Checkpoint,
-    layout: &Layout,
+    kind: &Kind,
     prefix: &str,
     found: &BTreeMap<String, Found>,
 ) -> Result<Block, BlockError> {
-    let mut order: Vec<(&String, &Found)> = found.iter().collect();
+    // Branches without tensors of their own (RepMixer's and RepViT's plain skip) are in every
+    // block of the kind.
+    let tensorless: Vec<(String, Found)> = (kind.branches.iter().enumerate())
+        .filter(|(_, spec)| slot_patterns(spec).is_empty() && !spec.op_specs().is_empty())
+        .filter(|(_, spec)| spec.op_specs().iter().all(|op| op_leaves(op).is_empty()))
+        .map(|(i, spec)| {
+            let label = if spec.path.is_empty() {
+                "input".to_string()
+            } else {
+                spec.path.clone()
+            };
+            (
+                label,
+                Found {
+                    spec: i,
+                    ..Found::default()
+                },
+            )
+        })
+        .collect();
+    let mut order: Vec<(&String, &Found)> = found
+        .iter()
+        .chain(tensorless.iter().map(|(l, f)| (l, f)))
+        .collect();
     // Branch order: by role (k×k first), then label — so the main branch is first.
-    order.sort_by_key(|(label, f)| (layout.branches[f.spec].role, natural_key(label)));
+    order.sort_by_key(|(label, f)| (kind.branches[f.spec].role, natural_key(label)));
     let mut branches = Vec::new();
     for (label, f) in order {
-        let spec = &layout.branches[f.spec];
+        let spec = &kind.branches[f.spec];
         let at = Place {
             prefix,
             base: join(prefix, label),
             label,
             identity: spec.role == Role::Identity,
         };
-        let ops = spec
-            .op_specs()
-            .iter()
-            .enumerate()
-            .map(|(i, op)| at.op(ckpt, f, i, op))
-            .collect::<Result<Vec<_>, _>>()?;
+        let ops = at.ops(ckpt, f, &spec.op_specs())?;
         branches.push(Branch {
             label: label.clone(),
             role: spec.role,
@@ -729,18 +958,14 @@ fn assemble(
         label: "(post-ops)",
         identity: false,
     };
-    let none = Found::default();
-    let post = layout
-        .post
-        .iter()
-        .enumerate()
-        .map(|(i, op)| at.op(ckpt, &none, i, op))
-        .collect::<Result<Vec<_>, _>>()?;
+    let post = at.ops(ckpt, &Found::default(), &kind.post)?;
     let deploy = [
-        join(prefix, &layout.deploy.weight),
-        join(prefix, &layout.deploy.bias),
+        join(prefix, &kind.deploy.weight),
+        join(prefix, &kind.deploy.bias),
     ];
-    Block::new(ckpt, prefix, branches, post, deploy)
+    let mut block = Block::new(ckpt, prefix, branches, post, deploy)?;
+    block.kind = kind.name.clone();
+    Ok(block)
 }
 
 /// Where an op's tensors are: the block prefix, the branch's own path and label.
@@ -752,9 +977,24 @@ struct Place<'a> {
 }
 
 impl Place<'_> {
+    /// A chain of ops; optional ones whose tensors are absent left out.
+    fn ops(&self, ckpt: &Checkpoint, f: &Found, specs: &[OpSpec]) -> Result<Vec<Op>, BlockError> {
+        let mut ops = Vec::with_capacity(specs.len());
+        for (i, op) in specs.iter().enumerate() {
+            ops.extend(self.op(ckpt, f, i, op)?);
+        }
+        Ok(ops)
+    }
+
     /// Op `i` of a branch whose branch-relative tensors matched as `f`; block-relative ones
     /// (and the post-ops') are looked up by name.
-    fn op(&self, ckpt: &Checkpoint, f: &Found, i: usize, op: &OpSpec) -> Result<Op, BlockError> {
+    fn op(
+        &self,
+        ckpt: &Checkpoint,
+        f: &Found,
+        i: usize,
+        op: &OpSpec,
+    ) -> Result<Option<Op>, BlockError> {
         let looked_up;
         let slots = if block_relative(op) || f.slots.is_empty() {
             let root = if block_relative(op) {
@@ -771,7 +1011,10 @@ impl Place<'_> {
         } else {
             &f.slots
         };
-        self.build(slots, f, i, op)
+        if op.optional && !slots.keys().any(|(j, _)| *j == i) {
+            return Ok(None);
+        }
+        self.build(slots, f, i, op).map(Some)
     }
 
     fn err<T>(&self, what: String) -> Result<T, BlockError> {
@@ -887,7 +1130,7 @@ mod tests {
     #[test]
     fn builtin_layouts_parse_and_check() {
         let layouts: Vec<Layout> = serde_json::from_str(BUILTIN).expect("layouts.json parses");
-        assert_eq!(layouts.len(), 8);
+        assert!(layouts.len() >= 9);
         for l in &layouts {
             l.check().expect("built-in layout is consistent");
         }

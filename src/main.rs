@@ -437,7 +437,7 @@ fn inspection_text(i: &Inspection) -> String {
             b.name,
             cin,
             b.out_channels,
-            b.branches.join(" + "),
+            b.ops.join(" + "),
             if b.identity { "" } else { " (no identity)" },
             k = b.kernel
         );

@@ -91,8 +91,13 @@ pub struct Probe {
 pub struct BlockInfo {
     /// The block prefix exactly as in the checkpoint.
     pub name: String,
+    /// The framework's name for the kind of block (`RepMixer`), when the layout gives one.
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub kind: String,
     /// The branches fused, by their path under the block.
     pub branches: Vec<String>,
+    /// Each branch's op chain (`conv3x3+bn`, `-(identity+bn+scale)`), then `post:…`.
+    pub ops: Vec<String>,
     /// Input channels, when the weights settle them (see `groups`).
     pub in_channels: Option<usize>,
     /// Output channels.
@@ -111,7 +116,9 @@ impl From<&Block> for BlockInfo {
     fn from(block: &Block) -> Self {
         BlockInfo {
             name: block.name.clone(),
+            kind: block.kind.clone(),
             branches: block.branches.iter().map(|b| b.label.clone()).collect(),
+            ops: block.ops.clone(),
             in_channels: block.in_channels(),
             out_channels: block.out_channels,
             in_channels_per_group: block.in_per_group,

@@ -110,6 +110,11 @@ fn cases() -> Vec<Case> {
         .expect("fixtures/ is readable")
         .map(|e| e.unwrap().path())
         .filter(|p| p.join("train.safetensors").is_file())
+        // The re-parameterization families (`fam_*`) have their own tests: tests/families.rs.
+        .filter(|p| {
+            !p.file_name()
+                .is_some_and(|n| n.to_string_lossy().starts_with("fam_"))
+        })
         .collect();
     dirs.sort();
     let cases: Vec<Case> = dirs.into_iter().map(Case::load).collect();
