@@ -164,6 +164,20 @@ fn is_one(x: &f64) -> bool {
 }
 
 impl BranchSpec {
+    /// The branch's label in a block: its path, or for a branch right under the block its
+    /// first op's name (`input` for a plain skip).
+    fn label(&self) -> String {
+        if !self.path.is_empty() {
+            return self.path.clone();
+        }
+        let first = self.op_specs().into_iter().next().unwrap_or_default();
+        [first.conv, first.bn, first.scale]
+            .into_iter()
+            .flatten()
+            .next()
+            .unwrap_or_else(|| "input".to_string())
+    }
+
     /// The branch's ops, the short form expanded.
     pub fn op_specs(&self) -> Vec<OpSpec> {
         if !self.ops.is_empty() {
@@ -683,6 +697,13 @@ fn candidates(ckpt: &Checkpoint, kind: &Kind) -> BTreeMap<String, BTreeMap<Strin
         for (spec_i, slots) in patterns.iter().enumerate() {
             for (slot, pattern) in slots {
                 if let Some((prefix, label)) = match_suffix(&segs, pattern, path_len[spec_i]) {
+                    // Branches right under the block (UniRepLKNet's) are told apart by their
+                    // first op's name.
+                    let label = if label.is_empty() {
+                        kind.branches[spec_i].label()
+                    } else {
+                        label
+                    };
                     let found = candidates
                         .entry(prefix)
                         .or_default()
@@ -915,18 +936,11 @@ fn assemble(
         .filter(|(_, spec)| slot_patterns(spec).is_empty() && !spec.op_specs().is_empty())
         .filter(|(_, spec)| spec.op_specs().iter().all(|op| op_leaves(op).is_empty()))
         .map(|(i, spec)| {
-            let label = if spec.path.is_empty() {
-                "input".to_string()
-            } else {
-                spec.path.clone()
+            let found = Found {
+                spec: i,
+                ..Found::default()
             };
-            (
-                label,
-                Found {
-                    spec: i,
-                    ..Found::default()
-                },
-            )
+            (spec.label(), found)
         })
         .collect();
     let mut order: Vec<(&String, &Found)> = found
@@ -934,13 +948,18 @@ fn assemble(
         .chain(tensorless.iter().map(|(l, f)| (l, f)))
         .collect();
     // Branch order: by role (k×k first), then label — so the main branch is first.
-    order.sort_by_key(|(label, f)| (kind.branches[f.spec].role, natural_key(label)));
+    order.sort_by_key(|(label, f)| (kind.branches[f.spec].role, f.spec, natural_key(label)));
     let mut branches = Vec::new();
     for (label, f) in order {
         let spec = &kind.branches[f.spec];
+        let base = if spec.path.is_empty() {
+            prefix.to_string()
+        } else {
+            join(prefix, label)
+        };
         let at = Place {
             prefix,
-            base: join(prefix, label),
+            base,
             label,
             identity: spec.role == Role::Identity,
         };

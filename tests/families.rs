@@ -23,6 +23,11 @@ const CASES: &[(&str, &str)] = &[
     ("fam_fastvit_nols", "timm-fastvit"),
     ("fam_fastvit_f16", "timm-fastvit"),
     ("fam_fastvit_f64", "timm-fastvit"),
+    ("fam_repghostnet", "timm-repghostnet"),
+    ("fam_ghostnetv3", "timm-ghostnetv3"),
+    ("fam_lcnetv2", "timm-lcnetv2"),
+    ("fam_replknet", "replknet"),
+    ("fam_unireplknet", "unireplknet"),
 ];
 
 /// Deploy tensors whose dtype we choose differently from the framework, and why (README,
@@ -357,9 +362,9 @@ fn fastvit_repmixer_ops_are_named() {
         [
             "conv3x3+bn+scale",
             "conv1x1+bn+scale",
-            "identity",
             "identity+bn+scale",
-            "-(identity+bn+scale)"
+            "-(identity+bn+scale)",
+            "identity"
         ]
     );
     let nols = convert("fam_fastvit_nols");
