@@ -70,7 +70,8 @@ pub struct BnTensors {
 #[derive(Debug, Clone, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Op {
-    /// A conv `[out, in/groups, kh, kw]`, stride 1, same padding, with its own bias if any.
+    /// A conv `[out, in/groups, kh, kw]`, stride 1, same padding, with its own bias if any;
+    /// or a Linear `[out, in]` (a 1×1 conv on every position).
     Conv {
         /// The kernel.
         weight: String,
@@ -78,7 +79,13 @@ pub enum Op {
         bias: Option<String>,
         /// Spacing between kernel taps (UniRepLKNet's dilated branches); 1 for a plain conv.
         dilation: usize,
+        /// Whether the kernel may be kh×kw with kh ≠ kw (ACNet's k×1 and 1×k); both odd.
+        asymmetric: bool,
     },
+    /// A BatchNorm over the *input* channels, before a Linear or 1×1 conv (a NormLinear:
+    /// LeViT's and RepViT's classifiers): folds into the weights, scaled per input channel,
+    /// and into the bias, through the weights.
+    InputBn(BnTensors),
     /// The block's input itself: output channel o reads input channel o (in == out).
     Identity,
     /// Average pooling `kernel`×`kernel`, stride 1, zero padding counted in the mean
@@ -97,6 +104,11 @@ pub enum Op {
 }
 
 impl Op {
+    /// Whether the op goes before the source (acts on the block's input).
+    pub fn is_input_op(&self) -> bool {
+        matches!(self, Op::InputBn(_))
+    }
+
     /// Whether the op starts a branch (reads the block's input).
     pub fn is_source(&self) -> bool {
         matches!(self, Op::Conv { .. } | Op::Identity | Op::AvgPool { .. })
@@ -109,11 +121,13 @@ impl Op {
                 .chain(bias.clone())
                 .collect(),
             Op::Identity | Op::AvgPool { .. } => Vec::new(),
-            Op::Bn(bn) => [&bn.weight, &bn.bias, &bn.running_mean, &bn.running_var]
-                .into_iter()
-                .cloned()
-                .chain(bn.num_batches_tracked.clone())
-                .collect(),
+            Op::Bn(bn) | Op::InputBn(bn) => {
+                [&bn.weight, &bn.bias, &bn.running_mean, &bn.running_var]
+                    .into_iter()
+                    .cloned()
+                    .chain(bn.num_batches_tracked.clone())
+                    .collect()
+            }
             Op::Scale { weight } => vec![weight.clone()],
         }
     }
@@ -124,9 +138,10 @@ impl Op {
             Op::Conv {
                 weight, dilation, ..
             } => {
-                let (kh, kw) = ckpt
-                    .get(weight)
-                    .map_or((0, 0), |t| (t.shape[2], t.shape[3]));
+                if ckpt.get(weight).is_some_and(|t| t.shape.len() == 2) {
+                    return "linear".into();
+                }
+                let (kh, kw) = ckpt.get(weight).map_or((0, 0), kernel_hw);
                 if *dilation > 1 {
                     format!("conv{kh}x{kw}d{dilation}")
                 } else {
@@ -136,6 +151,7 @@ impl Op {
             Op::Identity => "identity".into(),
             Op::AvgPool { kernel } => format!("avgpool{kernel}x{kernel}"),
             Op::Bn(_) => "bn".into(),
+            Op::InputBn(_) => "bn_in".into(),
             Op::Scale { .. } => "scale".into(),
         }
     }
@@ -155,9 +171,20 @@ pub struct Branch {
 }
 
 impl Branch {
-    /// The branch's source op.
+    /// The branch's source op (after any input ops).
     pub fn source(&self) -> &Op {
-        &self.ops[0]
+        self.ops
+            .iter()
+            .find(|op| op.is_source())
+            .unwrap_or(&self.ops[0])
+    }
+
+    /// The BN on the branch's input, if any.
+    pub fn input_bn(&self) -> Option<&BnTensors> {
+        self.ops.iter().find_map(|op| match op {
+            Op::InputBn(bn) => Some(bn),
+            _ => None,
+        })
     }
 
     /// The conv weight's name, if the branch starts with a conv.
@@ -191,6 +218,8 @@ pub struct Block {
     pub in_per_group: usize,
     /// The fused kernel size (the largest extent of any branch).
     pub kernel: usize,
+    /// Whether the main weight is a Linear's `[out, in]` (the deploy weight is too).
+    pub linear: bool,
     /// Groups, when the weights settle it (an identity branch means in == out).
     pub groups: Option<usize>,
     /// dtype of the main conv weight, which the fused conv keeps by default.
@@ -261,23 +290,24 @@ impl<'a> Checker<'a> {
         &self,
         branch: &Branch,
         weight: &str,
-        dilation: usize,
+        (dilation, asymmetric): (usize, bool),
     ) -> Result<(&'a TensorInfo, usize), BlockError> {
         let w = self.float(weight)?;
-        if w.shape.len() != 4 {
+        if w.shape.len() != 4 && w.shape.len() != 2 {
             return Err(self.err(format!(
-                "conv weight `{}` has shape {:?}; expected 4 dimensions [out, in/groups, k, k]",
+                "conv weight `{}` has shape {:?}; expected 4 dimensions [out, in/groups, k, k] (or a Linear's 2, [out, in])",
                 w.name, w.shape
             )));
         }
-        let (kh, kw) = (w.shape[2], w.shape[3]);
-        if kh != kw || kh % 2 == 0 {
+        let (kh, kw) = kernel_hw(w);
+        if kh % 2 == 0 || kw % 2 == 0 || (kh != kw && !asymmetric) {
+            let shape = if asymmetric { "kh×kw" } else { "a square" };
             return Err(self.err(format!(
-                "conv weight `{}` has a {kh}×{kw} kernel; expected a square kernel of odd size",
+                "conv weight `{}` has a {kh}×{kw} kernel; expected {shape} kernel of odd size",
                 w.name
             )));
         }
-        let extent = (kh - 1) * dilation.max(1) + 1;
+        let extent = (kh.max(kw) - 1) * dilation.max(1) + 1;
         if extent > MAX_KERNEL {
             return Err(self.err(format!(
                 "conv weight `{}` has a {extent}×{extent} kernel; expected at most {MAX_KERNEL}×{MAX_KERNEL}",
@@ -304,9 +334,12 @@ fn main_conv<'a>(
     for b in branches {
         match b.source() {
             Op::Conv {
-                weight, dilation, ..
+                weight,
+                dilation,
+                asymmetric,
+                ..
             } => {
-                let (w, extent) = c.conv(b, weight, *dilation)?;
+                let (w, extent) = c.conv(b, weight, (*dilation, *asymmetric))?;
                 main.get_or_insert(w);
                 kernel = kernel.max(extent);
             }
@@ -360,6 +393,11 @@ impl Block {
                 groups = Some(out_channels / in_per_group);
             }
             check_channel_ops(&c, &b.ops, out_channels)?;
+            if let Some(bn) = b.input_bn() {
+                check_input_bn(&c, b, bn, in_per_group)?;
+                // A BN over all `in_per_group` inputs of every output: one group.
+                groups = Some(1);
+            }
         }
         check_channel_ops(&c, &post, out_channels)?;
         let consumed = branches
@@ -393,11 +431,26 @@ impl Block {
             out_channels,
             in_per_group,
             kernel,
+            linear: main.shape.len() == 2,
             groups,
             deploy_weight,
             deploy_bias,
             consumed,
         })
+    }
+
+    /// The deploy weight's shape: `[out, in/groups, k, k]`, or a Linear's `[out, in]`.
+    pub fn deploy_shape(&self) -> Vec<usize> {
+        if self.linear {
+            vec![self.out_channels, self.in_per_group]
+        } else {
+            vec![
+                self.out_channels,
+                self.in_per_group,
+                self.kernel,
+                self.kernel,
+            ]
+        }
     }
 
     /// Input channels: known when groups are.
@@ -436,6 +489,40 @@ impl Block {
             .iter()
             .find_map(Branch::conv_weight)
             .unwrap_or_default()
+    }
+}
+
+/// A conv or Linear weight's kernel `(kh, kw)`: `(1, 1)` for a Linear.
+pub fn kernel_hw(t: &TensorInfo) -> (usize, usize) {
+    match t.shape[..] {
+        [_, _, kh, kw] => (kh, kw),
+        _ => (1, 1),
+    }
+}
+
+/// An input BN: one value per input channel, before a 1×1 kernel (it cannot fold exactly
+/// into a larger one: the zero padding is not normalized).
+fn check_input_bn(
+    c: &Checker,
+    b: &Branch,
+    bn: &BnTensors,
+    inputs: usize,
+) -> Result<(), BlockError> {
+    for t in [&bn.weight, &bn.bias, &bn.running_mean, &bn.running_var] {
+        let info = c.float(t)?;
+        if info.shape != [inputs] {
+            return Err(c.err(format!(
+                "tensor `{t}` has shape {:?}; expected [{inputs}], one value per input channel of branch `{}`",
+                info.shape, b.label
+            )));
+        }
+    }
+    match b.source() {
+        Op::Conv { weight, .. } if c.get(weight).map(kernel_hw)? == (1, 1) => Ok(()),
+        _ => Err(c.err(format!(
+            "branch `{}` has a BN on its input but no 1×1 conv or Linear after it",
+            b.label
+        ))),
     }
 }
 

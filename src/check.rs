@@ -9,7 +9,7 @@ use rayon::prelude::*;
 use safetensors::Dtype;
 
 use crate::Error;
-use crate::block::{Block, Op};
+use crate::block::{Block, Op, kernel_hw};
 use crate::checkpoint::{Checkpoint, TensorInfo, encode, float_width};
 use crate::conv::{BlockInput, Input, conv_rows};
 use crate::deviation::{self, Deviation};
@@ -183,8 +183,7 @@ impl Run<'_> {
     /// The deploy file's fused weight and bias, or why they cannot be run.
     fn fused_tensors(&self) -> Result<[&TensorInfo; 2], String> {
         let b = self.block;
-        let k = b.kernel;
-        let expect_w = vec![b.out_channels, b.in_per_group, k, k];
+        let expect_w = b.deploy_shape();
         let expect_b = vec![b.out_channels];
         let get = |name: &String, shape: &Vec<usize>| {
             let t = self
@@ -247,8 +246,10 @@ impl Run<'_> {
         for branch in &b.branches {
             sources.push(match branch.conv_weight() {
                 Some(name) => {
-                    let per_row = train.get(name).map_or(0, |t| t.numel() / b.out_channels);
-                    Some(read_rows(train, b, name, rows.clone(), per_row).map_err(block_err)?)
+                    let t = train.get(name);
+                    let per_row = t.map_or(0, |t| t.numel() / b.out_channels);
+                    let w = read_rows(train, b, name, rows.clone(), per_row).map_err(block_err)?;
+                    Some((w, t.map_or((1, 1), kernel_hw)))
                 }
                 None => None,
             });
@@ -319,7 +320,10 @@ fn kernels(ckpt: &Checkpoint, block: &Block) -> Vec<(usize, usize)> {
         match branch.source() {
             Op::Conv {
                 weight, dilation, ..
-            } => ks.extend(ckpt.get(weight).map(|t| (t.shape[2], *dilation))),
+            } => ks.extend(ckpt.get(weight).map(|t| {
+                let (kh, kw) = kernel_hw(t);
+                (kh.max(kw), *dilation)
+            })),
             Op::AvgPool { kernel } => ks.push((*kernel, 1)),
             _ => {}
         }

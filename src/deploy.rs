@@ -14,12 +14,12 @@ use safetensors::Dtype;
 use serde_json::{Map, Value, json};
 
 use crate::Error;
-use crate::block::{Block, BlockError, Branch, Op};
+use crate::block::{Block, BlockError, Branch, Op, kernel_hw};
 use crate::checkpoint::{Checkpoint, dtype_bytes, encode, float_width};
 use crate::conv::Input;
 use crate::deviation::Deviation;
 use crate::layout::Detection;
-use crate::ops::{ChannelValues, FusedRows, Grid, Kernel, RowError, Term, fuse_rows};
+use crate::ops::{ChannelValues, FusedRows, Grid, InputAffine, Kernel, RowError, Term, fuse_rows};
 use crate::progress::{Cancel, Hooks};
 
 /// Where an output tensor's bytes come from.
@@ -95,14 +95,13 @@ impl Plan {
         for (b, block) in detection.blocks.iter().enumerate() {
             let pos = ckpt.get(block.main_weight()).map_or(0, |t| t.start);
             let dtype = out_dtype(block.dtype);
-            let k = block.kernel;
             keyed.push((
                 pos,
                 0,
                 Entry {
                     name: block.deploy_weight.clone(),
                     dtype,
-                    shape: vec![block.out_channels, block.in_per_group, k, k],
+                    shape: block.deploy_shape(),
                     source: Source::FusedWeight(b),
                 },
             ));
@@ -227,6 +226,7 @@ fn fuse_chunk(
     let block_err = |e| Error::block(ckpt, e);
     let values = ChannelValues::load(ckpt, block, rows.clone()).map_err(block_err)?;
     let (affines, post) = values.affines(eps, block).map_err(block_err)?;
+    let inputs = values.input_affines(eps, block).map_err(block_err)?;
     RAW.with(|raw_bufs| {
         let mut raw_bufs = raw_bufs.borrow_mut();
         let n = block.branches.len().max(raw_bufs.len());
@@ -244,8 +244,9 @@ fn fuse_chunk(
             .zip(raw_bufs.iter())
             .zip(sides)
             .zip(affines)
-            .map(|(((branch, buf), side), a)| Term {
-                kernel: kernel_of(branch, buf, side),
+            .zip(&inputs)
+            .map(|((((branch, buf), side), a), input)| Term {
+                kernel: kernel_of(branch, buf, side, input.as_ref()),
                 scale: a.scale,
                 shift: a.shift,
             })
@@ -277,14 +278,14 @@ pub fn fuse_block_rows(
     fuse_chunk(ckpt, block, rows, eps, (dtype, probe), Vec::new())
 }
 
-/// Reads rows `rows` of conv weight `name` as raw bytes into `buf`; returns (dtype, side).
+/// Reads rows `rows` of conv weight `name` as raw bytes into `buf`; returns (dtype, kernel).
 fn read_rows_raw(
     ckpt: &Checkpoint,
     block: &Block,
     name: &str,
     rows: Range<usize>,
     buf: &mut Vec<u8>,
-) -> Result<(Dtype, usize), Error> {
+) -> Result<(Dtype, (usize, usize)), Error> {
     let t = ckpt.get(name).ok_or_else(|| {
         Error::internal(format!(
             "block `{}`: `{name}` vanished after its checks",
@@ -298,17 +299,23 @@ fn read_rows_raw(
         rows.len() as u64 * per_row,
         buf,
     )?;
-    Ok((t.dtype, t.shape[2]))
+    Ok((t.dtype, kernel_hw(t)))
 }
 
 /// The fusion routine's view of a branch's source.
-fn kernel_of<'a>(branch: &Branch, raw: &'a [u8], weights: Option<(Dtype, usize)>) -> Kernel<'a> {
+fn kernel_of<'a>(
+    branch: &Branch,
+    raw: &'a [u8],
+    weights: Option<(Dtype, (usize, usize))>,
+    input: Option<&'a InputAffine>,
+) -> Kernel<'a> {
     match (branch.source(), weights) {
         (Op::Conv { dilation, .. }, Some((dtype, side))) => Kernel::Weights {
             dtype,
             bytes: raw,
             side,
             dilation: *dilation,
+            input: input.map(|(s, t)| (s.as_slice(), t.as_slice())),
         },
         (Op::AvgPool { kernel }, _) => Kernel::AvgPool { side: *kernel },
         _ => Kernel::Identity,

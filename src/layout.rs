@@ -42,6 +42,12 @@ pub struct OpSpec {
     /// Average pooling with this window.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub avgpool: Option<usize>,
+    /// A BN over the branch's input, before its conv (a NormLinear); goes before the source.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bn_in: Option<String>,
+    /// The conv's kernel may be kh×kw with kh ≠ kw (ACNet's k×1 and 1×k).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub asymmetric: bool,
     /// The op may be absent (FastViT's `layer_scale.gamma` when layer scale is off): a block
     /// without its tensors runs without the op. Without it, a missing tensor is an error.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
@@ -83,6 +89,7 @@ impl OpSpec {
         [
             self.conv.is_some(),
             self.bn.is_some(),
+            self.bn_in.is_some(),
             self.scale.is_some(),
             self.identity,
             self.avgpool.is_some(),
@@ -90,6 +97,11 @@ impl OpSpec {
         .into_iter()
         .filter(|k| *k)
         .count()
+    }
+
+    /// Whether the op goes before the source.
+    fn is_input(&self) -> bool {
+        self.bn_in.is_some()
     }
 
     /// Whether the op starts a branch.
@@ -120,8 +132,9 @@ impl Kind {
             if b.conv.is_some() || b.bn.is_some() {
                 return err("give either \"ops\" or \"conv\"/\"bn\", not both");
             }
-            for (i, op) in b.ops.iter().enumerate() {
-                match (op.kinds(), i == 0, op.is_source()) {
+            let first = b.ops.iter().take_while(|op| op.is_input()).count();
+            for (i, op) in b.ops.iter().enumerate().skip(first) {
+                match (op.kinds(), i == first, op.is_source()) {
                     (1, true, true) | (1, false, false) => {}
                     (1, true, false) => {
                         return err("the first op must be conv, identity or avgpool");
@@ -131,7 +144,7 @@ impl Kind {
                     }
                     _ => {
                         return err(
-                            "each op has exactly one of conv, bn, scale, identity, avgpool",
+                            "each op has exactly one of conv, bn, bn_in, scale, identity, avgpool",
                         );
                     }
                 }
@@ -625,7 +638,7 @@ fn op_leaves(op: &OpSpec) -> Vec<(Leaf, String)> {
             (Leaf::ConvWeight, under(conv, "weight")),
             (Leaf::ConvBias, under(conv, "bias")),
         ]
-    } else if let Some(bn) = &op.bn {
+    } else if let Some(bn) = op.bn.as_ref().or(op.bn_in.as_ref()) {
         BN_LEAVES
             .iter()
             .map(|(l, leaf)| (*l, under(bn, leaf)))
@@ -639,7 +652,7 @@ fn op_leaves(op: &OpSpec) -> Vec<(Leaf, String)> {
 
 /// Whether an op's names are relative to the block rather than the branch.
 fn block_relative(op: &OpSpec) -> bool {
-    [&op.conv, &op.bn, &op.scale]
+    [&op.conv, &op.bn, &op.bn_in, &op.scale]
         .into_iter()
         .flatten()
         .any(|n| n.starts_with('/'))
@@ -772,7 +785,8 @@ fn find_kind(
     orphans: &mut Vec<Orphan>,
 ) -> Result<(), LayoutError> {
     let is_main = |f: &Found| {
-        kind.branches[f.spec].role == Role::Kxk && f.slots.contains_key(&(0, Leaf::ConvWeight))
+        kind.branches[f.spec].role == Role::Kxk
+            && f.slots.keys().any(|(_, leaf)| *leaf == Leaf::ConvWeight)
     };
     for (prefix, branches) in &candidates(ckpt, kind) {
         if !kind.applies_at(prefix) {
@@ -864,10 +878,11 @@ fn refuse_half_block(
     prefix: &str,
     branches: &BTreeMap<String, Found>,
 ) -> Result<(), LayoutError> {
-    let Some(tensor) = branches
-        .values()
-        .find_map(|f| f.slots.get(&(0, Leaf::ConvWeight)))
-    else {
+    let Some(tensor) = branches.values().find_map(|f| {
+        f.slots
+            .iter()
+            .find_map(|((_, leaf), t)| (*leaf == Leaf::ConvWeight).then_some(t))
+    }) else {
         return Ok(());
     };
     let main = kind
@@ -1062,6 +1077,7 @@ impl Place<'_> {
                 weight,
                 bias: slot(Leaf::ConvBias),
                 dilation: op.dilation.unwrap_or(1),
+                asymmetric: op.asymmetric,
             });
         }
         if op.identity {
@@ -1077,6 +1093,12 @@ impl Place<'_> {
                     "branch `{label}` has no scale tensor `{}`",
                     join(&self.base, scale)
                 )),
+            };
+        }
+        if let Some(path) = &op.bn_in {
+            return match self.bn(slots, f, i, path)? {
+                Op::Bn(bn) => Ok(Op::InputBn(bn)),
+                other => Ok(other),
             };
         }
         self.bn(slots, f, i, op.bn.as_deref().unwrap_or_default())

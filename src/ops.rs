@@ -19,7 +19,7 @@ use std::ops::Range;
 use ndarray::{Array2, Zip, s};
 use safetensors::Dtype;
 
-use crate::block::{Block, BlockError, Branch, Op};
+use crate::block::{Block, BlockError, BnTensors, Branch, Op};
 use crate::checkpoint::{Checkpoint, TensorInfo, decode_into, dtype_bytes, encode};
 use crate::conv::{BlockInput, Input, conv_rows};
 use crate::deviation::Deviation;
@@ -76,6 +76,12 @@ pub enum ChannelOp {
     /// Multiply by a per-channel scale.
     Scale(Vec<f64>),
 }
+
+/// A BN on a branch's input as `(scale, shift)` per input channel.
+pub type InputAffine = (Vec<f64>, Vec<f64>);
+
+/// A branch's conv weights for some rows, with the kernel `(kh, kw)`.
+pub type SourceWeights = (Vec<f64>, (usize, usize));
 
 /// A branch's output per channel: `scale·source(x) + shift`.
 #[derive(Debug, Clone, PartialEq)]
@@ -137,6 +143,8 @@ pub struct ChannelValues {
     pub branches: Vec<(f64, Vec<ChannelOp>)>,
     /// Ops on the sum of the branches.
     pub post: Vec<ChannelOp>,
+    /// Per branch: the BN on its input (every input channel), if it has one.
+    pub inputs: Vec<Option<BatchNorm>>,
 }
 
 impl ChannelValues {
@@ -155,11 +163,52 @@ impl ChannelValues {
             .iter()
             .map(|b| Ok((b.coef, load(&b.ops)?)))
             .collect::<Result<_, BlockError>>()?;
+        let inputs = block
+            .branches
+            .iter()
+            .map(|b| {
+                b.input_bn()
+                    .map(|bn| load_bn(ckpt, block, bn, 0..block.in_per_group))
+                    .transpose()
+            })
+            .collect::<Result<_, BlockError>>()?;
         Ok(ChannelValues {
             branches,
             post: load(&block.post)?,
             rows,
+            inputs,
         })
+    }
+
+    /// Per branch, its input BN as `(scale, shift)` per input channel; refused where not
+    /// finite (σ² + ε = 0).
+    pub fn input_affines(
+        &self,
+        eps: f64,
+        block: &Block,
+    ) -> Result<Vec<Option<InputAffine>>, BlockError> {
+        let mut out = Vec::with_capacity(self.inputs.len());
+        for (bn, branch) in self.inputs.iter().zip(&block.branches) {
+            let Some(bn) = bn else {
+                out.push(None);
+                continue;
+            };
+            let (t, s) = bn.affine(eps);
+            if let Some(i) = t.iter().chain(&s).position(|v| !v.is_finite()) {
+                let name = branch.input_bn().map_or("", |n| n.running_var.as_str());
+                return Err(BlockError::new(
+                    &block.name,
+                    format!(
+                        "`{name}` is {:e} at channel {} and BN ε is {eps:e}: the input BN of branch `{}` is not finite; expected σ² + ε > 0 (pass a larger --bn-eps)",
+                        bn.var[i % t.len()],
+                        i % t.len(),
+                        branch.label
+                    ),
+                ));
+            }
+            out.push(Some((t, s)));
+        }
+        Ok(out)
     }
 
     /// Each branch's [`Affine`] with the post-ops folded in, and the post-ops' own shift
@@ -244,28 +293,37 @@ fn load_channel_op(
         Op::Conv {
             bias: Some(bias), ..
         } => Some(ChannelOp::Bias(read(bias)?)),
-        Op::Conv { .. } | Op::Identity | Op::AvgPool { .. } => None,
+        Op::Conv { .. } | Op::Identity | Op::AvgPool { .. } | Op::InputBn(_) => None,
         Op::Scale { weight } => Some(ChannelOp::Scale(read(weight)?)),
-        Op::Bn(bn) => {
-            let var = read(&bn.running_var)?;
-            if let Some(i) = var.iter().position(|v| *v < 0.0) {
-                return Err(BlockError::new(
-                    &block.name,
-                    format!(
-                        "tensor `{}` has a negative variance {} at channel {}; a running variance must be ≥ 0",
-                        bn.running_var,
-                        var[i],
-                        rows.start + i
-                    ),
-                ));
-            }
-            Some(ChannelOp::Bn(BatchNorm {
-                gamma: read(&bn.weight)?,
-                beta: read(&bn.bias)?,
-                mean: read(&bn.running_mean)?,
-                var,
-            }))
-        }
+        Op::Bn(bn) => Some(ChannelOp::Bn(load_bn(ckpt, block, bn, rows)?)),
+    })
+}
+
+/// A BN's values for channels `rows`, refusing NaN, ±∞ and negative variances.
+fn load_bn(
+    ckpt: &Checkpoint,
+    block: &Block,
+    bn: &BnTensors,
+    rows: Range<usize>,
+) -> Result<BatchNorm, BlockError> {
+    let read = |name: &str| read_finite(ckpt, block, name, rows.clone());
+    let var = read(&bn.running_var)?;
+    if let Some(i) = var.iter().position(|v| *v < 0.0) {
+        return Err(BlockError::new(
+            &block.name,
+            format!(
+                "tensor `{}` has a negative variance {} at channel {}; a running variance must be ≥ 0",
+                bn.running_var,
+                var[i],
+                rows.start + i
+            ),
+        ));
+    }
+    Ok(BatchNorm {
+        gamma: read(&bn.weight)?,
+        beta: read(&bn.bias)?,
+        mean: read(&bn.running_mean)?,
+        var,
     })
 }
 
@@ -330,16 +388,19 @@ pub fn first_non_finite(values: &[f64]) -> Option<usize> {
 /// A branch's source as the fusion routine sees it, for a range of rows.
 #[derive(Debug, Clone, Copy)]
 pub enum Kernel<'a> {
-    /// Conv weights `[rows, in/groups, side, side]` as raw bytes of `dtype`.
+    /// Conv weights `[rows, in/groups, kh, kw]` as raw bytes of `dtype`.
     Weights {
         /// Their dtype.
         dtype: Dtype,
         /// The rows' bytes.
         bytes: &'a [u8],
-        /// Kernel side.
-        side: usize,
+        /// Kernel `(kh, kw)`.
+        side: (usize, usize),
         /// Spacing between taps.
         dilation: usize,
+        /// A BN on the input, `(scale, shift)` per input channel: each input channel's taps
+        /// are scaled, and the weights times the shifts go to the bias.
+        input: Option<(&'a [f64], &'a [f64])>,
     },
     /// Output channel o reads input channel `o mod (in/groups)` of its group at the centre.
     Identity,
@@ -387,27 +448,34 @@ impl Grid {
         self.in_per_group * self.k * self.k
     }
 
-    /// Where tap (y, x) of a `side`-wide kernel with `dilation` lands: its offset within one
+    /// Where tap (y, x) of a `kh`×`kw` kernel with `dilation` lands: its offset within one
     /// input channel of the grid, the kernel centred.
     #[inline(always)]
-    fn tap(&self, side: usize, dilation: usize, y: usize, x: usize) -> usize {
-        let pad = (self.k - ((side - 1) * dilation + 1)) / 2;
-        (pad + y * dilation) * self.k + pad + x * dilation
+    fn tap(&self, (kh, kw): (usize, usize), dilation: usize, y: usize, x: usize) -> usize {
+        let pad_y = (self.k - ((kh - 1) * dilation + 1)) / 2;
+        let pad_x = (self.k - ((kw - 1) * dilation + 1)) / 2;
+        (pad_y + y * dilation) * self.k + pad_x + x * dilation
     }
 
-    /// `Σ` over the taps of row `w` (`[in/groups, side, side]`) of `f(tap in grid, weight)`.
+    /// `Σ` over the taps of row `w` (`[in/groups, kh, kw]`) of `f(tap in grid, weight)`.
     #[inline(always)]
-    fn each_tap(&self, w: &[f64], side: usize, dilation: usize, mut f: impl FnMut(usize, f64)) {
+    fn each_tap(
+        &self,
+        w: &[f64],
+        (kh, kw): (usize, usize),
+        dilation: usize,
+        mut f: impl FnMut(usize, f64),
+    ) {
         let kk = self.k * self.k;
-        if side == self.k {
+        if kh == self.k && kw == self.k {
             w.iter().enumerate().for_each(|(i, &v)| f(i, v));
             return;
         }
         for i in 0..self.in_per_group {
-            for y in 0..side {
-                for x in 0..side {
-                    let v = w[(i * side + y) * side + x];
-                    f(i * kk + self.tap(side, dilation, y, x), v);
+            for y in 0..kh {
+                for x in 0..kw {
+                    let v = w[(i * kh + y) * kw + x];
+                    f(i * kk + self.tap((kh, kw), dilation, y, x), v);
                 }
             }
         }
@@ -416,7 +484,7 @@ impl Grid {
     /// The taps of input channel `ch` that a `side`-wide window at the centre covers.
     fn window(&self, ch: usize, side: usize) -> impl Iterator<Item = usize> + '_ {
         let base = ch * self.k * self.k;
-        (0..side * side).map(move |t| base + self.tap(side, 1, t / side, t % side))
+        (0..side * side).map(move |t| base + self.tap((side, side), 1, t / side, t % side))
     }
 }
 
@@ -568,8 +636,9 @@ fn fuse_row(
                 bytes,
                 side,
                 dilation,
+                input,
             } => {
-                let per_row = grid.in_per_group * side * side;
+                let per_row = grid.in_per_group * side.0 * side.1;
                 let row_bytes = per_row * dtype_bytes(dtype);
                 decode_into(
                     dtype,
@@ -583,8 +652,15 @@ fn fuse_row(
                         value: scratch.w[i],
                     });
                 }
+                // An input BN `s·x + t` (1×1 kernels only): w·s on the weights, w·t a bias.
+                let through = input.map_or(0.0, |(s, t)| {
+                    let through = dot(&scratch.w, t);
+                    scratch.w.iter_mut().zip(s).for_each(|(w, s)| *w *= s);
+                    through
+                });
+                bias += a * through;
                 let first = std::mem::take(&mut fresh);
-                add_weights(grid, fused, &scratch.w, (side, dilation), a, first, patch)
+                add_weights(grid, fused, &scratch.w, (side, dilation), a, first, patch) + through
             }
             Kernel::Identity => {
                 if std::mem::take(&mut fresh) {
@@ -625,12 +701,13 @@ fn add_weights(
     grid: Grid,
     fused: &mut [f64],
     w: &[f64],
-    (side, dilation): (usize, usize),
+    (side, dilation): ((usize, usize), usize),
     a: f64,
     first: bool,
     patch: Option<&[f64]>,
 ) -> f64 {
-    if side == grid.k && first {
+    let full = side == (grid.k, grid.k);
+    if full && first {
         fused.iter_mut().zip(w).for_each(|(f, w)| *f = a * w);
     } else {
         if first {
@@ -639,7 +716,7 @@ fn add_weights(
         grid.each_tap(w, side, dilation, |at, v| fused[at] += a * v);
     }
     patch.map_or(0.0, |p| {
-        if side == grid.k {
+        if full {
             dot(w, p)
         } else {
             let mut y = 0.0;
@@ -729,18 +806,28 @@ fn dot(a: &[f64], b: &[f64]) -> f64 {
 /// The unfused block's output for output channels `rows`: each branch's source run on `x`,
 /// then its per-channel ops applied to the outputs one by one (BN as a BN), times its
 /// coefficient; summed; then the post-ops. `sources` holds each branch's conv weights for the
-/// rows (f64, `None` for a source without weights).
+/// rows with their kernel `(kh, kw)` (f64, `None` for a source without weights). An input BN
+/// is applied to the input, as a BN, before the branch's conv.
 pub fn forward_unfused(
     block: &Block,
     values: &ChannelValues,
-    sources: &[Option<Vec<f64>>],
+    sources: &[Option<SourceWeights>],
     x: &BlockInput,
     eps: f64,
 ) -> Array2<f64> {
     let rows = values.rows.clone();
     let mut out = Array2::<f64>::zeros((rows.len(), x.input.positions()));
-    for ((branch, (coef, ops)), w) in block.branches.iter().zip(&values.branches).zip(sources) {
-        let mut y = forward_source(block, branch, w.as_deref(), x, rows.clone());
+    let branches = block
+        .branches
+        .iter()
+        .zip(&values.branches)
+        .zip(&values.inputs);
+    for (((branch, (coef, ops)), input), w) in branches.zip(sources) {
+        let w = w.as_ref().map(|(w, hw)| (w.as_slice(), *hw));
+        let mut y = match input {
+            Some(bn) => forward_input_bn(block, bn, w, x, rows.clone(), eps),
+            None => forward_source(block, branch, w, x, rows.clone()),
+        };
         for op in ops {
             forward_channel_op(op, eps, &mut y);
         }
@@ -752,22 +839,42 @@ pub fn forward_unfused(
     out
 }
 
+/// A 1×1 conv (or Linear) after a BN on its input: the BN applied to every input channel
+/// as a BN, then the conv.
+fn forward_input_bn(
+    block: &Block,
+    bn: &BatchNorm,
+    weight: Option<(&[f64], (usize, usize))>,
+    x: &BlockInput,
+    rows: Range<usize>,
+    eps: f64,
+) -> Array2<f64> {
+    let mut cols = x.cols(1, 1).into_owned();
+    for (c, mut row) in cols.rows_mut().into_iter().enumerate() {
+        let (t, s) = bn_row(bn, eps, c % bn.var.len().max(1));
+        Zip::from(&mut row).for_each(|v| *v = t * *v + s);
+    }
+    let w = weight.map_or(&[][..], |(w, _)| w);
+    conv_rows(&cols, w, rows, block.in_per_group, 1, block.out_per_group())
+}
+
 /// A branch's source op on `x`, for output channels `rows`: `[rows, n·h·w]`.
 fn forward_source(
     block: &Block,
     branch: &Branch,
-    weight: Option<&[f64]>,
+    weight: Option<(&[f64], (usize, usize))>,
     x: &BlockInput,
     rows: Range<usize>,
 ) -> Array2<f64> {
     match (branch.source(), weight) {
-        (Op::Conv { dilation, .. }, Some(w)) => {
-            let side = ((w.len() / (rows.len() * block.in_per_group).max(1)) as f64)
-                .sqrt()
-                .round() as usize;
+        (Op::Conv { dilation, .. }, Some((w, (kh, kw)))) => {
+            // A kh×kw kernel runs as the square one it is centred in (zero taps elsewhere):
+            // the same convolution with the same padding.
+            let side = kh.max(kw);
+            let square = (kh != kw).then(|| centred(w, block.in_per_group, (kh, kw)));
             conv_rows(
                 &x.cols(side, *dilation),
-                w,
+                square.as_deref().unwrap_or(w),
                 rows,
                 block.in_per_group,
                 side,
@@ -788,6 +895,23 @@ fn forward_source(
         // The identity reads input channel o for output channel o.
         _ => x.cols(1, 1).slice(s![rows, ..]).to_owned(),
     }
+}
+
+/// Kernels `[rows, cpg, kh, kw]` zero-padded to `[rows, cpg, side, side]`, centred.
+fn centred(w: &[f64], cpg: usize, (kh, kw): (usize, usize)) -> Vec<f64> {
+    let side = kh.max(kw);
+    let (py, px) = ((side - kh) / 2, (side - kw) / 2);
+    let channels = w.len() / (kh * kw).max(1);
+    let mut out = vec![0.0; channels * side * side];
+    for c in 0..channels {
+        for y in 0..kh {
+            for x in 0..kw {
+                out[(c * side + py + y) * side + px + x] = w[(c * kh + y) * kw + x];
+            }
+        }
+    }
+    debug_assert_eq!(channels % cpg.max(1), 0);
+    out
 }
 
 /// A per-channel op applied to outputs `y` (`[rows, positions]`).

@@ -28,11 +28,19 @@ const CASES: &[(&str, &str)] = &[
     ("fam_lcnetv2", "timm-lcnetv2"),
     ("fam_replknet", "replknet"),
     ("fam_unireplknet", "unireplknet"),
+    ("fam_repvit", "timm-repvit"),
+    ("fam_repvit_legacy", "timm-repvit"),
+    ("fam_repvit_f64", "timm-repvit"),
+    ("fam_repvit_bf16", "timm-repvit"),
+    ("fam_acnet", "acnet"),
 ];
 
 /// Deploy tensors whose dtype we choose differently from the framework, and why (README,
 /// "dtype of fused tensors"): `(case, our dtype, the framework's)`.
-const DTYPE_CHOICES: &[(&str, Dtype, Dtype)] = &[];
+/// timm's RepViT `fuse()` builds its Conv2d/Linear without a dtype, so a BF16 model's fused
+/// tensors come out F32 (holding values computed in BF16 arithmetic); we keep the model's dtype,
+/// rounded once from f64, which `load_state_dict(strict=True)` casts into either.
+const DTYPE_CHOICES: &[(&str, Dtype, Dtype)] = &[("fam_repvit_bf16", Dtype::BF16, Dtype::F32)];
 
 // ---------------------------------------------------------------------------------------------
 // Fixture access
@@ -279,7 +287,10 @@ fn report_problems(case: &str, report: &Value, json: &Value) -> Vec<String> {
             .as_array()
             .map(|v| v.iter().filter_map(Value::as_str).collect())
             .unwrap_or_default();
-        if ops.is_empty() || !ops.iter().any(|o| o.contains("conv")) {
+        if !ops
+            .iter()
+            .any(|o| o.contains("conv") || o.contains("linear"))
+        {
             problems.push(format!("{case}: report block {} names no ops", b["name"]));
         }
         for k in ["deploy_weight", "deploy_bias"] {

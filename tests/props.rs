@@ -2,7 +2,8 @@
 //! there is an identity), kernel 1/3/5/7 with a 1×1 branch, several k×k branches (smaller ones
 //! dilated now and then), conv biases or not, any BN statistics with σ² ≥ 0, branch
 //! coefficients (a subtracted branch), a layer scale, an average-pool branch, a BN after the
-//! sum — the fused conv applied to a random input equals the sum of the branches applied
+//! sum, kh×kw branches (ACNet's k×1 and 1×k), a BN on the input of the 1×1 branch (a
+//! NormLinear) — the fused conv applied to a random input equals the sum of the branches applied
 //! separately, to f64 rounding.
 //!
 //! The reference is an independent direct convolution written here (loops over every tap,
@@ -23,8 +24,12 @@ use safetensors::Dtype;
 /// One branch's values, as a framework's module holds them.
 #[derive(Debug, Clone)]
 struct BranchValues {
-    /// Kernel side (1 for the identity, the window for a pool).
+    /// Kernel height (1 for the identity, the window for a pool).
     kernel: usize,
+    /// Kernel width (`kernel` but for ACNet-style k×1 / 1×k branches).
+    kernel_w: usize,
+    /// A BN on the input before the conv (1×1, one group only), per input channel.
+    input_bn: Option<BatchNorm>,
     dilation: usize,
     /// `[out, cpg, kernel, kernel]`; `None` for the identity or a pool.
     weight: Option<Vec<f64>>,
@@ -61,10 +66,10 @@ struct Shape {
     opg: usize,
     /// The block's kernel: the largest branch kernel.
     k: usize,
-    /// (kernel, dilation) of each k×k branch: one is `k`; MobileOne-style extra branches may
-    /// be smaller odd sizes (zero-padded like the 1×1), UniRepLKNet-style ones dilated, and
-    /// the largest need not come first.
-    kxk: Vec<(usize, usize)>,
+    /// (kh, kw, dilation) of each k×k branch: one is `k`×`k`; MobileOne-style extra branches
+    /// may be smaller odd sizes (zero-padded like the 1×1), UniRepLKNet-style ones dilated,
+    /// ACNet-style ones k×1 or 1×k, and the largest need not come first.
+    kxk: Vec<(usize, usize, usize)>,
     scale: bool,
     identity: bool,
     /// An average-pool branch of this side (only with in == out).
@@ -82,11 +87,15 @@ impl Shape {
         self.groups * self.cpg
     }
 
-    /// (role, kernel, dilation) of every conv branch.
-    fn conv_branches(&self) -> Vec<(Role, usize, usize)> {
-        let mut v: Vec<_> = self.kxk.iter().map(|&(k, d)| (Role::Kxk, k, d)).collect();
+    /// (role, kh, kw, dilation) of every conv branch.
+    fn conv_branches(&self) -> Vec<(Role, usize, usize, usize)> {
+        let mut v: Vec<_> = self
+            .kxk
+            .iter()
+            .map(|&(kh, kw, d)| (Role::Kxk, kh, kw, d))
+            .collect();
         if self.scale {
-            v.push((Role::Scale, 1, 1));
+            v.push((Role::Scale, 1, 1, 1));
         }
         v
     }
@@ -106,9 +115,15 @@ fn shape() -> impl Strategy<Value = Shape> {
         .prop_flat_map(|(groups, cpg, opg, k, scale, identity, h, w)| {
             let odd: Vec<usize> = (1..=k).step_by(2).collect();
             // A dilated branch: taps 2 apart where its extent still fits the block's kernel.
-            let dilated = move |kb: usize, d: bool| (kb, if d && 2 * kb - 1 <= k { 2 } else { 1 });
+            // Or an asymmetric one: kb×1 or 1×kb.
+            let extra_branch = move |kb: usize, d: bool, form: usize| match form {
+                1 => (kb, 1, 1),
+                2 => (1, kb, 1),
+                _ => (kb, kb, if d && 2 * kb - 1 <= k { 2 } else { 1 }),
+            };
             let extra = proptest::collection::vec(
-                (select(odd), any::<bool>()).prop_map(move |(kb, d)| dilated(kb, d)),
+                (select(odd), any::<bool>(), 0..4usize)
+                    .prop_map(move |(kb, d, form)| extra_branch(kb, d, form)),
                 0..=2,
             );
             let pools: Vec<usize> = [1, 3].into_iter().filter(|&p| p <= k).collect();
@@ -122,7 +137,7 @@ fn shape() -> impl Strategy<Value = Shape> {
         .prop_map(
             |((groups, cpg, opg, k, scale, identity, h, w), extra, at, pool)| {
                 let mut kxk = extra;
-                kxk.insert(at.min(kxk.len()), (k, 1));
+                kxk.insert(at.min(kxk.len()), (k, k, 1));
                 let pool = pool.filter(|_| identity);
                 Shape {
                     pool,
@@ -174,25 +189,36 @@ struct Case {
     stored: Dtype,
 }
 
-/// A conv branch of `role` with a `kb` kernel, taps `d` apart.
-fn conv_branch(out: usize, cpg: usize, kb: usize, d: usize) -> BoxedStrategy<BranchValues> {
+/// A conv branch with a `kh`×`kw` kernel, taps `d` apart; with a BN on its input now and
+/// then where `input_bn` allows one.
+fn conv_branch(
+    out: usize,
+    cpg: usize,
+    (kh, kw, d): (usize, usize, usize),
+    allow_input_bn: bool,
+) -> BoxedStrategy<BranchValues> {
     (
-        values(out * cpg * kb * kb, -1.0..1.0),
+        values(out * cpg * kh * kw, -1.0..1.0),
         proptest::option::of(values(out, -1.0..1.0)),
         proptest::option::weighted(0.9, batch_norm(out)),
         proptest::option::weighted(0.2, values(out, -2.0..2.0)),
         select(vec![1.0, 1.0, -1.0, 0.5]),
+        proptest::option::weighted(0.4, batch_norm(cpg)),
     )
-        .prop_map(move |(weight, conv_bias, bn, scale, coef)| BranchValues {
-            kernel: kb,
-            dilation: d,
-            weight: Some(weight),
-            pool: None,
-            conv_bias,
-            bn,
-            scale,
-            coef,
-        })
+        .prop_map(
+            move |(weight, conv_bias, bn, scale, coef, input_bn)| BranchValues {
+                kernel: kh,
+                kernel_w: kw,
+                input_bn: input_bn.filter(|_| allow_input_bn),
+                dilation: d,
+                weight: Some(weight),
+                pool: None,
+                conv_bias,
+                bn,
+                scale,
+                coef,
+            },
+        )
         .boxed()
 }
 
@@ -201,6 +227,8 @@ fn skip_branch(out: usize, pool: Option<usize>) -> BoxedStrategy<BranchValues> {
     (batch_norm(out), select(vec![1.0, -1.0]))
         .prop_map(move |(bn, coef)| BranchValues {
             kernel: pool.unwrap_or(1),
+            kernel_w: pool.unwrap_or(1),
+            input_bn: None,
             dilation: 1,
             weight: None,
             pool,
@@ -218,7 +246,10 @@ fn case() -> impl Strategy<Value = Case> {
         let mut branches: Vec<BoxedStrategy<BranchValues>> = s
             .conv_branches()
             .into_iter()
-            .map(|(_, kb, d)| conv_branch(out, cpg, kb, d))
+            .map(|(role, kh, kw, d)| {
+                let input_bn = role == Role::Scale && s.groups == 1;
+                conv_branch(out, cpg, (kh, kw, d), input_bn)
+            })
             .collect();
         if s.identity {
             branches.push(skip_branch(out, None));
@@ -256,12 +287,18 @@ fn case() -> impl Strategy<Value = Case> {
 }
 
 /// Direct grouped convolution of `x` (`[cin, h, w]`), stride 1, same padding, no bias, with
-/// `weight` `[out, cpg, kb, kb]` and taps `d` apart; also returns Σ|w·x| per output for the
-/// rounding bound.
-fn direct_conv(s: &Shape, x: &[f64], weight: &[f64], kb: usize, d: usize) -> (Vec<f64>, Vec<f64>) {
+/// `weight` `[out, cpg, kh, kw]` and taps `d` apart; also returns Σ|w|·xm per output (xm: the
+/// input's magnitude) for the rounding bound.
+fn direct_conv_m(
+    s: &Shape,
+    (x, xm): (&[f64], &[f64]),
+    weight: &[f64],
+    (kh, kw): (usize, usize),
+    d: usize,
+) -> (Vec<f64>, Vec<f64>) {
     let (out, cpg, h, w) = (s.out(), s.cpg, s.h, s.w);
     let opg = out / s.groups;
-    let pad = ((kb - 1) * d / 2) as isize;
+    let (pad_y, pad_x) = (((kh - 1) * d / 2) as isize, ((kw - 1) * d / 2) as isize);
     let mut y = vec![0.0; out * h * w];
     let mut mag = vec![0.0; out * h * w];
     for o in 0..out {
@@ -270,17 +307,17 @@ fn direct_conv(s: &Shape, x: &[f64], weight: &[f64], kb: usize, d: usize) -> (Ve
             for ox in 0..w {
                 let (mut acc, mut m) = (0.0, 0.0);
                 for i in 0..cpg {
-                    for ky in 0..kb {
-                        for kx in 0..kb {
-                            let iy = oy as isize + (ky * d) as isize - pad;
-                            let ix = ox as isize + (kx * d) as isize - pad;
+                    for ky in 0..kh {
+                        for kx in 0..kw {
+                            let iy = oy as isize + (ky * d) as isize - pad_y;
+                            let ix = ox as isize + (kx * d) as isize - pad_x;
                             if iy < 0 || ix < 0 || iy >= h as isize || ix >= w as isize {
                                 continue;
                             }
-                            let v = x[((g * cpg + i) * h + iy as usize) * w + ix as usize];
-                            let wt = weight[((o * cpg + i) * kb + ky) * kb + kx];
-                            acc += wt * v;
-                            m += (wt * v).abs();
+                            let at = ((g * cpg + i) * h + iy as usize) * w + ix as usize;
+                            let wt = weight[((o * cpg + i) * kh + ky) * kw + kx];
+                            acc += wt * x[at];
+                            m += wt.abs() * xm[at];
                         }
                     }
                 }
@@ -290,6 +327,26 @@ fn direct_conv(s: &Shape, x: &[f64], weight: &[f64], kb: usize, d: usize) -> (Ve
         }
     }
     (y, mag)
+}
+
+fn direct_conv(s: &Shape, x: &[f64], weight: &[f64], kb: usize, d: usize) -> (Vec<f64>, Vec<f64>) {
+    let xm: Vec<f64> = x.iter().map(|v| v.abs()).collect();
+    direct_conv_m(s, (x, &xm), weight, (kb, kb), d)
+}
+
+/// The input through a BN per input channel (`[cin, h, w]`), straight from the formula, and
+/// its magnitude |γ·x/√(σ² + ε)| + |β − γ·μ/√(σ² + ε)| (what the fused weights see).
+fn input_through_bn(s: &Shape, x: &[f64], n: &BatchNorm, eps: f64) -> (Vec<f64>, Vec<f64>) {
+    let hw = s.h * s.w;
+    let mut y = x.to_vec();
+    let mut m = x.to_vec();
+    for (i, (v, mv)) in y.iter_mut().zip(&mut m).enumerate() {
+        let c = i / hw;
+        let d = (n.var[c] + eps).sqrt();
+        *v = n.gamma[c] * (*v - n.mean[c]) / d + n.beta[c];
+        *mv = (n.gamma[c] * *mv / d).abs() + (n.beta[c] - n.gamma[c] * n.mean[c] / d).abs();
+    }
+    (y, m)
 }
 
 /// Average pooling of channel o of `x` (in == out), `side`×`side`, zero padding counted.
@@ -324,11 +381,18 @@ fn unfused(c: &Case) -> (Vec<f64>, Vec<f64>) {
     let mut y = vec![0.0; s.out() * hw];
     let mut mag = vec![0.0; s.out() * hw];
     for b in &c.block.branches {
-        let (conv, conv_mag) = match (&b.weight, b.pool) {
-            (Some(w), _) => direct_conv(s, &c.x, w, b.kernel, b.dilation),
-            (None, Some(side)) => direct_pool(s, &c.x, side),
+        let (conv, conv_mag) = match (&b.weight, b.pool, &b.input_bn) {
+            (Some(w), _, Some(n)) => {
+                let (x, xm) = input_through_bn(s, &c.x, n, c.eps);
+                direct_conv_m(s, (&x, &xm), w, (b.kernel, b.kernel_w), b.dilation)
+            }
+            (Some(w), _, None) => {
+                let xm: Vec<f64> = c.x.iter().map(|v| v.abs()).collect();
+                direct_conv_m(s, (&c.x, &xm), w, (b.kernel, b.kernel_w), b.dilation)
+            }
+            (None, Some(side), _) => direct_pool(s, &c.x, side),
             // Identity: output channel o is input channel o.
-            (None, None) => (c.x.clone(), c.x.iter().map(|v: &f64| v.abs()).collect()),
+            (None, None, _) => (c.x.clone(), c.x.iter().map(|v: &f64| v.abs()).collect()),
         };
         for o in 0..s.out() {
             let bias = b.conv_bias.as_ref().map_or(0.0, |c| c[o]);
@@ -418,31 +482,41 @@ fn shipped_rows(
         .iter()
         .map(|b| {
             b.weight.as_ref().map(|w| {
-                let per_row = s.cpg * b.kernel * b.kernel;
+                let per_row = s.cpg * b.kernel * b.kernel_w;
                 raw_bytes(c.stored, &w[rows.start * per_row..rows.end * per_row])
             })
         })
         .collect();
     let mut bound = post.as_ref().map_or(0.0, |p| max_abs(&p.shift));
+    let inputs: Vec<Option<(Vec<f64>, Vec<f64>)>> = c
+        .block
+        .branches
+        .iter()
+        .map(|b| b.input_bn.as_ref().map(|n| n.affine(c.eps)))
+        .collect();
     let terms: Vec<Term> = c
         .block
         .branches
         .iter()
         .zip(&raw)
-        .map(|(b, raw)| {
+        .zip(&inputs)
+        .map(|((b, raw), input)| {
             let mut a = Affine::chain(n, &channel_ops(b, &rows), b.coef, c.eps);
             if let Some(p) = &post {
                 a.then_scaled(p);
             }
             // |x| < 1 and |w| ≤ 1: a bound on every term the probe sums, per branch.
-            let taps = (s.cpg * b.kernel * b.kernel) as f64;
-            bound += max_abs(&a.scale) * taps + max_abs(&a.shift);
+            // With an input BN `s·x + t`: |w·(s·x + t)| ≤ |s| + |t|.
+            let taps = (s.cpg * b.kernel * b.kernel_w) as f64;
+            let reach = input.as_ref().map_or(1.0, |(s, t)| max_abs(s) + max_abs(t));
+            bound += max_abs(&a.scale) * taps * reach + max_abs(&a.shift);
             let kernel = match (raw, b.pool) {
                 (Some(bytes), _) => Kernel::Weights {
                     dtype: c.stored,
                     bytes,
-                    side: b.kernel,
+                    side: (b.kernel, b.kernel_w),
                     dilation: b.dilation,
+                    input: input.as_ref().map(|(s, t)| (s.as_slice(), t.as_slice())),
                 },
                 (None, Some(side)) => Kernel::AvgPool { side },
                 (None, None) => Kernel::Identity,
