@@ -160,11 +160,8 @@ impl Kind {
 
     /// Whether a block at `prefix` can be of this kind.
     fn applies_at(&self, prefix: &str) -> bool {
-        self.at.is_empty()
-            || self
-                .at
-                .iter()
-                .any(|a| prefix == a || prefix.ends_with(&format!(".{a}")))
+        let ends = |a: &String| prefix == a || prefix.ends_with(&format!(".{a}"));
+        (self.at.is_empty() || self.at.iter().any(ends)) && !self.not_at.iter().any(ends)
     }
 }
 
@@ -257,6 +254,11 @@ pub struct Layout {
     /// `bn`) are common enough to occur in files of other layouts.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub fallback: bool,
+    /// Detected only in a file with a tensor whose name ends with this (LeViT's, TinyViT's
+    /// and EfficientViT's `attention_biases`): their ConvNorm names alone would take any
+    /// conv beside a BN, an unknown RepVGG fork's branches included. `--layout` forces it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub marker: Option<String>,
     /// The branches a block can have (the layout's first kind of block; may be empty when
     /// `kinds` lists them all).
     #[serde(default)]
@@ -285,6 +287,9 @@ pub struct Kind {
     /// its Linear, where every other `linear` + `bn` has it after); empty: any prefix.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub at: Vec<String>,
+    /// Block prefixes must not end with any of these names (where another kind has them).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub not_at: Vec<String>,
     /// The branches a block can have.
     pub branches: Vec<BranchSpec>,
     /// Per-channel ops on the sum of the branches (names relative to the block).
@@ -384,6 +389,7 @@ impl Layout {
         let top = (!self.branches.is_empty()).then(|| Kind {
             name: String::new(),
             at: Vec::new(),
+            not_at: Vec::new(),
             branches: self.branches.clone(),
             post: self.post.clone(),
             deploy: self.deploy.clone().unwrap_or(DeployNames {
@@ -468,6 +474,12 @@ impl Detection {
         }
         let mut hits = Vec::new();
         for layout in layouts {
+            if let Some(marker) = &layout.marker {
+                let leaf = format!(".{marker}");
+                if !ckpt.tensors().iter().any(|t| t.name.ends_with(&leaf)) {
+                    continue;
+                }
+            }
             let found = match find_blocks(ckpt, layout, false) {
                 // A fallback's common names may meet tensors they do not describe.
                 Err(_) if layout.fallback => continue,
@@ -526,8 +538,10 @@ impl Detection {
 
 /// Of the layouts that found blocks, the ones left to choose from: fallbacks only when
 /// nothing else found blocks, and not a layout whose blocks take only tensors that another
-/// layout's take too (a FastViT file holds timm MobileOne blocks; a pure MobileOne file
-/// matches FastViT's MobileOne kind as well: the earlier layout in the table wins a tie).
+/// layout's take too (a FastViT file holds timm MobileOne blocks). Of layouts that take the
+/// same tensors, the one whose blocks are outer modules (iFormer's RepCPE around what RepViT
+/// would fuse as a ConvNorm), then the earlier in the table (a pure MobileOne file matches
+/// FastViT's MobileOne kind as well).
 fn settle(mut hits: Vec<(&Layout, BlocksFound)>) -> Vec<(&Layout, BlocksFound)> {
     if hits.iter().any(|(l, _)| !l.fallback) {
         hits.retain(|(l, _)| !l.fallback);
@@ -541,10 +555,15 @@ fn settle(mut hits: Vec<(&Layout, BlocksFound)>) -> Vec<(&Layout, BlocksFound)> 
                 .collect()
         })
         .collect();
+    let depths: Vec<usize> = hits
+        .iter()
+        .map(|(_, f)| f.blocks.iter().map(|b| depth(&b.name)).sum())
+        .collect();
     let subsumed: Vec<bool> = (0..sets.len())
         .map(|i| {
             (0..sets.len()).any(|j| {
-                j != i && sets[i].is_subset(&sets[j]) && (sets[j].len() > sets[i].len() || j < i)
+                let outer = depths[j] < depths[i] || depths[j] == depths[i] && j < i;
+                j != i && sets[i].is_subset(&sets[j]) && (sets[j].len() > sets[i].len() || outer)
             })
         })
         .collect();
@@ -839,7 +858,8 @@ fn find_kind(
 
 /// Drops a block whose tensors all belong to a larger block of another kind (the mixer
 /// inside FastViT's RepMixer, the ConvNorm inside RepViT's RepVggDw: the framework converts
-/// the outer module), and of two blocks with the same tensors the one of the later kind.
+/// the outer module); of two blocks with the same tensors, the inner one (SHViT's Residual
+/// around a Conv2dNorm is converted, not the Conv2dNorm), at the same prefix the later kind's.
 fn drop_contained(blocks: Vec<Block>, kinds_of: &[usize]) -> Vec<Block> {
     let sets: Vec<BTreeSet<&str>> = blocks
         .iter()
@@ -855,11 +875,14 @@ fn drop_contained(blocks: Vec<Block>, kinds_of: &[usize]) -> Vec<Block> {
         let Some(first) = sets[i].first() else {
             return false;
         };
+        let outer = |j: usize| {
+            let (a, b) = (depth(&blocks[j].name), depth(&blocks[i].name));
+            a < b || a == b && kinds_of[j] < kinds_of[i]
+        };
         owners[first].iter().any(|&j| {
             j != i
                 && kinds_of[j] != kinds_of[i]
-                && (sets[j].len() > sets[i].len()
-                    || sets[j].len() == sets[i].len() && kinds_of[j] < kinds_of[i])
+                && (sets[j].len() > sets[i].len() || sets[j].len() == sets[i].len() && outer(j))
                 && sets[i].is_subset(&sets[j])
         })
     };
@@ -869,6 +892,15 @@ fn drop_contained(blocks: Vec<Block>, kinds_of: &[usize]) -> Vec<Block> {
         .zip(keep)
         .filter_map(|(b, k)| k.then_some(b))
         .collect()
+}
+
+/// How deep a block prefix is: its number of dot-separated names.
+fn depth(prefix: &str) -> usize {
+    if prefix.is_empty() {
+        0
+    } else {
+        prefix.split('.').count()
+    }
 }
 
 /// A conv branch without its block's k×k conv is half a block.

@@ -33,6 +33,11 @@ const CASES: &[(&str, &str)] = &[
     ("fam_repvit_f64", "timm-repvit"),
     ("fam_repvit_bf16", "timm-repvit"),
     ("fam_acnet", "acnet"),
+    ("fam_levit", "timm-levit"),
+    ("fam_tinyvit", "timm-tinyvit"),
+    ("fam_efficientvit_msra", "timm-efficientvit-msra"),
+    ("fam_shvit", "timm-shvit"),
+    ("fam_iformer", "timm-iformer"),
 ];
 
 /// Deploy tensors whose dtype we choose differently from the framework, and why (README,
