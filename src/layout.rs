@@ -371,11 +371,11 @@ impl Layout {
         #[derive(Deserialize)]
         #[serde(untagged)]
         enum OneOrMany {
-            One(Layout),
+            One(Box<Layout>),
             Many(Vec<Layout>),
         }
         let layouts = match serde_json::from_str(&text).map_err(|e| err(e.to_string()))? {
-            OneOrMany::One(l) => vec![l],
+            OneOrMany::One(l) => vec![*l],
             OneOrMany::Many(v) => v,
         };
         for l in &layouts {
