@@ -437,3 +437,97 @@ fn repmixer_without_its_norm_is_refused() {
         "{err}"
     );
 }
+
+/// Runs `repvgg-fuse IN -o OUT --layout-file LAYOUT` on `tensors`; returns the run.
+fn convert_with_layout(tensors: &StFile, layout: &str) -> (TempDir, Output) {
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("in.safetensors");
+    write_st(&input, tensors);
+    let layout_path = dir.path().join("layout.json");
+    std::fs::write(&layout_path, layout).unwrap();
+    let out = bin()
+        .arg(&input)
+        .arg("-o")
+        .arg(dir.path().join("out.safetensors"))
+        .arg("--layout-file")
+        .arg(&layout_path)
+        .output()
+        .unwrap();
+    (dir, out)
+}
+
+/// ACNet's k×1 and 1×k kernels are fused only where the layout asks for them: the same
+/// branches in a layout without `asymmetric` are refused, naming the tensor.
+#[test]
+fn asymmetric_kernels_only_where_the_layout_allows_them() {
+    let train = read_st(&fixture_dir("fam_acnet").join("train.safetensors"));
+    let layout = r#"{ "name": "square-only", "kinds": [ { "branches": [
+        { "role": "kxk", "path": "", "ops": [ { "conv": "square_conv" }, { "bn": "square_bn" } ] },
+        { "role": "kxk", "path": "", "ops": [ { "conv": "ver_conv" }, { "bn": "ver_bn" } ] },
+        { "role": "kxk", "path": "", "ops": [ { "conv": "hor_conv" }, { "bn": "hor_bn" } ] } ],
+      "deploy": { "weight": "fused_conv.weight", "bias": "fused_conv.bias" } } ] }"#;
+    let (dir, out) = convert_with_layout(&train, layout);
+    assert_eq!(out.status.code(), Some(2), "{}", describe(&out));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("blocks.0.ver_conv.weight") && err.contains("square kernel"),
+        "{err}"
+    );
+    assert!(!dir.path().join("out.safetensors").exists());
+}
+
+/// A BN on the input folds exactly only into a 1×1 kernel (a larger one would see the
+/// zero padding un-normalized): before a 3×3 conv it is refused.
+#[test]
+fn input_bn_before_a_larger_kernel_is_refused() {
+    let train = read_st(&fixture_dir("fam_repvit").join("train.safetensors"));
+    // RepViT's stem conv1 is 3×3 with its BN after it; call that BN an input BN.
+    let mut stem: StFile = train
+        .into_iter()
+        .filter(|(k, _)| k.starts_with("stem.conv1."))
+        .collect();
+    let n_in = stem["stem.conv1.c.weight"].shape[1];
+    for leaf in ["weight", "bias", "running_mean", "running_var"] {
+        let t = stem.get_mut(&format!("stem.conv1.bn.{leaf}")).unwrap();
+        t.data.truncate(4 * n_in);
+        t.shape = vec![n_in];
+    }
+    let layout = r#"{ "name": "bn-first", "kinds": [ { "branches": [
+        { "role": "kxk", "path": "", "ops": [ { "bn_in": "bn" }, { "conv": "c" } ] } ],
+      "deploy": { "weight": "weight", "bias": "bias" } } ] }"#;
+    let (_dir, out) = convert_with_layout(&stem, layout);
+    assert_eq!(out.status.code(), Some(2), "{}", describe(&out));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("stem.conv1") && err.contains("BN on its input"),
+        "{err}"
+    );
+}
+
+/// The ConvNorm-only layouts need their marker: the same conv + BN names without an
+/// `attention_biases` tensor are no block at all (an unknown fork is not folded as TinyViT),
+/// and `--layout` still forces them.
+#[test]
+fn convnorm_layouts_need_their_marker() {
+    let mut train = read_st(&fixture_dir("fam_tinyvit").join("train.safetensors"));
+    train.retain(|k, _| !k.ends_with("attention_biases"));
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("in.safetensors");
+    write_st(&input, &train);
+    let out = bin()
+        .arg(&input)
+        .arg("-o")
+        .arg(dir.path().join("out.safetensors"))
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2), "{}", describe(&out));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no re-parameterizable block"));
+    let forced = bin()
+        .arg(&input)
+        .arg("-o")
+        .arg(dir.path().join("out.safetensors"))
+        .args(["--layout", "timm-tinyvit", "--verify"])
+        .output()
+        .unwrap();
+    assert_eq!(forced.status.code(), Some(0), "{}", describe(&forced));
+}
