@@ -81,6 +81,22 @@ pub enum Op {
         dilation: usize,
         /// Whether the kernel may be kh×kw with kh ≠ kw (ACNet's k×1 and 1×k); both odd.
         asymmetric: bool,
+        /// The stored weight is the kernel minus the identity (DBB's IdentityBasedConv1x1).
+        plus_identity: bool,
+    },
+    /// A second conv `[out, mid/groups, k, k]` on what the ops before it made (`mid`
+    /// channels: a 1×1 conv, then per-channel ops over its outputs), with that map padded by
+    /// what the ops make of zero (DBB's BNAndPad): so it is the composition of the two on the
+    /// zero-padded input, exactly.
+    ThenConv {
+        /// The second kernel.
+        weight: String,
+    },
+    /// A `kernel`×`kernel` average of each channel of what the ops before it made (mid ==
+    /// out), padded like [`Op::ThenConv`]; 0 stands for the block's kernel.
+    ThenAvgPool {
+        /// The window side.
+        kernel: usize,
     },
     /// A BatchNorm over the *input* channels, before a Linear or 1×1 conv (a NormLinear:
     /// LeViT's and RepViT's classifiers): folds into the weights, scaled per input channel,
@@ -109,6 +125,11 @@ impl Op {
         matches!(self, Op::InputBn(_))
     }
 
+    /// Whether the op is the second stage of a sequence.
+    pub fn is_second(&self) -> bool {
+        matches!(self, Op::ThenConv { .. } | Op::ThenAvgPool { .. })
+    }
+
     /// Whether the op starts a branch (reads the block's input).
     pub fn is_source(&self) -> bool {
         matches!(self, Op::Conv { .. } | Op::Identity | Op::AvgPool { .. })
@@ -120,7 +141,8 @@ impl Op {
             Op::Conv { weight, bias, .. } => std::iter::once(weight.clone())
                 .chain(bias.clone())
                 .collect(),
-            Op::Identity | Op::AvgPool { .. } => Vec::new(),
+            Op::Identity | Op::AvgPool { .. } | Op::ThenAvgPool { .. } => Vec::new(),
+            Op::ThenConv { weight } => vec![weight.clone()],
             Op::Bn(bn) | Op::InputBn(bn) => {
                 [&bn.weight, &bn.bias, &bn.running_mean, &bn.running_var]
                     .into_iter()
@@ -150,6 +172,11 @@ impl Op {
             }
             Op::Identity => "identity".into(),
             Op::AvgPool { kernel } => format!("avgpool{kernel}x{kernel}"),
+            Op::ThenConv { weight } => {
+                let (kh, kw) = ckpt.get(weight).map_or((0, 0), kernel_hw);
+                format!("conv{kh}x{kw}")
+            }
+            Op::ThenAvgPool { kernel } => format!("avgpool{kernel}x{kernel}"),
             Op::Bn(_) => "bn".into(),
             Op::InputBn(_) => "bn_in".into(),
             Op::Scale { .. } => "scale".into(),
@@ -187,12 +214,29 @@ impl Branch {
         })
     }
 
-    /// The conv weight's name, if the branch starts with a conv.
+    /// The weight whose rows are the branch's output channels: its second conv's in a
+    /// sequence, else its source conv's.
     pub fn conv_weight(&self) -> Option<&str> {
+        if let Some(second) = self.second() {
+            return match second {
+                Op::ThenConv { weight } => Some(weight),
+                _ => None,
+            };
+        }
         match self.source() {
             Op::Conv { weight, .. } => Some(weight),
             _ => None,
         }
+    }
+
+    /// The second stage of a sequence branch (DBB's 1×1 → k×k), if any.
+    pub fn second(&self) -> Option<&Op> {
+        self.ops.iter().find(|op| op.is_second())
+    }
+
+    /// Where the per-output-channel ops start: after the second stage in a sequence.
+    pub fn split(&self) -> usize {
+        self.ops.iter().position(Op::is_second).map_or(0, |i| i + 1)
     }
 
     /// Every tensor of the branch.
@@ -332,6 +376,10 @@ fn main_conv<'a>(
     let mut main: Option<&TensorInfo> = None;
     let mut kernel = 0;
     for b in branches {
+        if let Some(Op::ThenConv { weight }) = b.second() {
+            kernel = kernel.max(c.conv(b, weight, (1, false))?.1);
+            continue;
+        }
         match b.source() {
             Op::Conv {
                 weight,
@@ -370,35 +418,17 @@ impl Block {
     ) -> Result<Block, BlockError> {
         let c = Checker { ckpt, name };
         let (main, kernel) = main_conv(&c, &branches)?;
-        let (out_channels, in_per_group) = (main.shape[0], main.shape[1]);
-        let mut groups = None;
-        for b in &branches {
-            if let Op::Conv { weight, .. } = b.source() {
-                let w = c.get(weight)?;
-                if w.shape[0] != out_channels || w.shape[1] != in_per_group {
-                    return Err(c.err(format!(
-                        "branch `{}` weight `{}` has shape {:?}, but `{}` has {:?}: expected [{out_channels}, {in_per_group}, k, k] in every branch",
-                        b.label, w.name, w.shape, main.name, main.shape
-                    )));
+        let mut branches = branches;
+        // An average over "the block's kernel" (0 in the layout: DBB's avg branch).
+        for op in branches.iter_mut().flat_map(|b| b.ops.iter_mut()) {
+            if let Op::AvgPool { kernel: k } | Op::ThenAvgPool { kernel: k } = op {
+                if *k == 0 {
+                    *k = kernel;
                 }
-            }
-            if matches!(b.source(), Op::Identity | Op::AvgPool { .. }) {
-                // The identity maps input channel o to output channel o: in == out.
-                if out_channels % in_per_group != 0 {
-                    return Err(c.err(format!(
-                        "identity branch `{}` needs in == out channels, but {out_channels} output channels are not a multiple of {in_per_group} input channels per group",
-                        b.label
-                    )));
-                }
-                groups = Some(out_channels / in_per_group);
-            }
-            check_channel_ops(&c, &b.ops, out_channels)?;
-            if let Some(bn) = b.input_bn() {
-                check_input_bn(&c, b, bn, in_per_group)?;
-                // A BN over all `in_per_group` inputs of every output: one group.
-                groups = Some(1);
             }
         }
+        let (out_channels, in_per_group) = (main.shape[0], main.shape[1]);
+        let groups = check_branches(&c, &branches, main, (out_channels, in_per_group))?;
         check_channel_ops(&c, &post, out_channels)?;
         let consumed = branches
             .iter()
@@ -490,6 +520,112 @@ impl Block {
             .find_map(Branch::conv_weight)
             .unwrap_or_default()
     }
+}
+
+/// Checks every branch against the main conv's `(out, in/groups)`; returns the groups the
+/// branches settle (an identity, an input BN, a sequence's second conv), if any.
+fn check_branches(
+    c: &Checker,
+    branches: &[Branch],
+    main: &TensorInfo,
+    (out_channels, in_per_group): (usize, usize),
+) -> Result<Option<usize>, BlockError> {
+    let mut groups: Option<usize> = None;
+    let mut settle = |g: usize, b: &Branch| match groups.replace(g) {
+        Some(before) if before != g => Err(c.err(format!(
+            "branch `{}` needs {g} groups where the others need {before}",
+            b.label
+        ))),
+        _ => Ok(()),
+    };
+    for b in branches {
+        if b.second().is_some() {
+            if let Some(g) = check_sequence(c, b, out_channels, in_per_group)? {
+                settle(g, b)?;
+            }
+            continue;
+        }
+        if let Op::Conv { weight, .. } = b.source() {
+            let w = c.get(weight)?;
+            if w.shape[0] != out_channels || w.shape[1] != in_per_group {
+                return Err(c.err(format!(
+                        "branch `{}` weight `{}` has shape {:?}, but `{}` has {:?}: expected [{out_channels}, {in_per_group}, k, k] in every branch",
+                        b.label, w.name, w.shape, main.name, main.shape
+                    )));
+            }
+        }
+        if matches!(b.source(), Op::Identity | Op::AvgPool { .. }) {
+            // The identity maps input channel o to output channel o: in == out.
+            if out_channels % in_per_group != 0 {
+                return Err(c.err(format!(
+                        "identity branch `{}` needs in == out channels, but {out_channels} output channels are not a multiple of {in_per_group} input channels per group",
+                        b.label
+                    )));
+            }
+            settle(out_channels / in_per_group, b)?;
+        }
+        check_channel_ops(c, &b.ops, out_channels)?;
+        if let Some(bn) = b.input_bn() {
+            check_input_bn(c, b, bn, in_per_group)?;
+            // A BN over all `in_per_group` inputs of every output: one group.
+            settle(1, b)?;
+        }
+    }
+    Ok(groups)
+}
+
+/// A sequence branch (DBB's 1×1 → k×k): its first conv `[mid, in/groups, 1, 1]`, the
+/// per-channel ops over `mid`, the second conv `[out, mid/groups, k, k]` (or an average, mid ==
+/// out), the per-channel ops over `out`. Returns the groups the second conv settles.
+fn check_sequence(
+    c: &Checker,
+    b: &Branch,
+    out: usize,
+    in_per_group: usize,
+) -> Result<Option<usize>, BlockError> {
+    let err = |what: String| Err(c.err(format!("branch `{}`: {what}", b.label)));
+    let Op::Conv {
+        weight,
+        plus_identity,
+        ..
+    } = b.source()
+    else {
+        return err("a sequence starts with a 1×1 conv".into());
+    };
+    let w1 = c.float(weight)?;
+    if w1.shape.len() != 4 || kernel_hw(w1) != (1, 1) || w1.shape[1] != in_per_group {
+        return err(format!(
+            "`{weight}` has shape {:?}; expected [mid, {in_per_group}, 1, 1]",
+            w1.shape
+        ));
+    }
+    let mid = w1.shape[0];
+    let split = b.split();
+    check_channel_ops(c, &b.ops[..split - 1], mid)?;
+    check_channel_ops(c, &b.ops[split..], out)?;
+    let groups = match b.second() {
+        Some(Op::ThenConv { weight }) => {
+            let k2 = c.float(weight)?;
+            let mpg = k2.shape.get(1).copied().unwrap_or(0);
+            if k2.shape[0] != out || mpg == 0 || mid % mpg != 0 || out % (mid / mpg) != 0 {
+                return err(format!(
+                    "`{weight}` has shape {:?}; expected [{out}, mid/groups, k, k] after {mid} channels",
+                    k2.shape
+                ));
+            }
+            Some(mid / mpg)
+        }
+        _ if mid != out => return err(format!("an average needs mid == out, not {mid} → {out}")),
+        _ => None,
+    };
+    if *plus_identity
+        && (mid % in_per_group != 0 || groups.is_some_and(|g| g * in_per_group != mid))
+    {
+        return err(format!(
+            "`{weight}` plus the identity needs its {mid} outputs to equal its inputs"
+        ));
+    }
+    Ok(groups)
 }
 
 /// A conv or Linear weight's kernel `(kh, kw)`: `(1, 1)` for a Linear.

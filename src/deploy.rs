@@ -19,7 +19,9 @@ use crate::checkpoint::{Checkpoint, dtype_bytes, encode, float_width};
 use crate::conv::Input;
 use crate::deviation::Deviation;
 use crate::layout::Detection;
-use crate::ops::{ChannelValues, FusedRows, Grid, InputAffine, Kernel, RowError, Term, fuse_rows};
+use crate::ops::{
+    ChannelValues, FusedRows, Grid, InputAffine, Kernel, RowError, Term, compose_branch, fuse_rows,
+};
 use crate::progress::{Cancel, Hooks};
 
 /// Where an output tensor's bytes come from.
@@ -238,6 +240,12 @@ fn fuse_chunk(
                 None => None,
             });
         }
+        // Sequence branches (DBB's 1×1 → k×k) composed into kernels first.
+        let mut composed = Vec::with_capacity(block.branches.len());
+        for (b, (buf, side)) in raw_bufs.iter().zip(&sides).enumerate() {
+            let raw = side.map(|(dtype, (kh, _))| (dtype, buf.as_slice(), kh));
+            composed.push(compose_branch(&values, block, b, raw, eps).map_err(block_err)?);
+        }
         let terms: Vec<Term> = block
             .branches
             .iter()
@@ -245,10 +253,27 @@ fn fuse_chunk(
             .zip(sides)
             .zip(affines)
             .zip(&inputs)
-            .map(|((((branch, buf), side), a), input)| Term {
-                kernel: kernel_of(branch, buf, side, input.as_ref()),
-                scale: a.scale,
-                shift: a.shift,
+            .zip(&composed)
+            .map(|(((((branch, buf), side), mut a), input), comp)| {
+                let kernel = match comp {
+                    Some((values, through, side)) => {
+                        let th = a.scale.iter().zip(through);
+                        a.shift
+                            .iter_mut()
+                            .zip(th)
+                            .for_each(|(b, (s, t))| *b += s * t);
+                        Kernel::Values {
+                            values,
+                            side: *side,
+                        }
+                    }
+                    None => kernel_of(branch, buf, side, input.as_ref()),
+                };
+                Term {
+                    kernel,
+                    scale: a.scale,
+                    shift: a.shift,
+                }
             })
             .collect();
         let start = rows.start;

@@ -48,6 +48,16 @@ pub struct OpSpec {
     /// The conv's kernel may be kh×kw with kh ≠ kw (ACNet's k×1 and 1×k).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub asymmetric: bool,
+    /// The conv's stored weight is its kernel minus the identity (DBB's `idconv1`).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub plus_identity: bool,
+    /// A second conv on what the ops before it made (DBB's 1×1 → k×k, its BNAndPad padding
+    /// with what the BN makes of zero).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub then_conv: Option<String>,
+    /// A k×k average of what the ops before it made, padded likewise; 0: the block's kernel.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub then_avgpool: Option<usize>,
     /// The op may be absent (FastViT's `layer_scale.gamma` when layer scale is off): a block
     /// without its tensors runs without the op. Without it, a missing tensor is an error.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
@@ -90,6 +100,8 @@ impl OpSpec {
             self.conv.is_some(),
             self.bn.is_some(),
             self.bn_in.is_some(),
+            self.then_conv.is_some(),
+            self.then_avgpool.is_some(),
             self.scale.is_some(),
             self.identity,
             self.avgpool.is_some(),
@@ -150,7 +162,22 @@ impl Kind {
                 }
             }
         }
-        if self.post.iter().any(|op| op.kinds() != 1 || op.is_source()) {
+        let second = |op: &OpSpec| op.then_conv.is_some() || op.then_avgpool.is_some();
+        if let Some(b) = self
+            .branches
+            .iter()
+            .find(|b| b.ops.iter().filter(|op| second(op)).count() > 1)
+        {
+            return Err(format!(
+                "layout `{layout}`, branch `{}`: one then_conv or then_avgpool at most",
+                b.path
+            ));
+        }
+        if self
+            .post
+            .iter()
+            .any(|op| op.kinds() != 1 || op.is_source() || second(op))
+        {
             return Err(format!(
                 "layout `{layout}`: \"post\" takes bn and scale ops only"
             ));
@@ -603,6 +630,7 @@ fn deployed_hint(ckpt: &Checkpoint, layouts: &[Layout]) -> String {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 enum Leaf {
     ConvWeight,
+    ConvWeight2,
     ConvBias,
     BnWeight,
     BnBias,
@@ -652,7 +680,9 @@ fn op_leaves(op: &OpSpec) -> Vec<(Leaf, String)> {
             format!("{base}.{leaf}")
         }
     };
-    if let Some(conv) = &op.conv {
+    if let Some(conv) = &op.then_conv {
+        vec![(Leaf::ConvWeight2, under(conv, "weight"))]
+    } else if let Some(conv) = &op.conv {
         vec![
             (Leaf::ConvWeight, under(conv, "weight")),
             (Leaf::ConvBias, under(conv, "bias")),
@@ -671,7 +701,7 @@ fn op_leaves(op: &OpSpec) -> Vec<(Leaf, String)> {
 
 /// Whether an op's names are relative to the block rather than the branch.
 fn block_relative(op: &OpSpec) -> bool {
-    [&op.conv, &op.bn, &op.bn_in, &op.scale]
+    [&op.conv, &op.bn, &op.bn_in, &op.scale, &op.then_conv]
         .into_iter()
         .flatten()
         .any(|n| n.starts_with('/'))
@@ -850,6 +880,13 @@ fn find_kind(
         match assemble(ckpt, kind, prefix, branches) {
             Ok(block) => found.blocks.push(block),
             Err(e) if layout.generic_names => found.skipped.push((prefix.clone(), e.what)),
+            // Another kind may be what the block is (DBB's four forms share most names).
+            Err(e) if layout.kinds.len() > 1 && refuse_half => orphans.push(Orphan {
+                error: e.into(),
+                prefix: Some(prefix.clone()),
+                tensors: tensors(),
+            }),
+            Err(e) if layout.kinds.len() > 1 => found.skipped.push((prefix.clone(), e.what)),
             Err(e) => return Err(e.into()),
         }
     }
@@ -1110,7 +1147,21 @@ impl Place<'_> {
                 bias: slot(Leaf::ConvBias),
                 dilation: op.dilation.unwrap_or(1),
                 asymmetric: op.asymmetric,
+                plus_identity: op.plus_identity,
             });
+        }
+        if let Some(conv) = &op.then_conv {
+            return match slot(Leaf::ConvWeight2) {
+                Some(weight) => Ok(Op::ThenConv { weight }),
+                None => self.err(format!(
+                    "branch `{label}` has {} but no second conv weight `{}`",
+                    describe_slots(f),
+                    join(&self.base, &format!("{conv}.weight"))
+                )),
+            };
+        }
+        if let Some(side) = op.then_avgpool {
+            return Ok(Op::ThenAvgPool { kernel: side });
         }
         if op.identity {
             return Ok(Op::Identity);

@@ -80,6 +80,9 @@ pub enum ChannelOp {
 /// A BN on a branch's input as `(scale, shift)` per input channel.
 pub type InputAffine = (Vec<f64>, Vec<f64>);
 
+/// A composed sequence branch: kernel rows, the bias they carry (`through`), kernel side.
+pub type Composed = (Vec<f64>, Vec<f64>, usize);
+
 /// A branch's conv weights for some rows, with the kernel `(kh, kw)`.
 pub type SourceWeights = (Vec<f64>, (usize, usize));
 
@@ -145,6 +148,28 @@ pub struct ChannelValues {
     pub post: Vec<ChannelOp>,
     /// Per branch: the BN on its input (every input channel), if it has one.
     pub inputs: Vec<Option<BatchNorm>>,
+    /// Per branch: the first stage of a sequence (DBB's 1×1 → k×k), if it is one.
+    pub sequences: Vec<Option<Sequence>>,
+}
+
+/// The first stage of a sequence branch, whole: its 1×1 conv and the per-channel ops on its
+/// `mid` outputs.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Sequence {
+    /// The first conv `[mid, in/groups]`, the identity added where stored without it.
+    pub first: Vec<f64>,
+    /// Its output channels.
+    pub mid: usize,
+    /// The per-channel ops on them (the conv's bias, a BN), every mid channel.
+    pub ops: Vec<ChannelOp>,
+}
+
+impl Sequence {
+    /// The first stage's ops as `(scale, shift)` per mid channel; the shift is also what
+    /// they make of zero, the value DBB's BNAndPad pads with.
+    pub fn affine(&self, eps: f64) -> Affine {
+        Affine::chain(self.mid, &self.ops, 1.0, eps)
+    }
 }
 
 impl ChannelValues {
@@ -161,7 +186,12 @@ impl ChannelValues {
         let branches = block
             .branches
             .iter()
-            .map(|b| Ok((b.coef, load(&b.ops)?)))
+            .map(|b| Ok((b.coef, load(&b.ops[b.split()..])?)))
+            .collect::<Result<_, BlockError>>()?;
+        let sequences = block
+            .branches
+            .iter()
+            .map(|b| load_sequence(ckpt, block, b))
             .collect::<Result<_, BlockError>>()?;
         let inputs = block
             .branches
@@ -177,6 +207,7 @@ impl ChannelValues {
             post: load(&block.post)?,
             rows,
             inputs,
+            sequences,
         })
     }
 
@@ -293,10 +324,145 @@ fn load_channel_op(
         Op::Conv {
             bias: Some(bias), ..
         } => Some(ChannelOp::Bias(read(bias)?)),
-        Op::Conv { .. } | Op::Identity | Op::AvgPool { .. } | Op::InputBn(_) => None,
+        Op::Conv { .. }
+        | Op::Identity
+        | Op::AvgPool { .. }
+        | Op::InputBn(_)
+        | Op::ThenConv { .. }
+        | Op::ThenAvgPool { .. } => None,
         Op::Scale { weight } => Some(ChannelOp::Scale(read(weight)?)),
         Op::Bn(bn) => Some(ChannelOp::Bn(load_bn(ckpt, block, bn, rows)?)),
     })
+}
+
+/// The first stage of `branch`, if it is a sequence: read whole (every mid channel).
+fn load_sequence(
+    ckpt: &Checkpoint,
+    block: &Block,
+    branch: &Branch,
+) -> Result<Option<Sequence>, BlockError> {
+    if branch.second().is_none() {
+        return Ok(None);
+    }
+    let Op::Conv {
+        weight,
+        plus_identity,
+        ..
+    } = branch.source()
+    else {
+        return Ok(None);
+    };
+    let ipg = block.in_per_group;
+    let mid = ckpt.get(weight).map_or(0, |t| t.shape[0]);
+    let mut first = read_finite(ckpt, block, weight, 0..mid * ipg)?;
+    if *plus_identity {
+        for m in 0..mid {
+            first[m * ipg + m % ipg] += 1.0;
+        }
+    }
+    let mut ops = Vec::new();
+    for op in &branch.ops[..branch.split() - 1] {
+        ops.extend(load_channel_op(ckpt, block, op, 0..mid)?);
+    }
+    Ok(Some(Sequence { first, mid, ops }))
+}
+
+/// A sequence branch's rows as one kernel `[rows, in/groups, side, side]` and the bias its
+/// first stage's shift makes through the second (`through`), for output channels `rows`:
+/// `K[o, i] = Σ_m K2[o, m]·s[m]·W1[m, i]` over the mid channels m of o's group,
+/// `through[o] = Σ_m Σ_taps K2[o, m]·t[m]`. `second` holds the second conv's rows (`[rows, mid/groups, side,
+/// side]`), or is `None` for an average (mid == out) of side `side`.
+pub fn compose_rows(
+    seq: &Sequence,
+    mid_affine: &Affine,
+    second: Option<&[f64]>,
+    side: usize,
+    rows: Range<usize>,
+    grid: Grid,
+) -> (Vec<f64>, Vec<f64>) {
+    let (ipg, taps) = (grid.in_per_group, side * side);
+    let mpg = match second {
+        Some(k2) => k2.len() / (rows.len() * taps).max(1),
+        None => grid.out_per_group,
+    };
+    let mut values = vec![0.0; rows.len() * ipg * taps];
+    let mut through = vec![0.0; rows.len()];
+    let avg = vec![1.0 / taps as f64; taps];
+    for (r, o) in rows.enumerate() {
+        let g = o / grid.out_per_group;
+        let out = &mut values[r * ipg * taps..(r + 1) * ipg * taps];
+        for ml in 0..mpg {
+            let k2 = match second {
+                Some(k2) => &k2[(r * mpg + ml) * taps..(r * mpg + ml + 1) * taps],
+                None if ml == o % mpg => &avg[..],
+                None => continue,
+            };
+            let m = g * mpg + ml;
+            let (s, t) = (mid_affine.scale[m], mid_affine.shift[m]);
+            through[r] += t * k2.iter().sum::<f64>();
+            for i in 0..ipg {
+                let w = s * seq.first[m * ipg + i];
+                let dst = &mut out[i * taps..(i + 1) * taps];
+                dst.iter_mut().zip(k2).for_each(|(d, k)| *d += k * w);
+            }
+        }
+    }
+    (values, through)
+}
+
+/// Branch `b` of `block` composed for output channels `rows`, if it is a sequence:
+/// `(kernel rows, through, side)` (see [`compose_rows`]); `raw` holds the second conv's rows
+/// as stored (`None` for an average).
+pub fn compose_branch(
+    values: &ChannelValues,
+    block: &Block,
+    b: usize,
+    raw: Option<(Dtype, &[u8], usize)>,
+    eps: f64,
+) -> Result<Option<Composed>, BlockError> {
+    let (Some(Some(seq)), Some(branch)) = (values.sequences.get(b), block.branches.get(b)) else {
+        return Ok(None);
+    };
+    let mid_affine = seq.affine(eps);
+    if let Some(i) = (mid_affine.scale.iter().chain(&mid_affine.shift)).position(|v| !v.is_finite())
+    {
+        return Err(BlockError::new(
+            &block.name,
+            format!(
+                "branch `{}`: the ops after its first conv are not finite at channel {} (a BN with σ² + ε = 0?)",
+                branch.label,
+                i % seq.mid.max(1)
+            ),
+        ));
+    }
+    let (second, side) = match (branch.second(), raw) {
+        (Some(Op::ThenAvgPool { kernel }), _) => (None, *kernel),
+        (_, Some((dtype, bytes, side))) => {
+            let w = crate::checkpoint::decode(dtype, bytes);
+            if let Some(i) = first_non_finite(&w) {
+                let name = branch.conv_weight().unwrap_or_default();
+                return Err(BlockError::new(
+                    &block.name,
+                    format!(
+                        "tensor `{name}` holds {} in the rows read; fusion needs finite values",
+                        w[i]
+                    ),
+                ));
+            }
+            (Some(w), side)
+        }
+        _ => return Ok(None),
+    };
+    let rows = values.rows.clone();
+    let (k, through) = compose_rows(
+        seq,
+        &mid_affine,
+        second.as_deref(),
+        side,
+        rows,
+        Grid::of(block),
+    );
+    Ok(Some((k, through, side)))
 }
 
 /// A BN's values for channels `rows`, refusing NaN, ±∞ and negative variances.
@@ -401,6 +567,13 @@ pub enum Kernel<'a> {
         /// A BN on the input, `(scale, shift)` per input channel: each input channel's taps
         /// are scaled, and the weights times the shifts go to the bias.
         input: Option<(&'a [f64], &'a [f64])>,
+    },
+    /// Kernels already in f64 (a composed sequence), `[rows, in/groups, side, side]`.
+    Values {
+        /// The rows' values.
+        values: &'a [f64],
+        /// Kernel side.
+        side: usize,
     },
     /// Output channel o reads input channel `o mod (in/groups)` of its group at the centre.
     Identity,
@@ -594,7 +767,7 @@ fn fuse_rows_any(
         // tap (i, y, x) meets exactly x[g·in/groups + i, y, x].
         let g = o / grid.out_per_group;
         let patch = probe.map(|x| &x.data[g * depth..(g + 1) * depth]);
-        let (mut unfused, mut bias) = fuse_row(&mut scratch, r, o, grid, terms, patch)?;
+        let (mut unfused, mut bias) = fuse_row(&mut scratch, (r, o), grid, terms, patch)?;
         if let Some(p) = post_shift {
             bias += p[r];
             unfused += p[r];
@@ -614,14 +787,11 @@ fn fuse_rows_any(
 #[inline(always)]
 fn fuse_row(
     scratch: &mut RowScratch,
-    r: usize,
-    o: usize,
+    (r, o): (usize, usize),
     grid: Grid,
     terms: &[Term],
     patch: Option<&[f64]>,
 ) -> Result<(f64, f64), RowError> {
-    let (depth, kk) = (grid.row_len(), grid.k * grid.k);
-    let centre = (grid.k / 2) * grid.k + grid.k / 2;
     // `fused` still holds the previous row: the first full-size term overwrites it (saving a
     // pass of zeros over every weight), anything else starts from zero.
     let mut fresh = true;
@@ -629,7 +799,6 @@ fn fuse_row(
     for (ti, term) in terms.iter().enumerate() {
         let (a, b) = (term.scale[r], term.shift[r]);
         bias += b;
-        let fused = &mut scratch.fused;
         let y = match term.kernel {
             Kernel::Weights {
                 dtype,
@@ -640,18 +809,9 @@ fn fuse_row(
             } => {
                 let per_row = grid.in_per_group * side.0 * side.1;
                 let row_bytes = per_row * dtype_bytes(dtype);
-                decode_into(
-                    dtype,
-                    &bytes[r * row_bytes..(r + 1) * row_bytes],
-                    &mut scratch.w,
-                );
-                if let Some(i) = first_non_finite(&scratch.w) {
-                    return Err(RowError::NonFinite {
-                        term: ti,
-                        index: r * per_row + i,
-                        value: scratch.w[i],
-                    });
-                }
+                let raw = &bytes[r * row_bytes..(r + 1) * row_bytes];
+                decode_into(dtype, raw, &mut scratch.w);
+                finite_row(&scratch.w, ti, r * per_row)?;
                 // An input BN `s·x + t` (1×1 kernels only): w·s on the weights, w·t a bias.
                 let through = input.map_or(0.0, |(s, t)| {
                     let through = dot(&scratch.w, t);
@@ -660,26 +820,39 @@ fn fuse_row(
                 });
                 bias += a * through;
                 let first = std::mem::take(&mut fresh);
-                add_weights(grid, fused, &scratch.w, (side, dilation), a, first, patch) + through
+                let w = &scratch.w;
+                add_weights(
+                    grid,
+                    &mut scratch.fused,
+                    w,
+                    (side, dilation),
+                    a,
+                    first,
+                    patch,
+                ) + through
+            }
+            Kernel::Values { values, side } => {
+                let per_row = grid.in_per_group * side * side;
+                let w = &values[r * per_row..(r + 1) * per_row];
+                finite_row(w, ti, r * per_row)?;
+                let first = std::mem::take(&mut fresh);
+                add_weights(
+                    grid,
+                    &mut scratch.fused,
+                    w,
+                    ((side, side), 1),
+                    a,
+                    first,
+                    patch,
+                )
             }
             Kernel::Identity => {
-                if std::mem::take(&mut fresh) {
-                    fused.fill(0.0);
-                }
-                let at = (o % grid.in_per_group) * kk + centre;
-                fused[at] += a;
-                patch.map_or(0.0, |p| p[at])
+                let first = std::mem::take(&mut fresh);
+                add_window(grid, &mut scratch.fused, (o, 1), a, first, patch)
             }
             Kernel::AvgPool { side } => {
-                if std::mem::take(&mut fresh) {
-                    fused.fill(0.0);
-                }
-                let v = 1.0 / (side * side) as f64;
-                let ch = o % grid.in_per_group;
-                grid.window(ch, side).for_each(|at| fused[at] += a * v);
-                patch.map_or(0.0, |p| {
-                    grid.window(ch, side).map(|at| p[at]).sum::<f64>() * v
-                })
+                let first = std::mem::take(&mut fresh);
+                add_window(grid, &mut scratch.fused, (o, side), a, first, patch)
             }
         };
         if patch.is_some() {
@@ -689,8 +862,44 @@ fn fuse_row(
     if fresh {
         scratch.fused.fill(0.0);
     }
-    debug_assert_eq!(scratch.fused.len(), depth);
+    debug_assert_eq!(scratch.fused.len(), grid.row_len());
     Ok((unfused, bias))
+}
+
+/// Adds `a` times the identity (side 1) or a `side`×`side` average of input channel
+/// `o mod (in/groups)` to `fused` (from zero if `first`); returns its own output at the centre
+/// of `patch` (0 without one).
+#[inline(always)]
+fn add_window(
+    grid: Grid,
+    fused: &mut [f64],
+    (o, side): (usize, usize),
+    a: f64,
+    first: bool,
+    patch: Option<&[f64]>,
+) -> f64 {
+    if first {
+        fused.fill(0.0);
+    }
+    let v = 1.0 / (side * side) as f64;
+    let ch = o % grid.in_per_group;
+    grid.window(ch, side).for_each(|at| fused[at] += a * v);
+    patch.map_or(0.0, |p| {
+        grid.window(ch, side).map(|at| p[at]).sum::<f64>() * v
+    })
+}
+
+/// Refuses a row of term `term` holding NaN or ±∞ (its first element is element `start`).
+#[inline(always)]
+fn finite_row(w: &[f64], term: usize, start: usize) -> Result<(), RowError> {
+    match first_non_finite(w) {
+        Some(i) => Err(RowError::NonFinite {
+            term,
+            index: start + i,
+            value: w[i],
+        }),
+        None => Ok(()),
+    }
 }
 
 /// Adds `a·w` (one row of a `side`×`side` kernel, taps `dilation` apart) to `fused`, centred
@@ -822,11 +1031,12 @@ pub fn forward_unfused(
         .iter()
         .zip(&values.branches)
         .zip(&values.inputs);
-    for (((branch, (coef, ops)), input), w) in branches.zip(sources) {
+    for ((((branch, (coef, ops)), input), w), seq) in branches.zip(sources).zip(&values.sequences) {
         let w = w.as_ref().map(|(w, hw)| (w.as_slice(), *hw));
-        let mut y = match input {
-            Some(bn) => forward_input_bn(block, bn, w, x, rows.clone(), eps),
-            None => forward_source(block, branch, w, x, rows.clone()),
+        let mut y = match (input, seq) {
+            (_, Some(seq)) => forward_sequence(block, branch, seq, w, x, (rows.clone(), eps)),
+            (Some(bn), None) => forward_input_bn(block, bn, w, x, rows.clone(), eps),
+            (None, None) => forward_source(block, branch, w, x, rows.clone()),
         };
         for op in ops {
             forward_channel_op(op, eps, &mut y);
@@ -837,6 +1047,96 @@ pub fn forward_unfused(
         forward_channel_op(op, eps, &mut out);
     }
     out
+}
+
+/// A sequence branch, as DBB runs it: the 1×1 conv on the input, its per-channel ops (a BN),
+/// the map padded by what those ops make of zero (BNAndPad), then the second conv (or the
+/// average) without padding; for output channels `rows`.
+fn forward_sequence(
+    block: &Block,
+    branch: &Branch,
+    seq: &Sequence,
+    second: Option<(&[f64], (usize, usize))>,
+    x: &BlockInput,
+    (rows, eps): (Range<usize>, f64),
+) -> Array2<f64> {
+    let groups = block.groups.unwrap_or(1).max(1);
+    let ipg = block.in_per_group;
+    let cols1 = x.cols(1, 1);
+    let mut mid = conv_rows(&cols1, &seq.first, 0..seq.mid, ipg, 1, seq.mid / groups);
+    let mut pad = Array2::<f64>::zeros((seq.mid, 1));
+    for op in &seq.ops {
+        forward_channel_op(op, eps, &mut mid);
+        forward_channel_op(op, eps, &mut pad);
+    }
+    let side = match (branch.second(), second) {
+        (Some(Op::ThenAvgPool { kernel }), _) => *kernel,
+        (_, Some((_, (kh, _)))) => kh,
+        _ => 1,
+    };
+    let pad: Vec<f64> = pad.column(0).to_vec();
+    let padded = pad_with(&mid, &pad, &x.input, side / 2);
+    let cols = crate::conv::im2col(&padded, side, 1);
+    let full = match second {
+        Some((k2, _)) => {
+            let mpg = k2.len() / (rows.len() * side * side).max(1);
+            conv_rows(&cols, k2, rows.clone(), mpg, side, block.out_per_group())
+        }
+        None => {
+            let kk = side * side;
+            let mut y = Array2::<f64>::zeros((rows.len(), cols.ncols()));
+            for (r, o) in rows.clone().enumerate() {
+                let window = cols.slice(s![o * kk..(o + 1) * kk, ..]);
+                y.row_mut(r).assign(&window.sum_axis(ndarray::Axis(0)));
+            }
+            y / kk as f64
+        }
+    };
+    // The valid part: outputs centred on the unpadded positions.
+    let (n, h, w, p) = (x.input.n, x.input.h, x.input.w, side / 2);
+    let (hp, wp) = (h + 2 * p, w + 2 * p);
+    let mut y = Array2::<f64>::zeros((rows.len(), n * h * w));
+    for img in 0..n {
+        for yy in 0..h {
+            for xx in 0..w {
+                let from = (img * hp + yy + p) * wp + xx + p;
+                y.column_mut((img * h + yy) * w + xx)
+                    .assign(&full.column(from));
+            }
+        }
+    }
+    y
+}
+
+/// `map` (`[c, n·h·w]` over `like`'s images) as images padded by `p` on every side, channel m's
+/// border filled with `value[m]`.
+fn pad_with(
+    map: &Array2<f64>,
+    value: &[f64],
+    like: &crate::conv::Input,
+    p: usize,
+) -> crate::conv::Input {
+    let (n, c, h, w) = (like.n, map.nrows(), like.h, like.w);
+    let (hp, wp) = (h + 2 * p, w + 2 * p);
+    let mut data = vec![0.0; n * c * hp * wp];
+    for img in 0..n {
+        for m in 0..c {
+            let plane = &mut data[(img * c + m) * hp * wp..(img * c + m + 1) * hp * wp];
+            plane.fill(value.get(m).copied().unwrap_or(0.0));
+            for y in 0..h {
+                for xx in 0..w {
+                    plane[(y + p) * wp + xx + p] = map[[m, (img * h + y) * w + xx]];
+                }
+            }
+        }
+    }
+    crate::conv::Input {
+        n,
+        c,
+        h: hp,
+        w: wp,
+        data,
+    }
 }
 
 /// A 1×1 conv (or Linear) after a BN on its input: the BN applied to every input channel

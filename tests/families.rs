@@ -38,6 +38,7 @@ const CASES: &[(&str, &str)] = &[
     ("fam_efficientvit_msra", "timm-efficientvit-msra"),
     ("fam_shvit", "timm-shvit"),
     ("fam_iformer", "timm-iformer"),
+    ("fam_dbb", "dbb"),
 ];
 
 /// Deploy tensors whose dtype we choose differently from the framework, and why (README,

@@ -3,7 +3,8 @@
 //! dilated now and then), conv biases or not, any BN statistics with σ² ≥ 0, branch
 //! coefficients (a subtracted branch), a layer scale, an average-pool branch, a BN after the
 //! sum, kh×kw branches (ACNet's k×1 and 1×k), a BN on the input of the 1×1 branch (a
-//! NormLinear) — the fused conv applied to a random input equals the sum of the branches applied
+//! NormLinear), a DBB-style sequence (1×1 conv, BN, then a k×k conv or average over the map
+//! padded with what the BN makes of zero) — the fused conv applied to a random input equals the sum of the branches applied
 //! separately, to f64 rounding.
 //!
 //! The reference is an independent direct convolution written here (loops over every tap,
@@ -18,7 +19,9 @@ use repvgg_fuse::block::Role;
 use repvgg_fuse::checkpoint::decode;
 use repvgg_fuse::conv::Input;
 use repvgg_fuse::deviation::Deviation;
-use repvgg_fuse::ops::{Affine, BatchNorm, ChannelOp, Grid, Kernel, Term, fuse_rows};
+use repvgg_fuse::ops::{
+    Affine, BatchNorm, ChannelOp, Grid, Kernel, Sequence, Term, compose_rows, fuse_rows,
+};
 use safetensors::Dtype;
 
 /// One branch's values, as a framework's module holds them.
@@ -39,7 +42,21 @@ struct BranchValues {
     bn: Option<BatchNorm>,
     /// A layer scale after the BN.
     scale: Option<Vec<f64>>,
+    /// A sequence's first stage: `weight` is then the second conv `[out, mpg, k, k]` (or
+    /// `None` for an average, mid == out).
+    seq: Option<SeqValues>,
     coef: f64,
+}
+
+/// The first stage of a DBB-style sequence branch.
+#[derive(Debug, Clone)]
+struct SeqValues {
+    /// `[mid, cpg]`, 1×1.
+    first: Vec<f64>,
+    /// BN over the mid channels.
+    bn: BatchNorm,
+    /// Mid channels per group.
+    mpg: usize,
 }
 
 /// A block: branches, then optionally a BN on their sum.
@@ -74,6 +91,8 @@ struct Shape {
     identity: bool,
     /// An average-pool branch of this side (only with in == out).
     pool: Option<usize>,
+    /// A sequence branch: (second kernel side, mid channels per group, an average instead).
+    seq: Option<(usize, usize, bool)>,
     h: usize,
     w: usize,
 }
@@ -132,15 +151,24 @@ fn shape() -> impl Strategy<Value = Shape> {
                 extra,
                 0..3usize,
                 proptest::option::weighted(0.3, select(pools)),
+                proptest::option::weighted(
+                    0.3,
+                    (
+                        select((1..=k).step_by(2).collect::<Vec<_>>()),
+                        1..=3usize,
+                        any::<bool>(),
+                    ),
+                ),
             )
         })
         .prop_map(
-            |((groups, cpg, opg, k, scale, identity, h, w), extra, at, pool)| {
+            |((groups, cpg, opg, k, scale, identity, h, w), extra, at, pool, seq)| {
                 let mut kxk = extra;
                 kxk.insert(at.min(kxk.len()), (k, k, 1));
                 let pool = pool.filter(|_| identity);
                 Shape {
                     pool,
+                    seq,
                     groups,
                     cpg,
                     // The identity maps channel o to channel o: in == out.
@@ -216,9 +244,43 @@ fn conv_branch(
                 conv_bias,
                 bn,
                 scale,
+                seq: None,
                 coef,
             },
         )
+        .boxed()
+}
+
+/// A sequence branch: 1×1 conv `[mid, cpg]`, BN over mid, then a `kb`×`kb` conv `[out, mpg,
+/// kb, kb]` (or, with `avg`, a `kb`×`kb` average: mid == out), then a BN.
+fn seq_branch(s: &Shape, kb: usize, mpg: usize, avg: bool) -> BoxedStrategy<BranchValues> {
+    let (out, cpg) = (s.out(), s.cpg);
+    let mpg = if avg { s.opg } else { mpg };
+    let mid = s.groups * mpg;
+    (
+        values(mid * cpg, -1.0..1.0),
+        batch_norm(mid),
+        values(out * mpg * kb * kb, -1.0..1.0),
+        proptest::option::weighted(0.9, batch_norm(out)),
+        select(vec![1.0, -1.0, 0.5]),
+    )
+        .prop_map(move |(first, mid_bn, second, bn, coef)| BranchValues {
+            kernel: kb,
+            kernel_w: kb,
+            input_bn: None,
+            dilation: 1,
+            weight: (!avg).then_some(second),
+            pool: avg.then_some(kb),
+            conv_bias: None,
+            bn,
+            scale: None,
+            seq: Some(SeqValues {
+                first,
+                bn: mid_bn,
+                mpg,
+            }),
+            coef,
+        })
         .boxed()
 }
 
@@ -235,6 +297,7 @@ fn skip_branch(out: usize, pool: Option<usize>) -> BoxedStrategy<BranchValues> {
             conv_bias: None,
             bn: Some(bn),
             scale: None,
+            seq: None,
             coef,
         })
         .boxed()
@@ -253,6 +316,9 @@ fn case() -> impl Strategy<Value = Case> {
             .collect();
         if s.identity {
             branches.push(skip_branch(out, None));
+        }
+        if let Some((kb, mpg, avg)) = s.seq {
+            branches.push(seq_branch(&s, kb, mpg, avg));
         }
         if let Some(side) = s.pool {
             branches.push(skip_branch(out, Some(side)));
@@ -349,6 +415,69 @@ fn input_through_bn(s: &Shape, x: &[f64], n: &BatchNorm, eps: f64) -> (Vec<f64>,
     (y, m)
 }
 
+/// A sequence branch straight from its definition: the 1×1 conv, the BN, the map padded with
+/// the BN's value at zero (DBB's BNAndPad), then the second conv or the average, unpadded.
+fn direct_sequence(s: &Shape, c: &Case, b: &BranchValues, q: &SeqValues) -> (Vec<f64>, Vec<f64>) {
+    let (h, w, cpg, kb) = (s.h, s.w, s.cpg, b.kernel);
+    let mid = s.groups * q.mpg;
+    let p = kb / 2;
+    // The mid map and its magnitude, padded: index (m, y + p, x + p).
+    let (hp, wp) = (h + 2 * p, w + 2 * p);
+    let mut z = vec![0.0; mid * hp * wp];
+    let mut zm = vec![0.0; mid * hp * wp];
+    for m in 0..mid {
+        let g = m / q.mpg;
+        let d = (q.bn.var[m] + c.eps).sqrt();
+        let zero = q.bn.beta[m] - q.bn.gamma[m] * q.bn.mean[m] / d;
+        for y in 0..hp {
+            for x in 0..wp {
+                let at = (m * hp + y) * wp + x;
+                if y < p || x < p || y >= h + p || x >= w + p {
+                    (z[at], zm[at]) = (zero, zero.abs());
+                    continue;
+                }
+                let (mut v, mut mag) = (0.0, 0.0);
+                for i in 0..cpg {
+                    let xi = c.x[((g * cpg + i) * h + y - p) * w + x - p];
+                    v += q.first[m * cpg + i] * xi;
+                    mag += (q.first[m * cpg + i] * xi).abs();
+                }
+                z[at] = q.bn.gamma[m] * (v - q.bn.mean[m]) / d + q.bn.beta[m];
+                zm[at] = (q.bn.gamma[m] / d).abs() * mag + zero.abs();
+            }
+        }
+    }
+    let out = s.out();
+    let mut y = vec![0.0; out * h * w];
+    let mut mag = vec![0.0; out * h * w];
+    for o in 0..out {
+        let g = o / s.opg;
+        for oy in 0..h {
+            for ox in 0..w {
+                let (mut acc, mut m) = (0.0, 0.0);
+                for ml in 0..q.mpg {
+                    let mch = g * q.mpg + ml;
+                    for ky in 0..kb {
+                        for kx in 0..kb {
+                            let k2 = match &b.weight {
+                                Some(k2) => k2[((o * q.mpg + ml) * kb + ky) * kb + kx],
+                                None if mch == o => 1.0 / (kb * kb) as f64,
+                                None => 0.0,
+                            };
+                            let at = (mch * hp + oy + ky) * wp + ox + kx;
+                            acc += k2 * z[at];
+                            m += k2.abs() * zm[at];
+                        }
+                    }
+                }
+                y[(o * h + oy) * w + ox] = acc;
+                mag[(o * h + oy) * w + ox] = m;
+            }
+        }
+    }
+    (y, mag)
+}
+
 /// Average pooling of channel o of `x` (in == out), `side`×`side`, zero padding counted.
 fn direct_pool(s: &Shape, x: &[f64], side: usize) -> (Vec<f64>, Vec<f64>) {
     let cpg = s.cpg;
@@ -382,6 +511,7 @@ fn unfused(c: &Case) -> (Vec<f64>, Vec<f64>) {
     let mut mag = vec![0.0; s.out() * hw];
     for b in &c.block.branches {
         let (conv, conv_mag) = match (&b.weight, b.pool, &b.input_bn) {
+            _ if b.seq.is_some() => direct_sequence(s, c, b, b.seq.as_ref().unwrap()),
             (Some(w), _, Some(n)) => {
                 let (x, xm) = input_through_bn(s, &c.x, n, c.eps);
                 direct_conv_m(s, (&x, &xm), w, (b.kernel, b.kernel_w), b.dilation)
@@ -482,7 +612,8 @@ fn shipped_rows(
         .iter()
         .map(|b| {
             b.weight.as_ref().map(|w| {
-                let per_row = s.cpg * b.kernel * b.kernel_w;
+                let cpg = b.seq.as_ref().map_or(s.cpg, |q| q.mpg);
+                let per_row = cpg * b.kernel * b.kernel_w;
                 raw_bytes(c.stored, &w[rows.start * per_row..rows.end * per_row])
             })
         })
@@ -494,16 +625,69 @@ fn shipped_rows(
         .iter()
         .map(|b| b.input_bn.as_ref().map(|n| n.affine(c.eps)))
         .collect();
+    let grid = Grid {
+        in_per_group: s.cpg,
+        k: s.k,
+        out_per_group: s.opg,
+    };
+    // Sequences composed by the shipped routine, from the second conv's bytes as stored.
+    let composed: Vec<Option<(Vec<f64>, Vec<f64>)>> = c
+        .block
+        .branches
+        .iter()
+        .zip(&raw)
+        .map(|(b, raw)| {
+            let q = b.seq.as_ref()?;
+            let seq = Sequence {
+                first: q.first.clone(),
+                mid: q.bn.var.len(),
+                ops: vec![ChannelOp::Bn(q.bn.clone())],
+            };
+            let second = raw.as_ref().map(|r| decode(c.stored, r));
+            let mid = seq.affine(c.eps);
+            Some(compose_rows(
+                &seq,
+                &mid,
+                second.as_deref(),
+                b.kernel,
+                rows.clone(),
+                grid,
+            ))
+        })
+        .collect();
     let terms: Vec<Term> = c
         .block
         .branches
         .iter()
         .zip(&raw)
         .zip(&inputs)
-        .map(|((b, raw), input)| {
+        .zip(&composed)
+        .map(|(((b, raw), input), comp)| {
             let mut a = Affine::chain(n, &channel_ops(b, &rows), b.coef, c.eps);
             if let Some(p) = &post {
                 a.then_scaled(p);
+            }
+            if let Some((values, through)) = comp {
+                let th = a.scale.iter().zip(through);
+                a.shift
+                    .iter_mut()
+                    .zip(th)
+                    .for_each(|(b, (s, t))| *b += s * t);
+                let per_row = values.len() / n.max(1);
+                let l1 = values
+                    .chunks(per_row.max(1))
+                    .map(|r| r.iter().map(|v| v.abs()).sum::<f64>())
+                    .fold(0.0, f64::max);
+                bound += max_abs(&a.scale) * l1 + max_abs(&a.shift);
+                let kernel = Kernel::Values {
+                    values,
+                    side: b.kernel,
+                };
+                return Term {
+                    kernel,
+                    scale: a.scale,
+                    shift: a.shift,
+                };
             }
             // |x| < 1 and |w| ≤ 1: a bound on every term the probe sums, per branch.
             // With an input BN `s·x + t`: |w·(s·x + t)| ≤ |s| + |t|.
@@ -528,11 +712,6 @@ fn shipped_rows(
             }
         })
         .collect();
-    let grid = Grid {
-        in_per_group: s.cpg,
-        k: s.k,
-        out_per_group: s.opg,
-    };
     let post_shift = post.as_ref().map(|p| p.shift.as_slice());
     let out = fuse_rows(
         Vec::new(),
