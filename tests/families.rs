@@ -532,3 +532,27 @@ fn convnorm_layouts_need_their_marker() {
         .unwrap();
     assert_eq!(forced.status.code(), Some(0), "{}", describe(&forced));
 }
+
+/// RepViT's RepVggDw without its post-sum BN is half a block: refused, naming the BN, not
+/// fused as a ConvNorm with the 1×1 and the skip left out.
+#[test]
+fn repvggdw_without_its_bn_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut train = read_st(&fixture_dir("fam_repvit").join("train.safetensors"));
+    train.retain(|k, _| !k.starts_with("stages.0.blocks.0.token_mixer.bn."));
+    let path = dir.path().join("half.safetensors");
+    write_st(&path, &train);
+    let out = bin()
+        .arg(&path)
+        .arg("-o")
+        .arg(dir.path().join("out.safetensors"))
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2), "{}", describe(&out));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("stages.0.blocks.0.token_mixer") && err.contains("token_mixer.bn"),
+        "{err}"
+    );
+    assert!(!dir.path().join("out.safetensors").exists());
+}
