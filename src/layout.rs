@@ -833,6 +833,7 @@ fn find_kind(
     found: &mut BlocksFound,
     orphans: &mut Vec<Orphan>,
 ) -> Result<(), LayoutError> {
+    let several = layout.kinds.len() + usize::from(!layout.branches.is_empty()) > 1;
     let is_main = |f: &Found| {
         kind.branches[f.spec].role == Role::Kxk
             && f.slots.keys().any(|(_, leaf)| *leaf == Leaf::ConvWeight)
@@ -881,12 +882,12 @@ fn find_kind(
             Ok(block) => found.blocks.push(block),
             Err(e) if layout.generic_names => found.skipped.push((prefix.clone(), e.what)),
             // Another kind may be what the block is (DBB's four forms share most names).
-            Err(e) if layout.kinds.len() > 1 && refuse_half => orphans.push(Orphan {
+            Err(e) if several && refuse_half => orphans.push(Orphan {
                 error: e.into(),
                 prefix: Some(prefix.clone()),
                 tensors: tensors(),
             }),
-            Err(e) if layout.kinds.len() > 1 => found.skipped.push((prefix.clone(), e.what)),
+            Err(e) if several => found.skipped.push((prefix.clone(), e.what)),
             Err(e) => return Err(e.into()),
         }
     }
