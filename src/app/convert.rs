@@ -8,16 +8,11 @@ use std::path::Path;
 use super::output::{
     check_not_input, default_report_path, persist, report_tmp, same_file, temp_beside,
 };
-use super::{
-    Outcome, ReportParts, Settings, Written, block_reports, build_report, eps_info, find,
-    verify_probe,
-};
+use super::{Outcome, ReportParts, Settings, Train, Written, build_report, verify_probe};
 use crate::Error;
-use crate::check::check_deploy;
 use crate::checkpoint::Checkpoint;
 use crate::deploy::{Plan, WriteError, write_deploy};
 use crate::deviation::Deviation;
-use crate::layout::Detection;
 use crate::progress::Hooks;
 use crate::report::{BlockReport, Probe, VerifyReport};
 
@@ -38,29 +33,19 @@ pub fn convert(
 ) -> Result<Outcome, Error> {
     let report_path = report_path.map_or_else(|| default_report_path(output), Path::to_path_buf);
     check_paths(input, output, &report_path)?;
-    let ckpt = Checkpoint::open(input)?;
-    let detection = find(&ckpt, &settings.find)?;
-    let eps = eps_info(&detection, &settings.find);
-    let plan = Plan::new(&ckpt, &detection, settings.cast);
+    let train = Train::open(input, &settings.find)?;
+    let (ckpt, detection) = (&train.ckpt, &train.detection);
+    let plan = Plan::new(ckpt, detection, settings.cast);
 
     // With --verify the full check replaces the probe.
     let probe_seed = (!verify).then_some(settings.check.seed);
-    let (tmp, deviations) = write(
-        &ckpt, &detection, &plan, eps.value, probe_seed, output, hooks,
-    )?;
+    let (tmp, deviations) = write(&train, &plan, probe_seed, output, hooks)?;
     let dtype_of = |b: &crate::block::Block| format!("{:?}", settings.cast.unwrap_or(b.dtype));
-    let mut blocks = block_reports(&detection, dtype_of, deviations);
+    let mut blocks = train.block_reports(dtype_of, deviations);
     let (probe, verify_report) = if verify {
         hooks.progress.stage("verifying");
         let deploy = Checkpoint::open(tmp.path())?;
-        let (v, devs) = check_deploy(
-            &ckpt,
-            &deploy,
-            &detection,
-            eps.value,
-            &settings.check,
-            hooks.cancel,
-        )?;
+        let (v, devs) = train.check(&deploy, &settings.check, hooks)?;
         set_deviations(&mut blocks, devs);
         (verify_probe(&v), Some(v))
     } else {
@@ -80,13 +65,13 @@ pub fn convert(
     let parts = ReportParts {
         command: "convert",
         output: output.to_path_buf(),
-        eps,
+        eps: train.eps.clone(),
         probe,
         blocks,
         verify: verify_report,
         written,
     };
-    let report = build_report(&ckpt, &detection, parts);
+    let report = build_report(ckpt, detection, parts);
     let report_file = report_tmp(&report, &report_path)?;
     // A deploy file that failed verification is not put in place (the temp file goes with
     // `tmp`); the report is, since it says what failed.
@@ -120,10 +105,8 @@ fn check_paths(input: &Path, output: &Path, report_path: &Path) -> Result<(), Er
 /// Writes the deploy file to a temp file beside `output`; returns it and each block's probe
 /// deviation (with `probe_seed`; zero without).
 fn write(
-    ckpt: &Checkpoint,
-    detection: &Detection,
+    train: &Train,
     plan: &Plan,
-    eps: f64,
     probe_seed: Option<u64>,
     output: &Path,
     hooks: Hooks,
@@ -134,6 +117,7 @@ fn write(
         what: format!("cannot write: {e}"),
     };
     hooks.progress.start(plan.file_len());
+    let (ckpt, detection, eps) = (&train.ckpt, &train.detection, train.eps.value);
     let deviations = write_deploy(ckpt, detection, plan, eps, probe_seed, tmp.as_file(), hooks)
         .map_err(|e| match e {
             WriteError::Io(e) => out_err(e),

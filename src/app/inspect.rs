@@ -4,9 +4,8 @@ use std::path::Path;
 
 use serde::Serialize;
 
-use super::{Settings, eps_info, find, layout_info, skipped};
+use super::{Settings, Train, layout_info, skipped};
 use crate::Error;
-use crate::checkpoint::Checkpoint;
 use crate::deploy::{Plan, Source};
 use crate::report::{BlockInfo, EpsInfo, LayoutInfo, Skipped};
 
@@ -54,14 +53,17 @@ pub struct OutputTensor {
 
 /// Describes what `convert` would do with `input`, without writing anything.
 pub fn inspect(input: &Path, settings: &Settings) -> Result<Inspection, Error> {
-    let ckpt = Checkpoint::open(input)?;
-    let detection = find(&ckpt, &settings.find)?;
+    let Train {
+        ckpt,
+        detection,
+        eps,
+    } = Train::open(input, &settings.find)?;
     let plan = Plan::new(&ckpt, &detection, settings.cast);
     let consumed = detection.consumed();
     Ok(Inspection {
         input: input.display().to_string(),
         layout: layout_info(&detection),
-        bn_eps: eps_info(&detection, &settings.find),
+        bn_eps: eps,
         blocks: detection
             .blocks
             .iter()

@@ -18,10 +18,11 @@ pub use verify::verify_files;
 
 use crate::Error;
 use crate::block::Block;
-pub use crate::check::CheckOptions;
+pub use crate::check::{CheckOptions, check_deploy};
 use crate::checkpoint::Checkpoint;
 use crate::deviation::Deviation;
 use crate::layout::{Detection, Layout};
+use crate::progress::Hooks;
 use crate::report::{
     BlockReport, EpsInfo, LayoutInfo, Probe, Report, Skipped, Summary, Tool, VerifyReport,
 };
@@ -64,6 +65,50 @@ impl Outcome {
     }
 }
 
+/// A train checkpoint and the blocks found in it: what every use case starts from.
+struct Train {
+    ckpt: Checkpoint,
+    detection: Detection,
+    eps: EpsInfo,
+}
+
+impl Train {
+    /// Opens `path` and finds its blocks.
+    fn open(path: &std::path::Path, opts: &FindOptions) -> Result<Train, Error> {
+        let ckpt = Checkpoint::open(path)?;
+        let detection = find(&ckpt, opts)?;
+        let eps = eps_info(&detection, opts);
+        Ok(Train {
+            ckpt,
+            detection,
+            eps,
+        })
+    }
+
+    /// Judges `deploy` against these blocks.
+    fn check(
+        &self,
+        deploy: &Checkpoint,
+        opts: &CheckOptions,
+        hooks: Hooks,
+    ) -> Result<(VerifyReport, Vec<Option<Deviation>>), Error> {
+        let (train, found) = (&self.ckpt, &self.detection);
+        check_deploy(train, deploy, found, self.eps.value, opts, hooks.cancel)
+    }
+
+    /// One report entry per block, with its fused dtype and deviation.
+    fn block_reports(
+        &self,
+        dtype_of: impl Fn(&Block) -> String,
+        devs: impl IntoIterator<Item = Deviation>,
+    ) -> Vec<BlockReport> {
+        let layout = &self.detection.layout.name;
+        (self.detection.blocks.iter().zip(devs))
+            .map(|(b, d)| BlockReport::new(b, layout, &dtype_of(b), d))
+            .collect()
+    }
+}
+
 /// The blocks of `ckpt`, by the layouts `opts` selects.
 fn find(ckpt: &Checkpoint, opts: &FindOptions) -> Result<Detection, Error> {
     let wrap = |error| Error::Layout {
@@ -99,20 +144,6 @@ fn skipped(detection: &Detection) -> Vec<Skipped> {
             name: name.clone(),
             reason: reason.clone(),
         })
-        .collect()
-}
-
-/// One report entry per block, with its fused dtype and deviation.
-fn block_reports(
-    detection: &Detection,
-    dtype_of: impl Fn(&Block) -> String,
-    devs: impl IntoIterator<Item = Deviation>,
-) -> Vec<BlockReport> {
-    detection
-        .blocks
-        .iter()
-        .zip(devs)
-        .map(|(b, d)| BlockReport::new(b, &detection.layout.name, &dtype_of(b), d))
         .collect()
 }
 

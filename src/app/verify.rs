@@ -2,12 +2,8 @@
 
 use std::path::Path;
 
-use super::{
-    Outcome, ReportParts, Settings, Written, block_reports, build_report, eps_info, find,
-    verify_probe,
-};
+use super::{Outcome, ReportParts, Settings, Train, Written, build_report, verify_probe};
 use crate::Error;
-use crate::check::check_deploy;
 use crate::checkpoint::Checkpoint;
 use crate::deviation::Deviation;
 use crate::progress::Hooks;
@@ -19,18 +15,9 @@ pub fn verify_files(
     settings: &Settings,
     hooks: Hooks,
 ) -> Result<Outcome, Error> {
-    let train = Checkpoint::open(train_path)?;
+    let train = Train::open(train_path, &settings.find)?;
     let deploy = Checkpoint::open(deploy_path)?;
-    let detection = find(&train, &settings.find)?;
-    let eps = eps_info(&detection, &settings.find);
-    let (v, devs) = check_deploy(
-        &train,
-        &deploy,
-        &detection,
-        eps.value,
-        &settings.check,
-        hooks.cancel,
-    )?;
+    let (v, devs) = train.check(&deploy, &settings.check, hooks)?;
     let dtype_of = |b: &crate::block::Block| {
         deploy
             .get(&b.deploy_weight)
@@ -39,7 +26,7 @@ pub fn verify_files(
     let devs = devs
         .into_iter()
         .map(|d| d.unwrap_or_else(Deviation::unknown));
-    let blocks = block_reports(&detection, dtype_of, devs);
+    let blocks = train.block_reports(dtype_of, devs);
     let written = Written {
         tensors: deploy.tensors().len(),
         parameters: deploy.tensors().iter().map(|t| t.numel()).sum(),
@@ -48,14 +35,14 @@ pub fn verify_files(
     let parts = ReportParts {
         command: "verify",
         output: deploy_path.to_path_buf(),
-        eps,
+        eps: train.eps.clone(),
         probe: verify_probe(&v),
         blocks,
         verify: Some(v),
         written,
     };
     Ok(Outcome {
-        report: build_report(&train, &detection, parts),
+        report: build_report(&train.ckpt, &train.detection, parts),
         report_path: None,
     })
 }
