@@ -81,6 +81,16 @@ pub enum Error {
         /// What is wrong.
         what: String,
     },
+    /// Writing the output (or report) failed.
+    #[error("{}: {what}", path.display())]
+    Write {
+        /// The output path.
+        path: PathBuf,
+        /// What was being done.
+        what: String,
+        /// The system's error.
+        source: std::io::Error,
+    },
     /// An option value that cannot work with this checkpoint.
     #[error("{0}")]
     Usage(String),
@@ -99,6 +109,12 @@ impl Error {
             path: ckpt.path().to_path_buf(),
             error,
         }
+    }
+
+    /// An [`Error::Write`] of `path`, while doing `what`.
+    pub fn write(path: &std::path::Path, what: impl Into<String>) -> impl FnOnce(std::io::Error) -> Error {
+        let (path, what) = (path.to_path_buf(), what.into());
+        move |source| Error::Write { path, what, source }
     }
 
     /// An [`Error::Internal`].

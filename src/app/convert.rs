@@ -112,10 +112,7 @@ fn write(
     hooks: Hooks,
 ) -> Result<(tempfile::NamedTempFile, Vec<Deviation>), Error> {
     let mut tmp = temp_beside(output)?;
-    let out_err = |e: std::io::Error| Error::Output {
-        path: output.to_path_buf(),
-        what: format!("cannot write: {e}"),
-    };
+    let out_err = |e| Error::write(output, "cannot write")(e);
     hooks.progress.start(plan.file_len());
     let (ckpt, detection, eps) = (&train.ckpt, &train.detection, train.eps.value);
     let deviations = write_deploy(ckpt, detection, plan, eps, probe_seed, tmp.as_file(), hooks)
