@@ -103,7 +103,7 @@ pub(crate) fn block_err(ckpt: &Checkpoint, e: crate::block::BlockError) -> Error
 }
 
 /// A new temp file in `target`'s folder, removed unless persisted.
-fn temp_beside(target: &Path) -> Result<tempfile::NamedTempFile, Error> {
+pub(crate) fn temp_beside(target: &Path) -> Result<tempfile::NamedTempFile, Error> {
     let dir = match target.parent() {
         Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
         _ => PathBuf::from("."),
@@ -170,7 +170,7 @@ fn check_not_input(input: &Path, output: &Path, what: &str) -> Result<(), Error>
 
 /// Whether `a` and `b` name the same file: the same inode when both exist (any path, symlink
 /// or hard link), else the same canonical folder and file name.
-fn same_file(a: &Path, b: &Path) -> bool {
+pub(crate) fn same_file(a: &Path, b: &Path) -> bool {
     use std::os::unix::fs::MetadataExt;
     if let (Ok(x), Ok(y)) = (std::fs::metadata(a), std::fs::metadata(b)) {
         return x.dev() == y.dev() && x.ino() == y.ino();
@@ -185,9 +185,20 @@ fn same_file(a: &Path, b: &Path) -> bool {
     a == b || matches!((place(a), place(b)), (Some(x), Some(y)) if x == y)
 }
 
-/// Converts `input` to deploy form at `output`, with the report at `report_path`
-/// (default: beside the output). With `verify`, re-reads the written file and runs every
-/// block both ways on the verification input.
+/// Where [`convert`] writes the JSON report.
+#[derive(Debug, Clone, Copy)]
+pub enum ReportTo<'a> {
+    /// Beside the output: see [`default_report_path`].
+    Beside,
+    /// This file.
+    File(&'a Path),
+    /// No file: the caller has it in [`Outcome::report`] (`--report -` prints it).
+    Caller,
+}
+
+/// Converts `input` to deploy form at `output`, with the report where `report` says. With
+/// `verify`, re-reads the written file and runs every block both ways on the verification
+/// input.
 ///
 /// Nothing is written unless the whole run succeeds; after a failed verification only the
 /// report is written, so the deviation can be looked into (`Outcome::passed` says it failed),
@@ -195,19 +206,25 @@ fn same_file(a: &Path, b: &Path) -> bool {
 pub fn convert(
     input: &Path,
     output: &Path,
-    report_path: Option<&Path>,
+    report: ReportTo,
     settings: &Settings,
     verify: bool,
     progress: &ProgressBar,
 ) -> Result<Outcome, Error> {
-    let report_path = report_path.map_or_else(|| default_report_path(output), Path::to_path_buf);
+    let report_path = match report {
+        ReportTo::Beside => Some(default_report_path(output)),
+        ReportTo::File(path) => Some(path.to_path_buf()),
+        ReportTo::Caller => None,
+    };
     check_not_input(input, output, "output")?;
-    check_not_input(input, &report_path, "report path")?;
-    if same_file(&report_path, output) {
-        return Err(Error::Output {
-            path: output.to_path_buf(),
-            what: "the report would overwrite the deploy file".into(),
-        });
+    if let Some(report_path) = &report_path {
+        check_not_input(input, report_path, "report path")?;
+        if same_file(report_path, output) {
+            return Err(Error::Output {
+                path: output.to_path_buf(),
+                what: "the report would overwrite the deploy file".into(),
+            });
+        }
     }
     let ckpt = Checkpoint::open(input)?;
     let detection = find(&ckpt, settings)?;
@@ -289,7 +306,10 @@ pub fn convert(
             plan.file_len(),
         ),
     );
-    let report_tmp = write_report_tmp(&report, &report_path)?;
+    let report_tmp = match &report_path {
+        Some(path) => Some(write_report_tmp(&report, path)?),
+        None => None,
+    };
     // A deploy file that failed verification is not put in place (the temp file goes with
     // `tmp`); the report is, since it says what failed.
     if report.verify.as_ref().is_none_or(|v| v.passed) {
@@ -298,15 +318,15 @@ pub fn convert(
             what: format!("cannot move the finished file into place: {}", e.error),
         })?;
     }
-    report_tmp
-        .persist(&report_path)
-        .map_err(|e| Error::Output {
-            path: report_path.clone(),
+    if let (Some(tmp), Some(path)) = (report_tmp, &report_path) {
+        tmp.persist(path).map_err(|e| Error::Output {
+            path: path.clone(),
             what: format!("cannot move the report into place: {}", e.error),
         })?;
+    }
     Ok(Outcome {
         report,
-        report_path: Some(report_path),
+        report_path,
     })
 }
 

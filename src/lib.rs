@@ -14,6 +14,7 @@ pub mod checkpoint;
 pub mod conv;
 pub mod convert;
 pub mod deploy;
+pub mod export;
 pub mod fuse;
 pub mod inspect;
 pub mod layout;

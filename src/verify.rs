@@ -15,7 +15,7 @@ use crate::conv::{Input, conv_rows, im2col};
 use crate::convert::{Outcome, Settings, block_err, build_report, eps_info, find, row_chunks};
 use crate::fuse::{Affine, BlockValues, FusedConv};
 use crate::layout::Detection;
-use crate::report::{BlockReport, Failure, Probe, VerifyReport};
+use crate::report::{BlockReport, Failure, FailureKind, Probe, VerifyReport};
 use rayon::prelude::*;
 use safetensors::Dtype;
 
@@ -28,6 +28,26 @@ pub struct Deviation {
     pub max_rel: f64,
     /// max |unfused|: the scale the relative deviation is taken against.
     pub max_abs_output: f64,
+    /// Where |fused − unfused| is largest (none when they agree everywhere).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub worst: Option<WorstElement>,
+}
+
+/// The output element where fused and unfused differ most.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub struct WorstElement {
+    /// Image of the batch.
+    pub image: usize,
+    /// Output channel.
+    pub channel: usize,
+    /// Row.
+    pub y: usize,
+    /// Column.
+    pub x: usize,
+    /// The unfused output there.
+    pub unfused: f64,
+    /// The fused output there.
+    pub fused: f64,
 }
 
 impl Deviation {
@@ -37,6 +57,7 @@ impl Deviation {
             max_abs,
             max_rel: relative(max_abs, max_abs_output),
             max_abs_output,
+            worst: None,
         }
     }
 
@@ -48,6 +69,11 @@ impl Deviation {
             max_abs,
             max_rel: relative(max_abs, max_abs_output),
             max_abs_output,
+            worst: if worse(other.max_abs, self.max_abs) {
+                other.worst
+            } else {
+                self.worst
+            },
         }
     }
 
@@ -65,6 +91,11 @@ fn nan_max(a: f64, b: f64) -> f64 {
     } else {
         a.max(b)
     }
+}
+
+/// Whether `a` is a worse deviation than `b` (a first NaN is the worst of all).
+fn worse(a: f64, b: f64) -> bool {
+    a > b || (a.is_nan() && !b.is_nan())
 }
 
 fn relative(abs: f64, scale: f64) -> f64 {
@@ -158,18 +189,46 @@ pub fn fused(conv: &FusedConv, x: &BlockInput, out_per_group: usize) -> Array2<f
     y
 }
 
-/// Deviation between two outputs of the same shape; `reference` is the unfused one.
+/// Deviation between two outputs of the same shape; `reference` is the unfused one. The worst
+/// element is given as row (channel) and column (x) of the matrices; see [`deviation_at`].
 pub fn deviation(reference: &Array2<f64>, candidate: &Array2<f64>) -> Deviation {
+    deviation_at(reference, candidate, 0, [1, reference.ncols()])
+}
+
+/// [`deviation`] of the output rows of channels `first_channel..` on an input of `[h, w]`,
+/// whose columns are `(image·h + y)·w + x`, so the worst element is located in the output.
+pub fn deviation_at(
+    reference: &Array2<f64>,
+    candidate: &Array2<f64>,
+    first_channel: usize,
+    [h, w]: [usize; 2],
+) -> Deviation {
     let mut max_abs: f64 = 0.0;
     let mut max_out: f64 = 0.0;
-    Zip::from(reference).and(candidate).for_each(|&r, &c| {
-        max_abs = nan_max(max_abs, (c - r).abs());
-        max_out = nan_max(max_out, r.abs());
-    });
+    let mut worst = None;
+    Zip::indexed(reference)
+        .and(candidate)
+        .for_each(|(row, col), &r, &c| {
+            let d = (c - r).abs();
+            if worse(d, max_abs) {
+                max_abs = d;
+                worst = Some((row, col, r, c));
+            }
+            max_out = nan_max(max_out, r.abs());
+        });
+    let plane = (h * w).max(1);
     Deviation {
         max_abs,
         max_rel: relative(max_abs, max_out),
         max_abs_output: max_out,
+        worst: worst.map(|(row, col, unfused, fused)| WorstElement {
+            image: col / plane,
+            channel: first_channel + row,
+            y: (col % plane) / w.max(1),
+            x: col % w.max(1),
+            unfused,
+            fused,
+        }),
     }
 }
 
@@ -266,6 +325,9 @@ pub fn check_deploy(
                         ),
                         max_abs_deviation: Some(dev.max_abs),
                         max_rel_deviation: Some(dev.max_rel),
+                        kind: FailureKind::Block,
+                        tolerance: Some([a, r]),
+                        worst_element: dev.worst,
                     });
                 }
                 devs.push(Some(dev));
@@ -276,6 +338,9 @@ pub fn check_deploy(
                     reason,
                     max_abs_deviation: None,
                     max_rel_deviation: None,
+                    kind: FailureKind::Block,
+                    tolerance: None,
+                    worst_element: None,
                 });
                 devs.push(None);
             }
@@ -355,7 +420,12 @@ fn verify_block(
         let affines = values
             .affines(eps, block)
             .map_err(|e| block_err(train, e))?;
-        let d = deviation(&unfused(&values, &affines, &x, opg), &fused(&conv, &x, opg));
+        let d = deviation_at(
+            &unfused(&values, &affines, &x, opg),
+            &fused(&conv, &x, opg),
+            conv.rows.start,
+            [h, w],
+        );
         dev = dev.merge(d);
     }
     Ok(Ok(dev))
@@ -371,11 +441,14 @@ fn check_passthrough(
     let consumed = detection.consumed();
     let mut expected: BTreeSet<&str> = BTreeSet::new();
     let mut failures = Vec::new();
-    let fail = |name: &str, reason: String| Failure {
+    let fail = |name: &str, kind: FailureKind, reason: String| Failure {
         name: name.to_string(),
         reason,
         max_abs_deviation: None,
         max_rel_deviation: None,
+        kind,
+        tolerance: None,
+        worst_element: None,
     };
     for b in &detection.blocks {
         expected.insert(&b.deploy_weight);
@@ -387,12 +460,17 @@ fn check_passthrough(
         }
         expected.insert(&t.name);
         let Some(d) = deploy.get(&t.name) else {
-            failures.push(fail(&t.name, "missing from the deploy file".into()));
+            failures.push(fail(
+                &t.name,
+                FailureKind::Missing,
+                "missing from the deploy file".into(),
+            ));
             continue;
         };
         if d.shape != t.shape {
             failures.push(fail(
                 &t.name,
+                FailureKind::Altered,
                 format!(
                     "shape {:?} in the deploy file, {:?} in the train file",
                     d.shape, t.shape
@@ -413,6 +491,7 @@ fn check_passthrough(
         if !same {
             failures.push(fail(
                 &t.name,
+                FailureKind::Altered,
                 format!(
                     "differs from the train file's ({:?} there, {:?} here)",
                     t.dtype, d.dtype
@@ -424,6 +503,7 @@ fn check_passthrough(
         if !expected.contains(d.name.as_str()) {
             failures.push(fail(
                 &d.name,
+                FailureKind::Extra,
                 "is in the deploy file but not expected there (a leftover train branch? strict loading would refuse it)".into(),
             ));
         }
@@ -454,6 +534,7 @@ pub fn verify_files(
                 max_abs: f64::NAN,
                 max_rel: f64::NAN,
                 max_abs_output: f64::NAN,
+                worst: None,
             });
             BlockReport::new(b, &detection.layout.name, &dtype, d)
         })

@@ -103,7 +103,14 @@ pub fn load_and_detect(data: &[u8]) -> Depth {
         // The whole conversion as the binary runs it, writer thread and report included.
         let out = scratch_out().join("deploy.safetensors");
         let progress = indicatif::ProgressBar::hidden();
-        match repvgg_fuse::convert(path, &out, None, &Settings::default(), false, &progress) {
+        match repvgg_fuse::convert(
+            path,
+            &out,
+            repvgg_fuse::convert::ReportTo::Beside,
+            &Settings::default(),
+            false,
+            &progress,
+        ) {
             Ok(outcome) => {
                 let _ = outcome.passed();
             }
