@@ -691,3 +691,34 @@ fn readme_ci_recipes_pass_on_timms_deploy_file_and_fail_on_a_tampered_one() {
     assert_eq!(out.status.code(), Some(0), "{}", describe(&out));
     assert!(String::from_utf8_lossy(&out.stdout).contains("ci_recipes: 4 passed, 0 failed"));
 }
+
+// ---------------------------------------------------------------------------------------------
+// The worst element's position
+// ---------------------------------------------------------------------------------------------
+
+#[test]
+fn worst_element_is_located_by_image_channel_row_and_column() {
+    use ndarray::Array2;
+    use repvgg_fuse::verify::deviation_at;
+    // 2 channels × (2 images of 3×4): columns are (image·h + y)·w + x.
+    let (h, w) = (3, 4);
+    let reference = Array2::<f64>::from_shape_fn((2, 2 * h * w), |(r, c)| (r * 100 + c) as f64);
+    let mut candidate = reference.clone();
+    let col = (h + 2) * w + 3; // image 1, y 2, x 3
+    candidate[[1, col]] += 0.5;
+    candidate[[0, 0]] += 0.25;
+    let d = deviation_at(&reference, &candidate, 7, [h, w]);
+    let e = d.worst.expect("a worst element");
+    assert_eq!((e.image, e.channel, e.y, e.x), (1, 8, 2, 3));
+    assert_eq!(
+        (e.unfused, e.fused),
+        (reference[[1, col]], reference[[1, col]] + 0.5)
+    );
+    assert_eq!(d.max_abs, 0.5);
+    // Equal outputs have no worst element.
+    assert!(
+        deviation_at(&reference, &reference, 0, [h, w])
+            .worst
+            .is_none()
+    );
+}
