@@ -152,9 +152,12 @@ fn tampered_bias(dir: &Path, block: &str, channel: usize) -> (PathBuf, f64) {
 /// in that order; each testcase with name, classname and time; each failure with a type.
 struct Junit {
     suite: BTreeMap<String, String>,
-    /// (classname, name, failure (type, message, text)) in file order.
-    cases: Vec<(String, String, Option<(String, String, String)>)>,
+    /// (classname, name, failure) in file order.
+    cases: Vec<(String, String, Option<JunitFailure>)>,
 }
+
+/// A `failure` element: (type, message, text).
+type JunitFailure = (String, String, String);
 
 fn read_junit(path: &Path) -> Junit {
     let text = std::fs::read_to_string(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
