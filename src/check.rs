@@ -16,7 +16,7 @@ use crate::deviation::{self, Deviation};
 use crate::layout::Detection;
 use crate::ops::{ChannelValues, forward_unfused, read_rows};
 use crate::progress::Cancel;
-use crate::report::{Failure, VerifyReport};
+use crate::report::{Failure, FailureKind, VerifyReport};
 
 /// How fused and unfused blocks are compared.
 #[derive(Debug, Clone)]
@@ -161,12 +161,13 @@ fn judge(block: &Block, result: &Result<Deviation, String>, (a, r): (f64, f64)) 
             ),
             max_abs_deviation: Some(dev.max_abs),
             max_rel_deviation: Some(dev.max_rel),
+            kind: FailureKind::Block,
+            tolerance: Some([a, r]),
+            worst_element: dev.worst,
         }),
         Err(reason) => Some(Failure {
-            name: block.name.clone(),
-            reason: reason.clone(),
-            max_abs_deviation: None,
-            max_rel_deviation: None,
+            kind: FailureKind::Block,
+            ..failure(&block.name, reason.clone())
         }),
     }
 }
@@ -230,8 +231,9 @@ impl Run<'_> {
         let mut dev = Deviation::default();
         for rows in b.row_chunks(VERIFY_CHUNK) {
             let unfused = self.unfused(&x, rows.clone())?;
+            let first = rows.start;
             let fused = self.fused(&x, fused, rows)?;
-            dev = dev.merge(deviation::between(&unfused, &fused));
+            dev = dev.merge(deviation::between(&unfused, &fused, first, [h, w]));
         }
         Ok(Ok(dev))
     }
@@ -349,36 +351,55 @@ fn check_passthrough(
         }
         expected.insert(&t.name);
         let why = match deploy.get(&t.name) {
-            None => Some("missing from the deploy file".to_string()),
-            Some(d) if d.shape != t.shape => Some(format!(
-                "shape {:?} in the deploy file, {:?} in the train file",
-                d.shape, t.shape
+            None => Some((
+                FailureKind::Missing,
+                "missing from the deploy file".to_string(),
             )),
-            Some(d) if !same_values(train, t, deploy, d)? => Some(format!(
-                "differs from the train file's ({:?} there, {:?} here)",
-                t.dtype, d.dtype
+            Some(d) if d.shape != t.shape => Some((
+                FailureKind::Altered,
+                format!(
+                    "shape {:?} in the deploy file, {:?} in the train file",
+                    d.shape, t.shape
+                ),
+            )),
+            Some(d) if !same_values(train, t, deploy, d)? => Some((
+                FailureKind::Altered,
+                format!(
+                    "differs from the train file's ({:?} there, {:?} here)",
+                    t.dtype, d.dtype
+                ),
             )),
             Some(_) => None,
         };
-        failures.extend(why.map(|reason| failure(&t.name, reason)));
+        failures.extend(why.map(|(kind, reason)| Failure {
+            kind,
+            ..failure(&t.name, reason)
+        }));
     }
     for d in deploy.tensors() {
         if !expected.contains(d.name.as_str()) {
-            failures.push(failure(
-                &d.name,
-                "is in the deploy file but not expected there (a leftover train branch? strict loading would refuse it)".into(),
-            ));
+            failures.push(Failure {
+                kind: FailureKind::Extra,
+                ..failure(
+                    &d.name,
+                    "is in the deploy file but not expected there (a leftover train branch? strict loading would refuse it)".into(),
+                )
+            });
         }
     }
     Ok(failures)
 }
 
+/// A failure without a measured deviation (its kind set by the caller).
 fn failure(name: &str, reason: String) -> Failure {
     Failure {
         name: name.to_string(),
         reason,
         max_abs_deviation: None,
         max_rel_deviation: None,
+        kind: FailureKind::Block,
+        tolerance: None,
+        worst_element: None,
     }
 }
 

@@ -198,7 +198,9 @@ pub fn matmul(a: &[f64], b: &[f64], c: &mut [f64], m: usize, k: usize, n: usize)
 /// A whole grouped conv2d with bias: `weight` is `[out, in/groups, k, k]`; returns NCHW.
 pub fn conv2d(x: &Input, weight: &[f64], bias: Option<&[f64]>, out: usize, groups: usize) -> Input {
     let in_per_group = x.c / groups;
-    let k = ((weight.len() / (out * in_per_group)) as f64).sqrt().round() as usize;
+    let k = ((weight.len() / (out * in_per_group)) as f64)
+        .sqrt()
+        .round() as usize;
     let cols = im2col(x, k, 1);
     let y = conv_rows(&cols, weight, 0..out, in_per_group, k, out / groups);
     let hw = x.h * x.w;

@@ -112,7 +112,10 @@ impl Error {
     }
 
     /// An [`Error::Write`] of `path`, while doing `what`.
-    pub fn write(path: &std::path::Path, what: impl Into<String>) -> impl FnOnce(std::io::Error) -> Error {
+    pub fn write(
+        path: &std::path::Path,
+        what: impl Into<String>,
+    ) -> impl FnOnce(std::io::Error) -> Error {
         let (path, what) = (path.to_path_buf(), what.into());
         move |source| Error::Write { path, what, source }
     }

@@ -592,7 +592,10 @@ fn fuse_row(
                 }
                 let at = (o % grid.in_per_group) * kk + centre;
                 fused[at] += a;
-                patch.map_or(0.0, |p| p[at])
+                match patch {
+                    Some(p) => p[at],
+                    None => 0.0,
+                }
             }
             Kernel::AvgPool { side } => {
                 if std::mem::take(&mut fresh) {
@@ -601,9 +604,10 @@ fn fuse_row(
                 let v = 1.0 / (side * side) as f64;
                 let ch = o % grid.in_per_group;
                 grid.window(ch, side).for_each(|at| fused[at] += a * v);
-                patch.map_or(0.0, |p| {
-                    grid.window(ch, side).map(|at| p[at]).sum::<f64>() * v
-                })
+                match patch {
+                    Some(p) => grid.window(ch, side).map(|at| p[at]).sum::<f64>() * v,
+                    None => 0.0,
+                }
             }
         };
         if patch.is_some() {
@@ -630,23 +634,31 @@ fn add_weights(
     first: bool,
     patch: Option<&[f64]>,
 ) -> f64 {
-    if side == grid.k && first {
-        fused.iter_mut().zip(w).for_each(|(f, w)| *f = a * w);
-    } else {
+    // Plain loops and `match`, not closures through `Option::map_or`: those are compiled
+    // outside the AVX2 build of the caller, and the probe's dot product ran scalar.
+    if side == grid.k {
         if first {
-            fused.fill(0.0);
-        }
-        grid.each_tap(w, side, dilation, |at, v| fused[at] += a * v);
-    }
-    patch.map_or(0.0, |p| {
-        if side == grid.k {
-            dot(w, p)
+            fused.iter_mut().zip(w).for_each(|(f, w)| *f = a * w);
         } else {
+            fused.iter_mut().zip(w).for_each(|(f, w)| *f += a * w);
+        }
+        return match patch {
+            Some(p) => dot(w, p),
+            None => 0.0,
+        };
+    }
+    if first {
+        fused.fill(0.0);
+    }
+    grid.each_tap(w, side, dilation, |at, v| fused[at] += a * v);
+    match patch {
+        Some(p) => {
             let mut y = 0.0;
             grid.each_tap(w, side, dilation, |at, v| y += v * p[at]);
             y
         }
-    })
+        None => 0.0,
+    }
 }
 
 /// Checks row `r`'s fused values and appends them, encoded in `dtype`, to `out`.

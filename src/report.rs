@@ -3,7 +3,7 @@
 use serde::Serialize;
 
 use crate::block::Block;
-use crate::deviation::Deviation;
+use crate::deviation::{Deviation, WorstElement};
 
 /// The whole report.
 #[derive(Debug, Clone, Serialize)]
@@ -258,4 +258,25 @@ pub struct Failure {
     pub max_abs_deviation: Option<f64>,
     /// The relative deviation, when the block could be run.
     pub max_rel_deviation: Option<f64>,
+    /// Which check failed.
+    pub kind: FailureKind,
+    /// `[atol, rtol]` the block was held to, when it was run.
+    pub tolerance: Option<[f64; 2]>,
+    /// Where fused and unfused differ most, when the block was run.
+    pub worst_element: Option<WorstElement>,
+}
+
+/// Which check a [`Failure`] failed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FailureKind {
+    /// A block over tolerance, or whose fused tensors are missing, mis-shaped or not floating
+    /// point.
+    Block,
+    /// A pass-through tensor missing from the deploy file.
+    Missing,
+    /// A tensor in the deploy file that is neither fused nor passed through.
+    Extra,
+    /// A pass-through tensor with another shape or other values than in the train file.
+    Altered,
 }

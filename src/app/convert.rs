@@ -16,9 +16,20 @@ use crate::deviation::Deviation;
 use crate::progress::Hooks;
 use crate::report::{BlockReport, Probe, VerifyReport};
 
-/// Converts `input` to deploy form at `output`, with the report at `report_path`
-/// (default: beside the output). With `verify`, re-reads the written file and runs every
-/// block both ways on the verification input.
+/// Where [`convert`] writes the JSON report.
+#[derive(Debug, Clone, Copy)]
+pub enum ReportTo<'a> {
+    /// Beside the output: see [`default_report_path`].
+    Beside,
+    /// This file.
+    File(&'a Path),
+    /// No file: the caller has it in [`Outcome::report`] (`--report -` prints it).
+    Caller,
+}
+
+/// Converts `input` to deploy form at `output`, with the report where `report` says. With
+/// `verify`, re-reads the written file and runs every block both ways on the verification
+/// input.
 ///
 /// Nothing is written unless the whole run succeeds; after a failed verification only the
 /// report is written, so the deviation can be looked into (`Outcome::passed` says it failed),
@@ -26,13 +37,17 @@ use crate::report::{BlockReport, Probe, VerifyReport};
 pub fn convert(
     input: &Path,
     output: &Path,
-    report_path: Option<&Path>,
+    report: ReportTo,
     settings: &Settings,
     verify: bool,
     hooks: Hooks,
 ) -> Result<Outcome, Error> {
-    let report_path = report_path.map_or_else(|| default_report_path(output), Path::to_path_buf);
-    check_paths(input, output, &report_path)?;
+    let report_path = match report {
+        ReportTo::Beside => Some(default_report_path(output)),
+        ReportTo::File(path) => Some(path.to_path_buf()),
+        ReportTo::Caller => None,
+    };
+    check_paths(input, output, report_path.as_deref())?;
     let train = Train::open(input, &settings.find)?;
     let (ckpt, detection) = (&train.ckpt, &train.detection);
     let plan = Plan::new(ckpt, detection, settings.cast);
@@ -72,7 +87,10 @@ pub fn convert(
         written,
     };
     let report = build_report(ckpt, detection, parts);
-    let report_file = report_tmp(&report, &report_path)?;
+    let report_file = match &report_path {
+        Some(path) => Some((report_tmp(&report, path)?, path)),
+        None => None,
+    };
     // A deploy file that failed verification is not put in place (the temp file goes with
     // `tmp`); the report is, since it says what failed.
     if report
@@ -82,16 +100,21 @@ pub fn convert(
     {
         persist(tmp, output, "the finished file")?;
     }
-    persist(report_file, &report_path, "the report")?;
+    if let Some((file, path)) = report_file {
+        persist(file, path, "the report")?;
+    }
     Ok(Outcome {
         report,
-        report_path: Some(report_path),
+        report_path,
     })
 }
 
 /// Refuses an output or report that would overwrite the input, or each other.
-fn check_paths(input: &Path, output: &Path, report_path: &Path) -> Result<(), Error> {
+fn check_paths(input: &Path, output: &Path, report_path: Option<&Path>) -> Result<(), Error> {
     check_not_input(input, output, "output")?;
+    let Some(report_path) = report_path else {
+        return Ok(());
+    };
     check_not_input(input, report_path, "report path")?;
     if same_file(report_path, output) {
         return Err(Error::Output {

@@ -3,6 +3,7 @@
 //! share is here: the options, finding the blocks, and building the report.
 
 mod convert;
+pub mod export;
 mod inspect;
 mod output;
 mod verify;
@@ -11,7 +12,7 @@ use std::path::PathBuf;
 
 use safetensors::Dtype;
 
-pub use convert::convert;
+pub use convert::{ReportTo, convert};
 pub use inspect::{InspectBlock, Inspection, OutputTensor, inspect};
 pub use output::{default_report_path, write_report};
 pub use verify::verify_files;

@@ -28,7 +28,10 @@ pub(crate) fn temp_beside(target: &Path) -> Result<tempfile::NamedTempFile, Erro
         // Like any new file: 0666 less the umask (tempfile's own default is 0600).
         .permissions(std::os::unix::fs::PermissionsExt::from_mode(0o666))
         .tempfile_in(&dir)
-        .map_err(Error::write(target, format!("cannot create a file in {}", dir.display())))
+        .map_err(Error::write(
+            target,
+            format!("cannot create a file in {}", dir.display()),
+        ))
 }
 
 /// `deploy.safetensors` → `deploy.report.json`, in the same folder.
