@@ -403,6 +403,15 @@ impl Grid {
             w.iter().enumerate().for_each(|(i, &v)| f(i, v));
             return;
         }
+        if side == 1 {
+            // One tap per input channel, at the centre: the common 1×1 branch, kept a
+            // straight loop.
+            let centre = (self.k / 2) * self.k + self.k / 2;
+            w.iter()
+                .enumerate()
+                .for_each(|(i, &v)| f(i * kk + centre, v));
+            return;
+        }
         for i in 0..self.in_per_group {
             for y in 0..side {
                 for x in 0..side {
