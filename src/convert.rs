@@ -41,6 +41,8 @@ pub struct Settings {
     pub atol: Option<f64>,
     /// Relative tolerance; `None` for the dtype's default.
     pub rtol: Option<f64>,
+    /// How PyTorch checkpoints are read (`--key`, `--keep-prefix`).
+    pub read: crate::checkpoint::ReadOptions,
 }
 
 /// What a run produced.
@@ -209,7 +211,7 @@ pub fn convert(
             what: "the report would overwrite the deploy file".into(),
         });
     }
-    let ckpt = Checkpoint::open(input)?;
+    let ckpt = Checkpoint::open_with(input, &settings.read)?;
     let detection = find(&ckpt, settings)?;
     let eps = eps_info(&detection, settings);
     let plan = Plan::new(&ckpt, &detection, settings.dtype);
@@ -348,6 +350,7 @@ pub(crate) fn build_report(
         skipped: Skipped::all(detection),
         summary,
         verify,
+        source: ckpt.source().cloned(),
     }
 }
 

@@ -54,7 +54,7 @@ pub struct OutputTensor {
 
 /// Describes what `convert` would do with `input`, without writing anything.
 pub fn inspect(input: &Path, settings: &Settings) -> Result<Inspection, Error> {
-    let ckpt = Checkpoint::open(input)?;
+    let ckpt = Checkpoint::open_with(input, &settings.read)?;
     let detection = find(&ckpt, settings)?;
     let plan = Plan::new(&ckpt, &detection, settings.dtype);
     let consumed = detection.consumed();

@@ -100,6 +100,16 @@ struct FindArgs {
     /// BN ε [default: the layout's: 1e-3 for yolov7 and ultralytics, else 1e-5].
     #[arg(long, value_name = "X", value_parser = non_negative)]
     bn_eps: Option<f64>,
+    /// In a PyTorch checkpoint, read the weights from this entry (dotted for nesting, e.g.
+    /// `state_dict_ema` or `model.ema`) [default: a top-level dict of tensors, or the one entry
+    /// among state_dict, model, ema, model_ema, state_dict_ema, module, net, params that holds
+    /// tensors].
+    #[arg(long, value_name = "NAME")]
+    key: Option<String>,
+    /// Keep a `module.` prefix (DataParallel) that every name of a PyTorch checkpoint carries
+    /// [default: dropped, and the report says so].
+    #[arg(long)]
+    keep_prefix: bool,
 }
 
 /// How the fused and unfused blocks are compared.
@@ -169,6 +179,10 @@ fn settings(find: &FindArgs, check: &CheckArgs, dtype: Option<OutDtype>) -> Sett
         batch: check.batch as usize,
         atol: check.atol,
         rtol: check.rtol,
+        read: repvgg_fuse::checkpoint::ReadOptions {
+            key: find.key.clone(),
+            keep_prefix: find.keep_prefix,
+        },
     }
 }
 

@@ -437,8 +437,8 @@ pub fn verify_files(
     deploy_path: &Path,
     settings: &Settings,
 ) -> Result<Outcome, Error> {
-    let train = Checkpoint::open(train_path)?;
-    let deploy = Checkpoint::open(deploy_path)?;
+    let train = Checkpoint::open_with(train_path, &settings.read)?;
+    let deploy = Checkpoint::open_with(deploy_path, &settings.read)?;
     let detection = find(&train, settings)?;
     let eps = eps_info(&detection, settings);
     let (v, devs) = check_deploy(&train, &deploy, &detection, eps.value, settings)?;

@@ -1,14 +1,25 @@
-//! Reading a `.safetensors` checkpoint: the header, and each tensor's bytes on demand.
+//! Reading a checkpoint: its tensor table, and each tensor's bytes on demand.
 //!
-//! The header is parsed and checked here (offsets contiguous, sizes matching shape and dtype,
-//! no duplicate names) so that every later step can trust it. Tensor data is read per tensor
-//! with positioned reads, never the whole file at once: a 500 MB checkpoint costs only the
-//! tensors in flight in memory.
+//! Two kinds of file, told apart by their first bytes, never by the extension: safetensors
+//! (an 8-byte header length, then a JSON header starting with `{`), and PyTorch's `torch.save`
+//! files ([`torch`]: the zip format, magic `PK\x03\x04`, and the legacy format, pickle
+//! protocol byte `0x80` then torch's magic number), whose pickle is interpreted as data by
+//! [`pickle`] — nothing in it is imported or run.
+//!
+//! The table is checked here (offsets in bounds, sizes matching shape and dtype, no duplicate
+//! names) so that every later step can trust it. Tensor data is read per tensor with
+//! positioned reads, never the whole file at once: a 500 MB checkpoint costs only the tensors
+//! in flight in memory. A torch tensor that is a strided view of its storage is gathered
+//! element by element into the contiguous form torch would materialise.
+
+pub mod pickle;
+pub mod torch;
+pub mod zip;
 
 use std::collections::{BTreeMap, HashMap};
 use std::fmt;
 use std::fs::File;
-use std::io::{self, Read};
+use std::io::{self, Read, Seek, SeekFrom, Write};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
@@ -38,6 +49,42 @@ pub enum CheckpointError {
         /// What is wrong, naming the tensor where there is one.
         what: String,
     },
+    /// The file is a PyTorch checkpoint that cannot be read; `what` says how.
+    #[error("{path}: cannot read this PyTorch checkpoint ({format}): {what}")]
+    Torch {
+        /// The file.
+        path: PathBuf,
+        /// `torch-zip` or `torch-legacy`.
+        format: String,
+        /// What is wrong, naming the entry or tensor where there is one.
+        what: String,
+    },
+}
+
+/// How a PyTorch checkpoint is read (no effect on safetensors files).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ReadOptions {
+    /// The entry holding the weights, dotted for nesting (`--key`); `None` picks the top-level
+    /// dict of tensors or the one entry among [`torch::CANDIDATES`] that holds tensors.
+    pub key: Option<String>,
+    /// Keep a `module.` prefix that every name carries (`--keep-prefix`).
+    pub keep_prefix: bool,
+}
+
+/// Where the tensors of a PyTorch checkpoint came from, for the report.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct SourceInfo {
+    /// `torch-zip` or `torch-legacy`.
+    pub format: String,
+    /// The entry read (`state_dict`, `model`, the `--key` given), or null for the top level.
+    pub key: Option<String>,
+    /// Whether a `module.` prefix on every name was dropped.
+    pub module_prefix_dropped: bool,
+    /// Other top-level entries, not read (optimizer, meta, epoch, ...).
+    pub skipped: Vec<String>,
+    /// Globals the pickle names that a checkpoint does not need (never imported nor called;
+    /// see [`torch::suspicious`]). `(called)` marks those `pickle.load` would have called.
+    pub suspicious_globals: Vec<String>,
 }
 
 /// One tensor's entry in the header.
@@ -49,10 +96,14 @@ pub struct TensorInfo {
     pub dtype: Dtype,
     /// Shape, outermost first.
     pub shape: Vec<usize>,
-    /// Byte offset of the data from the start of the file.
+    /// Byte offset of the data (of its first element) from the start of the file.
     pub start: u64,
-    /// Length of the data in bytes.
+    /// Length of the data in bytes, as read (contiguous: `numel × element size`).
     pub len: u64,
+    /// `None` when the data is contiguous at `start..start + len`; for a strided view of a
+    /// torch storage, the stride of each dimension in elements: element `[i, j, ...]` lies at
+    /// `start + (i·s0 + j·s1 + ...) × element size`. Reads gather it into contiguous order.
+    pub strides: Option<Vec<usize>>,
 }
 
 impl TensorInfo {
@@ -70,11 +121,82 @@ pub struct Checkpoint {
     tensors: Vec<TensorInfo>,
     index: HashMap<String, usize>,
     metadata: Option<BTreeMap<String, String>>,
+    source: Option<SourceInfo>,
 }
 
 impl Checkpoint {
-    /// Opens `path` read-only and checks its header against the safetensors format.
+    /// Opens `path` read-only with the default [`ReadOptions`].
     pub fn open(path: &Path) -> Result<Self, CheckpointError> {
+        Self::open_with(path, &ReadOptions::default())
+    }
+
+    /// Opens `path` read-only: a safetensors file or a PyTorch checkpoint, told apart by its
+    /// first bytes. A PyTorch checkpoint whose pickle names globals a checkpoint does not need
+    /// is read all the same (nothing in it runs) and a warning naming them goes to stderr.
+    pub fn open_with(path: &Path, options: &ReadOptions) -> Result<Self, CheckpointError> {
+        let io_err = |source| CheckpointError::Io {
+            path: path.to_path_buf(),
+            source,
+        };
+        let file = File::open(path).map_err(io_err)?;
+        let meta = file.metadata().map_err(io_err)?;
+        let mut head = [0u8; 16];
+        let n = if meta.is_dir() {
+            0
+        } else {
+            file.read_at(&mut head, 0).map_err(io_err)?
+        };
+        let safetensors = n >= 9
+            && head[8] == b'{'
+            && u64::from_le_bytes([
+                head[0], head[1], head[2], head[3], head[4], head[5], head[6], head[7],
+            ]) <= meta.len();
+        match torch::sniff(&head[..n]) {
+            Some(format) if !safetensors => {
+                Self::open_torch(path, file, meta.len(), format, options)
+            }
+            _ => Self::open_safetensors(path, file),
+        }
+    }
+
+    fn open_torch(
+        path: &Path,
+        file: File,
+        file_len: u64,
+        format: &str,
+        options: &ReadOptions,
+    ) -> Result<Self, CheckpointError> {
+        let opened = torch::open(&file, file_len, format, options).map_err(|what| {
+            CheckpointError::Torch {
+                path: path.to_path_buf(),
+                format: format.to_string(),
+                what,
+            }
+        })?;
+        if !opened.source.suspicious_globals.is_empty() {
+            eprintln!(
+                "warning: {}: the pickle names globals a checkpoint does not need: {}. Nothing was imported or run (the file is read as data and its tensors are converted), but treat the file's origin as suspect.",
+                path.display(),
+                opened.source.suspicious_globals.join(", ")
+            );
+        }
+        let index = opened
+            .tensors
+            .iter()
+            .enumerate()
+            .map(|(i, t)| (t.name.clone(), i))
+            .collect();
+        Ok(Self {
+            path: path.to_path_buf(),
+            file,
+            tensors: opened.tensors,
+            index,
+            metadata: None,
+            source: Some(opened.source),
+        })
+    }
+
+    fn open_safetensors(path: &Path, mut file: File) -> Result<Self, CheckpointError> {
         let io_err = |source| CheckpointError::Io {
             path: path.to_path_buf(),
             source,
@@ -83,7 +205,6 @@ impl Checkpoint {
             path: path.to_path_buf(),
             what,
         };
-        let mut file = File::open(path).map_err(io_err)?;
         let meta = file.metadata().map_err(io_err)?;
         if meta.is_dir() {
             return Err(format("it is a directory".into()));
@@ -200,6 +321,7 @@ impl Checkpoint {
                 shape: info.shape,
                 start: data_start + begin,
                 len: end - begin,
+                strides: None,
             });
         }
         if cursor != data_len {
@@ -218,7 +340,13 @@ impl Checkpoint {
             tensors,
             index,
             metadata,
+            source: None,
         })
+    }
+
+    /// Where a PyTorch checkpoint's tensors came from; `None` for safetensors.
+    pub fn source(&self) -> Option<&SourceInfo> {
+        self.source.as_ref()
     }
 
     /// The file this checkpoint was read from.
@@ -269,12 +397,48 @@ impl Checkpoint {
     ) -> Result<(), CheckpointError> {
         debug_assert!(offset + len <= tensor.len);
         buf.resize(len as usize, 0);
-        self.file
-            .read_exact_at(buf, tensor.start + offset)
-            .map_err(|source| CheckpointError::Io {
-                path: self.path.clone(),
-                source,
-            })
+        let read = match &tensor.strides {
+            None => self.file.read_exact_at(buf, tensor.start + offset),
+            Some(strides) => gather(&self.file, tensor, strides, offset, buf),
+        };
+        read.map_err(|source| CheckpointError::Io {
+            path: self.path.clone(),
+            source,
+        })
+    }
+
+    /// Writes `tensor`'s bytes, contiguous, to `out` without decoding them. A contiguous
+    /// tensor is copied straight from the file (by the kernel where it can); a strided view is
+    /// gathered a piece at a time.
+    pub fn copy_tensor_to(&self, tensor: &TensorInfo, out: &mut impl Write) -> io::Result<()> {
+        if tensor.strides.is_none() {
+            let mut file = &self.file;
+            file.seek(SeekFrom::Start(tensor.start))?;
+            let copied = io::copy(&mut file.take(tensor.len), out)?;
+            if copied != tensor.len {
+                return Err(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    format!(
+                        "tensor `{}`: the input ended after {copied} of its {} bytes (was it changed while being read?)",
+                        tensor.name, tensor.len
+                    ),
+                ));
+            }
+            return Ok(());
+        }
+        const PIECE: u64 = 1 << 20;
+        let es = dtype_bytes(tensor.dtype).max(1) as u64;
+        let piece = (PIECE / es).max(1) * es;
+        let mut buf = Vec::new();
+        let mut at = 0;
+        while at < tensor.len {
+            let len = piece.min(tensor.len - at);
+            self.read_bytes_into(tensor, at, len, &mut buf)
+                .map_err(|e| io::Error::other(e.to_string()))?;
+            out.write_all(&buf)?;
+            at += len;
+        }
+        Ok(())
     }
 
     /// Reads elements `range` of a floating-point tensor, widened to f64.
@@ -304,6 +468,82 @@ impl Checkpoint {
             Ok(Some(decode(tensor.dtype, &bytes)))
         })
     }
+}
+
+/// Reads bytes `offset..offset + buf.len()` of the contiguous form of a strided `tensor`.
+///
+/// The elements' file positions are walked in order; when the span they cover is not much
+/// larger than what is asked for, it is read at once and gathered in memory, otherwise each
+/// run of adjacent elements is read on its own.
+fn gather(
+    file: &File,
+    tensor: &TensorInfo,
+    strides: &[usize],
+    offset: u64,
+    buf: &mut [u8],
+) -> io::Result<()> {
+    let es = dtype_bytes(tensor.dtype).max(1);
+    let first = offset as usize / es;
+    let count = buf.len() / es;
+    if count == 0 {
+        return Ok(());
+    }
+    // Element positions (in elements from `start`) of elements first..first + count.
+    let positions = element_positions(&tensor.shape, strides, first, count);
+    let (lo, hi) = positions
+        .iter()
+        .fold((usize::MAX, 0), |(lo, hi), &p| (lo.min(p), hi.max(p)));
+    let span = (hi - lo + 1) * es;
+    if span <= (4 * buf.len()).max(1 << 20) {
+        let mut window = vec![0u8; span];
+        file.read_exact_at(&mut window, tensor.start + (lo * es) as u64)?;
+        for (dst, &p) in buf.chunks_exact_mut(es).zip(&positions) {
+            let at = (p - lo) * es;
+            dst.copy_from_slice(&window[at..at + es]);
+        }
+        return Ok(());
+    }
+    let mut i = 0;
+    while i < count {
+        let mut j = i + 1;
+        while j < count && positions[j] == positions[j - 1] + 1 {
+            j += 1;
+        }
+        file.read_exact_at(
+            &mut buf[i * es..j * es],
+            tensor.start + (positions[i] * es) as u64,
+        )?;
+        i = j;
+    }
+    Ok(())
+}
+
+/// Offsets in elements of the elements `first..first + count` (in row-major order) of a
+/// tensor of `shape` and `strides`.
+fn element_positions(shape: &[usize], strides: &[usize], first: usize, count: usize) -> Vec<usize> {
+    let mut index = vec![0usize; shape.len()];
+    let mut rest = first;
+    for d in (0..shape.len()).rev() {
+        let n = shape[d].max(1);
+        index[d] = rest % n;
+        rest /= n;
+    }
+    let mut pos: usize = index.iter().zip(strides).map(|(i, s)| i * s).sum();
+    let mut out = Vec::with_capacity(count);
+    for _ in 0..count {
+        out.push(pos);
+        // Odometer step, innermost dimension first.
+        for d in (0..shape.len()).rev() {
+            index[d] += 1;
+            pos += strides[d];
+            if index[d] < shape[d] {
+                break;
+            }
+            pos -= strides[d] * index[d];
+            index[d] = 0;
+        }
+    }
+    out
 }
 
 /// Size in bytes of one element of `dtype` (0 for sub-byte types).
