@@ -359,7 +359,9 @@ impl Checkpoint {
         &self.file
     }
 
-    /// All tensors, in the order of their data in the file.
+    /// All tensors: for safetensors in the order of their data in the file; for a PyTorch
+    /// checkpoint in state-dict order (which for the zip format is also the data order; the
+    /// legacy format writes storages sorted by key).
     pub fn tensors(&self) -> &[TensorInfo] {
         &self.tensors
     }

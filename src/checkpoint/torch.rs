@@ -50,9 +50,10 @@ pub fn sniff(head: &[u8]) -> Option<&'static str> {
     }
 }
 
-/// What [`open`] found: tensors in data order, and what the report says about the source.
+/// What [`open`] found: tensors in state-dict order, and what the report says about the source.
 pub struct Opened {
-    /// The tensors, sorted by where their data starts.
+    /// The tensors, in the order `state_dict()` gives them (for zip files also the order of
+    /// their data, as torch writes storages in the order it first meets them).
     pub tensors: Vec<TensorInfo>,
     /// Format, key, prefix, suspicious globals.
     pub source: SourceInfo,
@@ -111,7 +112,6 @@ pub fn open(
         }
         tensors.push(locate(&name, &t, &storages)?);
     }
-    tensors.sort_by_key(|t| t.start);
     let suspicious = unpickled
         .globals
         .iter()
@@ -289,7 +289,8 @@ fn module_state(v: &Value) -> Option<Value> {
 /// Whether `v` is a tensor, a module, or a dict with a tensor somewhere inside.
 fn holds_tensors(v: &Value, depth: usize) -> bool {
     if depth > MAX_DEPTH {
-        return false;
+        // Too deep to tell: let the walk refuse it with a message that says so.
+        return true;
     }
     match v {
         Value::Tensor(_) | Value::Unsupported(_) => true,
