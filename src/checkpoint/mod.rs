@@ -180,20 +180,13 @@ impl Checkpoint {
                 opened.source.suspicious_globals.join(", ")
             );
         }
-        let index = opened
-            .tensors
-            .iter()
-            .enumerate()
-            .map(|(i, t)| (t.name.clone(), i))
-            .collect();
-        Ok(Self {
-            path: path.to_path_buf(),
+        Ok(Self::assemble(
+            path,
             file,
-            tensors: opened.tensors,
-            index,
-            metadata: None,
-            source: Some(opened.source),
-        })
+            opened.tensors,
+            None,
+            Some(opened.source),
+        ))
     }
 
     fn open_safetensors(path: &Path, mut file: File) -> Result<Self, CheckpointError> {
@@ -263,85 +256,30 @@ impl Checkpoint {
                 .map_err(|e| format(format!("tensor `{name}`: bad header entry: {e}")))?;
             raw.push((name, info));
         }
-        // Data must tile the byte buffer exactly: sorted by offset, each tensor starts where
-        // the previous one ended, and the last ends at the end of the file.
-        raw.sort_by_key(|(_, info)| info.data_offsets);
-        let data_len = file_len - data_start;
-        let mut cursor = 0u64;
-        let mut tensors = Vec::with_capacity(raw.len());
-        for (name, info) in raw {
-            let (begin, end) = info.data_offsets;
-            if begin != cursor {
-                let what = if begin > cursor {
-                    format!(
-                        "tensor `{name}` starts at byte {begin} of the data, leaving a hole after byte {cursor}"
-                    )
-                } else {
-                    format!(
-                        "tensor `{name}` starts at byte {begin} of the data, overlapping the tensor before it (which ends at {cursor})"
-                    )
-                };
-                return Err(format(what));
-            }
-            if end < begin {
-                return Err(format(format!(
-                    "tensor `{name}` has data_offsets [{begin}, {end}] that run backwards"
-                )));
-            }
-            if end > data_len {
-                return Err(format(format!(
-                    "tensor `{name}` ends at byte {end} of the data, past its end at {data_len} (the file is truncated or the header is wrong)"
-                )));
-            }
-            if info.dtype.bitsize() % 8 != 0 {
-                return Err(format(format!(
-                    "tensor `{name}` is {:?}, a sub-byte dtype; expected a dtype of whole bytes",
-                    info.dtype
-                )));
-            }
-            let expected = info
-                .shape
-                .iter()
-                .try_fold(dtype_bytes(info.dtype) as u64, |acc, &d| {
-                    acc.checked_mul(d as u64)
-                });
-            if expected != Some(end - begin) {
-                return Err(format(format!(
-                    "tensor `{name}` is {} bytes but its shape {:?} of {:?} needs {}",
-                    end - begin,
-                    info.shape,
-                    info.dtype,
-                    expected.map_or("more than fits".to_string(), |n| n.to_string())
-                )));
-            }
-            cursor = end;
-            tensors.push(TensorInfo {
-                name,
-                dtype: info.dtype,
-                shape: info.shape,
-                start: data_start + begin,
-                len: end - begin,
-                strides: None,
-            });
-        }
-        if cursor != data_len {
-            return Err(format(format!(
-                "the tensors cover {cursor} bytes of data but the file holds {data_len}"
-            )));
-        }
+        let tensors = tile(raw, data_start, file_len - data_start).map_err(format)?;
+        Ok(Self::assemble(path, file, tensors, metadata, None))
+    }
+
+    fn assemble(
+        path: &Path,
+        file: File,
+        tensors: Vec<TensorInfo>,
+        metadata: Option<BTreeMap<String, String>>,
+        source: Option<SourceInfo>,
+    ) -> Self {
         let index = tensors
             .iter()
             .enumerate()
             .map(|(i, t)| (t.name.clone(), i))
             .collect();
-        Ok(Self {
+        Self {
             path: path.to_path_buf(),
             file,
             tensors,
             index,
             metadata,
-            source: None,
-        })
+            source,
+        }
     }
 
     /// Where a PyTorch checkpoint's tensors came from; `None` for safetensors.
@@ -650,6 +588,81 @@ pub fn encode(dtype: Dtype, values: &[f64], out: &mut Vec<u8>) -> Result<(), usi
         }
     }
     Ok(())
+}
+
+/// Checks that the tensors' data tiles the data section exactly and turns the header entries
+/// into [`TensorInfo`]s, in data order.
+fn tile(
+    mut raw: Vec<(String, RawInfo)>,
+    data_start: u64,
+    data_len: u64,
+) -> Result<Vec<TensorInfo>, String> {
+    // Data must tile the byte buffer exactly: sorted by offset, each tensor starts where
+    // the previous one ended, and the last ends at the end of the file.
+    raw.sort_by_key(|(_, info)| info.data_offsets);
+    let mut cursor = 0u64;
+    let mut tensors = Vec::with_capacity(raw.len());
+    for (name, info) in raw {
+        let (begin, end) = info.data_offsets;
+        if begin != cursor {
+            let what = if begin > cursor {
+                format!(
+                    "tensor `{name}` starts at byte {begin} of the data, leaving a hole after byte {cursor}"
+                )
+            } else {
+                format!(
+                    "tensor `{name}` starts at byte {begin} of the data, overlapping the tensor before it (which ends at {cursor})"
+                )
+            };
+            return Err(what);
+        }
+        if end < begin {
+            return Err(format!(
+                "tensor `{name}` has data_offsets [{begin}, {end}] that run backwards"
+            ));
+        }
+        if end > data_len {
+            return Err(format!(
+                "tensor `{name}` ends at byte {end} of the data, past its end at {data_len} (the file is truncated or the header is wrong)"
+            ));
+        }
+        if info.dtype.bitsize() % 8 != 0 {
+            return Err(format!(
+                "tensor `{name}` is {:?}, a sub-byte dtype; expected a dtype of whole bytes",
+                info.dtype
+            ));
+        }
+        let expected = info
+            .shape
+            .iter()
+            .try_fold(dtype_bytes(info.dtype) as u64, |acc, &d| {
+                acc.checked_mul(d as u64)
+            });
+        if expected != Some(end - begin) {
+            return Err(format!(
+                "tensor `{name}` is {} bytes but its shape {:?} of {:?} needs {}",
+                end - begin,
+                info.shape,
+                info.dtype,
+                expected.map_or("more than fits".to_string(), |n| n.to_string())
+            ));
+        }
+        cursor = end;
+        tensors.push(TensorInfo {
+            name,
+            dtype: info.dtype,
+            shape: info.shape,
+            start: data_start + begin,
+            len: end - begin,
+            strides: None,
+        });
+    }
+    if cursor != data_len {
+        return Err(format!(
+            "the tensors cover {cursor} bytes of data but the file holds {data_len}"
+        ));
+    }
+    Ok(tensors)
 }
 
 #[derive(Deserialize)]

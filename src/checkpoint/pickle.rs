@@ -438,20 +438,8 @@ impl Machine {
             }
             b'G' => self.push(Value::Float(f64::from_be_bytes(input.bytes::<8>()?))),
             b'I' | b'L' | b'F' => {
-                let line = input.line()?;
-                let t = line.trim_end_matches('L');
-                self.push(match t {
-                    "00" => Value::Bool(false),
-                    "01" => Value::Bool(true),
-                    _ if op == b'F' => Value::Float(
-                        t.parse()
-                            .map_err(|_| PickleError(format!("bad float `{t}`")))?,
-                    ),
-                    _ => t
-                        .parse()
-                        .map(Value::Int)
-                        .unwrap_or(Value::BigInt(Rc::from(&[][..]))),
-                });
+                let v = text_number(op, &input.line()?)?;
+                self.push(v);
             }
             b'X' => {
                 let n = u32::from_le_bytes(input.bytes::<4>()?);
@@ -488,6 +476,14 @@ impl Machine {
                 input.skip(n)?;
                 self.push(Value::Bytes(n as usize));
             }
+            _ => self.step_structure(op, input)?,
+        }
+        Ok(())
+    }
+
+    /// Containers, marks and the stack.
+    fn step_structure<R: Read>(&mut self, op: u8, input: &mut Input<R>) -> Result<()> {
+        match op {
             b'}' => self.push(Value::Dict(Rc::default())),
             b']' | 0x8f => self.push(Value::List(Rc::default())),
             b')' => self.push(Value::Tuple(Rc::default())),
@@ -543,6 +539,14 @@ impl Machine {
                 let v = self.top()?.clone();
                 self.push(v);
             }
+            _ => self.step_objects(op, input)?,
+        }
+        Ok(())
+    }
+
+    /// The memo, globals, calls, objects and persistent ids.
+    fn step_objects<R: Read>(&mut self, op: u8, input: &mut Input<R>) -> Result<()> {
+        match op {
             b'p' => {
                 let idx = input
                     .line()?
@@ -738,6 +742,23 @@ impl Machine {
         }
         Ok(Value::Storage(Rc::new(storage)))
     }
+}
+
+/// The text forms of protocol 0: INT (`00`/`01` are bools), LONG, FLOAT.
+fn text_number(op: u8, line: &str) -> Result<Value> {
+    let t = line.trim_end_matches('L');
+    Ok(match t {
+        "00" => Value::Bool(false),
+        "01" => Value::Bool(true),
+        _ if op == b'F' => Value::Float(
+            t.parse()
+                .map_err(|_| PickleError(format!("bad float `{t}`")))?,
+        ),
+        _ => t
+            .parse()
+            .map(Value::Int)
+            .unwrap_or(Value::BigInt(Rc::from(&[][..]))),
+    })
 }
 
 fn object(class: Value, args: Value) -> Value {
