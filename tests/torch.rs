@@ -274,6 +274,18 @@ fn verify_and_inspect_accept_every_fixture() {
 }
 
 #[test]
+fn verify_judges_a_deploy_pth() {
+    let fx = Fixture::load("torch_state_dict_zip");
+    let deploy = fx.dir.join("deploy.pth");
+    let v = run(&["verify", s(&fx.checkpoint()), s(&deploy), "-q"]);
+    assert_eq!(v.status.code(), Some(0), "{}", text(&v.stderr));
+    // A deploy .pth judged against the wrong train file fails (exit 1), it is not unreadable.
+    let other = Fixture::load("torch_module_prefix");
+    let v = run(&["verify", s(&other.checkpoint()), s(&deploy), "-q"]);
+    assert_eq!(v.status.code(), Some(1), "{}", text(&v.stderr));
+}
+
+#[test]
 fn keep_prefix_keeps_module_prefix() {
     let fx = Fixture::load("torch_module_prefix");
     let tmp = tempfile::tempdir().unwrap();
