@@ -842,3 +842,24 @@ fn deep_nesting() {
     let st = vec![("0".to_string(), vec![0u8; 4])];
     Case::new(&torch_zip(&p.stop(), &st)).refused(&["--key", "a"], &["nested more than"]);
 }
+
+#[test]
+fn shared_dicts_at_every_level_do_not_hang() {
+    // Each level's dict holds the level below twice (memo GETs): 2^60 paths to one tensor.
+    let mut p = Pickle::new();
+    p.tensor("FloatStorage", "0", 1, 0, &[1], &[1])
+        .op(b"q\x000");
+    for i in 1..=60u8 {
+        p.op(b"}(")
+            .str("a")
+            .op(&[b'h', i - 1])
+            .str("b")
+            .op(&[b'h', i - 1]);
+        p.op(b"u").op(&[b'q', i]).op(b"0");
+    }
+    p.op(b"}(").str("state_dict").op(&[b'h', 60]).op(b"u");
+    let st = vec![("0".to_string(), vec![0u8; 4])];
+    let start = std::time::Instant::now();
+    Case::new(&torch_zip(&p.stop(), &st)).refused(&[], &["shares its values"]);
+    assert!(start.elapsed().as_secs() < 20, "took {:?}", start.elapsed());
+}

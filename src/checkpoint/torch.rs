@@ -34,6 +34,10 @@ pub const CANDIDATES: [&str; 8] = [
 /// How deep the walk from the root to a tensor may go (dicts and modules).
 const MAX_DEPTH: usize = 100;
 
+/// Values a walk may visit (and tensors it may name): far above any real checkpoint, far below
+/// what a pickle that shares one dict at every level of its nesting would take to walk.
+const WALK_BUDGET: usize = 1_000_000;
+
 /// The first bytes of a legacy `torch.save` file: protocol 2, then the magic number as LONG1.
 const LEGACY_MAGIC: [u8; 12] = [
     0x8a, 0x0a, 0x6c, 0xfc, 0x9c, 0x46, 0xf9, 0x20, 0x6a, 0xa8, 0x50, 0x19,
@@ -90,7 +94,7 @@ pub fn open(
     };
     let (chosen, key, skipped) = select(&unpickled.root, options)?;
     let mut named = Vec::new();
-    flatten(&chosen, "", 0, &mut named)?;
+    flatten(&chosen, "", 0, &mut named, &mut WALK_BUDGET.clone())?;
     if named.is_empty() {
         let at = key
             .as_deref()
@@ -288,13 +292,23 @@ fn module_state(v: &Value) -> Option<Value> {
 
 /// Whether `v` is a tensor, a module, or a dict with a tensor somewhere inside.
 fn holds_tensors(v: &Value, depth: usize) -> bool {
-    if depth > MAX_DEPTH {
+    holds_within(v, depth, &mut WALK_BUDGET.clone())
+}
+
+/// Like [`holds_tensors`], spending one of `budget` per value looked at: a pickle can share one
+/// dict many times over at every level (memo GETs), and a walk of every path would never end.
+fn holds_within(v: &Value, depth: usize, budget: &mut usize) -> bool {
+    *budget = budget.saturating_sub(1);
+    if depth > MAX_DEPTH || *budget == 0 {
         // Too deep to tell: let the walk refuse it with a message that says so.
         return true;
     }
     match v {
         Value::Tensor(_) | Value::Unsupported(_) => true,
-        Value::Dict(d) => d.borrow().iter().any(|(_, x)| holds_tensors(x, depth + 1)),
+        Value::Dict(d) => d
+            .borrow()
+            .iter()
+            .any(|(_, x)| holds_within(x, depth + 1, budget)),
         _ => module_state(v).is_some(),
     }
 }
@@ -413,6 +427,17 @@ fn list(keys: &[String]) -> String {
     format!("{}{more}", shown.join(", "))
 }
 
+/// Takes one from `budget`, refusing the walk once it is spent.
+fn spend(budget: &mut usize, at: &str) -> Result<(), String> {
+    *budget = budget.saturating_sub(1);
+    if *budget == 0 {
+        return Err(format!(
+            "the pickle shares its values so often that walking it visits more than {WALK_BUDGET} of them (at `{at}`)"
+        ));
+    }
+    Ok(())
+}
+
 /// Names every tensor under `v` as `state_dict()` would: dict keys and module attribute names
 /// joined with dots; a module's parameters, then its persistent buffers, then its children.
 fn flatten(
@@ -420,12 +445,14 @@ fn flatten(
     prefix: &str,
     depth: usize,
     out: &mut Vec<(String, Rc<TensorRef>)>,
+    budget: &mut usize,
 ) -> Result<(), String> {
     if depth > MAX_DEPTH {
         return Err(format!(
             "`{prefix}` is nested more than {MAX_DEPTH} levels deep"
         ));
     }
+    spend(budget, prefix)?;
     let entry = |k: &str| format!("{prefix}{k}");
     if let Some(state) = module_state(v) {
         let skip: HashSet<String> = match &dict_get(&state, "_non_persistent_buffers_set") {
@@ -435,6 +462,7 @@ fn flatten(
         for part in ["_parameters", "_buffers"] {
             if let Some(Value::Dict(d)) = &dict_get(&state, part) {
                 for (k, x) in d.borrow().iter() {
+                    spend(budget, prefix)?;
                     let k = key_text(k)
                         .ok_or_else(|| format!("`{prefix}`: a {part} key that is not a str"))?;
                     if !skip.contains(&k) {
@@ -445,10 +473,11 @@ fn flatten(
         }
         if let Some(Value::Dict(d)) = &dict_get(&state, "_modules") {
             for (k, x) in d.borrow().iter() {
+                spend(budget, prefix)?;
                 let k = key_text(k)
                     .ok_or_else(|| format!("`{prefix}`: a submodule key that is not a str"))?;
                 if module_state(x).is_some() {
-                    flatten(x, &format!("{}.", entry(&k)), depth + 1, out)?;
+                    flatten(x, &format!("{}.", entry(&k)), depth + 1, out, budget)?;
                 }
             }
         }
@@ -457,11 +486,12 @@ fn flatten(
     match v {
         Value::Dict(d) => {
             for (k, x) in d.borrow().iter() {
+                spend(budget, prefix)?;
                 let Some(k) = key_text(k) else { continue };
                 match x {
                     Value::Tensor(_) | Value::Unsupported(_) => tensor_leaf(x, &entry(&k), out)?,
                     Value::Dict(_) | Value::Object(_) => {
-                        flatten(x, &format!("{}.", entry(&k)), depth + 1, out)?
+                        flatten(x, &format!("{}.", entry(&k)), depth + 1, out, budget)?
                     }
                     _ => {}
                 }
