@@ -695,3 +695,22 @@ impl<'de> Deserialize<'de> for HeaderEntries {
         deserializer.deserialize_map(EntriesVisitor)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::element_positions;
+
+    #[test]
+    fn positions_walk_a_permuted_view_in_row_major_order() {
+        // A [2, 3] view of a [3, 2] storage (a transpose): strides (1, 2).
+        assert_eq!(
+            element_positions(&[2, 3], &[1, 2], 0, 6),
+            [0, 2, 4, 1, 3, 5]
+        );
+        // Starting mid-way, and a zero stride (an expanded dimension).
+        assert_eq!(element_positions(&[2, 3], &[1, 2], 4, 2), [3, 5]);
+        assert_eq!(element_positions(&[2, 2], &[0, 1], 0, 4), [0, 1, 0, 1]);
+        // A strided 1-D view with an offset is handled by `start`; positions are relative.
+        assert_eq!(element_positions(&[3], &[2], 0, 3), [0, 2, 4]);
+    }
+}

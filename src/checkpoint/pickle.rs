@@ -890,3 +890,61 @@ fn rebuild_tensor(args: &[Value]) -> Result<Value> {
         stride,
     })))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn load_bytes(b: &[u8]) -> Result<Unpickled> {
+        load(b, b.len() as u64)
+    }
+
+    #[test]
+    fn long_is_twos_complement() {
+        assert!(matches!(long(&[]), Value::Int(0)));
+        assert!(matches!(long(&[0xff]), Value::Int(-1)));
+        assert!(matches!(long(&[0x00, 0x80]), Value::Int(-32768)));
+        assert!(matches!(long(&[0xff, 0x00]), Value::Int(255)));
+        assert!(matches!(long(&[0xff; 9]), Value::Int(-1)));
+        assert!(matches!(
+            long(&[0, 0, 0, 0, 0, 0, 0, 0, 1]),
+            Value::BigInt(_)
+        ));
+    }
+
+    #[test]
+    fn memo_shares_mutable_values() {
+        // d = {}; memo[0] = d; l = [d]; d['k'] = 1 -> l[0] sees 'k'.
+        let p = b"\x80\x02}q\x00]h\x00a0h\x00X\x01\x00\x00\x00kK\x01s0h\x00.";
+        let u = load_bytes(p).unwrap();
+        match &u.root {
+            Value::Dict(d) => assert_eq!(d.borrow().len(), 1),
+            other => panic!("{}", other.kind()),
+        }
+    }
+
+    #[test]
+    fn reduce_is_recorded_not_called() {
+        let p = b"\x80\x02cposix\nsystem\nX\x04\x00\x00\x00true\x85R.";
+        let u = load_bytes(p).unwrap();
+        let g = Global {
+            module: "posix".into(),
+            name: "system".into(),
+        };
+        assert_eq!(u.globals.get(&g), Some(&Use::Called));
+        assert!(matches!(u.root, Value::Object(_)));
+    }
+
+    #[test]
+    fn stack_underflow_and_marks_are_errors() {
+        for p in [
+            &b"\x80\x02."[..],
+            b"\x80\x02(0.",
+            b"\x80\x02a.",
+            b"\x80\x02u.",
+            b"\x80\x02N(\x85.",
+        ] {
+            assert!(load_bytes(p).is_err(), "{p:?}");
+        }
+    }
+}
