@@ -6,7 +6,7 @@
 //! one width in the input's order, so reading the input stays sequential.
 
 use std::collections::BTreeMap;
-use std::io::{self, Read, Seek, SeekFrom, Write};
+use std::io::{self, Write};
 use std::ops::Range;
 
 use rayon::prelude::*;
@@ -165,20 +165,7 @@ impl Plan {
 /// Copies input tensor `index`'s bytes to `out` without decoding them (the kernel does the copy
 /// where it can).
 pub fn copy_tensor(ckpt: &Checkpoint, index: usize, out: &mut impl Write) -> io::Result<()> {
-    let t = &ckpt.tensors()[index];
-    let mut file = ckpt.file();
-    file.seek(SeekFrom::Start(t.start))?;
-    let copied = io::copy(&mut file.take(t.len), out)?;
-    if copied != t.len {
-        return Err(io::Error::new(
-            io::ErrorKind::UnexpectedEof,
-            format!(
-                "tensor `{}`: the input ended after {copied} of its {} bytes (was it changed while being read?)",
-                t.name, t.len
-            ),
-        ));
-    }
-    Ok(())
+    ckpt.copy_tensor_to(&ckpt.tensors()[index], out)
 }
 
 /// Weights fused at a time by one thread when converting: small enough that the bytes just

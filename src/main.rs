@@ -12,6 +12,7 @@ use repvgg_fuse::app::export::{self, RunInfo};
 use repvgg_fuse::app::{
     CheckOptions, FindOptions, Inspection, Outcome, ReportTo, Settings, default_report_path,
 };
+use repvgg_fuse::checkpoint::ReadOptions;
 use repvgg_fuse::progress::{Cancel, Hooks, Progress, Silent};
 use repvgg_fuse::report::{FailureKind, Report};
 use safetensors::Dtype;
@@ -126,6 +127,16 @@ struct FindArgs {
     /// BN ε [default: the layout's: 1e-3 for yolov7 and ultralytics, else 1e-5].
     #[arg(long, value_name = "X", value_parser = non_negative)]
     bn_eps: Option<f64>,
+    /// In a PyTorch checkpoint, read the weights from this entry (dotted for nesting, e.g.
+    /// `state_dict_ema` or `model.ema`) [default: a top-level dict of tensors, or the one entry
+    /// among state_dict, model, ema, model_ema, state_dict_ema, module, net, params that holds
+    /// tensors].
+    #[arg(long, value_name = "NAME")]
+    key: Option<String>,
+    /// Keep a `module.` prefix (DataParallel) that every name of a PyTorch checkpoint carries
+    /// [default: dropped, and the report says so].
+    #[arg(long)]
+    keep_prefix: bool,
 }
 
 /// How the fused and unfused blocks are compared.
@@ -199,6 +210,10 @@ fn settings(find: &FindArgs, check: Option<&CheckArgs>, dtype: Option<OutDtype>)
             rtol: check.rtol,
         }),
         cast: dtype.map(Dtype::from),
+        read: ReadOptions {
+            key: find.key.clone(),
+            keep_prefix: find.keep_prefix,
+        },
     }
 }
 

@@ -31,6 +31,9 @@ pub struct Report {
     /// The verification, when one ran.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub verify: Option<VerifyReport>,
+    /// Where the tensors of a PyTorch checkpoint came from (absent for safetensors input).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub source: Option<crate::checkpoint::SourceInfo>,
 }
 
 /// Tool name and version.

@@ -48,7 +48,7 @@ pub fn convert(
         ReportTo::Caller => None,
     };
     check_paths(input, output, report_path.as_deref())?;
-    let train = Train::open(input, &settings.find)?;
+    let train = Train::open(input, settings)?;
     let (ckpt, detection) = (&train.ckpt, &train.detection);
     let plan = Plan::new(ckpt, detection, settings.cast);
 

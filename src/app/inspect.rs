@@ -57,7 +57,7 @@ pub fn inspect(input: &Path, settings: &Settings) -> Result<Inspection, Error> {
         ckpt,
         detection,
         eps,
-    } = Train::open(input, &settings.find)?;
+    } = Train::open(input, settings)?;
     let plan = Plan::new(&ckpt, &detection, settings.cast);
     let consumed = detection.consumed();
     Ok(Inspection {

@@ -20,7 +20,7 @@ pub use verify::verify_files;
 use crate::Error;
 use crate::block::Block;
 pub use crate::check::{CheckOptions, check_deploy};
-use crate::checkpoint::Checkpoint;
+use crate::checkpoint::{Checkpoint, ReadOptions};
 use crate::deviation::Deviation;
 use crate::layout::{Detection, Layout};
 use crate::progress::Hooks;
@@ -48,6 +48,8 @@ pub struct Settings {
     pub check: CheckOptions,
     /// Cast every floating-point tensor of the output to this dtype.
     pub cast: Option<Dtype>,
+    /// How checkpoints are read (which dict of a PyTorch file, its `module.` prefix).
+    pub read: ReadOptions,
 }
 
 /// What a run produced.
@@ -75,10 +77,10 @@ struct Train {
 
 impl Train {
     /// Opens `path` and finds its blocks.
-    fn open(path: &std::path::Path, opts: &FindOptions) -> Result<Train, Error> {
-        let ckpt = Checkpoint::open(path)?;
-        let detection = find(&ckpt, opts)?;
-        let eps = eps_info(&detection, opts);
+    fn open(path: &std::path::Path, settings: &Settings) -> Result<Train, Error> {
+        let ckpt = Checkpoint::open_with(path, &settings.read)?;
+        let detection = find(&ckpt, &settings.find)?;
+        let eps = eps_info(&detection, &settings.find);
         Ok(Train {
             ckpt,
             detection,
@@ -191,6 +193,7 @@ fn build_report(ckpt: &Checkpoint, detection: &Detection, parts: ReportParts) ->
         probe: parts.probe,
         blocks: parts.blocks,
         skipped: skipped(detection),
+        source: ckpt.source().cloned(),
         summary,
         verify: parts.verify,
     }

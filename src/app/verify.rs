@@ -15,8 +15,8 @@ pub fn verify_files(
     settings: &Settings,
     hooks: Hooks,
 ) -> Result<Outcome, Error> {
-    let train = Train::open(train_path, &settings.find)?;
-    let deploy = Checkpoint::open(deploy_path)?;
+    let train = Train::open(train_path, settings)?;
+    let deploy = Checkpoint::open_with(deploy_path, &settings.read)?;
     let (v, devs) = train.check(&deploy, &settings.check, hooks)?;
     let dtype_of = |b: &crate::block::Block| {
         deploy
