@@ -16,6 +16,7 @@ pub mod convert;
 pub mod deploy;
 pub mod fuse;
 pub mod inspect;
+pub mod int8;
 pub mod layout;
 pub mod probe;
 pub mod report;

@@ -1,0 +1,665 @@
+//! INT8 readiness: how much accuracy each fused weight loses when quantized to INT8.
+//!
+//! Fusion folds the BN scales and the identity into one kernel, so some output channels of a
+//! fused weight can spread far wider than others, and one scale for the whole tensor
+//! (per-tensor quantization) crushes the narrow ones (the QARepVGG paper traces RepVGG-A0's
+//! post-training-quantization collapse to exactly this). The figures here say so from the
+//! deploy weights alone, before anyone runs a calibration.
+//!
+//! # The quantization measured
+//! Symmetric INT8, zero-point 0, scale `s = max|w| / 127` (over the tensor, or over one output
+//! channel), `q = clamp(round_half_even(w / s), −127, 127)`, dequantized `q·s`: what
+//! `torch.quantize_per_tensor` / `torch.quantize_per_channel` with `torch.qint8` and
+//! `dequantize()` do with that scale. The error is `w − q·s`; an SQNR is
+//! `10·log10(Σw² / Σ(w − q·s)²)` in dB. A ratio with no error (e.g. a tensor of ±max and zeros)
+//! is exact and has no SQNR: `None` (`null` in JSON), never infinity.
+//!
+//! An all-zero output channel has scale 0. torch accepts that (`quantize_per_channel` with a
+//! zero scale computes `0 · (1/0)` = NaN, which becomes the lowest integer after the clamp) and
+//! its `dequantize()` gives `q · 0 = 0` back: the channel comes back exactly, so it adds nothing
+//! to either sum here and is left out of the worst channel and the channel range.
+//!
+//! # Streaming
+//! A fused weight is `[out, in/groups, k, k]`, so each output channel (row) is contiguous and
+//! whole in every chunk the converter fuses. Per-channel figures need each row once:
+//! [`ChannelStats::push_rows`] over the rows in order, in any chunking, is exact in one pass.
+//! Per-tensor figures need the tensor's max|w| first, which only the end of the tensor settles:
+//! a second pass, [`TensorStats::new`] with [`ChannelStats::max_abs`] then
+//! [`TensorStats::push_rows`] over the same rows again. Neither pass holds more than the chunk
+//! it is given; chunks can be measured in parallel and [`ChannelStats::merge`] /
+//! [`TensorStats::merge`] put them together in order. [`figures`] turns both passes into an
+//! [`Int8Report`].
+//!
+//! The converter runs both passes on the deploy file it has just written ([`scan_deploy`]),
+//! while that file is still in the page cache: the input is read once, and no block's fused
+//! weight is ever whole in memory (B3's largest is 70 MB).
+
+use std::ops::Range;
+
+use rayon::prelude::*;
+use serde::Serialize;
+
+use crate::Error;
+use crate::block::Block;
+use crate::checkpoint::{Checkpoint, decode_into, float_width};
+
+/// The largest INT8 magnitude used: the range is symmetric, `[−127, 127]`.
+pub const QMAX: f64 = 127.0;
+
+/// Rounds `x` to the nearest integer, ties to even, for `|x| < 2^51` (larger values are
+/// returned unchanged or nearly so; the callers only pass `|x| ≤ 127·(1 + ε)` or NaN).
+///
+/// Adding and subtracting 1.5·2^52 leaves no fraction bits in f64, so the FPU's own
+/// round-to-nearest-even does the rounding: the same result as `f64::round_ties_even`, but
+/// plain arithmetic that vectorizes without SSE4.1.
+#[inline(always)]
+pub fn round_half_even(x: f64) -> f64 {
+    const MAGIC: f64 = 6_755_399_441_055_744.0; // 1.5 · 2^52
+    (x + MAGIC) - MAGIC
+}
+
+/// `w` quantized with `scale` (and its reciprocal `inv`, `1/scale`) and dequantized:
+/// `clamp(round_half_even(w·inv), −127, 127) · scale`.
+#[inline(always)]
+pub fn fake_quant(w: f64, scale: f64, inv: f64) -> f64 {
+    round_half_even(w * inv).clamp(-QMAX, QMAX) * scale
+}
+
+/// Sums of squares for an SQNR: of the values, and of their quantization errors.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct Sqnr {
+    /// Σ w².
+    pub signal: f64,
+    /// Σ (w − q(w))².
+    pub noise: f64,
+}
+
+impl Sqnr {
+    /// `10·log10(signal / noise)` in dB; `None` when there is no error (exact) or the ratio is
+    /// not a number (a non-finite value in the tensor).
+    pub fn db(&self) -> Option<f64> {
+        if self.noise == 0.0 {
+            return None;
+        }
+        let db = 10.0 * (self.signal / self.noise).log10();
+        db.is_finite().then_some(db)
+    }
+
+    /// The sums over both sets of values.
+    pub fn add(self, other: Sqnr) -> Sqnr {
+        Sqnr {
+            signal: self.signal + other.signal,
+            noise: self.noise + other.noise,
+        }
+    }
+
+    /// The sums for `values` quantized with `scale` (see [`fake_quant`]).
+    pub fn of(values: &[f64], scale: f64) -> Sqnr {
+        if scale == 0.0 {
+            // All zero (max|w| = 0): dequantized exactly, as torch does (module docs).
+            return Sqnr::default();
+        }
+        // The reciprocal of the scale, as torch takes it, so that a tie lands the same way.
+        let inv = 1.0 / scale;
+        // Four independent lanes so the sums vectorize (f64 addition is not reassociated).
+        let mut sig = [0.0f64; 4];
+        let mut err = [0.0f64; 4];
+        let chunks = values.chunks_exact(4);
+        let tail = chunks.remainder();
+        for c in chunks {
+            for l in 0..4 {
+                let e = c[l] - fake_quant(c[l], scale, inv);
+                sig[l] += c[l] * c[l];
+                err[l] += e * e;
+            }
+        }
+        for &w in tail {
+            let e = w - fake_quant(w, scale, inv);
+            sig[0] += w * w;
+            err[0] += e * e;
+        }
+        Sqnr {
+            signal: (sig[0] + sig[1]) + (sig[2] + sig[3]),
+            noise: (err[0] + err[1]) + (err[2] + err[3]),
+        }
+    }
+}
+
+/// max |v| over `values` (NaN if any is NaN, so a broken tensor does not pass for a good one).
+pub fn max_abs(values: &[f64]) -> f64 {
+    let mut m = [0.0f64; 4];
+    let mut nan = false;
+    let chunks = values.chunks_exact(4);
+    let tail = chunks.remainder();
+    for c in chunks {
+        for l in 0..4 {
+            m[l] = m[l].max(c[l].abs());
+            nan |= c[l].is_nan();
+        }
+    }
+    for &v in tail {
+        m[0] = m[0].max(v.abs());
+        nan |= v.is_nan();
+    }
+    if nan {
+        f64::NAN
+    } else {
+        m[0].max(m[1]).max(m[2].max(m[3]))
+    }
+}
+
+/// Pass one: per-channel figures and the tensor's max|w|, row by row.
+///
+/// Feed it the rows of a tensor (`row_len` values each, the output channels) in order, in
+/// chunks of whole rows; [`ChannelStats::merge`] joins the stats of consecutive chunks measured
+/// apart (in parallel). Exact in one pass: each row carries its own scale.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ChannelStats {
+    row_len: usize,
+    /// The index of the next row pushed.
+    next_row: usize,
+    /// Σ over every channel, each quantized with its own scale.
+    total: Sqnr,
+    /// The lowest channel SQNR (as `noise / signal`, the largest) and its channel.
+    worst: Option<(usize, Sqnr)>,
+    /// max|w| over the rows.
+    max_abs: f64,
+    /// The smallest non-zero channel max|w|.
+    min_channel_max: Option<f64>,
+}
+
+impl ChannelStats {
+    /// Stats of no rows yet, for rows of `row_len` values starting at channel `first_row`.
+    pub fn new(row_len: usize, first_row: usize) -> Self {
+        ChannelStats {
+            row_len: row_len.max(1),
+            next_row: first_row,
+            total: Sqnr::default(),
+            worst: None,
+            max_abs: 0.0,
+            min_channel_max: None,
+        }
+    }
+
+    /// Adds whole rows (a multiple of `row_len` values; a ragged tail counts as a row).
+    pub fn push_rows(&mut self, rows: &[f64]) {
+        for row in rows.chunks(self.row_len) {
+            let m = max_abs(row);
+            let s = Sqnr::of(row, m / QMAX);
+            self.total = self.total.add(s);
+            self.max_abs = if m.is_nan() || self.max_abs.is_nan() {
+                f64::NAN
+            } else {
+                self.max_abs.max(m)
+            };
+            if m > 0.0 {
+                self.min_channel_max = Some(self.min_channel_max.map_or(m, |x| x.min(m)));
+            }
+            if s.noise > 0.0 && self.worst.is_none_or(|(_, w)| worse(s, w)) {
+                self.worst = Some((self.next_row, s));
+            }
+            self.next_row += 1;
+        }
+    }
+
+    /// The stats of these rows followed by `later`'s (which must start where these end).
+    pub fn merge(self, later: ChannelStats) -> ChannelStats {
+        let worst = match (self.worst, later.worst) {
+            // The earlier channel wins a tie, as in one pass.
+            (Some(a), Some(b)) => Some(if worse(b.1, a.1) { b } else { a }),
+            (a, b) => a.or(b),
+        };
+        ChannelStats {
+            row_len: self.row_len,
+            next_row: later.next_row,
+            total: self.total.add(later.total),
+            worst,
+            max_abs: if self.max_abs.is_nan() || later.max_abs.is_nan() {
+                f64::NAN
+            } else {
+                self.max_abs.max(later.max_abs)
+            },
+            min_channel_max: match (self.min_channel_max, later.min_channel_max) {
+                (Some(a), Some(b)) => Some(a.min(b)),
+                (a, b) => a.or(b),
+            },
+        }
+    }
+
+    /// max|w| over the rows so far: what the per-tensor pass needs ([`TensorStats::new`]).
+    pub fn max_abs(&self) -> f64 {
+        self.max_abs
+    }
+}
+
+/// Whether `a` has a lower SQNR than `b` (a larger noise-to-signal ratio), by cross
+/// multiplication so that a zero signal needs no special case.
+fn worse(a: Sqnr, b: Sqnr) -> bool {
+    a.noise * b.signal > b.noise * a.signal
+}
+
+/// Pass two: the per-tensor figures, with the scale the whole tensor's max|w| gives.
+///
+/// Feed it the same rows again, in chunks of whole rows (any order: each chunk says where it
+/// starts); [`TensorStats::merge`] joins chunks measured apart.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct TensorStats {
+    scale: f64,
+    row_len: usize,
+    next_row: usize,
+    sums: Sqnr,
+    /// The channel that fares worst under the tensor's scale, and its sums.
+    worst: Option<(usize, Sqnr)>,
+}
+
+impl TensorStats {
+    /// Stats for rows of `row_len` values from channel `first_row` on, of a tensor whose
+    /// max|w| is `max_abs` (from [`ChannelStats::max_abs`] after all its rows).
+    pub fn new(max_abs: f64, row_len: usize, first_row: usize) -> Self {
+        TensorStats {
+            scale: max_abs / QMAX,
+            row_len: row_len.max(1),
+            next_row: first_row,
+            sums: Sqnr::default(),
+            worst: None,
+        }
+    }
+
+    /// Adds whole rows (a multiple of `row_len` values).
+    pub fn push_rows(&mut self, rows: &[f64]) {
+        for row in rows.chunks(self.row_len) {
+            let s = Sqnr::of(row, self.scale);
+            self.sums = self.sums.add(s);
+            if s.noise > 0.0 && self.worst.is_none_or(|(_, w)| worse(s, w)) {
+                self.worst = Some((self.next_row, s));
+            }
+            self.next_row += 1;
+        }
+    }
+
+    /// The stats of these rows and `later`'s (the same tensor, rows after these).
+    pub fn merge(self, later: TensorStats) -> TensorStats {
+        TensorStats {
+            scale: self.scale,
+            row_len: self.row_len,
+            next_row: later.next_row,
+            sums: self.sums.add(later.sums),
+            worst: match (self.worst, later.worst) {
+                (Some(a), Some(b)) => Some(if worse(b.1, a.1) { b } else { a }),
+                (a, b) => a.or(b),
+            },
+        }
+    }
+
+    /// The per-tensor sums so far.
+    pub fn sums(&self) -> Sqnr {
+        self.sums
+    }
+}
+
+/// A fused block's INT8 figures (`blocks[i].int8` in the report). Every SQNR is in dB; `null`
+/// means exact (no quantization error at all), never infinity.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize)]
+pub struct Int8Report {
+    /// SQNR of the weight with one scale for the whole tensor.
+    pub per_tensor_sqnr_db: Option<f64>,
+    /// SQNR of the whole weight, each output channel with its own scale.
+    pub per_channel_sqnr_db: Option<f64>,
+    /// The lowest SQNR of any single output channel (per-channel scales).
+    pub worst_channel_sqnr_db: Option<f64>,
+    /// That channel's index.
+    pub worst_channel: Option<usize>,
+    /// Largest over smallest per-channel max|w|, all-zero channels left out: how far apart
+    /// the channels' ranges are (what per-tensor quantization suffers from).
+    pub channel_range_ratio: Option<f64>,
+    /// The lowest SQNR of any single output channel with the per-tensor scale. The per-tensor
+    /// SQNR weighs channels by their energy, so one channel far wider than the rest can hide
+    /// that every other channel rounds to zero (it stays high); this one does not.
+    pub per_tensor_worst_channel_sqnr_db: Option<f64>,
+    /// With verification: SQNR of the block's output with per-channel INT8 weights against
+    /// its float output, on the verification input (bias in float in both). Absent without
+    /// verification, `null` when exact.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub output_sqnr_db: Option<Option<f64>>,
+}
+
+/// The figures of a tensor from both passes over it.
+pub fn figures(channel: &ChannelStats, tensor: &TensorStats) -> Int8Report {
+    let worst = channel.worst.and_then(|(c, s)| s.db().map(|db| (c, db)));
+    Int8Report {
+        per_tensor_sqnr_db: tensor.sums.db(),
+        per_channel_sqnr_db: channel.total.db(),
+        worst_channel_sqnr_db: worst.map(|w| w.1),
+        worst_channel: worst.map(|w| w.0),
+        channel_range_ratio: channel
+            .min_channel_max
+            .map(|min| channel.max_abs / min)
+            .filter(|r| r.is_finite()),
+        per_tensor_worst_channel_sqnr_db: tensor.worst.and_then(|(_, s)| s.db()),
+        output_sqnr_db: None,
+    }
+}
+
+/// Both passes over a tensor held in memory (`row_len` values per output channel).
+pub fn tensor_figures(values: &[f64], row_len: usize) -> Int8Report {
+    let mut c = ChannelStats::new(row_len, 0);
+    c.push_rows(values);
+    let mut t = TensorStats::new(c.max_abs(), row_len, 0);
+    t.push_rows(values);
+    figures(&c, &t)
+}
+
+/// The model's INT8 summary (`summary.int8`).
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct Int8Summary {
+    /// The (up to) five blocks with the lowest per-tensor SQNR, lowest first.
+    pub worst_blocks: Vec<WorstBlock>,
+    /// The lowest per-tensor SQNR of any block (`null` if every block is exact).
+    pub min_per_tensor_sqnr_db: Option<f64>,
+    /// The lowest per-channel SQNR of any block.
+    pub min_per_channel_sqnr_db: Option<f64>,
+}
+
+/// A block and its per-tensor SQNR.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct WorstBlock {
+    /// The block prefix.
+    pub name: String,
+    /// Its per-tensor SQNR in dB.
+    pub per_tensor_sqnr_db: f64,
+}
+
+impl Int8Summary {
+    /// The summary of blocks `(name, figures)`; `None` when no block has figures.
+    pub fn of<'a>(
+        blocks: impl IntoIterator<Item = (&'a str, Option<&'a Int8Report>)>,
+    ) -> Option<Int8Summary> {
+        let measured: Vec<(&str, &Int8Report)> = blocks
+            .into_iter()
+            .filter_map(|(n, r)| r.map(|r| (n, r)))
+            .collect();
+        if measured.is_empty() {
+            return None;
+        }
+        let mut tensor: Vec<(&str, f64)> = measured
+            .iter()
+            .filter_map(|(n, r)| r.per_tensor_sqnr_db.map(|v| (*n, v)))
+            .collect();
+        // Stable: equal figures keep file order.
+        tensor.sort_by(|a, b| a.1.total_cmp(&b.1));
+        let min = |f: fn(&Int8Report) -> Option<f64>| {
+            measured
+                .iter()
+                .filter_map(|(_, r)| f(r))
+                .min_by(f64::total_cmp)
+        };
+        Some(Int8Summary {
+            worst_blocks: tensor
+                .iter()
+                .take(5)
+                .map(|(n, v)| WorstBlock {
+                    name: n.to_string(),
+                    per_tensor_sqnr_db: *v,
+                })
+                .collect(),
+            min_per_tensor_sqnr_db: min(|r| r.per_tensor_sqnr_db),
+            min_per_channel_sqnr_db: min(|r| r.per_channel_sqnr_db),
+        })
+    }
+}
+
+/// The blocks whose per-channel SQNR is below `min_db`, with it: what `--int8-min-db` refuses.
+/// Exact blocks (`null`) and blocks without figures pass.
+pub fn below<'a>(
+    blocks: impl IntoIterator<Item = (&'a str, Option<&'a Int8Report>)>,
+    min_db: f64,
+) -> Vec<(String, f64)> {
+    blocks
+        .into_iter()
+        .filter_map(|(n, r)| {
+            let v = r?.per_channel_sqnr_db?;
+            (v < min_db).then(|| (n.to_string(), v))
+        })
+        .collect()
+}
+
+/// Values per chunk when scanning a file: 64 Ki, like the converter's chunks, so each
+/// chunk's bytes and values stay in the core's cache between the read and the sums.
+const SCAN_CHUNK: usize = 1 << 16;
+
+/// Output-channel ranges of about `elements` values each, whole rows.
+fn chunks_of(rows: usize, row_len: usize, elements: usize) -> Vec<Range<usize>> {
+    let step = (elements / row_len.max(1)).max(1);
+    (0..rows)
+        .step_by(step)
+        .map(|s| s..(s + step).min(rows))
+        .collect()
+}
+
+thread_local! {
+    /// Each scanning thread's buffers: raw bytes, decoded values.
+    static SCRATCH: std::cell::RefCell<(Vec<u8>, Vec<f64>)> =
+        const { std::cell::RefCell::new((Vec::new(), Vec::new())) };
+}
+
+/// Reads rows `rows` of `tensor` (rows of `row_len`) and hands the values to `f`.
+fn with_rows<T>(
+    ckpt: &Checkpoint,
+    tensor: &crate::checkpoint::TensorInfo,
+    row_len: usize,
+    rows: Range<usize>,
+    f: impl FnOnce(&[f64]) -> T,
+) -> Result<T, Error> {
+    let width = float_width(tensor.dtype).unwrap_or(4);
+    let bytes_per_row = (row_len * width) as u64;
+    SCRATCH.with(|s| {
+        let (bytes, values) = &mut *s.borrow_mut();
+        ckpt.read_bytes_into(
+            tensor,
+            rows.start as u64 * bytes_per_row,
+            rows.len() as u64 * bytes_per_row,
+            bytes,
+        )?;
+        decode_into(tensor.dtype, bytes, values);
+        Ok(f(values))
+    })
+}
+
+/// The INT8 figures of every block's fused weight in `deploy` (a deploy file, e.g. the one
+/// just written): `None` for a block whose weight is missing there, not floating point, or
+/// not `[out, in/groups, k, k]`.
+///
+/// Both passes read the weights from `deploy` in chunks of whole rows, every chunk of every
+/// block in parallel: pass one gives per-channel figures and each tensor's max|w|, pass two
+/// the per-tensor figure. Memory: a chunk per thread.
+pub fn scan_deploy(deploy: &Checkpoint, blocks: &[Block]) -> Result<Vec<Option<Int8Report>>, Error> {
+    // (block, its weight, row length, rows)
+    let mut tasks = Vec::new();
+    for (i, b) in blocks.iter().enumerate() {
+        let row_len = b.in_per_group * b.kernel * b.kernel;
+        let t = deploy.get(&b.deploy_weight).filter(|t| {
+            float_width(t.dtype).is_some()
+                && t.shape == [b.out_channels, b.in_per_group, b.kernel, b.kernel]
+        });
+        if let Some(t) = t {
+            let chunks = chunks_of(b.out_channels, row_len, SCAN_CHUNK);
+            tasks.extend(chunks.into_iter().map(|r| (i, t, row_len, r)));
+        }
+    }
+    let chan: Vec<ChannelStats> = tasks
+        .par_iter()
+        .map(|&(_, t, row_len, ref rows)| {
+            crate::check_interrupted()?;
+            with_rows(deploy, t, row_len, rows.clone(), |v| {
+                let mut c = ChannelStats::new(row_len, rows.start);
+                c.push_rows(v);
+                c
+            })
+        })
+        .collect::<Result<_, Error>>()?;
+    let mut per_block: Vec<Option<ChannelStats>> = vec![None; blocks.len()];
+    for (&(i, ..), c) in tasks.iter().zip(chan) {
+        per_block[i] = Some(match per_block[i].take() {
+            Some(acc) => acc.merge(c),
+            None => c,
+        });
+    }
+    let maxes: Vec<f64> = per_block
+        .iter()
+        .map(|c| c.as_ref().map_or(0.0, ChannelStats::max_abs))
+        .collect();
+    let tens: Vec<TensorStats> = tasks
+        .par_iter()
+        .map(|&(i, t, row_len, ref rows)| {
+            crate::check_interrupted()?;
+            with_rows(deploy, t, row_len, rows.clone(), |v| {
+                let mut s = TensorStats::new(maxes[i], row_len, rows.start);
+                s.push_rows(v);
+                s
+            })
+        })
+        .collect::<Result<_, Error>>()?;
+    let mut tensor_sums: Vec<Option<TensorStats>> = vec![None; blocks.len()];
+    for (&(i, ..), s) in tasks.iter().zip(tens) {
+        tensor_sums[i] = Some(tensor_sums[i].map_or(s, |acc| acc.merge(s)));
+    }
+    Ok(per_block
+        .iter()
+        .zip(&tensor_sums)
+        .map(|(c, t)| Some(figures(c.as_ref()?, t.as_ref()?)))
+        .collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn round_half_even_matches_the_std_rounding() {
+        for x in [
+            0.5, 1.5, 2.5, -0.5, -1.5, -2.5, 126.5, -126.5, 127.5, 0.49999999999999994, 3.7,
+            -3.7, 0.0, -0.0, 1e-300,
+        ] {
+            assert_eq!(round_half_even(x), x.round_ties_even(), "{x}");
+        }
+        assert_eq!(round_half_even(2.5), 2.0);
+        assert_eq!(round_half_even(3.5), 4.0);
+        assert_eq!(round_half_even(-2.5), -2.0);
+    }
+
+    #[test]
+    fn fake_quant_clamps_to_127() {
+        // A value past max|w| (as a scale from a smaller max would give) is clamped.
+        let s = 1.0 / QMAX;
+        let inv = 1.0 / s;
+        assert_eq!(fake_quant(2.0, s, inv), 127.0 * s);
+        assert_eq!(fake_quant(-2.0, s, inv), -127.0 * s);
+        assert_eq!(fake_quant(1.0, s, inv), 1.0);
+        // Half a step rounds to even: 0.5 steps → 0, 1.5 → 2.
+        assert_eq!(fake_quant(0.5 * s, s, inv), 0.0);
+        assert_eq!(fake_quant(1.5 * s, s, inv), 2.0 * s);
+    }
+
+    #[test]
+    fn exact_tensors_have_no_sqnr() {
+        // ±max and zeros quantize exactly: no error, so null, not infinity.
+        let r = tensor_figures(&[127.0, -127.0, 0.0, 0.0, 2.0, -2.0], 2);
+        assert_eq!(r.per_tensor_sqnr_db, None);
+        assert_eq!(r.per_channel_sqnr_db, None);
+        assert_eq!(r.worst_channel, None);
+        assert_eq!(r.worst_channel_sqnr_db, None);
+        assert_eq!(r.channel_range_ratio, Some(63.5));
+        assert_eq!(r.per_tensor_worst_channel_sqnr_db, None);
+        let json = serde_json::to_value(r).unwrap();
+        assert!(json["per_tensor_sqnr_db"].is_null());
+        assert!(json.get("output_sqnr_db").is_none());
+    }
+
+    #[test]
+    fn zero_tensor_and_zero_channels() {
+        let r = tensor_figures(&[0.0; 8], 4);
+        assert_eq!(r, Int8Report::default());
+        // Channel 1 all zero: left out of the range ratio and never the worst channel.
+        let v = [0.3, -0.7, 0.0, 0.0, 0.01, 0.02];
+        let r = tensor_figures(&v, 2);
+        assert_eq!(r.channel_range_ratio, Some(0.7 / 0.02));
+        // Channel 0: 0.3/0.7·127 = 54.4 → 54, ~50 dB; channel 2: 0.01/0.02·127 = 63.5, a tie
+        // → 64 (even), ~49 dB.
+        assert_eq!(r.worst_channel, Some(2));
+        assert!(r.per_channel_sqnr_db.is_some());
+    }
+
+    #[test]
+    fn sqnr_by_hand() {
+        // max 1 → scale 1/127; 0.3 → round(38.1) = 38 → error 0.3 − 38/127.
+        let r = tensor_figures(&[1.0, 0.3], 2);
+        let e: f64 = 0.3 - 38.0 / 127.0;
+        let want = 10.0 * ((1.0 + 0.09) / (e * e)).log10();
+        assert!((r.per_tensor_sqnr_db.unwrap() - want).abs() < 1e-9);
+        assert!((r.per_channel_sqnr_db.unwrap() - want).abs() < 1e-9);
+        // Per channel, the second row on its own is exact.
+        let r = tensor_figures(&[1.0, 0.3, 0.3, 0.1], 2);
+        assert!(r.per_channel_sqnr_db.unwrap() > r.per_tensor_sqnr_db.unwrap());
+    }
+
+    #[test]
+    fn chunked_and_merged_equals_one_pass() {
+        let v: Vec<f64> = (0..600)
+            .map(|i| ((i * 7919) % 1000) as f64 / 997.0 - 0.5)
+            .collect();
+        let whole = tensor_figures(&v, 12);
+        let mut acc: Option<ChannelStats> = None;
+        for (k, rows) in chunks_of(50, 12, 40).into_iter().enumerate() {
+            let mut c = ChannelStats::new(12, rows.start);
+            c.push_rows(&v[rows.start * 12..rows.end * 12]);
+            acc = Some(match acc {
+                Some(a) => a.merge(c),
+                None => c,
+            });
+            assert!(k < 50);
+        }
+        let c = acc.unwrap();
+        let mut t = TensorStats::new(c.max_abs(), 12, 0);
+        t.push_rows(&v[..120]);
+        for (k, part) in v[120..].chunks(120).enumerate() {
+            let mut p = TensorStats::new(c.max_abs(), 12, 10 + 10 * k);
+            p.push_rows(part);
+            t = t.merge(p);
+        }
+        let split = figures(&c, &t);
+        assert_eq!(split.worst_channel, whole.worst_channel);
+        for (a, b) in [
+            (split.per_tensor_sqnr_db, whole.per_tensor_sqnr_db),
+            (split.per_channel_sqnr_db, whole.per_channel_sqnr_db),
+            (split.worst_channel_sqnr_db, whole.worst_channel_sqnr_db),
+            (
+                split.per_tensor_worst_channel_sqnr_db,
+                whole.per_tensor_worst_channel_sqnr_db,
+            ),
+        ] {
+            assert!((a.unwrap() - b.unwrap()).abs() < 1e-9);
+        }
+    }
+
+    #[test]
+    fn summary_and_gate() {
+        let r = |t: f64, c: f64| Int8Report {
+            per_tensor_sqnr_db: Some(t),
+            per_channel_sqnr_db: Some(c),
+            ..Int8Report::default()
+        };
+        let blocks = [
+            ("a", Some(r(30.0, 40.0))),
+            ("b", Some(r(10.0, 35.0))),
+            ("c", None),
+            ("d", Some(Int8Report::default())),
+        ];
+        let s = Int8Summary::of(blocks.iter().map(|(n, r)| (*n, r.as_ref()))).unwrap();
+        assert_eq!(s.worst_blocks.len(), 2);
+        assert_eq!(s.worst_blocks[0].name, "b");
+        assert_eq!(s.min_per_tensor_sqnr_db, Some(10.0));
+        assert_eq!(s.min_per_channel_sqnr_db, Some(35.0));
+        let low = below(blocks.iter().map(|(n, r)| (*n, r.as_ref())), 38.0);
+        assert_eq!(low, vec![("b".to_string(), 35.0)]);
+    }
+}
