@@ -235,13 +235,21 @@ pub fn convert(
         WriteError::Run(e) => e,
     })?;
     tmp.as_file_mut().flush().map_err(out_err)?;
+    // INT8 figures from the file just written (still in the page cache): the input is not
+    // read again, and no fused tensor is held whole.
+    let deploy = Checkpoint::open(tmp.path())?;
+    let int8 = crate::int8::scan_deploy(&deploy, &detection.blocks)?;
 
     let dtype_of = |b: &Block| format!("{:?}", settings.dtype.unwrap_or(b.dtype));
     let mut blocks: Vec<BlockReport> = detection
         .blocks
         .iter()
         .zip(&deviations)
-        .map(|(b, d)| BlockReport::new(b, &detection.layout.name, &dtype_of(b), *d))
+        .zip(int8)
+        .map(|((b, d), int8)| BlockReport {
+            int8,
+            ..BlockReport::new(b, &detection.layout.name, &dtype_of(b), *d)
+        })
         .collect();
     let mut probe = Probe {
         kind: "probe".into(),
@@ -252,9 +260,11 @@ pub fn convert(
     let mut verify_report = None;
     if verify {
         progress.set_message("verifying");
-        let deploy = Checkpoint::open(tmp.path())?;
-        let (v, devs) = check_deploy(&ckpt, &deploy, &detection, eps.value, settings)?;
-        for (report, dev) in blocks.iter_mut().zip(devs) {
+        let (v, devs, int8_out) = check_deploy(&ckpt, &deploy, &detection, eps.value, settings)?;
+        for ((report, dev), out) in blocks.iter_mut().zip(devs).zip(int8_out) {
+            if let (Some(int8), Some(out)) = (&mut report.int8, out) {
+                int8.output_sqnr_db = Some(out);
+            }
             if let Some(dev) = dev {
                 report.max_abs_deviation = dev.max_abs;
                 report.max_rel_deviation = dev.max_rel;

@@ -37,6 +37,9 @@ pub struct InspectBlock {
     pub block: BlockInfo,
     /// Tensors it consumes.
     pub tensors: Vec<String>,
+    /// INT8 readiness of the fused weight `convert` would write (null if it would not fit the
+    /// output dtype). Fusing for these reads the block's weights twice.
+    pub int8: Option<crate::int8::Int8Report>,
 }
 
 /// A tensor of the would-be deploy file.
@@ -58,16 +61,27 @@ pub fn inspect(input: &Path, settings: &Settings) -> Result<Inspection, Error> {
     let detection = find(&ckpt, settings)?;
     let plan = Plan::new(&ckpt, &detection, settings.dtype);
     let consumed = detection.consumed();
+    let eps = eps_info(&detection, settings);
+    let int8 = detection
+        .blocks
+        .iter()
+        .map(|b| {
+            let dtype = settings.dtype.unwrap_or(b.dtype);
+            crate::int8::fused_figures(&ckpt, b, eps.value, dtype)
+        })
+        .collect::<Result<Vec<_>, Error>>()?;
     Ok(Inspection {
         input: input.display().to_string(),
         layout: layout_info(&detection),
-        bn_eps: eps_info(&detection, settings),
+        bn_eps: eps,
         blocks: detection
             .blocks
             .iter()
-            .map(|b| InspectBlock {
+            .zip(int8)
+            .map(|(b, int8)| InspectBlock {
                 block: b.into(),
                 tensors: b.consumed.clone(),
+                int8,
             })
             .collect(),
         skipped: Skipped::all(&detection),

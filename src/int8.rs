@@ -39,9 +39,15 @@ use std::ops::Range;
 use rayon::prelude::*;
 use serde::Serialize;
 
+use ndarray::Array2;
+use safetensors::Dtype;
+
 use crate::Error;
 use crate::block::Block;
-use crate::checkpoint::{Checkpoint, decode_into, float_width};
+use crate::checkpoint::{Checkpoint, decode_into, encode, float_width};
+use crate::convert::block_err;
+use crate::fuse::{BlockValues, FusedConv};
+use crate::verify::{BlockInput, fused};
 
 /// The largest INT8 magnitude used: the range is symmetric, `[−127, 127]`.
 pub const QMAX: f64 = 127.0;
@@ -528,6 +534,112 @@ pub fn scan_deploy(deploy: &Checkpoint, blocks: &[Block]) -> Result<Vec<Option<I
         .zip(&tensor_sums)
         .map(|(c, t)| Some(figures(c.as_ref()?, t.as_ref()?)))
         .collect())
+}
+
+/// `conv` with each output channel's weights quantized to INT8 with its own scale and
+/// dequantized (the bias stays float, as INT8 backends keep it at the accumulator's scale).
+pub fn per_channel_quantized(conv: &FusedConv) -> FusedConv {
+    let row_len = (conv.in_per_group * conv.kernel * conv.kernel).max(1);
+    let mut q = conv.clone();
+    for row in q.weight.chunks_mut(row_len) {
+        let scale = max_abs(row) / QMAX;
+        if scale > 0.0 {
+            let inv = 1.0 / scale;
+            row.iter_mut().for_each(|w| *w = fake_quant(*w, scale, inv));
+        }
+    }
+    q
+}
+
+/// Sums for the output SQNR of `conv` with per-channel INT8 weights: `float_out` is the
+/// block's float fused output on `x` ([`crate::verify::fused`]), compared with the same conv
+/// run with [`per_channel_quantized`] weights. [`Sqnr::db`] of the sums over a block's chunks
+/// is `blocks[i].int8.output_sqnr_db`.
+pub fn output_sums(
+    conv: &FusedConv,
+    float_out: &Array2<f64>,
+    x: &BlockInput,
+    out_per_group: usize,
+) -> Sqnr {
+    let quantized = fused(&per_channel_quantized(conv), x, out_per_group);
+    let mut s = Sqnr::default();
+    ndarray::Zip::from(float_out)
+        .and(&quantized)
+        .for_each(|&y, &q| {
+            s.signal += y * y;
+            s.noise += (y - q) * (y - q);
+        });
+    s
+}
+
+/// The INT8 figures of `block` as `convert` would write it (fused with BN ε `eps`, rounded to
+/// `dtype`), computed without writing anything: what `inspect` shows.
+///
+/// Both passes fuse the block again from `ckpt`, a chunk of rows at a time (so this reads the
+/// block's weights twice); a block whose fused values do not fit `dtype` has no figures.
+pub fn fused_figures(
+    ckpt: &Checkpoint,
+    block: &Block,
+    eps: f64,
+    dtype: Dtype,
+) -> Result<Option<Int8Report>, Error> {
+    let row_len = block.in_per_group * block.kernel * block.kernel;
+    let chunks = chunks_of(block.out_channels, row_len, SCAN_CHUNK);
+    let fused_rows = |rows: Range<usize>| -> Result<Option<Vec<f64>>, Error> {
+        crate::check_interrupted()?;
+        let values = BlockValues::load(ckpt, block, rows).map_err(|e| block_err(ckpt, e))?;
+        let conv = values
+            .fuse_finite(eps, block)
+            .map_err(|e| block_err(ckpt, e))?;
+        // As written: rounded to the output dtype.
+        let mut bytes = Vec::new();
+        if encode(dtype, &conv.weight, &mut bytes).is_err() {
+            return Ok(None);
+        }
+        Ok(Some(crate::checkpoint::decode(dtype, &bytes)))
+    };
+    let chan: Vec<Option<ChannelStats>> = chunks
+        .par_iter()
+        .map(|rows| {
+            Ok(fused_rows(rows.clone())?.map(|v| {
+                let mut c = ChannelStats::new(row_len, rows.start);
+                c.push_rows(&v);
+                c
+            }))
+        })
+        .collect::<Result<_, Error>>()?;
+    let Some(chan) = chan
+        .into_iter()
+        .try_fold(None, |acc: Option<ChannelStats>, c| {
+            Some(Some(match acc {
+                Some(a) => a.merge(c?),
+                None => c?,
+            }))
+        })
+        .flatten()
+    else {
+        return Ok(None);
+    };
+    let tens: Vec<Option<TensorStats>> = chunks
+        .par_iter()
+        .map(|rows| {
+            Ok(fused_rows(rows.clone())?.map(|v| {
+                let mut t = TensorStats::new(chan.max_abs(), row_len, rows.start);
+                t.push_rows(&v);
+                t
+            }))
+        })
+        .collect::<Result<_, Error>>()?;
+    let tensor = tens
+        .into_iter()
+        .try_fold(None, |acc: Option<TensorStats>, t| {
+            Some(Some(match acc {
+                Some(a) => a.merge(t?),
+                None => t?,
+            }))
+        })
+        .flatten();
+    Ok(tensor.map(|t| figures(&chan, &t)))
 }
 
 #[cfg(test)]

@@ -121,6 +121,10 @@ struct CheckArgs {
     /// F16 1e-2, BF16 5e-2, F64 1e-10].
     #[arg(long, value_name = "X", value_parser = non_negative)]
     rtol: Option<f64>,
+    /// Exit 1 (listing them) if any fused block's per-channel INT8 SQNR is below X dB
+    /// (`blocks[i].int8.per_channel_sqnr_db`; the deploy file is still written).
+    #[arg(long, value_name = "X", value_parser = finite)]
+    int8_min_db: Option<f64>,
 }
 
 #[derive(ValueEnum, Debug, Clone, Copy)]
@@ -144,6 +148,13 @@ fn non_negative(s: &str) -> Result<f64, String> {
     match s.parse::<f64>() {
         Ok(v) if v.is_finite() && v >= 0.0 => Ok(v),
         _ => Err(format!("`{s}` is not a finite number ≥ 0")),
+    }
+}
+
+fn finite(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(v) if v.is_finite() => Ok(v),
+        _ => Err(format!("`{s}` is not a finite number")),
     }
 }
 
@@ -235,7 +246,7 @@ fn run() -> Result<ExitCode> {
             if let Some(path) = &report {
                 repvgg_fuse::convert::write_report(&outcome.report, path, &[&train, &deploy])?;
             }
-            Ok(finish(&outcome, quiet, None))
+            Ok(finish(&outcome, quiet, None, check.int8_min_db))
         }
         Some(Command::Inspect {
             input,
@@ -270,7 +281,12 @@ fn run() -> Result<ExitCode> {
             let outcome =
                 repvgg_fuse::convert(input, output, args.report.as_deref(), &s, args.verify, &bar);
             bar.finish_and_clear();
-            Ok(finish(&outcome?, args.quiet, Some(output)))
+            Ok(finish(
+                &outcome?,
+                args.quiet,
+                Some(output),
+                args.check.int8_min_db,
+            ))
         }
     }
 }
@@ -283,12 +299,19 @@ impl CheckArgs {
             seed: 0,
             atol: None,
             rtol: None,
+            int8_min_db: None,
         }
     }
 }
 
-/// Prints the summary (stdout) and failures (stderr); returns 0, or 1 for a failed verify.
-fn finish(outcome: &Outcome, quiet: bool, output: Option<&Path>) -> ExitCode {
+/// Prints the summary (stdout) and failures (stderr); returns 0, or 1 for a failed verify or
+/// a block under `--int8-min-db`.
+fn finish(
+    outcome: &Outcome,
+    quiet: bool,
+    output: Option<&Path>,
+    int8_min_db: Option<f64>,
+) -> ExitCode {
     let r = &outcome.report;
     let s = &r.summary;
     let mut text = String::new();
@@ -323,6 +346,19 @@ fn finish(outcome: &Outcome, quiet: bool, output: Option<&Path>) -> ExitCode {
                 s.max_abs_deviation,
                 r.probe.seed
             );
+        }
+        if let Some(i) = &s.int8 {
+            match i.worst_blocks.first() {
+                Some(w) => say!(
+                    text,
+                    "INT8: lowest per-tensor SQNR {:.2} dB in block `{}`; lowest per-channel {}",
+                    w.per_tensor_sqnr_db,
+                    w.name,
+                    i.min_per_channel_sqnr_db
+                        .map_or("exact".to_string(), |v| format!("{v:.2} dB"))
+                ),
+                None => say!(text, "INT8: every fused weight quantizes exactly"),
+            }
         }
         if let Some(out) = output {
             let report = outcome
@@ -388,8 +424,32 @@ fn finish(outcome: &Outcome, quiet: bool, output: Option<&Path>) -> ExitCode {
         }
         None => ExitCode::SUCCESS,
     };
+    let code = match int8_min_db {
+        Some(min) if !int8_gate(r, min) => ExitCode::from(1),
+        _ => code,
+    };
     print(&text);
     code
+}
+
+/// `--int8-min-db`: lists the blocks whose per-channel INT8 SQNR is below `min` on stderr;
+/// false if there are any.
+fn int8_gate(r: &repvgg_fuse::report::Report, min: f64) -> bool {
+    let low = repvgg_fuse::int8::below(
+        r.blocks.iter().map(|b| (b.block.name.as_str(), b.int8.as_ref())),
+        min,
+    );
+    for (name, db) in &low {
+        eprintln!("int8: FAILED `{name}`: per-channel SQNR {db:.2} dB is below --int8-min-db {min}");
+    }
+    if !low.is_empty() {
+        eprintln!(
+            "int8: FAILED: {} of {} blocks below {min} dB per-channel INT8 SQNR",
+            low.len(),
+            r.blocks.len()
+        );
+    }
+    low.is_empty()
 }
 
 fn inspection_text(i: &Inspection) -> String {
@@ -404,7 +464,7 @@ fn inspection_text(i: &Inspection) -> String {
         i.bn_eps.source
     );
     say!(text, "{} blocks:", i.blocks.len());
-    for b in i.blocks.iter().map(|b| &b.block) {
+    for (b, int8) in i.blocks.iter().map(|b| (&b.block, &b.int8)) {
         let groups = b.groups.map_or("?".to_string(), |g| g.to_string());
         let cin = b.in_channels.map_or("?".to_string(), |c| c.to_string());
         say!(
@@ -417,6 +477,19 @@ fn inspection_text(i: &Inspection) -> String {
             if b.identity { "" } else { " (no identity)" },
             k = b.kernel
         );
+        if let Some(q) = int8 {
+            let db = |v: Option<f64>| v.map_or("exact".to_string(), |v| format!("{v:.2} dB"));
+            say!(
+                text,
+                "  {:<32} INT8 SQNR per-tensor {}, per-channel {}, worst channel {}{}, range ratio {}",
+                "",
+                db(q.per_tensor_sqnr_db),
+                db(q.per_channel_sqnr_db),
+                db(q.worst_channel_sqnr_db),
+                q.worst_channel.map_or(String::new(), |c| format!(" (#{c})")),
+                q.channel_range_ratio.map_or("-".to_string(), |r| format!("{r:.1}"))
+            );
+        }
     }
     for s in &i.skipped {
         say!(text, "  not fused: {} ({})", s.name, s.reason);

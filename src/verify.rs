@@ -14,6 +14,7 @@ use crate::checkpoint::{Checkpoint, encode, float_width};
 use crate::conv::{Input, conv_rows, im2col};
 use crate::convert::{Outcome, Settings, block_err, build_report, eps_info, find, row_chunks};
 use crate::fuse::{Affine, BlockValues, FusedConv};
+use crate::int8::{Int8Report, Sqnr};
 use crate::layout::Detection;
 use crate::report::{BlockReport, Failure, Probe, VerifyReport};
 use rayon::prelude::*;
@@ -192,15 +193,16 @@ pub fn default_tolerance(dtype: Dtype) -> (f64, f64) {
 }
 
 /// Judges `deploy` against the blocks of `train`: every block run both ways on the verification
-/// input, every other tensor compared. Returns the verdict and each block's deviation (`None`
-/// where the fused tensors are missing or mis-shaped).
+/// input, every other tensor compared. Returns the verdict, each block's deviation (`None`
+/// where the fused tensors are missing or mis-shaped) and its output SQNR with per-channel
+/// INT8 weights ([`crate::int8::output_sums`]; `Some(None)`: exact).
 pub fn check_deploy(
     train: &Checkpoint,
     deploy: &Checkpoint,
     detection: &Detection,
     eps: f64,
     settings: &Settings,
-) -> Result<(VerifyReport, Vec<Option<Deviation>>), Error> {
+) -> Result<(VerifyReport, Vec<Option<Deviation>>, Vec<Option<Option<f64>>>), Error> {
     let max_k = detection.blocks.iter().map(|b| b.kernel).max().unwrap_or(1);
     let [h, w] = settings.input_size.unwrap_or([
         DEFAULT_VERIFY_SIZE.max(max_k),
@@ -230,7 +232,7 @@ pub fn check_deploy(
         .unwrap_or(Dtype::F32);
     let (atol, rtol) = tol(report_dtype);
 
-    let results: Vec<Result<Result<Deviation, String>, Error>> = detection
+    let results: Vec<Result<Result<(Deviation, Sqnr), String>, Error>> = detection
         .blocks
         .par_iter()
         .enumerate()
@@ -250,9 +252,11 @@ pub fn check_deploy(
         .collect();
     let mut failures = Vec::new();
     let mut devs = Vec::new();
+    let mut int8_out = Vec::new();
     for (block, result) in detection.blocks.iter().zip(results) {
         match result? {
-            Ok(dev) => {
+            Ok((dev, int8)) => {
+                int8_out.push(Some(int8.db()));
                 let dtype = deploy
                     .get(&block.deploy_weight)
                     .map_or(Dtype::F32, |t| t.dtype);
@@ -278,6 +282,7 @@ pub fn check_deploy(
                     max_rel_deviation: None,
                 });
                 devs.push(None);
+                int8_out.push(None);
             }
         }
     }
@@ -293,6 +298,7 @@ pub fn check_deploy(
             failures,
         },
         devs,
+        int8_out,
     ))
 }
 
@@ -306,7 +312,7 @@ fn verify_block(
     batch: usize,
     seed: u64,
     stream: u64,
-) -> Result<Result<Deviation, String>, Error> {
+) -> Result<Result<(Deviation, Sqnr), String>, Error> {
     let k = block.kernel;
     let expect_w = vec![block.out_channels, block.in_per_group, k, k];
     let expect_b = vec![block.out_channels];
@@ -336,6 +342,7 @@ fn verify_block(
     let per_row = block.in_per_group * k * k;
     let opg = block.out_per_group();
     let mut dev = Deviation::default();
+    let mut int8 = Sqnr::default();
     for rows in row_chunks(block, VERIFY_CHUNK) {
         let values =
             BlockValues::load(train, block, rows.clone()).map_err(|e| block_err(train, e))?;
@@ -355,10 +362,12 @@ fn verify_block(
         let affines = values
             .affines(eps, block)
             .map_err(|e| block_err(train, e))?;
-        let d = deviation(&unfused(&values, &affines, &x, opg), &fused(&conv, &x, opg));
+        let out = fused(&conv, &x, opg);
+        int8 = int8.add(crate::int8::output_sums(&conv, &out, &x, opg));
+        let d = deviation(&unfused(&values, &affines, &x, opg), &out);
         dev = dev.merge(d);
     }
-    Ok(Ok(dev))
+    Ok(Ok((dev, int8)))
 }
 
 /// Every tensor the deploy file should carry over unchanged is there, equal to the train
@@ -441,12 +450,14 @@ pub fn verify_files(
     let deploy = Checkpoint::open(deploy_path)?;
     let detection = find(&train, settings)?;
     let eps = eps_info(&detection, settings);
-    let (v, devs) = check_deploy(&train, &deploy, &detection, eps.value, settings)?;
+    let (v, devs, int8_out) = check_deploy(&train, &deploy, &detection, eps.value, settings)?;
+    let int8 = crate::int8::scan_deploy(&deploy, &detection.blocks)?;
     let blocks = detection
         .blocks
         .iter()
         .zip(devs)
-        .map(|(b, d)| {
+        .zip(int8.into_iter().zip(int8_out))
+        .map(|((b, d), (int8, out))| {
             let dtype = deploy
                 .get(&b.deploy_weight)
                 .map_or("missing".to_string(), |t| format!("{:?}", t.dtype));
@@ -455,7 +466,13 @@ pub fn verify_files(
                 max_rel: f64::NAN,
                 max_abs_output: f64::NAN,
             });
-            BlockReport::new(b, &detection.layout.name, &dtype, d)
+            BlockReport {
+                int8: int8.map(|r| Int8Report {
+                    output_sqnr_db: out,
+                    ..r
+                }),
+                ..BlockReport::new(b, &detection.layout.name, &dtype, d)
+            }
         })
         .collect();
     let probe = Probe {
