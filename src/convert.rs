@@ -220,7 +220,7 @@ pub fn convert(
         what: format!("cannot write: {e}"),
     };
     progress.set_length(plan.file_len());
-    let deviations = write_deploy(
+    let (deviations, int8_pass_one) = write_deploy(
         &ckpt,
         &detection,
         &plan,
@@ -235,10 +235,10 @@ pub fn convert(
         WriteError::Run(e) => e,
     })?;
     tmp.as_file_mut().flush().map_err(out_err)?;
-    // INT8 figures from the file just written (still in the page cache): the input is not
-    // read again, and no fused tensor is held whole.
+    // INT8: pass one ran while fusing; pass two (per-tensor, which needs each tensor's max)
+    // reads the file just written, still in the page cache. The input is read once.
     let deploy = Checkpoint::open(tmp.path())?;
-    let int8 = crate::int8::scan_deploy(&deploy, &detection.blocks)?;
+    let int8 = crate::int8::tensor_pass(&deploy, &detection.blocks, &int8_pass_one)?;
 
     let dtype_of = |b: &Block| format!("{:?}", settings.dtype.unwrap_or(b.dtype));
     let mut blocks: Vec<BlockReport> = detection

@@ -20,6 +20,7 @@ use crate::checkpoint::{Checkpoint, dtype_bytes, encode, float_width};
 use crate::conv::Input;
 use crate::convert::{block_err, row_chunks};
 use crate::fuse::BlockValues;
+use crate::int8::ChannelStats;
 use crate::layout::Detection;
 use crate::probe::{BranchRows, FusedRows, RowError, fuse_rows};
 use crate::verify::Deviation;
@@ -339,7 +340,8 @@ enum Piece {
 }
 
 /// Writes the deploy file's header and data to `file`; returns each block's probe deviation
-/// (all zero when `probe_seed` is `None`: no probe).
+/// (all zero when `probe_seed` is `None`: no probe) and its INT8 pass one
+/// ([`crate::int8::ChannelStats`] of the fused weight as written).
 ///
 /// The main thread fuses (its chunks in parallel) while a writer thread writes what is done,
 /// so computing and writing overlap; the pieces arrive in file order through a short queue.
@@ -351,7 +353,7 @@ pub(crate) fn write_deploy(
     probe_seed: Option<u64>,
     file: &std::fs::File,
     progress: &ProgressBar,
-) -> Result<Vec<Deviation>, WriteError> {
+) -> Result<(Vec<Deviation>, Vec<Option<ChannelStats>>), WriteError> {
     let (tx, rx) = std::sync::mpsc::sync_channel::<Piece>(16);
     let buffers = Buffers::default();
     std::thread::scope(|scope| {
@@ -392,7 +394,7 @@ fn produce(
     probe_seed: Option<u64>,
     tx: &std::sync::mpsc::SyncSender<Piece>,
     buffers: &Buffers,
-) -> Result<Vec<Deviation>, WriteError> {
+) -> Result<(Vec<Deviation>, Vec<Option<ChannelStats>>), WriteError> {
     let send = |piece| {
         tx.send(piece)
             .map_err(|_| WriteError::Io(std::io::Error::other("the writer stopped")))
@@ -400,6 +402,7 @@ fn produce(
     send(Piece::Bytes(plan.header()))?;
     let mut deviations = vec![Deviation::default(); detection.blocks.len()];
     let mut pending_bias: Vec<Option<Vec<u8>>> = vec![None; detection.blocks.len()];
+    let mut int8: Vec<Option<ChannelStats>> = vec![None; detection.blocks.len()];
     for entry in &plan.entries {
         crate::check_interrupted()?;
         match entry.source {
@@ -433,11 +436,11 @@ fn produce(
                 for window in
                     row_chunks(block, FUSE_CHUNK).chunks(4 * rayon::current_num_threads().max(1))
                 {
-                    let chunks: Vec<FusedRows> = window
+                    let chunks: Vec<(FusedRows, ChannelStats)> = window
                         .par_iter()
                         .map(|rows| {
                             let out = buffers.take();
-                            fuse_chunk(
+                            let c = fuse_chunk(
                                 ckpt,
                                 block,
                                 rows.clone(),
@@ -445,10 +448,19 @@ fn produce(
                                 entry.dtype,
                                 probe.as_ref(),
                                 out,
-                            )
+                            )?;
+                            // INT8 pass one on the rows as written, while they are in cache.
+                            let mut s =
+                                ChannelStats::new(entry.shape[1..].iter().product(), rows.start);
+                            s.push_bytes(entry.dtype, &c.weight);
+                            Ok::<_, Error>((c, s))
                         })
                         .collect::<Result<_, _>>()?;
-                    for c in chunks {
+                    for (c, s) in chunks {
+                        int8[b] = Some(match int8[b].take() {
+                            Some(acc) => acc.merge(s),
+                            None => s,
+                        });
                         deviations[b] = deviations[b].merge(c.deviation);
                         bias.extend(c.bias);
                         send(Piece::Bytes(c.weight))?;
@@ -459,5 +471,5 @@ fn produce(
             Source::FusedBias(b) => send(Piece::Bytes(pending_bias[b].take().unwrap_or_default()))?,
         }
     }
-    Ok(deviations)
+    Ok((deviations, int8))
 }

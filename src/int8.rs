@@ -44,7 +44,7 @@ use safetensors::Dtype;
 
 use crate::Error;
 use crate::block::Block;
-use crate::checkpoint::{Checkpoint, decode_into, encode, float_width};
+use crate::checkpoint::{Checkpoint, TensorInfo, decode_into, encode, float_width};
 use crate::convert::block_err;
 use crate::fuse::{BlockValues, FusedConv};
 use crate::verify::{BlockInput, fused};
@@ -154,6 +154,108 @@ pub fn max_abs(values: &[f64]) -> f64 {
     }
 }
 
+/// [`Sqnr::of`] for F32 little-endian `bytes`, computed in f32 as torch's quantizer does
+/// (`w · (1/scale)` rounded in float), on 8 lanes; the sums go to f64 every 128 values.
+/// This is the converter's hot loop: the fused weights as written are read as they are.
+pub fn sqnr_f32(bytes: &[u8], scale: f64) -> Sqnr {
+    #[cfg(target_arch = "x86_64")]
+    if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
+        // SAFETY: the CPU has the features the function is compiled for (checked above).
+        return unsafe { sqnr_f32_avx2(bytes, scale) };
+    }
+    sqnr_f32_any(bytes, scale)
+}
+
+/// max |w| of F32 little-endian `bytes` (NaN if any is NaN).
+pub fn max_abs_f32(bytes: &[u8]) -> f64 {
+    #[cfg(target_arch = "x86_64")]
+    if is_x86_feature_detected!("avx2") {
+        // SAFETY: the CPU has the feature the function is compiled for (checked above).
+        return unsafe { max_abs_f32_avx2(bytes) };
+    }
+    max_abs_f32_any(bytes)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+fn sqnr_f32_avx2(bytes: &[u8], scale: f64) -> Sqnr {
+    sqnr_f32_any(bytes, scale)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+fn max_abs_f32_avx2(bytes: &[u8]) -> f64 {
+    max_abs_f32_any(bytes)
+}
+
+#[inline(always)]
+fn f32_at(b: &[u8], i: usize) -> f32 {
+    f32::from_le_bytes([b[4 * i], b[4 * i + 1], b[4 * i + 2], b[4 * i + 3]])
+}
+
+#[inline(always)]
+fn sqnr_f32_any(bytes: &[u8], scale: f64) -> Sqnr {
+    if scale == 0.0 {
+        return Sqnr::default();
+    }
+    // 1.5 · 2^23: round half to even in f32 (see `round_half_even`).
+    const MAGIC: f32 = 12_582_912.0;
+    let s = scale as f32;
+    let inv = 1.0 / s;
+    let mut out = Sqnr::default();
+    let blocks = bytes.chunks_exact(4 * 128);
+    let tail = blocks.remainder();
+    for block in blocks {
+        let mut sig = [0.0f32; 8];
+        let mut err = [0.0f32; 8];
+        for c in block.chunks_exact(32) {
+            for l in 0..8 {
+                let w = f32_at(c, l);
+                let q = ((w * inv + MAGIC) - MAGIC).clamp(-127.0, 127.0) * s;
+                sig[l] += w * w;
+                err[l] += (w - q) * (w - q);
+            }
+        }
+        out.signal += sig.iter().map(|&v| f64::from(v)).sum::<f64>();
+        out.noise += err.iter().map(|&v| f64::from(v)).sum::<f64>();
+    }
+    for i in 0..tail.len() / 4 {
+        let w = f32_at(tail, i);
+        let q = ((w * inv + MAGIC) - MAGIC).clamp(-127.0, 127.0) * s;
+        out.signal += f64::from(w * w);
+        out.noise += f64::from((w - q) * (w - q));
+    }
+    out
+}
+
+#[inline(always)]
+fn max_abs_f32_any(bytes: &[u8]) -> f64 {
+    // On the bits: |w| is the bits without the sign, and for those, integer order is float
+    // order, with NaN above infinity (0x7f80_0000).
+    let mut m = [0u32; 8];
+    let chunks = bytes.chunks_exact(32);
+    let tail = chunks.remainder();
+    for c in chunks {
+        for l in 0..8 {
+            m[l] = m[l].max(f32_at(c, l).to_bits() & 0x7fff_ffff);
+        }
+    }
+    for i in 0..tail.len() / 4 {
+        m[0] = m[0].max(f32_at(tail, i).to_bits() & 0x7fff_ffff);
+    }
+    let max = m.iter().copied().max().unwrap_or(0);
+    if max > 0x7f80_0000 {
+        f64::NAN
+    } else {
+        f64::from(f32::from_bits(max))
+    }
+}
+
+thread_local! {
+    /// Values decoded from a dtype other than F32.
+    static DECODED: std::cell::RefCell<Vec<f64>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
 /// Pass one: per-channel figures and the tensor's max|w|, row by row.
 ///
 /// Feed it the rows of a tensor (`row_len` values each, the output channels) in order, in
@@ -191,21 +293,42 @@ impl ChannelStats {
     pub fn push_rows(&mut self, rows: &[f64]) {
         for row in rows.chunks(self.row_len) {
             let m = max_abs(row);
-            let s = Sqnr::of(row, m / QMAX);
-            self.total = self.total.add(s);
-            self.max_abs = if m.is_nan() || self.max_abs.is_nan() {
-                f64::NAN
-            } else {
-                self.max_abs.max(m)
-            };
-            if m > 0.0 {
-                self.min_channel_max = Some(self.min_channel_max.map_or(m, |x| x.min(m)));
-            }
-            if s.noise > 0.0 && self.worst.is_none_or(|(_, w)| worse(s, w)) {
-                self.worst = Some((self.next_row, s));
-            }
-            self.next_row += 1;
+            self.push_row(m, Sqnr::of(row, m / QMAX));
         }
+    }
+
+    /// Adds whole rows given as little-endian `dtype` bytes, as written to a file: F32 is read
+    /// as it is ([`sqnr_f32`]), other dtypes are decoded first.
+    pub fn push_bytes(&mut self, dtype: Dtype, bytes: &[u8]) {
+        if dtype == Dtype::F32 {
+            for row in bytes.chunks(4 * self.row_len) {
+                let m = max_abs_f32(row);
+                self.push_row(m, sqnr_f32(row, m / QMAX));
+            }
+        } else {
+            DECODED.with(|v| {
+                let mut v = v.borrow_mut();
+                decode_into(dtype, bytes, &mut v);
+                self.push_rows(&v);
+            });
+        }
+    }
+
+    /// Adds one row with max|w| `m` and per-channel sums `s`.
+    fn push_row(&mut self, m: f64, s: Sqnr) {
+        self.total = self.total.add(s);
+        self.max_abs = if m.is_nan() || self.max_abs.is_nan() {
+            f64::NAN
+        } else {
+            self.max_abs.max(m)
+        };
+        if m > 0.0 {
+            self.min_channel_max = Some(self.min_channel_max.map_or(m, |x| x.min(m)));
+        }
+        if s.noise > 0.0 && self.worst.is_none_or(|(_, w)| worse(s, w)) {
+            self.worst = Some((self.next_row, s));
+        }
+        self.next_row += 1;
     }
 
     /// The stats of these rows followed by `later`'s (which must start where these end).
@@ -274,13 +397,31 @@ impl TensorStats {
     /// Adds whole rows (a multiple of `row_len` values).
     pub fn push_rows(&mut self, rows: &[f64]) {
         for row in rows.chunks(self.row_len) {
-            let s = Sqnr::of(row, self.scale);
-            self.sums = self.sums.add(s);
-            if s.noise > 0.0 && self.worst.is_none_or(|(_, w)| worse(s, w)) {
-                self.worst = Some((self.next_row, s));
-            }
-            self.next_row += 1;
+            self.push_row(Sqnr::of(row, self.scale));
         }
+    }
+
+    /// Adds whole rows given as little-endian `dtype` bytes (see [`ChannelStats::push_bytes`]).
+    pub fn push_bytes(&mut self, dtype: Dtype, bytes: &[u8]) {
+        if dtype == Dtype::F32 {
+            for row in bytes.chunks(4 * self.row_len) {
+                self.push_row(sqnr_f32(row, self.scale));
+            }
+        } else {
+            DECODED.with(|v| {
+                let mut v = v.borrow_mut();
+                decode_into(dtype, bytes, &mut v);
+                self.push_rows(&v);
+            });
+        }
+    }
+
+    fn push_row(&mut self, s: Sqnr) {
+        self.sums = self.sums.add(s);
+        if s.noise > 0.0 && self.worst.is_none_or(|(_, w)| worse(s, w)) {
+            self.worst = Some((self.next_row, s));
+        }
+        self.next_row += 1;
     }
 
     /// The stats of these rows and `later`'s (the same tensor, rows after these).
@@ -443,43 +584,39 @@ fn chunks_of(rows: usize, row_len: usize, elements: usize) -> Vec<Range<usize>> 
 }
 
 thread_local! {
-    /// Each scanning thread's buffers: raw bytes, decoded values.
-    static SCRATCH: std::cell::RefCell<(Vec<u8>, Vec<f64>)> =
-        const { std::cell::RefCell::new((Vec::new(), Vec::new())) };
+    /// Each scanning thread's buffer for the bytes it reads.
+    static SCRATCH: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
-/// Reads rows `rows` of `tensor` (rows of `row_len`) and hands the values to `f`.
+/// Reads rows `rows` of `tensor` (rows of `row_len`) and hands their bytes to `f`.
 fn with_rows<T>(
     ckpt: &Checkpoint,
-    tensor: &crate::checkpoint::TensorInfo,
+    tensor: &TensorInfo,
     row_len: usize,
-    rows: Range<usize>,
-    f: impl FnOnce(&[f64]) -> T,
+    rows: &Range<usize>,
+    f: impl FnOnce(&[u8]) -> T,
 ) -> Result<T, Error> {
     let width = float_width(tensor.dtype).unwrap_or(4);
     let bytes_per_row = (row_len * width) as u64;
-    SCRATCH.with(|s| {
-        let (bytes, values) = &mut *s.borrow_mut();
+    SCRATCH.with(|bytes| {
+        let mut bytes = bytes.borrow_mut();
         ckpt.read_bytes_into(
             tensor,
             rows.start as u64 * bytes_per_row,
             rows.len() as u64 * bytes_per_row,
-            bytes,
+            &mut bytes,
         )?;
-        decode_into(tensor.dtype, bytes, values);
-        Ok(f(values))
+        Ok(f(&bytes))
     })
 }
 
-/// The INT8 figures of every block's fused weight in `deploy` (a deploy file, e.g. the one
-/// just written): `None` for a block whose weight is missing there, not floating point, or
-/// not `[out, in/groups, k, k]`.
-///
-/// Both passes read the weights from `deploy` in chunks of whole rows, every chunk of every
-/// block in parallel: pass one gives per-channel figures and each tensor's max|w|, pass two
-/// the per-tensor figure. Memory: a chunk per thread.
-pub fn scan_deploy(deploy: &Checkpoint, blocks: &[Block]) -> Result<Vec<Option<Int8Report>>, Error> {
-    // (block, its weight, row length, rows)
+/// Each block's fused weight in `deploy`, with its row length, split in chunks of whole rows:
+/// `(block, weight, row length, rows)`. Blocks whose weight is missing there, not floating
+/// point, or not `[out, in/groups, k, k]` have no chunks.
+fn scan_tasks<'a>(
+    deploy: &'a Checkpoint,
+    blocks: &[Block],
+) -> Vec<(usize, &'a TensorInfo, usize, Range<usize>)> {
     let mut tasks = Vec::new();
     for (i, b) in blocks.iter().enumerate() {
         let row_len = b.in_per_group * b.kernel * b.kernel;
@@ -492,13 +629,22 @@ pub fn scan_deploy(deploy: &Checkpoint, blocks: &[Block]) -> Result<Vec<Option<I
             tasks.extend(chunks.into_iter().map(|r| (i, t, row_len, r)));
         }
     }
+    tasks
+}
+
+/// Pass one over every block's fused weight in `deploy` (see [`scan_deploy`]).
+pub fn channel_pass(
+    deploy: &Checkpoint,
+    blocks: &[Block],
+) -> Result<Vec<Option<ChannelStats>>, Error> {
+    let tasks = scan_tasks(deploy, blocks);
     let chan: Vec<ChannelStats> = tasks
         .par_iter()
         .map(|&(_, t, row_len, ref rows)| {
             crate::check_interrupted()?;
-            with_rows(deploy, t, row_len, rows.clone(), |v| {
+            with_rows(deploy, t, row_len, rows, |bytes| {
                 let mut c = ChannelStats::new(row_len, rows.start);
-                c.push_rows(v);
+                c.push_bytes(t.dtype, bytes);
                 c
             })
         })
@@ -510,30 +656,58 @@ pub fn scan_deploy(deploy: &Checkpoint, blocks: &[Block]) -> Result<Vec<Option<I
             None => c,
         });
     }
-    let maxes: Vec<f64> = per_block
-        .iter()
-        .map(|c| c.as_ref().map_or(0.0, ChannelStats::max_abs))
+    Ok(per_block)
+}
+
+/// Pass two over every block's fused weight in `deploy`, given pass one's stats of each
+/// (`None`: no figures for that block), and the figures of both.
+///
+/// The converter runs pass one while fusing, on each chunk as it is written, and this one on
+/// the written file.
+pub fn tensor_pass(
+    deploy: &Checkpoint,
+    blocks: &[Block],
+    channels: &[Option<ChannelStats>],
+) -> Result<Vec<Option<Int8Report>>, Error> {
+    let tasks: Vec<_> = scan_tasks(deploy, blocks)
+        .into_iter()
+        .filter(|(i, ..)| channels.get(*i).is_some_and(Option::is_some))
         .collect();
+    let max = |i: usize| channels[i].as_ref().map_or(0.0, ChannelStats::max_abs);
     let tens: Vec<TensorStats> = tasks
         .par_iter()
         .map(|&(i, t, row_len, ref rows)| {
             crate::check_interrupted()?;
-            with_rows(deploy, t, row_len, rows.clone(), |v| {
-                let mut s = TensorStats::new(maxes[i], row_len, rows.start);
-                s.push_rows(v);
+            with_rows(deploy, t, row_len, rows, |bytes| {
+                let mut s = TensorStats::new(max(i), row_len, rows.start);
+                s.push_bytes(t.dtype, bytes);
                 s
             })
         })
         .collect::<Result<_, Error>>()?;
-    let mut tensor_sums: Vec<Option<TensorStats>> = vec![None; blocks.len()];
+    let mut sums: Vec<Option<TensorStats>> = vec![None; blocks.len()];
     for (&(i, ..), s) in tasks.iter().zip(tens) {
-        tensor_sums[i] = Some(tensor_sums[i].map_or(s, |acc| acc.merge(s)));
+        sums[i] = Some(sums[i].map_or(s, |acc| acc.merge(s)));
     }
-    Ok(per_block
+    Ok(channels
         .iter()
-        .zip(&tensor_sums)
+        .zip(&sums)
         .map(|(c, t)| Some(figures(c.as_ref()?, t.as_ref()?)))
         .collect())
+}
+
+/// The INT8 figures of every block's fused weight in `deploy` (any deploy file): `None` for a
+/// block whose weight is missing there, not floating point, or not `[out, in/groups, k, k]`.
+///
+/// Both passes read the weights from `deploy` in chunks of whole rows, every chunk of every
+/// block in parallel: pass one ([`channel_pass`]) gives the per-channel figures and each
+/// tensor's max|w|, pass two ([`tensor_pass`]) the per-tensor ones. Memory: a chunk per thread.
+pub fn scan_deploy(
+    deploy: &Checkpoint,
+    blocks: &[Block],
+) -> Result<Vec<Option<Int8Report>>, Error> {
+    let channels = channel_pass(deploy, blocks)?;
+    tensor_pass(deploy, blocks, &channels)
 }
 
 /// `conv` with each output channel's weights quantized to INT8 with its own scale and
@@ -649,8 +823,21 @@ mod tests {
     #[test]
     fn round_half_even_matches_the_std_rounding() {
         for x in [
-            0.5, 1.5, 2.5, -0.5, -1.5, -2.5, 126.5, -126.5, 127.5, 0.49999999999999994, 3.7,
-            -3.7, 0.0, -0.0, 1e-300,
+            0.5,
+            1.5,
+            2.5,
+            -0.5,
+            -1.5,
+            -2.5,
+            126.5,
+            -126.5,
+            127.5,
+            0.49999999999999994,
+            3.7,
+            -3.7,
+            0.0,
+            -0.0,
+            1e-300,
         ] {
             assert_eq!(round_half_even(x), x.round_ties_even(), "{x}");
         }
@@ -751,6 +938,37 @@ mod tests {
         ] {
             assert!((a.unwrap() - b.unwrap()).abs() < 1e-9);
         }
+    }
+
+    #[test]
+    fn f32_bytes_agree_with_f64_values() {
+        // 37 rows of 21: odd lengths, so the 8-lane blocks and the tails are both used.
+        let v: Vec<f64> = (0..37 * 21)
+            .map(|i| {
+                let x = (((i * 7919) % 1013) as f64 / 1013.0 - 0.3) * (1.0 + (i / 21) as f64);
+                f64::from(x as f32)
+            })
+            .collect();
+        let bytes: Vec<u8> = v.iter().flat_map(|&x| (x as f32).to_le_bytes()).collect();
+        let whole = tensor_figures(&v, 21);
+        let mut c = ChannelStats::new(21, 0);
+        c.push_bytes(Dtype::F32, &bytes);
+        let mut t = TensorStats::new(c.max_abs(), 21, 0);
+        t.push_bytes(Dtype::F32, &bytes);
+        let f = figures(&c, &t);
+        assert_eq!(f.worst_channel, whole.worst_channel);
+        assert_eq!(c.max_abs(), max_abs(&v));
+        for (a, b) in [
+            (f.per_tensor_sqnr_db, whole.per_tensor_sqnr_db),
+            (f.per_channel_sqnr_db, whole.per_channel_sqnr_db),
+            (f.worst_channel_sqnr_db, whole.worst_channel_sqnr_db),
+        ] {
+            assert!((a.unwrap() - b.unwrap()).abs() < 1e-3, "{a:?} {b:?}");
+        }
+        // A NaN is not lost.
+        let mut nan = bytes.clone();
+        nan[40..44].copy_from_slice(&f32::NAN.to_le_bytes());
+        assert!(max_abs_f32(&nan).is_nan());
     }
 
     #[test]

@@ -436,11 +436,15 @@ fn finish(
 /// false if there are any.
 fn int8_gate(r: &repvgg_fuse::report::Report, min: f64) -> bool {
     let low = repvgg_fuse::int8::below(
-        r.blocks.iter().map(|b| (b.block.name.as_str(), b.int8.as_ref())),
+        r.blocks
+            .iter()
+            .map(|b| (b.block.name.as_str(), b.int8.as_ref())),
         min,
     );
     for (name, db) in &low {
-        eprintln!("int8: FAILED `{name}`: per-channel SQNR {db:.2} dB is below --int8-min-db {min}");
+        eprintln!(
+            "int8: FAILED `{name}`: per-channel SQNR {db:.2} dB is below --int8-min-db {min}"
+        );
     }
     if !low.is_empty() {
         eprintln!(
@@ -486,8 +490,10 @@ fn inspection_text(i: &Inspection) -> String {
                 db(q.per_tensor_sqnr_db),
                 db(q.per_channel_sqnr_db),
                 db(q.worst_channel_sqnr_db),
-                q.worst_channel.map_or(String::new(), |c| format!(" (#{c})")),
-                q.channel_range_ratio.map_or("-".to_string(), |r| format!("{r:.1}"))
+                q.worst_channel
+                    .map_or(String::new(), |c| format!(" (#{c})")),
+                q.channel_range_ratio
+                    .map_or("-".to_string(), |r| format!("{r:.1}"))
             );
         }
     }

@@ -223,7 +223,11 @@ impl Summary {
     /// Sets the worst-block fields from `blocks`.
     pub fn set_worst(&mut self, blocks: &[BlockReport]) {
         self.blocks = blocks.len();
-        self.int8 = Int8Summary::of(blocks.iter().map(|b| (b.block.name.as_str(), b.int8.as_ref())));
+        self.int8 = Int8Summary::of(
+            blocks
+                .iter()
+                .map(|b| (b.block.name.as_str(), b.int8.as_ref())),
+        );
         let worst = blocks.iter().max_by(|a, b| {
             a.max_rel_deviation
                 .partial_cmp(&b.max_rel_deviation)

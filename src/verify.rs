@@ -202,7 +202,14 @@ pub fn check_deploy(
     detection: &Detection,
     eps: f64,
     settings: &Settings,
-) -> Result<(VerifyReport, Vec<Option<Deviation>>, Vec<Option<Option<f64>>>), Error> {
+) -> Result<
+    (
+        VerifyReport,
+        Vec<Option<Deviation>>,
+        Vec<Option<Option<f64>>>,
+    ),
+    Error,
+> {
     let max_k = detection.blocks.iter().map(|b| b.kernel).max().unwrap_or(1);
     let [h, w] = settings.input_size.unwrap_or([
         DEFAULT_VERIFY_SIZE.max(max_k),

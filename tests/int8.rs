@@ -45,8 +45,13 @@ fn convert(case: &str, extra: &[&str]) -> (i32, String, Value) {
         .args(extra)
         .output()
         .unwrap();
-    let report = std::fs::read_to_string(dir.path().join("deploy.report.json"))
-        .unwrap_or_else(|e| panic!("{case}: no report ({e}); stderr: {}", String::from_utf8_lossy(&o.stderr)));
+    let report =
+        std::fs::read_to_string(dir.path().join("deploy.report.json")).unwrap_or_else(|e| {
+            panic!(
+                "{case}: no report ({e}); stderr: {}",
+                String::from_utf8_lossy(&o.stderr)
+            )
+        });
     (
         o.status.code().unwrap_or(-1),
         String::from_utf8_lossy(&o.stderr).into_owned(),
@@ -154,7 +159,8 @@ fn skewed_channel_is_found_at_its_index() {
     let b = &block(&report["blocks"], outlier["block"].as_str().unwrap())["int8"];
     assert_eq!(b["worst_channel"], outlier["channel"]);
     assert!(
-        b["worst_channel_sqnr_db"].as_f64().unwrap() < b["per_channel_sqnr_db"].as_f64().unwrap() - 5.0,
+        b["worst_channel_sqnr_db"].as_f64().unwrap()
+            < b["per_channel_sqnr_db"].as_f64().unwrap() - 5.0,
         "{b}"
     );
     // A BN γ ×1000 on one channel: the range ratio shows it, and per-tensor INT8 rounds some
@@ -162,7 +168,10 @@ fn skewed_channel_is_found_at_its_index() {
     let range = &skews[1];
     let b = &block(&report["blocks"], range["block"].as_str().unwrap())["int8"];
     assert!(b["channel_range_ratio"].as_f64().unwrap() > 100.0, "{b}");
-    assert!(b["per_tensor_worst_channel_sqnr_db"].as_f64().unwrap() < 5.0, "{b}");
+    assert!(
+        b["per_tensor_worst_channel_sqnr_db"].as_f64().unwrap() < 5.0,
+        "{b}"
+    );
     assert!(b["per_tensor_sqnr_db"].as_f64().unwrap() > 30.0, "{b}");
 }
 
@@ -234,7 +243,11 @@ fn verify_subcommand_reports_figures_of_any_deploy_file() {
         .success();
     let report: Value = serde_json::from_str(&std::fs::read_to_string(rep).unwrap()).unwrap();
     assert_figures("int8_timm_mobileone", &report["blocks"]);
-    assert!(report["blocks"][0]["int8"]["output_sqnr_db"].as_f64().is_some());
+    assert!(
+        report["blocks"][0]["int8"]["output_sqnr_db"]
+            .as_f64()
+            .is_some()
+    );
 }
 
 #[test]
