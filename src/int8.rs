@@ -91,14 +91,6 @@ impl Sqnr {
         db.is_finite().then_some(db)
     }
 
-    /// The sums over both sets of values.
-    pub fn add(self, other: Sqnr) -> Sqnr {
-        Sqnr {
-            signal: self.signal + other.signal,
-            noise: self.noise + other.noise,
-        }
-    }
-
     /// The sums for `values` quantized with `scale` (see [`fake_quant`]).
     pub fn of(values: &[f64], scale: f64) -> Sqnr {
         if scale == 0.0 {
@@ -130,6 +122,21 @@ impl Sqnr {
         }
     }
 }
+
+impl std::ops::Add for Sqnr {
+    type Output = Sqnr;
+
+    /// The sums over both sets of values.
+    fn add(self, other: Sqnr) -> Sqnr {
+        Sqnr {
+            signal: self.signal + other.signal,
+            noise: self.noise + other.noise,
+        }
+    }
+}
+
+/// One output SQNR in dB: `None` not measured, `Some(None)` exact.
+pub type OutputSqnr = Option<Option<f64>>;
 
 /// max |v| over `values` (NaN if any is NaN, so a broken tensor does not pass for a good one).
 pub fn max_abs(values: &[f64]) -> f64 {
@@ -225,7 +232,7 @@ fn sqnr_f32_avx2(bytes: &[u8], scale: f64) -> Sqnr {
             out.noise += to_f64(err);
         }
     }
-    out.add(sqnr_f32_any(&bytes[4 * full..], scale))
+    out + sqnr_f32_any(&bytes[4 * full..], scale)
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -282,8 +289,8 @@ fn max_abs_f32_any(bytes: &[u8]) -> f64 {
     let chunks = bytes.chunks_exact(32);
     let tail = chunks.remainder();
     for c in chunks {
-        for l in 0..8 {
-            m[l] = m[l].max(f32_at(c, l).to_bits() & 0x7fff_ffff);
+        for (l, m) in m.iter_mut().enumerate() {
+            *m = (*m).max(f32_at(c, l).to_bits() & 0x7fff_ffff);
         }
     }
     for i in 0..tail.len() / 4 {
@@ -362,7 +369,7 @@ impl ChannelStats {
 
     /// Adds one row with max|w| `m` and per-channel sums `s`.
     fn push_row(&mut self, m: f64, s: Sqnr) {
-        self.total = self.total.add(s);
+        self.total = self.total + s;
         self.max_abs = if m.is_nan() || self.max_abs.is_nan() {
             f64::NAN
         } else {
@@ -387,7 +394,7 @@ impl ChannelStats {
         ChannelStats {
             row_len: self.row_len,
             next_row: later.next_row,
-            total: self.total.add(later.total),
+            total: self.total + later.total,
             worst,
             max_abs: if self.max_abs.is_nan() || later.max_abs.is_nan() {
                 f64::NAN
@@ -463,7 +470,7 @@ impl TensorStats {
     }
 
     fn push_row(&mut self, s: Sqnr) {
-        self.sums = self.sums.add(s);
+        self.sums = self.sums + s;
         if s.noise > 0.0 && self.worst.is_none_or(|(_, w)| worse(s, w)) {
             self.worst = Some((self.next_row, s));
         }
@@ -476,7 +483,7 @@ impl TensorStats {
             scale: self.scale,
             row_len: self.row_len,
             next_row: later.next_row,
-            sums: self.sums.add(later.sums),
+            sums: self.sums + later.sums,
             worst: match (self.worst, later.worst) {
                 (Some(a), Some(b)) => Some(if worse(b.1, a.1) { b } else { a }),
                 (a, b) => a.or(b),
@@ -513,7 +520,7 @@ pub struct Int8Report {
     /// its float output, on the verification input (bias in float in both). Absent without
     /// verification, `null` when exact.
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub output_sqnr_db: Option<Option<f64>>,
+    pub output_sqnr_db: OutputSqnr,
 }
 
 /// The figures of a tensor from both passes over it.

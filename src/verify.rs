@@ -14,7 +14,7 @@ use crate::checkpoint::{Checkpoint, encode, float_width};
 use crate::conv::{Input, conv_rows, im2col};
 use crate::convert::{Outcome, Settings, block_err, build_report, eps_info, find, row_chunks};
 use crate::fuse::{Affine, BlockValues, FusedConv};
-use crate::int8::{Int8Report, Sqnr};
+use crate::int8::{Int8Report, OutputSqnr, Sqnr};
 use crate::layout::Detection;
 use crate::report::{BlockReport, Failure, Probe, VerifyReport};
 use rayon::prelude::*;
@@ -192,6 +192,10 @@ pub fn default_tolerance(dtype: Dtype) -> (f64, f64) {
     }
 }
 
+/// What [`check_deploy`] finds: the verdict, each block's deviation, each block's INT8 output
+/// SQNR.
+pub type Checked = (VerifyReport, Vec<Option<Deviation>>, Vec<OutputSqnr>);
+
 /// Judges `deploy` against the blocks of `train`: every block run both ways on the verification
 /// input, every other tensor compared. Returns the verdict, each block's deviation (`None`
 /// where the fused tensors are missing or mis-shaped) and its output SQNR with per-channel
@@ -202,14 +206,7 @@ pub fn check_deploy(
     detection: &Detection,
     eps: f64,
     settings: &Settings,
-) -> Result<
-    (
-        VerifyReport,
-        Vec<Option<Deviation>>,
-        Vec<Option<Option<f64>>>,
-    ),
-    Error,
-> {
+) -> Result<Checked, Error> {
     let max_k = detection.blocks.iter().map(|b| b.kernel).max().unwrap_or(1);
     let [h, w] = settings.input_size.unwrap_or([
         DEFAULT_VERIFY_SIZE.max(max_k),
@@ -239,7 +236,7 @@ pub fn check_deploy(
         .unwrap_or(Dtype::F32);
     let (atol, rtol) = tol(report_dtype);
 
-    let results: Vec<Result<Result<(Deviation, Sqnr), String>, Error>> = detection
+    let results: Vec<Result<BlockOutcome, Error>> = detection
         .blocks
         .par_iter()
         .enumerate()
@@ -309,6 +306,9 @@ pub fn check_deploy(
     ))
 }
 
+/// A block run both ways: its deviation and INT8 output sums, or why it could not be run.
+type BlockOutcome = Result<(Deviation, Sqnr), String>;
+
 #[allow(clippy::too_many_arguments)]
 fn verify_block(
     train: &Checkpoint,
@@ -319,7 +319,7 @@ fn verify_block(
     batch: usize,
     seed: u64,
     stream: u64,
-) -> Result<Result<(Deviation, Sqnr), String>, Error> {
+) -> Result<BlockOutcome, Error> {
     let k = block.kernel;
     let expect_w = vec![block.out_channels, block.in_per_group, k, k];
     let expect_b = vec![block.out_channels];
@@ -370,7 +370,7 @@ fn verify_block(
             .affines(eps, block)
             .map_err(|e| block_err(train, e))?;
         let out = fused(&conv, &x, opg);
-        int8 = int8.add(crate::int8::output_sums(&conv, &out, &x, opg));
+        int8 = int8 + crate::int8::output_sums(&conv, &out, &x, opg);
         let d = deviation(&unfused(&values, &affines, &x, opg), &out);
         dev = dev.merge(d);
     }
