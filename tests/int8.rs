@@ -39,7 +39,7 @@ fn convert(case: &str, extra: &[&str]) -> (i32, String, Value) {
     let dir = TempDir::new().unwrap();
     let out = dir.path().join("deploy.safetensors");
     let o = bin()
-        .arg(case_dir(case).join("train.safetensors"))
+        .arg(case_dir(case).join("model.safetensors"))
         .arg("-o")
         .arg(&out)
         .args(extra)
@@ -200,7 +200,7 @@ fn gate_exits_1_below_the_threshold_and_0_above() {
     assert!(!err.contains("int8: FAILED"), "{err}");
     // Not a number: a usage error.
     let o = bin()
-        .arg(case_dir("int8_skewed").join("train.safetensors"))
+        .arg(case_dir("int8_skewed").join("model.safetensors"))
         .args(["-o", "/nonexistent/x.safetensors", "--int8-min-db", "inf"])
         .output()
         .unwrap();
@@ -230,7 +230,7 @@ fn verify_adds_output_sqnr() {
 fn verify_subcommand_reports_figures_of_any_deploy_file() {
     let dir = TempDir::new().unwrap();
     let out = dir.path().join("deploy.safetensors");
-    let train = case_dir("int8_timm_mobileone").join("train.safetensors");
+    let train = case_dir("int8_timm_mobileone").join("model.safetensors");
     bin().arg(&train).arg("-o").arg(&out).assert().success();
     let rep = dir.path().join("v.json");
     bin()
@@ -254,7 +254,7 @@ fn verify_subcommand_reports_figures_of_any_deploy_file() {
 fn inspect_shows_the_figures() {
     let o = bin()
         .arg("inspect")
-        .arg(case_dir("int8_skewed").join("train.safetensors"))
+        .arg(case_dir("int8_skewed").join("model.safetensors"))
         .arg("--json")
         .output()
         .unwrap();
@@ -263,7 +263,7 @@ fn inspect_shows_the_figures() {
     assert_figures("int8_skewed", &i["blocks"]);
     let o = bin()
         .arg("inspect")
-        .arg(case_dir("int8_skewed").join("train.safetensors"))
+        .arg(case_dir("int8_skewed").join("model.safetensors"))
         .output()
         .unwrap();
     let text = String::from_utf8_lossy(&o.stdout);
@@ -274,7 +274,7 @@ fn inspect_shows_the_figures() {
 fn summary_line_names_the_worst_block() {
     let dir = TempDir::new().unwrap();
     let o = bin()
-        .arg(case_dir("int8_skewed").join("train.safetensors"))
+        .arg(case_dir("int8_skewed").join("model.safetensors"))
         .arg("-o")
         .arg(dir.path().join("d.safetensors"))
         .output()
