@@ -47,7 +47,6 @@ use crate::block::Block;
 use crate::checkpoint::{Checkpoint, TensorInfo, decode_into, encode, float_width};
 use crate::convert::block_err;
 use crate::fuse::{BlockValues, FusedConv};
-use crate::verify::{BlockInput, fused};
 
 /// The largest INT8 magnitude used: the range is symmetric, `[−127, 127]`.
 pub const QMAX: f64 = 127.0;
@@ -779,24 +778,91 @@ pub fn per_channel_quantized(conv: &FusedConv) -> FusedConv {
 }
 
 /// Sums for the output SQNR of `conv` with per-channel INT8 weights: `float_out` is the
-/// block's float fused output on `x` ([`crate::verify::fused`]), compared with the same conv
-/// run with [`per_channel_quantized`] weights. [`Sqnr::db`] of the sums over a block's chunks
-/// is `blocks[i].int8.output_sqnr_db`.
+/// block's float fused output ([`crate::verify::fused`]) on the input whose im2col for the
+/// conv's kernel is `cols` ([`crate::verify::BlockInput::cols`]); the error is the output of
+/// the weights' quantization error, `conv(W − q(W), x)` (the bias cancels). [`Sqnr::db`] of
+/// the sums over a block's chunks is `blocks[i].int8.output_sqnr_db`.
+///
+/// The error conv runs in f32: the errors are at most half an INT8 step, so f32's relative
+/// 6e-8 on them is far below what an SQNR shows, and an f32 GEMM does twice the work of an
+/// f64 one per instruction (verification's cost is its GEMMs).
 pub fn output_sums(
     conv: &FusedConv,
     float_out: &Array2<f64>,
-    x: &BlockInput,
+    cols: &Array2<f64>,
     out_per_group: usize,
 ) -> Sqnr {
-    let quantized = fused(&per_channel_quantized(conv), x, out_per_group);
-    let mut s = Sqnr::default();
-    ndarray::Zip::from(float_out)
-        .and(&quantized)
-        .for_each(|&y, &q| {
-            s.signal += y * y;
-            s.noise += (y - q) * (y - q);
-        });
-    s
+    let k = conv.kernel;
+    let depth = conv.in_per_group * k * k;
+    let rows = conv.rows.clone();
+    let mut delta = Vec::with_capacity(conv.weight.len());
+    for row in conv.weight.chunks(depth.max(1)) {
+        let scale = max_abs(row) / QMAX;
+        let inv = 1.0 / scale;
+        delta.extend(row.iter().map(|&w| {
+            if scale > 0.0 {
+                (w - fake_quant(w, scale, inv)) as f32
+            } else {
+                0.0
+            }
+        }));
+    }
+    let p = cols.ncols();
+    let cols: Vec<f32> = cols.iter().map(|&v| v as f32).collect();
+    let mut err = vec![0.0f32; rows.len() * p];
+    let mut o = rows.start;
+    while o < rows.end {
+        // The run of rows that share o's group, as in `conv::conv_rows`.
+        let g = o / out_per_group.max(1);
+        let end = rows.end.min((g + 1) * out_per_group.max(1));
+        let (r0, r1) = (o - rows.start, end - rows.start);
+        matmul_f32(
+            &delta[r0 * depth..r1 * depth],
+            &cols[g * depth * p..(g + 1) * depth * p],
+            &mut err[r0 * p..r1 * p],
+            [r1 - r0, depth, p],
+        );
+        o = end;
+    }
+    Sqnr {
+        signal: float_out.iter().map(|y| y * y).sum(),
+        noise: err.iter().map(|&e| f64::from(e) * f64::from(e)).sum(),
+    }
+}
+
+/// `c = a · b` in f32 for row-major, contiguous `a` (m×k), `b` (k×n), `c` (m×n).
+fn matmul_f32(a: &[f32], b: &[f32], c: &mut [f32], [m, k, n]: [usize; 3]) {
+    assert!(a.len() == m * k && b.len() == k * n && c.len() == m * n);
+    if m == 0 || n == 0 || k == 0 {
+        c.fill(0.0);
+        return;
+    }
+    // SAFETY: the three slices hold exactly m×k, k×n and m×n elements (asserted above), the
+    // strides describe contiguous row-major storage within them, and `c` is borrowed mutably
+    // so it aliases neither input.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            c.as_mut_ptr(),
+            1,
+            n as isize,
+            false,
+            a.as_ptr(),
+            1,
+            k as isize,
+            b.as_ptr(),
+            1,
+            n as isize,
+            0.0f32,
+            1.0f32,
+            false,
+            false,
+            false,
+            gemm::Parallelism::None,
+        );
+    }
 }
 
 /// The INT8 figures of `block` as `convert` would write it (fused with BN ε `eps`, rounded to
@@ -1022,6 +1088,49 @@ mod tests {
         let mut nan = bytes.clone();
         nan[40..44].copy_from_slice(&f32::NAN.to_le_bytes());
         assert!(max_abs_f32(&nan).is_nan());
+    }
+
+    #[test]
+    fn output_sums_equal_the_quantized_conv_in_f64() {
+        use crate::conv::{Input, conv2d};
+        // 6 output channels, 2 groups of 2 input channels, 3×3; rows 1..5 only.
+        let w: Vec<f64> = (0..6 * 2 * 9)
+            .map(|i| ((i * 37 % 101) as f64 / 101.0 - 0.5) * (1.0 + (i % 7) as f64))
+            .collect();
+        let input = Input::random(1, 4, 5, 5, 7, 0);
+        let conv = FusedConv {
+            rows: 1..5,
+            in_per_group: 2,
+            kernel: 3,
+            weight: w[18..5 * 18].to_vec(),
+            bias: vec![0.5; 4],
+        };
+        let cols = crate::conv::im2col(&input, 3);
+        let mut out = crate::conv::conv_rows(&cols, &conv.weight, 1..5, 2, 3, 3);
+        out += 0.5;
+        let s = output_sums(&conv, &out, &cols, 3);
+        // The same by whole convs in f64: the float and the quantized weights.
+        let mut full = FusedConv {
+            rows: 0..6,
+            weight: w.clone(),
+            bias: vec![0.5; 6],
+            ..conv.clone()
+        };
+        let y = conv2d(&input, &full.weight, Some(&full.bias), 6, 2);
+        full = per_channel_quantized(&full);
+        let yq = conv2d(&input, &full.weight, Some(&full.bias), 6, 2);
+        let hw = 25;
+        let (mut sig, mut noise) = (0.0, 0.0);
+        for i in hw..5 * hw {
+            sig += y.data[i] * y.data[i];
+            noise += (y.data[i] - yq.data[i]).powi(2);
+        }
+        assert!((s.signal - sig).abs() < 1e-9 * sig, "{} {sig}", s.signal);
+        assert!(
+            (s.noise - noise).abs() < 1e-5 * noise,
+            "{} {noise}",
+            s.noise
+        );
     }
 
     #[test]

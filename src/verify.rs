@@ -370,7 +370,7 @@ fn verify_block(
             .affines(eps, block)
             .map_err(|e| block_err(train, e))?;
         let out = fused(&conv, &x, opg);
-        int8 = int8 + crate::int8::output_sums(&conv, &out, &x, opg);
+        int8 = int8 + crate::int8::output_sums(&conv, &out, &x.cols(k), opg);
         let d = deviation(&unfused(&values, &affines, &x, opg), &out);
         dev = dev.merge(d);
     }
