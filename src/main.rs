@@ -348,17 +348,7 @@ fn finish(
             );
         }
         if let Some(i) = &s.int8 {
-            match i.worst_blocks.first() {
-                Some(w) => say!(
-                    text,
-                    "INT8: lowest per-tensor SQNR {:.2} dB in block `{}`; lowest per-channel {}",
-                    w.per_tensor_sqnr_db,
-                    w.name,
-                    i.min_per_channel_sqnr_db
-                        .map_or("exact".to_string(), |v| format!("{v:.2} dB"))
-                ),
-                None => say!(text, "INT8: every fused weight quantizes exactly"),
-            }
+            say!(text, "{}", int8_line(i));
         }
         if let Some(out) = output {
             let report = outcome
@@ -430,6 +420,20 @@ fn finish(
     };
     print(&text);
     code
+}
+
+/// The summary line on INT8: the worst block for per-tensor INT8.
+fn int8_line(i: &repvgg_fuse::int8::Int8Summary) -> String {
+    match i.worst_blocks.first() {
+        Some(w) => format!(
+            "INT8: lowest per-tensor SQNR {:.2} dB in block `{}`; lowest per-channel {}",
+            w.per_tensor_sqnr_db,
+            w.name,
+            i.min_per_channel_sqnr_db
+                .map_or("exact".to_string(), |v| format!("{v:.2} dB"))
+        ),
+        None => "INT8: every fused weight quantizes exactly".to_string(),
+    }
 }
 
 /// `--int8-min-db`: lists the blocks whose per-channel INT8 SQNR is below `min` on stderr;
