@@ -14,10 +14,11 @@
 //! `10·log10(Σw² / Σ(w − q·s)²)` in dB. A ratio with no error (e.g. a tensor of ±max and zeros)
 //! is exact and has no SQNR: `None` (`null` in JSON), never infinity.
 //!
-//! An all-zero output channel has scale 0. torch accepts that (`quantize_per_channel` with a
-//! zero scale computes `0 · (1/0)` = NaN, which becomes the lowest integer after the clamp) and
-//! its `dequantize()` gives `q · 0 = 0` back: the channel comes back exactly, so it adds nothing
-//! to either sum here and is left out of the worst channel and the channel range.
+//! An all-zero output channel (or tensor) has scale 0. torch accepts that: the integers it
+//! stores are meaningless (`0 · (1/0)` is NaN; torch 2.15 stores 0 per channel, 127 per tensor)
+//! but `dequantize()` multiplies them by the scale 0 and gives the zeros back exactly. So such a
+//! channel adds nothing to either sum here and is left out of the worst channel and the channel
+//! range; an all-zero tensor has no SQNR (`None`).
 //!
 //! # Streaming
 //! A fused weight is `[out, in/groups, k, k]`, so each output channel (row) is contiguous and
