@@ -9,7 +9,7 @@
 //!   the deploy file as a stream, [`check`] judges a deploy file;
 //! - leaves: [`checkpoint`] reads tensors, [`block`] is the block model, [`ops`] the branch
 //!   algebra (the one fusion routine and each op's forward), [`conv`] the f64 convolution,
-//!   [`deviation`] the figure of merit, [`report`] the JSON report, [`progress`] the hooks a
+//!   [`deviation`] the figure of merit, [`int8`] the INT8 readiness figures, [`report`] the JSON report, [`progress`] the hooks a
 //!   caller gives a run.
 #![deny(missing_docs)]
 
@@ -20,6 +20,7 @@ pub mod checkpoint;
 pub mod conv;
 pub mod deploy;
 pub mod deviation;
+pub mod int8;
 pub mod layout;
 pub mod ops;
 pub mod progress;

@@ -158,6 +158,10 @@ struct CheckArgs {
     /// F16 1e-2, BF16 5e-2, F64 1e-10].
     #[arg(long, value_name = "X", value_parser = non_negative)]
     rtol: Option<f64>,
+    /// Exit 1 (listing them) if any fused block's per-channel INT8 SQNR is below X dB
+    /// (`blocks[i].int8.per_channel_sqnr_db`; the deploy file is still written).
+    #[arg(long, value_name = "X", value_parser = finite)]
+    int8_min_db: Option<f64>,
 }
 
 #[derive(ValueEnum, Debug, Clone, Copy)]
@@ -181,6 +185,13 @@ fn non_negative(s: &str) -> Result<f64, String> {
     match s.parse::<f64>() {
         Ok(v) if v.is_finite() && v >= 0.0 => Ok(v),
         _ => Err(format!("`{s}` is not a finite number ≥ 0")),
+    }
+}
+
+fn finite(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(v) if v.is_finite() => Ok(v),
+        _ => Err(format!("`{s}` is not a finite number")),
     }
 }
 
@@ -355,6 +366,7 @@ fn run_convert(args: ConvertArgs, clock: &Clock, cancel: &Cancel) -> Result<Exit
             report_to_stdout: matches!(report, ReportTo::Caller),
             junit: args.ci.junit.as_deref(),
             clock,
+            int8_min_db: args.check.int8_min_db,
         },
     )
 }
@@ -383,6 +395,7 @@ fn run_verify(args: VerifyArgs, clock: &Clock, cancel: &Cancel) -> Result<ExitCo
             report_to_stdout: args.report.as_deref().is_some_and(is_stdout),
             junit: args.ci.junit.as_deref(),
             clock,
+            int8_min_db: args.check.int8_min_db,
         },
     )
 }
@@ -441,6 +454,8 @@ struct Publish<'a> {
     report_to_stdout: bool,
     junit: Option<&'a Path>,
     clock: &'a Clock,
+    /// `--int8-min-db`.
+    int8_min_db: Option<f64>,
 }
 
 /// Writes the JUnit file, prints the summary (stdout, or stderr under `--report -`), the
@@ -451,12 +466,15 @@ fn publish(outcome: &Outcome, p: &Publish) -> Result<ExitCode> {
     if let Some(path) = p.junit {
         export::write_junit(path, &export::junit(r, &p.clock.run_info()))?;
     }
-    let code = if outcome.passed() {
+    let mut code = if outcome.passed() {
         ExitCode::SUCCESS
     } else {
         print_failures(r, p.output.is_some());
         ExitCode::from(1)
     };
+    if p.int8_min_db.is_some_and(|min| !int8_gate(r, min)) {
+        code = ExitCode::from(1);
+    }
     let text = if p.quiet {
         String::new()
     } else {
@@ -562,6 +580,9 @@ fn summary_text(outcome: &Outcome, output: Option<&Path>) -> String {
             r.probe.seed
         );
     }
+    if let Some(i) = &s.int8 {
+        say!(text, "{}", int8_line(i));
+    }
     if let Some(out) = output {
         let report = outcome
             .report_path
@@ -595,6 +616,60 @@ fn summary_text(outcome: &Outcome, output: Option<&Path>) -> String {
     text
 }
 
+/// The summary line on INT8: the worst block for per-tensor INT8.
+fn int8_line(i: &repvgg_fuse::int8::Int8Summary) -> String {
+    match i.worst_blocks.first() {
+        Some(w) => format!(
+            "INT8: lowest per-tensor SQNR {:.2} dB in block `{}`; lowest per-channel {}",
+            w.per_tensor_sqnr_db,
+            w.name,
+            i.min_per_channel_sqnr_db
+                .map_or("exact".to_string(), |v| format!("{v:.2} dB"))
+        ),
+        None => "INT8: every fused weight quantizes exactly".to_string(),
+    }
+}
+
+/// `--int8-min-db`: lists the blocks whose per-channel INT8 SQNR is below `min` on stderr;
+/// false if there are any.
+fn int8_gate(r: &Report, min: f64) -> bool {
+    let low = repvgg_fuse::int8::below(
+        r.blocks
+            .iter()
+            .map(|b| (b.block.name.as_str(), b.int8.as_ref())),
+        min,
+    );
+    for (name, db) in &low {
+        eprintln!(
+            "int8: FAILED `{name}`: per-channel SQNR {db:.2} dB is below --int8-min-db {min}"
+        );
+    }
+    if !low.is_empty() {
+        eprintln!(
+            "int8: FAILED: {} of {} blocks below {min} dB per-channel INT8 SQNR",
+            low.len(),
+            r.blocks.len()
+        );
+    }
+    low.is_empty()
+}
+
+/// One block's INT8 figures, for `inspect`.
+fn int8_text(q: &repvgg_fuse::int8::Int8Report) -> String {
+    let db = |v: Option<f64>| v.map_or("exact".to_string(), |v| format!("{v:.2} dB"));
+    format!(
+        "  {:<32} INT8 SQNR per-tensor {}, per-channel {}, worst channel {}{}, range ratio {}",
+        "",
+        db(q.per_tensor_sqnr_db),
+        db(q.per_channel_sqnr_db),
+        db(q.worst_channel_sqnr_db),
+        q.worst_channel
+            .map_or(String::new(), |c| format!(" (#{c})")),
+        q.channel_range_ratio
+            .map_or("-".to_string(), |r| format!("{r:.1}"))
+    )
+}
+
 fn inspection_text(i: &Inspection) -> String {
     let mut text = String::new();
     say!(
@@ -607,7 +682,7 @@ fn inspection_text(i: &Inspection) -> String {
         i.bn_eps.source
     );
     say!(text, "{} blocks:", i.blocks.len());
-    for b in i.blocks.iter().map(|b| &b.block) {
+    for (b, int8) in i.blocks.iter().map(|b| (&b.block, &b.int8)) {
         let groups = b.groups.map_or("?".to_string(), |g| g.to_string());
         let cin = b.in_channels.map_or("?".to_string(), |c| c.to_string());
         say!(
@@ -620,6 +695,9 @@ fn inspection_text(i: &Inspection) -> String {
             if b.identity { "" } else { " (no identity)" },
             k = b.kernel
         );
+        if let Some(q) = int8 {
+            say!(text, "{}", int8_text(q));
+        }
     }
     for s in &i.skipped {
         say!(text, "  not fused: {} ({})", s.name, s.reason);

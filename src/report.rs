@@ -4,6 +4,7 @@ use serde::Serialize;
 
 use crate::block::Block;
 use crate::deviation::{Deviation, WorstElement};
+use crate::int8::{Int8Report, Int8Summary};
 
 /// The whole report.
 #[derive(Debug, Clone, Serialize)]
@@ -145,6 +146,9 @@ pub struct BlockReport {
     pub max_rel_deviation: f64,
     /// max |unfused|.
     pub max_abs_output: f64,
+    /// INT8 readiness of the fused weight as written ([`crate::int8`]); null when the deploy
+    /// file has no usable fused weight for the block.
+    pub int8: Option<Int8Report>,
 }
 
 impl BlockReport {
@@ -159,6 +163,7 @@ impl BlockReport {
             max_abs_deviation: dev.max_abs,
             max_rel_deviation: dev.max_rel,
             max_abs_output: dev.max_abs_output,
+            int8: None,
         }
     }
 }
@@ -199,12 +204,19 @@ pub struct Summary {
     pub bytes_in: u64,
     /// Size of the output file.
     pub bytes_out: u64,
+    /// INT8 readiness of the model: the blocks that lose most ([`crate::int8`]).
+    pub int8: Option<Int8Summary>,
 }
 
 impl Summary {
     /// Sets the worst-block fields from `blocks`.
     pub fn set_worst(&mut self, blocks: &[BlockReport]) {
         self.blocks = blocks.len();
+        self.int8 = Int8Summary::of(
+            blocks
+                .iter()
+                .map(|b| (b.block.name.as_str(), b.int8.as_ref())),
+        );
         let worst = blocks.iter().max_by(|a, b| {
             a.max_rel_deviation
                 .partial_cmp(&b.max_rel_deviation)

@@ -8,13 +8,15 @@ use std::path::Path;
 use super::output::{
     check_not_input, default_report_path, persist, report_tmp, same_file, temp_beside,
 };
-use super::{Outcome, ReportParts, Settings, Train, Written, build_report, verify_probe};
+use super::{
+    Outcome, ReportParts, Settings, Train, Written, build_report, set_checked, verify_probe,
+};
 use crate::Error;
 use crate::checkpoint::Checkpoint;
-use crate::deploy::{Plan, WriteError, write_deploy};
-use crate::deviation::Deviation;
+use crate::deploy::{Plan, Streamed, WriteError, write_deploy};
+use crate::int8;
 use crate::progress::Hooks;
-use crate::report::{BlockReport, Probe, VerifyReport};
+use crate::report::{Probe, VerifyReport};
 
 /// Where [`convert`] writes the JSON report.
 #[derive(Debug, Clone, Copy)]
@@ -54,15 +56,18 @@ pub fn convert(
 
     // With --verify the full check replaces the probe.
     let probe_seed = (!verify).then_some(settings.check.seed);
-    let (tmp, deviations) = write(&train, &plan, probe_seed, output, hooks)?;
+    let (tmp, streamed) = write(&train, &plan, probe_seed, output, hooks)?;
+    // INT8: pass one ran while fusing; pass two (per tensor, which needs each tensor's max)
+    // reads the file just written, still in the page cache. The input is read once.
+    let deploy = Checkpoint::open(tmp.path())?;
+    let int8 = int8::tensor_pass(&deploy, &detection.blocks, &streamed.int8, hooks.cancel)?;
     let dtype_of = |b: &crate::block::Block| format!("{:?}", settings.cast.unwrap_or(b.dtype));
-    let mut blocks = train.block_reports(dtype_of, deviations);
+    let mut blocks = train.block_reports(dtype_of, streamed.probe, int8);
     let (probe, verify_report) = if verify {
         hooks.progress.stage("verifying");
-        let deploy = Checkpoint::open(tmp.path())?;
-        let (v, devs) = train.check(&deploy, &settings.check, hooks)?;
-        set_deviations(&mut blocks, devs);
-        (verify_probe(&v), Some(v))
+        let checked = train.check(&deploy, &settings.check, hooks)?;
+        set_checked(&mut blocks, &checked);
+        (verify_probe(&checked.report), Some(checked.report))
     } else {
         let probe = Probe {
             kind: "probe".into(),
@@ -133,27 +138,16 @@ fn write(
     probe_seed: Option<u64>,
     output: &Path,
     hooks: Hooks,
-) -> Result<(tempfile::NamedTempFile, Vec<Deviation>), Error> {
+) -> Result<(tempfile::NamedTempFile, Streamed), Error> {
     let mut tmp = temp_beside(output)?;
     let out_err = |e| Error::write(output, "cannot write")(e);
     hooks.progress.start(plan.file_len());
     let (ckpt, detection, eps) = (&train.ckpt, &train.detection, train.eps.value);
-    let deviations = write_deploy(ckpt, detection, plan, eps, probe_seed, tmp.as_file(), hooks)
+    let streamed = write_deploy(ckpt, detection, plan, eps, probe_seed, tmp.as_file(), hooks)
         .map_err(|e| match e {
             WriteError::Io(e) => out_err(e),
             WriteError::Run(e) => e,
         })?;
     tmp.as_file_mut().flush().map_err(out_err)?;
-    Ok((tmp, deviations))
-}
-
-/// Replaces the probe deviations with the verification's, where a block could be run.
-fn set_deviations(blocks: &mut [BlockReport], devs: Vec<Option<Deviation>>) {
-    for (report, dev) in blocks.iter_mut().zip(devs) {
-        if let Some(dev) = dev {
-            report.max_abs_deviation = dev.max_abs;
-            report.max_rel_deviation = dev.max_rel;
-            report.max_abs_output = dev.max_abs_output;
-        }
-    }
+    Ok((tmp, streamed))
 }

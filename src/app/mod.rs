@@ -19,9 +19,10 @@ pub use verify::verify_files;
 
 use crate::Error;
 use crate::block::Block;
-pub use crate::check::{CheckOptions, check_deploy};
+pub use crate::check::{CheckOptions, Checked, check_deploy};
 use crate::checkpoint::{Checkpoint, ReadOptions};
 use crate::deviation::Deviation;
+use crate::int8::Int8Report;
 use crate::layout::{Detection, Layout};
 use crate::progress::Hooks;
 use crate::report::{
@@ -94,20 +95,24 @@ impl Train {
         deploy: &Checkpoint,
         opts: &CheckOptions,
         hooks: Hooks,
-    ) -> Result<(VerifyReport, Vec<Option<Deviation>>), Error> {
+    ) -> Result<Checked, Error> {
         let (train, found) = (&self.ckpt, &self.detection);
         check_deploy(train, deploy, found, self.eps.value, opts, hooks.cancel)
     }
 
-    /// One report entry per block, with its fused dtype and deviation.
+    /// One report entry per block, with its fused dtype, deviation and INT8 figures.
     fn block_reports(
         &self,
         dtype_of: impl Fn(&Block) -> String,
         devs: impl IntoIterator<Item = Deviation>,
+        int8: Vec<Option<Int8Report>>,
     ) -> Vec<BlockReport> {
         let layout = &self.detection.layout.name;
-        (self.detection.blocks.iter().zip(devs))
-            .map(|(b, d)| BlockReport::new(b, layout, &dtype_of(b), d))
+        (self.detection.blocks.iter().zip(devs).zip(int8))
+            .map(|((b, d), int8)| BlockReport {
+                int8,
+                ..BlockReport::new(b, layout, &dtype_of(b), d)
+            })
             .collect()
     }
 }
@@ -196,6 +201,25 @@ fn build_report(ckpt: &Checkpoint, detection: &Detection, parts: ReportParts) ->
         source: ckpt.source().cloned(),
         summary,
         verify: parts.verify,
+    }
+}
+
+/// Puts a verification's findings in the block reports: the deviation where a block could be
+/// run, and the INT8 output SQNR.
+fn set_checked(blocks: &mut [BlockReport], checked: &Checked) {
+    for ((report, dev), out) in blocks
+        .iter_mut()
+        .zip(&checked.deviations)
+        .zip(&checked.int8_output)
+    {
+        if let Some(dev) = dev {
+            report.max_abs_deviation = dev.max_abs;
+            report.max_rel_deviation = dev.max_rel;
+            report.max_abs_output = dev.max_abs_output;
+        }
+        if let (Some(int8), Some(out)) = (&mut report.int8, out) {
+            int8.output_sqnr_db = Some(*out);
+        }
     }
 }
 

@@ -2,10 +2,13 @@
 
 use std::path::Path;
 
-use super::{Outcome, ReportParts, Settings, Train, Written, build_report, verify_probe};
+use super::{
+    Outcome, ReportParts, Settings, Train, Written, build_report, set_checked, verify_probe,
+};
 use crate::Error;
 use crate::checkpoint::Checkpoint;
 use crate::deviation::Deviation;
+use crate::int8;
 use crate::progress::Hooks;
 
 /// Judges a deploy file made by anyone against its train file.
@@ -17,16 +20,16 @@ pub fn verify_files(
 ) -> Result<Outcome, Error> {
     let train = Train::open(train_path, settings)?;
     let deploy = Checkpoint::open_with(deploy_path, &settings.read)?;
-    let (v, devs) = train.check(&deploy, &settings.check, hooks)?;
+    let checked = train.check(&deploy, &settings.check, hooks)?;
+    let int8 = int8::scan_deploy(&deploy, &train.detection.blocks, hooks.cancel)?;
     let dtype_of = |b: &crate::block::Block| {
         deploy
             .get(&b.deploy_weight)
             .map_or("missing".to_string(), |t| format!("{:?}", t.dtype))
     };
-    let devs = devs
-        .into_iter()
-        .map(|d| d.unwrap_or_else(Deviation::unknown));
-    let blocks = train.block_reports(dtype_of, devs);
+    let devs = (checked.deviations.iter()).map(|d| d.unwrap_or_else(Deviation::unknown));
+    let mut blocks = train.block_reports(dtype_of, devs, int8);
+    set_checked(&mut blocks, &checked);
     let written = Written {
         tensors: deploy.tensors().len(),
         parameters: deploy.tensors().iter().map(|t| t.numel()).sum(),
@@ -36,9 +39,9 @@ pub fn verify_files(
         command: "verify",
         output: deploy_path.to_path_buf(),
         eps: train.eps.clone(),
-        probe: verify_probe(&v),
+        probe: verify_probe(&checked.report),
         blocks,
-        verify: Some(v),
+        verify: Some(checked.report),
         written,
     };
     Ok(Outcome {
