@@ -76,7 +76,7 @@ struct InspectArgs {
 
 #[derive(Args, Debug)]
 struct ConvertArgs {
-    /// The train-form checkpoint (.safetensors).
+    /// The train-form checkpoint (safetensors, or a PyTorch .pth/.pt/.bin).
     #[arg(value_name = "INPUT")]
     input: Option<PathBuf>,
     /// Where to write the deploy-form checkpoint.
