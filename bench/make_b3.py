@@ -2,6 +2,7 @@
 """Write a deterministic RepVGG-B3 *train-form* checkpoint for benchmarking.
 
     python bench/make_b3.py OUT.safetensors [--seed N] [--model repvgg_b3]
+    python bench/make_b3.py OUT.pth --pth     # the same state dict written by torch.save
 
 Builds timm `repvgg_b3` (pretrained=False, no network), puts it in eval mode, gives every
 BatchNorm non-trivial random statistics (gamma, beta, running_mean, running_var,
@@ -23,6 +24,8 @@ def main() -> int:
     ap.add_argument("out")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--model", default="repvgg_b3", help="timm repvgg_* model name (default repvgg_b3)")
+    ap.add_argument("--pth", action="store_true",
+                    help="write the state dict with torch.save (zip format) instead of safetensors")
     args = ap.parse_args()
 
     t0 = time.perf_counter()
@@ -48,7 +51,10 @@ def main() -> int:
 
     sd = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
     tmp = args.out + ".tmp"
-    save_file(sd, tmp, metadata={"format": "pt", "source": f"bench/make_b3.py seed={args.seed}"})
+    if args.pth:
+        torch.save(sd, tmp)
+    else:
+        save_file(sd, tmp, metadata={"format": "pt", "source": f"bench/make_b3.py seed={args.seed}"})
     os.replace(tmp, args.out)
     n_params = sum(v.numel() for v in sd.values() if v.is_floating_point())
     print(

@@ -7,6 +7,7 @@
 #   BENCH_SKIP_RUST=1 bench/run.sh    # only cp + PyTorch (e.g. while the crate does not build)
 #   BENCH_PYTHON=/path/to/python      # use an existing interpreter with bench/requirements.txt
 #   BENCH_DIR=/some/dir               # cache + scratch dir (default: <crate>/target/bench)
+#   BENCH_SKIP_PTH=1 bench/run.sh     # no .pth rows (cp and convert of the same B3 saved by torch.save)
 #
 # Wall time is taken with a nanosecond clock around `/usr/bin/time -f '%e %M'` (whose %e only has
 # 10 ms resolution, too coarse for `cp`); peak RSS is /usr/bin/time's %M (max resident set, KB).
@@ -21,6 +22,8 @@ SKIP_RUST="${BENCH_SKIP_RUST:-0}"
 WORK="${BENCH_DIR:-$ROOT/target/bench}"
 VENV="$WORK/venv"
 CKPT="$WORK/b3.safetensors"
+PTH="$WORK/b3.pth"
+SKIP_PTH="${BENCH_SKIP_PTH:-0}"
 OUT="$WORK/out"
 BIN="$ROOT/target/release/repvgg-fuse"
 
@@ -49,6 +52,7 @@ fi
 need_py=0
 [[ "$SKIP_PY" == 1 ]] || need_py=1
 [[ -f "$CKPT" ]] || need_py=1
+[[ "$SKIP_PTH" == 1 || -f "$PTH" ]] || need_py=1
 PY=""
 if [[ "$need_py" == 1 ]]; then
     if [[ -n "${BENCH_PYTHON:-}" ]]; then
@@ -70,6 +74,10 @@ if [[ ! -f "$CKPT" ]]; then
     log "generating $CKPT"
     "$PY" "$SCRIPT_DIR/make_b3.py" "$CKPT" || die "make_b3.py failed"
 fi
+if [[ "$SKIP_PTH" != 1 && ! -f "$PTH" ]]; then
+    log "generating $PTH (torch.save of the same state dict)"
+    "$PY" "$SCRIPT_DIR/make_b3.py" "$PTH" --pth || die "make_b3.py --pth failed"
+fi
 SIZE_BYTES=$(stat -c %s "$CKPT")
 SIZE_MB=$(awk -v b="$SIZE_BYTES" 'BEGIN{printf "%.1f", b/1e6}')
 
@@ -90,7 +98,7 @@ measure() {
     for ((i = 1; i <= RUNS; i++)); do
         rm -f "${cleanup[@]}"
         sync
-        cat "$CKPT" >/dev/null
+        cat "${WARM:-$CKPT}" >/dev/null
         t0=$(date +%s%N)
         set +e
         /usr/bin/time -f '%e %M' -o "$tf" "$@" >"$lf" 2>&1
@@ -123,6 +131,14 @@ if [[ "$SKIP_RUST" != 1 ]]; then
     measure convert_verify "$OUT/out2.safetensors" "$OUT/out2.report.json" -- \
         "$BIN" "$CKPT" -o "$OUT/out2.safetensors" --verify --input-size 16x16 --quiet
 fi
+if [[ "$SKIP_PTH" != 1 ]]; then
+    PTH_MB=$(awk -v b="$(stat -c %s "$PTH")" 'BEGIN{printf "%.1f", b/1e6}')
+    WARM="$PTH" measure cp_pth "$OUT/copy.pth" -- cp "$PTH" "$OUT/copy.pth"
+    if [[ "$SKIP_RUST" != 1 ]]; then
+        WARM="$PTH" measure convert_pth "$OUT/out3.safetensors" "$OUT/out3.report.json" -- \
+            "$BIN" "$PTH" -o "$OUT/out3.safetensors" --quiet
+    fi
+fi
 if [[ "$SKIP_PY" != 1 ]]; then
     measure pt_convert "$OUT/pt_deploy.safetensors" -- \
         "$PY" "$SCRIPT_DIR/pytorch_convert.py" "$CKPT" "$OUT/pt_deploy.safetensors"
@@ -144,6 +160,8 @@ row() { [[ -n "${RES_T[$1]:-}" ]] && printf '%-44s %10s %12s\n' "$2" "${RES_T[$1
 row cp             "cp (baseline)"
 row convert        "repvgg-fuse (convert + report)"
 row convert_verify "repvgg-fuse --verify --input-size 16x16"
+row cp_pth         "cp of b3.pth (baseline for .pth)"
+row convert_pth    "repvgg-fuse b3.pth (convert + report)"
 row pt_convert     "pytorch_convert.py (timm reparameterize)"
 row pt_verify      "pytorch_verify.py --input-size 16x16"
 echo
@@ -151,6 +169,10 @@ ratio() { awk -v a="$2" -v b="$3" -v l="$1" 'BEGIN{ if (b > 0) printf "%-52s %8.
 if [[ -n "${RES_T[convert]:-}" ]]; then
     ratio "repvgg-fuse time / cp time"               "${RES_T[convert]}" "${RES_T[cp]}"
     ratio "repvgg-fuse peak RSS / input size"         "${RES_M[convert]}" "$SIZE_MB"
+fi
+if [[ -n "${RES_T[convert_pth]:-}" ]]; then
+    ratio "repvgg-fuse b3.pth time / cp of b3.pth time" "${RES_T[convert_pth]}" "${RES_T[cp_pth]}"
+    ratio "repvgg-fuse b3.pth peak RSS / .pth size"    "${RES_M[convert_pth]}" "$PTH_MB"
 fi
 if [[ -n "${RES_T[pt_convert]:-}" ]]; then
     ratio "pytorch convert time / cp time"            "${RES_T[pt_convert]}" "${RES_T[cp]}"

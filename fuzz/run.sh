@@ -23,6 +23,11 @@ fixtures=()
 for d in ../fixtures/*/; do
   [ -f "$d/train.safetensors" ] && fixtures+=("$d/train.safetensors")
 done
+# PyTorch checkpoints (torch.save, zip and legacy): the pickle reader is fuzzed through the
+# same entry point, since a checkpoint's format is told by its bytes.
+for f in ../fixtures/torch_*/*.pth ../fixtures/torch_*/*.pt ../fixtures/torch_*/*.tar; do
+  [ -f "$f" ] && fixtures+=("$f")
+done
 
 if rustup toolchain list 2>/dev/null | grep -q '^nightly'; then
   if ! cargo fuzz --version >/dev/null 2>&1; then
@@ -32,7 +37,7 @@ if rustup toolchain list 2>/dev/null | grep -q '^nightly'; then
   # Seeds: one small checkpoint per layout (written by the same crate), and the fixtures.
   cargo run --quiet --release --no-default-features --bin mutate -- --write-seeds "$corpus"
   for f in "${fixtures[@]}"; do
-    cp "$f" "$corpus/fixture-$(basename "$(dirname "$f")").safetensors"
+    cp "$f" "$corpus/fixture-$(basename "$(dirname "$f")")-$(basename "$f")"
   done
   log=$(mktemp)
   trap 'rm -f "$log"' EXIT

@@ -13,10 +13,11 @@ use crate::block::{Block, Op, kernel_hw};
 use crate::checkpoint::{Checkpoint, TensorInfo, encode, float_width};
 use crate::conv::{BlockInput, Input, conv_rows};
 use crate::deviation::{self, Deviation};
+use crate::int8::{self, ConvRows, OutputSqnr, Sqnr};
 use crate::layout::Detection;
 use crate::ops::{ChannelValues, forward_unfused, read_rows};
 use crate::progress::Cancel;
-use crate::report::{Failure, VerifyReport};
+use crate::report::{Failure, FailureKind, VerifyReport};
 
 /// How fused and unfused blocks are compared.
 #[derive(Debug, Clone)]
@@ -91,9 +92,23 @@ fn input_size(detection: &Detection, opts: &CheckOptions) -> Result<[usize; 2], 
     }
 }
 
+/// What [`check_deploy`] finds.
+#[derive(Debug)]
+pub struct Checked {
+    /// The verdict.
+    pub report: VerifyReport,
+    /// Each block's deviation (`None` where the fused tensors are missing or mis-shaped).
+    pub deviations: Vec<Option<Deviation>>,
+    /// Each block's output SQNR with per-channel INT8 weights
+    /// ([`crate::int8::output_sums`]; `Some(None)`: exact; `None`: not run).
+    pub int8_output: Vec<OutputSqnr>,
+}
+
+/// A block run both ways: its deviation and INT8 output sums, or why it could not be run.
+type BlockOutcome = Result<(Deviation, Sqnr), String>;
+
 /// Judges `deploy` against the blocks of `train`: every block run both ways on the verification
-/// input, every other tensor compared. Returns the verdict and each block's deviation (`None`
-/// where the fused tensors are missing or mis-shaped).
+/// input, every other tensor compared.
 pub fn check_deploy(
     train: &Checkpoint,
     deploy: &Checkpoint,
@@ -101,7 +116,7 @@ pub fn check_deploy(
     eps: f64,
     opts: &CheckOptions,
     cancel: &Cancel,
-) -> Result<(VerifyReport, Vec<Option<Deviation>>), Error> {
+) -> Result<Checked, Error> {
     let size = input_size(detection, opts)?;
     let batch = opts.batch.max(1);
     // Tolerances reported are those of the blocks' (first) dtype.
@@ -111,7 +126,7 @@ pub fn check_deploy(
         .and_then(|b| deploy.get(&b.deploy_weight).map(|t| t.dtype))
         .unwrap_or(Dtype::F32);
     let (atol, rtol) = opts.tolerance(report_dtype);
-    let results: Vec<Result<Result<Deviation, String>, Error>> = detection
+    let results: Vec<Result<BlockOutcome, Error>> = detection
         .blocks
         .par_iter()
         .enumerate()
@@ -128,13 +143,16 @@ pub fn check_deploy(
         .collect();
     let mut failures = Vec::new();
     let mut devs = Vec::new();
+    let mut int8_output = Vec::new();
     for (block, result) in detection.blocks.iter().zip(results) {
         let result = result?;
         let dtype = deploy
             .get(&block.deploy_weight)
             .map_or(Dtype::F32, |t| t.dtype);
-        failures.extend(judge(block, &result, opts.tolerance(dtype)));
-        devs.push(result.ok());
+        let dev = result.as_ref().map(|(d, _)| *d).map_err(String::clone);
+        failures.extend(judge(block, &dev, opts.tolerance(dtype)));
+        devs.push(dev.ok());
+        int8_output.push(result.ok().map(|(_, q)| q.db()));
     }
     failures.extend(check_passthrough(train, deploy, detection)?);
     let report = VerifyReport {
@@ -146,7 +164,11 @@ pub fn check_deploy(
         seed: opts.seed,
         failures,
     };
-    Ok((report, devs))
+    Ok(Checked {
+        report,
+        deviations: devs,
+        int8_output,
+    })
 }
 
 /// The failure of a block whose deviation is over `(atol, rtol)` or that could not be run.
@@ -161,12 +183,13 @@ fn judge(block: &Block, result: &Result<Deviation, String>, (a, r): (f64, f64)) 
             ),
             max_abs_deviation: Some(dev.max_abs),
             max_rel_deviation: Some(dev.max_rel),
+            kind: FailureKind::Block,
+            tolerance: Some([a, r]),
+            worst_element: dev.worst,
         }),
         Err(reason) => Some(Failure {
-            name: block.name.clone(),
-            reason: reason.clone(),
-            max_abs_deviation: None,
-            max_rel_deviation: None,
+            kind: FailureKind::Block,
+            ..failure(&block.name, reason.clone())
         }),
     }
 }
@@ -207,15 +230,16 @@ impl Run<'_> {
         ])
     }
 
-    /// The block's deviation on a seeded `batch`×`h`×`w` input (stream `stream`); the inner
-    /// `Err` says why the deploy file's tensors cannot be run.
+    /// The block's deviation on a seeded `batch`×`h`×`w` input (stream `stream`), and the
+    /// sums of its output SQNR with per-channel INT8 weights; the inner `Err` says why the
+    /// deploy file's tensors cannot be run.
     fn deviation(
         &self,
         [h, w]: [usize; 2],
         batch: usize,
         seed: u64,
         stream: u64,
-    ) -> Result<Result<Deviation, String>, Error> {
+    ) -> Result<BlockOutcome, Error> {
         let fused = match self.fused_tensors() {
             Ok(t) => t,
             Err(why) => return Ok(Err(why)),
@@ -227,12 +251,22 @@ impl Run<'_> {
             &kernels(self.train, b),
         );
         let mut dev = Deviation::default();
+        let mut int8 = Sqnr::default();
         for rows in b.row_chunks(VERIFY_CHUNK) {
             let unfused = self.unfused(&x, rows.clone())?;
-            let fused = self.fused(&x, fused, rows)?;
-            dev = dev.merge(deviation::between(&unfused, &fused));
+            let first = rows.start;
+            let (out, weight) = self.fused(&x, fused, rows)?;
+            dev = dev.merge(deviation::between(&unfused, &out, first, [h, w]));
+            let conv = ConvRows {
+                weight: &weight,
+                first_row: first,
+                in_per_group: b.in_per_group,
+                kernel: b.kernel,
+            };
+            let cols = x.cols(b.kernel, 1);
+            int8 = int8 + int8::output_sums(conv, &out, &cols, b.out_per_group());
         }
-        Ok(Ok(dev))
+        Ok(Ok((dev, int8)))
     }
 
     /// The train block, op by op, for output channels `rows`.
@@ -257,13 +291,13 @@ impl Run<'_> {
         Ok(forward_unfused(b, &values, &sources, x, self.eps))
     }
 
-    /// The deploy conv as written, for output channels `rows`.
+    /// The deploy conv as written, for output channels `rows`: its output, and its weights.
     fn fused(
         &self,
         x: &BlockInput,
         [weight, bias]: [&TensorInfo; 2],
         rows: std::ops::Range<usize>,
-    ) -> Result<Array2<f64>, Error> {
+    ) -> Result<(Array2<f64>, Vec<f64>), Error> {
         let b = self.block;
         let not_float = || {
             Error::internal(format!(
@@ -290,7 +324,7 @@ impl Run<'_> {
         for (mut row, c) in y.rows_mut().into_iter().zip(bias) {
             row += c;
         }
-        Ok(y)
+        Ok((y, w))
     }
 }
 
@@ -353,36 +387,55 @@ fn check_passthrough(
         }
         expected.insert(&t.name);
         let why = match deploy.get(&t.name) {
-            None => Some("missing from the deploy file".to_string()),
-            Some(d) if d.shape != t.shape => Some(format!(
-                "shape {:?} in the deploy file, {:?} in the train file",
-                d.shape, t.shape
+            None => Some((
+                FailureKind::Missing,
+                "missing from the deploy file".to_string(),
             )),
-            Some(d) if !same_values(train, t, deploy, d)? => Some(format!(
-                "differs from the train file's ({:?} there, {:?} here)",
-                t.dtype, d.dtype
+            Some(d) if d.shape != t.shape => Some((
+                FailureKind::Altered,
+                format!(
+                    "shape {:?} in the deploy file, {:?} in the train file",
+                    d.shape, t.shape
+                ),
+            )),
+            Some(d) if !same_values(train, t, deploy, d)? => Some((
+                FailureKind::Altered,
+                format!(
+                    "differs from the train file's ({:?} there, {:?} here)",
+                    t.dtype, d.dtype
+                ),
             )),
             Some(_) => None,
         };
-        failures.extend(why.map(|reason| failure(&t.name, reason)));
+        failures.extend(why.map(|(kind, reason)| Failure {
+            kind,
+            ..failure(&t.name, reason)
+        }));
     }
     for d in deploy.tensors() {
         if !expected.contains(d.name.as_str()) {
-            failures.push(failure(
-                &d.name,
-                "is in the deploy file but not expected there (a leftover train branch? strict loading would refuse it)".into(),
-            ));
+            failures.push(Failure {
+                kind: FailureKind::Extra,
+                ..failure(
+                    &d.name,
+                    "is in the deploy file but not expected there (a leftover train branch? strict loading would refuse it)".into(),
+                )
+            });
         }
     }
     Ok(failures)
 }
 
+/// A failure without a measured deviation (its kind set by the caller).
 fn failure(name: &str, reason: String) -> Failure {
     Failure {
         name: name.to_string(),
         reason,
         max_abs_deviation: None,
         max_rel_deviation: None,
+        kind: FailureKind::Block,
+        tolerance: None,
+        worst_element: None,
     }
 }
 

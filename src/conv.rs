@@ -197,10 +197,12 @@ pub fn matmul(a: &[f64], b: &[f64], c: &mut [f64], m: usize, k: usize, n: usize)
 
 /// A whole grouped conv2d with bias: `weight` is `[out, in/groups, k, k]`; returns NCHW.
 pub fn conv2d(x: &Input, weight: &[f64], bias: Option<&[f64]>, out: usize, groups: usize) -> Input {
-    let cpg = x.c / groups;
-    let k = ((weight.len() / (out * cpg)) as f64).sqrt().round() as usize;
+    let in_per_group = x.c / groups;
+    let k = ((weight.len() / (out * in_per_group)) as f64)
+        .sqrt()
+        .round() as usize;
     let cols = im2col(x, k, 1);
-    let y = conv_rows(&cols, weight, 0..out, cpg, k, out / groups);
+    let y = conv_rows(&cols, weight, 0..out, in_per_group, k, out / groups);
     let hw = x.h * x.w;
     let mut data = vec![0.0; x.n * out * hw];
     for o in 0..out {

@@ -6,7 +6,7 @@
 //! one width in the input's order, so reading the input stays sequential.
 
 use std::collections::BTreeMap;
-use std::io::{self, Read, Seek, SeekFrom, Write};
+use std::io::{self, Write};
 use std::ops::Range;
 
 use rayon::prelude::*;
@@ -18,6 +18,7 @@ use crate::block::{Block, BlockError, Branch, Op, kernel_hw};
 use crate::checkpoint::{Checkpoint, dtype_bytes, encode, float_width};
 use crate::conv::Input;
 use crate::deviation::Deviation;
+use crate::int8::ChannelStats;
 use crate::layout::Detection;
 use crate::ops::{
     ChannelValues, FusedRows, Grid, InputAffine, Kernel, RowError, Term, compose_branch, fuse_rows,
@@ -166,20 +167,7 @@ impl Plan {
 /// Copies input tensor `index`'s bytes to `out` without decoding them (the kernel does the copy
 /// where it can).
 pub fn copy_tensor(ckpt: &Checkpoint, index: usize, out: &mut impl Write) -> io::Result<()> {
-    let t = &ckpt.tensors()[index];
-    let mut file = ckpt.file();
-    file.seek(SeekFrom::Start(t.start))?;
-    let copied = io::copy(&mut file.take(t.len), out)?;
-    if copied != t.len {
-        return Err(io::Error::new(
-            io::ErrorKind::UnexpectedEof,
-            format!(
-                "tensor `{}`: the input ended after {copied} of its {} bytes (was it changed while being read?)",
-                t.name, t.len
-            ),
-        ));
-    }
-    Ok(())
+    ckpt.copy_tensor_to(&ckpt.tensors()[index], out)
 }
 
 /// Weights fused at a time by one thread when converting: small enough that the bytes just
@@ -402,8 +390,17 @@ enum Piece {
     Copy(usize),
 }
 
-/// Writes the deploy file's header and data to `file`; returns each block's probe deviation
-/// (all zero when `probe_seed` is `None`: no probe).
+/// What the stream learnt about each block while writing it.
+#[derive(Debug, Default)]
+pub struct Streamed {
+    /// Each block's probe deviation (zero without a probe).
+    pub probe: Vec<Deviation>,
+    /// Each block's INT8 pass one, on its fused weight as written.
+    pub int8: Vec<Option<ChannelStats>>,
+}
+
+/// Writes the deploy file's header and data to `file`; returns what it learnt of each block
+/// (the probe deviations are zero when `probe_seed` is `None`: no probe).
 ///
 /// The main thread fuses (its chunks in parallel) while a writer thread writes what is done,
 /// so computing and writing overlap; the pieces arrive in file order through a short queue.
@@ -415,7 +412,7 @@ pub fn write_deploy(
     probe_seed: Option<u64>,
     file: &std::fs::File,
     hooks: Hooks,
-) -> Result<Vec<Deviation>, WriteError> {
+) -> Result<Streamed, WriteError> {
     let (tx, rx) = std::sync::mpsc::sync_channel::<Piece>(16);
     let buffers = Buffers::default();
     std::thread::scope(|scope| {
@@ -473,10 +470,13 @@ impl Producer<'_> {
             .map_err(|_| WriteError::Io(std::io::Error::other("the writer stopped")))
     }
 
-    fn run(&self, plan: &Plan, cancel: &Cancel) -> Result<Vec<Deviation>, WriteError> {
+    fn run(&self, plan: &Plan, cancel: &Cancel) -> Result<Streamed, WriteError> {
         self.send(Piece::Bytes(plan.header()))?;
         let blocks = &self.detection.blocks;
-        let mut deviations = vec![Deviation::default(); blocks.len()];
+        let mut streamed = Streamed {
+            probe: vec![Deviation::default(); blocks.len()],
+            int8: vec![None; blocks.len()],
+        };
         let mut pending_bias: Vec<Option<Vec<u8>>> = vec![None; blocks.len()];
         for entry in &plan.entries {
             cancel.check()?;
@@ -486,8 +486,9 @@ impl Producer<'_> {
                 }
                 Source::Copy(i) => self.send(Piece::Bytes(self.cast(i, entry.dtype)?))?,
                 Source::FusedWeight(b) => {
-                    let (bias, dev) = self.fuse_block(b, entry.dtype)?;
-                    deviations[b] = dev;
+                    let (bias, dev, int8) = self.fuse_block(b, entry.dtype)?;
+                    streamed.probe[b] = dev;
+                    streamed.int8[b] = Some(int8);
                     pending_bias[b] = Some(bias);
                 }
                 Source::FusedBias(b) => {
@@ -498,7 +499,7 @@ impl Producer<'_> {
                 }
             }
         }
-        Ok(deviations)
+        Ok(streamed)
     }
 
     /// Input tensor `i`, cast to `dtype`.
@@ -522,11 +523,16 @@ impl Producer<'_> {
         Ok(bytes)
     }
 
-    /// Fuses block `b` and queues its weight; returns its bias bytes and probe deviation.
+    /// Fuses block `b` and queues its weight; returns its bias bytes, probe deviation and
+    /// INT8 pass one.
     ///
     /// A window of chunks at a time, one per thread: fused in parallel, then queued for the
     /// writer, which writes them while the next window is fused.
-    fn fuse_block(&self, b: usize, dtype: Dtype) -> Result<(Vec<u8>, Deviation), WriteError> {
+    fn fuse_block(
+        &self,
+        b: usize,
+        dtype: Dtype,
+    ) -> Result<(Vec<u8>, Deviation, ChannelStats), WriteError> {
         let block = &self.detection.blocks[b];
         let probe = self.probe_seed.map(|seed| {
             let c = block.in_channels().unwrap_or(block.in_per_group);
@@ -534,24 +540,30 @@ impl Producer<'_> {
         });
         let mut bias = Vec::new();
         let mut dev = Deviation::default();
+        let mut int8 = ChannelStats::new(block.row_len(), 0);
         for window in block
             .row_chunks(FUSE_CHUNK)
             .chunks(4 * rayon::current_num_threads().max(1))
         {
-            let chunks: Vec<FusedRows> = window
+            let chunks: Vec<(FusedRows, ChannelStats)> = window
                 .par_iter()
                 .map(|rows| {
                     let out = self.buffers.take();
                     let at = (dtype, probe.as_ref());
-                    fuse_chunk(self.ckpt, block, rows.clone(), self.eps, at, out)
+                    let c = fuse_chunk(self.ckpt, block, rows.clone(), self.eps, at, out)?;
+                    // INT8 pass one on the rows as written, while they are in cache.
+                    let mut s = ChannelStats::new(block.row_len(), rows.start);
+                    s.push_bytes(dtype, &c.weight);
+                    Ok::<_, Error>((c, s))
                 })
                 .collect::<Result<_, _>>()?;
-            for c in chunks {
+            for (c, s) in chunks {
+                int8 = int8.merge(s);
                 dev = dev.merge(c.deviation);
                 bias.extend(c.bias);
                 self.send(Piece::Bytes(c.weight))?;
             }
         }
-        Ok((bias, dev))
+        Ok((bias, dev, int8))
     }
 }

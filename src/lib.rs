@@ -9,7 +9,7 @@
 //!   the deploy file as a stream, [`check`] judges a deploy file;
 //! - leaves: [`checkpoint`] reads tensors, [`block`] is the block model, [`ops`] the branch
 //!   algebra (the one fusion routine and each op's forward), [`conv`] the f64 convolution,
-//!   [`deviation`] the figure of merit, [`report`] the JSON report, [`progress`] the hooks a
+//!   [`deviation`] the figure of merit, [`int8`] the INT8 readiness figures, [`report`] the JSON report, [`progress`] the hooks a
 //!   caller gives a run.
 #![deny(missing_docs)]
 
@@ -20,6 +20,7 @@ pub mod checkpoint;
 pub mod conv;
 pub mod deploy;
 pub mod deviation;
+pub mod int8;
 pub mod layout;
 pub mod ops;
 pub mod progress;
@@ -81,6 +82,16 @@ pub enum Error {
         /// What is wrong.
         what: String,
     },
+    /// Writing the output (or report) failed.
+    #[error("{}: {what}", path.display())]
+    Write {
+        /// The output path.
+        path: PathBuf,
+        /// What was being done.
+        what: String,
+        /// The system's error.
+        source: std::io::Error,
+    },
     /// An option value that cannot work with this checkpoint.
     #[error("{0}")]
     Usage(String),
@@ -99,6 +110,15 @@ impl Error {
             path: ckpt.path().to_path_buf(),
             error,
         }
+    }
+
+    /// An [`Error::Write`] of `path`, while doing `what`.
+    pub fn write(
+        path: &std::path::Path,
+        what: impl Into<String>,
+    ) -> impl FnOnce(std::io::Error) -> Error {
+        let (path, what) = (path.to_path_buf(), what.into());
+        move |source| Error::Write { path, what, source }
     }
 
     /// An [`Error::Internal`].

@@ -644,6 +644,15 @@ impl Grid {
             w.iter().enumerate().for_each(|(i, &v)| f(i, v));
             return;
         }
+        if (kh, kw) == (1, 1) {
+            // One tap per input channel, at the centre: the common 1×1 branch, kept a
+            // straight loop.
+            let centre = (self.k / 2) * self.k + self.k / 2;
+            w.iter()
+                .enumerate()
+                .for_each(|(i, &v)| f(i * kk + centre, v));
+            return;
+        }
         for i in 0..self.in_per_group {
             for y in 0..kh {
                 for x in 0..kw {
@@ -881,12 +890,23 @@ fn add_window(
     if first {
         fused.fill(0.0);
     }
-    let v = 1.0 / (side * side) as f64;
     let ch = o % grid.in_per_group;
+    if side == 1 {
+        // The identity: one tap at the centre.
+        let at = ch * grid.k * grid.k + (grid.k / 2) * grid.k + grid.k / 2;
+        fused[at] += a;
+        return match patch {
+            Some(p) => p[at],
+            None => 0.0,
+        };
+    }
+    let v = 1.0 / (side * side) as f64;
     grid.window(ch, side).for_each(|at| fused[at] += a * v);
-    patch.map_or(0.0, |p| {
-        grid.window(ch, side).map(|at| p[at]).sum::<f64>() * v
-    })
+    // A `match`, not `Option::map_or`: see `add_weights`.
+    match patch {
+        Some(p) => grid.window(ch, side).map(|at| p[at]).sum::<f64>() * v,
+        None => 0.0,
+    }
 }
 
 /// Refuses a row of term `term` holding NaN or ±∞ (its first element is element `start`).
@@ -915,24 +935,31 @@ fn add_weights(
     first: bool,
     patch: Option<&[f64]>,
 ) -> f64 {
-    let full = side == (grid.k, grid.k);
-    if full && first {
-        fused.iter_mut().zip(w).for_each(|(f, w)| *f = a * w);
-    } else {
+    // Plain loops and `match`, not closures through `Option::map_or`: those are compiled
+    // outside the AVX2 build of the caller, and the probe's dot product ran scalar.
+    if side == (grid.k, grid.k) {
         if first {
-            fused.fill(0.0);
-        }
-        grid.each_tap(w, side, dilation, |at, v| fused[at] += a * v);
-    }
-    patch.map_or(0.0, |p| {
-        if full {
-            dot(w, p)
+            fused.iter_mut().zip(w).for_each(|(f, w)| *f = a * w);
         } else {
+            fused.iter_mut().zip(w).for_each(|(f, w)| *f += a * w);
+        }
+        return match patch {
+            Some(p) => dot(w, p),
+            None => 0.0,
+        };
+    }
+    if first {
+        fused.fill(0.0);
+    }
+    grid.each_tap(w, side, dilation, |at, v| fused[at] += a * v);
+    match patch {
+        Some(p) => {
             let mut y = 0.0;
             grid.each_tap(w, side, dilation, |at, v| y += v * p[at]);
             y
         }
-    })
+        None => 0.0,
+    }
 }
 
 /// Checks row `r`'s fused values and appends them, encoded in `dtype`, to `out`.

@@ -3,7 +3,8 @@
 use serde::Serialize;
 
 use crate::block::Block;
-use crate::deviation::Deviation;
+use crate::deviation::{Deviation, WorstElement};
+use crate::int8::{Int8Report, Int8Summary};
 
 /// The whole report.
 #[derive(Debug, Clone, Serialize)]
@@ -31,6 +32,9 @@ pub struct Report {
     /// The verification, when one ran.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub verify: Option<VerifyReport>,
+    /// Where the tensors of a PyTorch checkpoint came from (absent for safetensors input).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub source: Option<crate::checkpoint::SourceInfo>,
 }
 
 /// Tool name and version.
@@ -149,6 +153,9 @@ pub struct BlockReport {
     pub max_rel_deviation: f64,
     /// max |unfused|.
     pub max_abs_output: f64,
+    /// INT8 readiness of the fused weight as written ([`crate::int8`]); null when the deploy
+    /// file has no usable fused weight for the block.
+    pub int8: Option<Int8Report>,
 }
 
 impl BlockReport {
@@ -163,6 +170,7 @@ impl BlockReport {
             max_abs_deviation: dev.max_abs,
             max_rel_deviation: dev.max_rel,
             max_abs_output: dev.max_abs_output,
+            int8: None,
         }
     }
 }
@@ -203,12 +211,19 @@ pub struct Summary {
     pub bytes_in: u64,
     /// Size of the output file.
     pub bytes_out: u64,
+    /// INT8 readiness of the model: the blocks that lose most ([`crate::int8`]).
+    pub int8: Option<Int8Summary>,
 }
 
 impl Summary {
     /// Sets the worst-block fields from `blocks`.
     pub fn set_worst(&mut self, blocks: &[BlockReport]) {
         self.blocks = blocks.len();
+        self.int8 = Int8Summary::of(
+            blocks
+                .iter()
+                .map(|b| (b.block.name.as_str(), b.int8.as_ref())),
+        );
         let worst = blocks.iter().max_by(|a, b| {
             a.max_rel_deviation
                 .partial_cmp(&b.max_rel_deviation)
@@ -265,4 +280,25 @@ pub struct Failure {
     pub max_abs_deviation: Option<f64>,
     /// The relative deviation, when the block could be run.
     pub max_rel_deviation: Option<f64>,
+    /// Which check failed.
+    pub kind: FailureKind,
+    /// `[atol, rtol]` the block was held to, when it was run.
+    pub tolerance: Option<[f64; 2]>,
+    /// Where fused and unfused differ most, when the block was run.
+    pub worst_element: Option<WorstElement>,
+}
+
+/// Which check a [`Failure`] failed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FailureKind {
+    /// A block over tolerance, or whose fused tensors are missing, mis-shaped or not floating
+    /// point.
+    Block,
+    /// A pass-through tensor missing from the deploy file.
+    Missing,
+    /// A tensor in the deploy file that is neither fused nor passed through.
+    Extra,
+    /// A pass-through tensor with another shape or other values than in the train file.
+    Altered,
 }

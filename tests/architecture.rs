@@ -13,6 +13,7 @@ const LAYERS: &[&[&str]] = &[
     &[
         "ops",
         "report",
+        "int8",
         "conv",
         "deviation",
         "block",

@@ -104,16 +104,21 @@ impl Case {
     }
 }
 
-/// Every folder under fixtures/ with a train.safetensors, sorted by name.
+/// Folders of other suites, with their own tests and case formats: the re-parameterization
+/// families (tests/families.rs), PyTorch pickles (tests/torch.rs), INT8 figures
+/// (tests/int8.rs).
+const OTHER_SUITES: [&str; 3] = ["fam_", "torch_", "int8_"];
+
+/// Every folder under fixtures/ with a train.safetensors, sorted by name (other suites'
+/// folders left out).
 fn cases() -> Vec<Case> {
     let mut dirs: Vec<PathBuf> = std::fs::read_dir(fixtures_dir())
         .expect("fixtures/ is readable")
         .map(|e| e.unwrap().path())
         .filter(|p| p.join("train.safetensors").is_file())
-        // The re-parameterization families (`fam_*`) have their own tests: tests/families.rs.
         .filter(|p| {
-            !p.file_name()
-                .is_some_and(|n| n.to_string_lossy().starts_with("fam_"))
+            let name = p.file_name().unwrap_or_default().to_string_lossy();
+            !OTHER_SUITES.iter().any(|s| name.starts_with(s))
         })
         .collect();
     dirs.sort();

@@ -10,6 +10,7 @@ use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
 use repvgg_fuse::Settings;
+use repvgg_fuse::app::ReportTo;
 use repvgg_fuse::block::Role;
 use repvgg_fuse::check::unfused_rows;
 use repvgg_fuse::checkpoint::{Checkpoint, dtype_bytes};
@@ -104,7 +105,7 @@ pub fn load_and_detect(data: &[u8]) -> Depth {
     if depth >= Depth::Detected {
         // The whole conversion as the binary runs it, writer thread and report included.
         let out = scratch_out().join("deploy.safetensors");
-        match repvgg_fuse::convert(path, &out, None, &Settings::default(), false, Hooks::none()) {
+        match repvgg_fuse::convert(path, &out, ReportTo::Beside, &Settings::default(), false, Hooks::none()) {
             Ok(outcome) => {
                 let _ = outcome.passed();
             }

@@ -9,21 +9,29 @@ use super::output::{
     check_not_input, default_report_path, persist, report_tmp, same_file, temp_beside,
 };
 use super::{
-    Outcome, ReportParts, Settings, Written, block_reports, build_report, eps_info, find,
-    verify_probe,
+    Outcome, ReportParts, Settings, Train, Written, build_report, set_checked, verify_probe,
 };
 use crate::Error;
-use crate::check::check_deploy;
 use crate::checkpoint::Checkpoint;
-use crate::deploy::{Plan, WriteError, write_deploy};
-use crate::deviation::Deviation;
-use crate::layout::Detection;
+use crate::deploy::{Plan, Streamed, WriteError, write_deploy};
+use crate::int8;
 use crate::progress::Hooks;
-use crate::report::{BlockReport, Probe, VerifyReport};
+use crate::report::{Probe, VerifyReport};
 
-/// Converts `input` to deploy form at `output`, with the report at `report_path`
-/// (default: beside the output). With `verify`, re-reads the written file and runs every
-/// block both ways on the verification input.
+/// Where [`convert`] writes the JSON report.
+#[derive(Debug, Clone, Copy)]
+pub enum ReportTo<'a> {
+    /// Beside the output: see [`default_report_path`].
+    Beside,
+    /// This file.
+    File(&'a Path),
+    /// No file: the caller has it in [`Outcome::report`] (`--report -` prints it).
+    Caller,
+}
+
+/// Converts `input` to deploy form at `output`, with the report where `report` says. With
+/// `verify`, re-reads the written file and runs every block both ways on the verification
+/// input.
 ///
 /// Nothing is written unless the whole run succeeds; after a failed verification only the
 /// report is written, so the deviation can be looked into (`Outcome::passed` says it failed),
@@ -31,38 +39,35 @@ use crate::report::{BlockReport, Probe, VerifyReport};
 pub fn convert(
     input: &Path,
     output: &Path,
-    report_path: Option<&Path>,
+    report: ReportTo,
     settings: &Settings,
     verify: bool,
     hooks: Hooks,
 ) -> Result<Outcome, Error> {
-    let report_path = report_path.map_or_else(|| default_report_path(output), Path::to_path_buf);
-    check_paths(input, output, &report_path)?;
-    let ckpt = Checkpoint::open(input)?;
-    let detection = find(&ckpt, &settings.find)?;
-    let eps = eps_info(&detection, &settings.find);
-    let plan = Plan::new(&ckpt, &detection, settings.cast);
+    let report_path = match report {
+        ReportTo::Beside => Some(default_report_path(output)),
+        ReportTo::File(path) => Some(path.to_path_buf()),
+        ReportTo::Caller => None,
+    };
+    check_paths(input, output, report_path.as_deref())?;
+    let train = Train::open(input, settings)?;
+    let (ckpt, detection) = (&train.ckpt, &train.detection);
+    let plan = Plan::new(ckpt, detection, settings.cast);
 
     // With --verify the full check replaces the probe.
     let probe_seed = (!verify).then_some(settings.check.seed);
-    let (tmp, deviations) = write(
-        &ckpt, &detection, &plan, eps.value, probe_seed, output, hooks,
-    )?;
+    let (tmp, streamed) = write(&train, &plan, probe_seed, output, hooks)?;
+    // INT8: pass one ran while fusing; pass two (per tensor, which needs each tensor's max)
+    // reads the file just written, still in the page cache. The input is read once.
+    let deploy = Checkpoint::open(tmp.path())?;
+    let int8 = int8::tensor_pass(&deploy, &detection.blocks, &streamed.int8, hooks.cancel)?;
     let dtype_of = |b: &crate::block::Block| format!("{:?}", settings.cast.unwrap_or(b.dtype));
-    let mut blocks = block_reports(&detection, dtype_of, deviations);
+    let mut blocks = train.block_reports(dtype_of, streamed.probe, int8);
     let (probe, verify_report) = if verify {
         hooks.progress.stage("verifying");
-        let deploy = Checkpoint::open(tmp.path())?;
-        let (v, devs) = check_deploy(
-            &ckpt,
-            &deploy,
-            &detection,
-            eps.value,
-            &settings.check,
-            hooks.cancel,
-        )?;
-        set_deviations(&mut blocks, devs);
-        (verify_probe(&v), Some(v))
+        let checked = train.check(&deploy, &settings.check, hooks)?;
+        set_checked(&mut blocks, &checked);
+        (verify_probe(&checked.report), Some(checked.report))
     } else {
         let probe = Probe {
             kind: "probe".into(),
@@ -80,14 +85,17 @@ pub fn convert(
     let parts = ReportParts {
         command: "convert",
         output: output.to_path_buf(),
-        eps,
+        eps: train.eps.clone(),
         probe,
         blocks,
         verify: verify_report,
         written,
     };
-    let report = build_report(&ckpt, &detection, parts);
-    let report_file = report_tmp(&report, &report_path)?;
+    let report = build_report(ckpt, detection, parts);
+    let report_file = match &report_path {
+        Some(path) => Some((report_tmp(&report, path)?, path)),
+        None => None,
+    };
     // A deploy file that failed verification is not put in place (the temp file goes with
     // `tmp`); the report is, since it says what failed.
     if report
@@ -97,16 +105,21 @@ pub fn convert(
     {
         persist(tmp, output, "the finished file")?;
     }
-    persist(report_file, &report_path, "the report")?;
+    if let Some((file, path)) = report_file {
+        persist(file, path, "the report")?;
+    }
     Ok(Outcome {
         report,
-        report_path: Some(report_path),
+        report_path,
     })
 }
 
 /// Refuses an output or report that would overwrite the input, or each other.
-fn check_paths(input: &Path, output: &Path, report_path: &Path) -> Result<(), Error> {
+fn check_paths(input: &Path, output: &Path, report_path: Option<&Path>) -> Result<(), Error> {
     check_not_input(input, output, "output")?;
+    let Some(report_path) = report_path else {
+        return Ok(());
+    };
     check_not_input(input, report_path, "report path")?;
     if same_file(report_path, output) {
         return Err(Error::Output {
@@ -120,36 +133,21 @@ fn check_paths(input: &Path, output: &Path, report_path: &Path) -> Result<(), Er
 /// Writes the deploy file to a temp file beside `output`; returns it and each block's probe
 /// deviation (with `probe_seed`; zero without).
 fn write(
-    ckpt: &Checkpoint,
-    detection: &Detection,
+    train: &Train,
     plan: &Plan,
-    eps: f64,
     probe_seed: Option<u64>,
     output: &Path,
     hooks: Hooks,
-) -> Result<(tempfile::NamedTempFile, Vec<Deviation>), Error> {
+) -> Result<(tempfile::NamedTempFile, Streamed), Error> {
     let mut tmp = temp_beside(output)?;
-    let out_err = |e: std::io::Error| Error::Output {
-        path: output.to_path_buf(),
-        what: format!("cannot write: {e}"),
-    };
+    let out_err = |e| Error::write(output, "cannot write")(e);
     hooks.progress.start(plan.file_len());
-    let deviations = write_deploy(ckpt, detection, plan, eps, probe_seed, tmp.as_file(), hooks)
+    let (ckpt, detection, eps) = (&train.ckpt, &train.detection, train.eps.value);
+    let streamed = write_deploy(ckpt, detection, plan, eps, probe_seed, tmp.as_file(), hooks)
         .map_err(|e| match e {
             WriteError::Io(e) => out_err(e),
             WriteError::Run(e) => e,
         })?;
     tmp.as_file_mut().flush().map_err(out_err)?;
-    Ok((tmp, deviations))
-}
-
-/// Replaces the probe deviations with the verification's, where a block could be run.
-fn set_deviations(blocks: &mut [BlockReport], devs: Vec<Option<Deviation>>) {
-    for (report, dev) in blocks.iter_mut().zip(devs) {
-        if let Some(dev) = dev {
-            report.max_abs_deviation = dev.max_abs;
-            report.max_rel_deviation = dev.max_rel;
-            report.max_abs_output = dev.max_abs_output;
-        }
-    }
+    Ok((tmp, streamed))
 }

@@ -4,10 +4,15 @@ use std::path::Path;
 
 use serde::Serialize;
 
-use super::{Settings, eps_info, find, layout_info, skipped};
+use super::{Settings, Train, layout_info, skipped};
 use crate::Error;
+use rayon::prelude::*;
+use safetensors::Dtype;
+
+use crate::block::Block;
 use crate::checkpoint::Checkpoint;
-use crate::deploy::{Plan, Source};
+use crate::deploy::{Plan, Source, fuse_block_rows};
+use crate::int8::{ChannelStats, Int8Report, TensorStats, figures};
 use crate::report::{BlockInfo, EpsInfo, LayoutInfo, Skipped};
 
 /// What `inspect` shows: the blocks found and the deploy file that would be written.
@@ -37,6 +42,9 @@ pub struct InspectBlock {
     pub block: BlockInfo,
     /// Tensors it consumes.
     pub tensors: Vec<String>,
+    /// INT8 readiness of the fused weight `convert` would write (null if it would not fit the
+    /// output dtype). Fusing for these reads the block's weights twice.
+    pub int8: Option<crate::int8::Int8Report>,
 }
 
 /// A tensor of the would-be deploy file.
@@ -54,20 +62,30 @@ pub struct OutputTensor {
 
 /// Describes what `convert` would do with `input`, without writing anything.
 pub fn inspect(input: &Path, settings: &Settings) -> Result<Inspection, Error> {
-    let ckpt = Checkpoint::open(input)?;
-    let detection = find(&ckpt, &settings.find)?;
+    let Train {
+        ckpt,
+        detection,
+        eps,
+    } = Train::open(input, settings)?;
     let plan = Plan::new(&ckpt, &detection, settings.cast);
     let consumed = detection.consumed();
+    let int8 = detection
+        .blocks
+        .iter()
+        .map(|b| fused_figures(&ckpt, b, eps.value, settings.cast.unwrap_or(b.dtype)))
+        .collect::<Result<Vec<_>, Error>>()?;
     Ok(Inspection {
         input: input.display().to_string(),
         layout: layout_info(&detection),
-        bn_eps: eps_info(&detection, &settings.find),
+        bn_eps: eps,
         blocks: detection
             .blocks
             .iter()
-            .map(|b| InspectBlock {
+            .zip(int8)
+            .map(|(b, int8)| InspectBlock {
                 block: b.into(),
                 tensors: b.consumed.clone(),
+                int8,
             })
             .collect(),
         skipped: skipped(&detection),
@@ -93,4 +111,59 @@ pub fn inspect(input: &Path, settings: &Settings) -> Result<Inspection, Error> {
             })
             .collect(),
     })
+}
+
+/// The INT8 figures of `block` as `convert` would write it (fused with BN ε `eps`, rounded to
+/// `dtype`), computed without writing anything. Both passes fuse the block through the one
+/// fusion routine, a chunk of rows at a time (so the block's weights are read twice); a block
+/// whose fused values overflow `dtype` has no figures (convert would refuse it).
+fn fused_figures(
+    ckpt: &Checkpoint,
+    block: &Block,
+    eps: f64,
+    dtype: Dtype,
+) -> Result<Option<Int8Report>, Error> {
+    let chunks = block.row_chunks(1 << 16);
+    let row_len = block.row_len();
+    let fused = |rows: &std::ops::Range<usize>| match fuse_block_rows(
+        ckpt,
+        block,
+        rows.clone(),
+        eps,
+        dtype,
+        None,
+    ) {
+        Ok(f) => Ok(Some(f.weight)),
+        Err(Error::Overflow { .. }) => Ok(None),
+        Err(e) => Err(e),
+    };
+    let channel: Option<Vec<ChannelStats>> = chunks
+        .par_iter()
+        .map(|rows| {
+            Ok(fused(rows)?.map(|w| {
+                let mut c = ChannelStats::new(row_len, rows.start);
+                c.push_bytes(dtype, &w);
+                c
+            }))
+        })
+        .collect::<Result<Vec<_>, Error>>()?
+        .into_iter()
+        .collect();
+    let Some(channel) = channel.and_then(|c| c.into_iter().reduce(ChannelStats::merge)) else {
+        return Ok(None);
+    };
+    let tensor: Option<Vec<TensorStats>> = chunks
+        .par_iter()
+        .map(|rows| {
+            Ok(fused(rows)?.map(|w| {
+                let mut t = TensorStats::new(channel.max_abs(), row_len, rows.start);
+                t.push_bytes(dtype, &w);
+                t
+            }))
+        })
+        .collect::<Result<Vec<_>, Error>>()?
+        .into_iter()
+        .collect();
+    let tensor = tensor.and_then(|t| t.into_iter().reduce(TensorStats::merge));
+    Ok(tensor.map(|t| figures(&channel, &t)))
 }

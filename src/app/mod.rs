@@ -3,6 +3,7 @@
 //! share is here: the options, finding the blocks, and building the report.
 
 mod convert;
+pub mod export;
 mod inspect;
 mod output;
 mod verify;
@@ -11,17 +12,19 @@ use std::path::PathBuf;
 
 use safetensors::Dtype;
 
-pub use convert::convert;
+pub use convert::{ReportTo, convert};
 pub use inspect::{InspectBlock, Inspection, OutputTensor, inspect};
 pub use output::{default_report_path, write_report};
 pub use verify::verify_files;
 
 use crate::Error;
 use crate::block::Block;
-pub use crate::check::CheckOptions;
-use crate::checkpoint::Checkpoint;
+pub use crate::check::{CheckOptions, Checked, check_deploy};
+use crate::checkpoint::{Checkpoint, ReadOptions};
 use crate::deviation::Deviation;
+use crate::int8::Int8Report;
 use crate::layout::{Detection, Layout};
+use crate::progress::Hooks;
 use crate::report::{
     BlockReport, EpsInfo, LayoutInfo, Probe, Report, Skipped, Summary, Tool, VerifyReport,
 };
@@ -46,6 +49,8 @@ pub struct Settings {
     pub check: CheckOptions,
     /// Cast every floating-point tensor of the output to this dtype.
     pub cast: Option<Dtype>,
+    /// How checkpoints are read (which dict of a PyTorch file, its `module.` prefix).
+    pub read: ReadOptions,
 }
 
 /// What a run produced.
@@ -61,6 +66,54 @@ impl Outcome {
     /// False when a verification ran and found a deviation over tolerance.
     pub fn passed(&self) -> bool {
         self.report.verify.as_ref().is_none_or(|v| v.passed)
+    }
+}
+
+/// A train checkpoint and the blocks found in it: what every use case starts from.
+struct Train {
+    ckpt: Checkpoint,
+    detection: Detection,
+    eps: EpsInfo,
+}
+
+impl Train {
+    /// Opens `path` and finds its blocks.
+    fn open(path: &std::path::Path, settings: &Settings) -> Result<Train, Error> {
+        let ckpt = Checkpoint::open_with(path, &settings.read)?;
+        let detection = find(&ckpt, &settings.find)?;
+        let eps = eps_info(&detection, &settings.find);
+        Ok(Train {
+            ckpt,
+            detection,
+            eps,
+        })
+    }
+
+    /// Judges `deploy` against these blocks.
+    fn check(
+        &self,
+        deploy: &Checkpoint,
+        opts: &CheckOptions,
+        hooks: Hooks,
+    ) -> Result<Checked, Error> {
+        let (train, found) = (&self.ckpt, &self.detection);
+        check_deploy(train, deploy, found, self.eps.value, opts, hooks.cancel)
+    }
+
+    /// One report entry per block, with its fused dtype, deviation and INT8 figures.
+    fn block_reports(
+        &self,
+        dtype_of: impl Fn(&Block) -> String,
+        devs: impl IntoIterator<Item = Deviation>,
+        int8: Vec<Option<Int8Report>>,
+    ) -> Vec<BlockReport> {
+        let layout = &self.detection.layout.name;
+        (self.detection.blocks.iter().zip(devs).zip(int8))
+            .map(|((b, d), int8)| BlockReport {
+                int8,
+                ..BlockReport::new(b, layout, &dtype_of(b), d)
+            })
+            .collect()
     }
 }
 
@@ -99,20 +152,6 @@ fn skipped(detection: &Detection) -> Vec<Skipped> {
             name: name.clone(),
             reason: reason.clone(),
         })
-        .collect()
-}
-
-/// One report entry per block, with its fused dtype and deviation.
-fn block_reports(
-    detection: &Detection,
-    dtype_of: impl Fn(&Block) -> String,
-    devs: impl IntoIterator<Item = Deviation>,
-) -> Vec<BlockReport> {
-    detection
-        .blocks
-        .iter()
-        .zip(devs)
-        .map(|(b, d)| BlockReport::new(b, &detection.layout.name, &dtype_of(b), d))
         .collect()
 }
 
@@ -159,8 +198,28 @@ fn build_report(ckpt: &Checkpoint, detection: &Detection, parts: ReportParts) ->
         probe: parts.probe,
         blocks: parts.blocks,
         skipped: skipped(detection),
+        source: ckpt.source().cloned(),
         summary,
         verify: parts.verify,
+    }
+}
+
+/// Puts a verification's findings in the block reports: the deviation where a block could be
+/// run, and the INT8 output SQNR.
+fn set_checked(blocks: &mut [BlockReport], checked: &Checked) {
+    for ((report, dev), out) in blocks
+        .iter_mut()
+        .zip(&checked.deviations)
+        .zip(&checked.int8_output)
+    {
+        if let Some(dev) = dev {
+            report.max_abs_deviation = dev.max_abs;
+            report.max_rel_deviation = dev.max_rel;
+            report.max_abs_output = dev.max_abs_output;
+        }
+        if let (Some(int8), Some(out)) = (&mut report.int8, out) {
+            int8.output_sqnr_db = Some(*out);
+        }
     }
 }
 

@@ -28,10 +28,10 @@ pub(crate) fn temp_beside(target: &Path) -> Result<tempfile::NamedTempFile, Erro
         // Like any new file: 0666 less the umask (tempfile's own default is 0600).
         .permissions(std::os::unix::fs::PermissionsExt::from_mode(0o666))
         .tempfile_in(&dir)
-        .map_err(|e| Error::Output {
-            path: target.to_path_buf(),
-            what: format!("cannot create a file in {}: {e}", dir.display()),
-        })
+        .map_err(Error::write(
+            target,
+            format!("cannot create a file in {}", dir.display()),
+        ))
 }
 
 /// `deploy.safetensors` → `deploy.report.json`, in the same folder.
@@ -106,17 +106,13 @@ pub(crate) fn report_tmp(report: &Report, path: &Path) -> Result<tempfile::Named
         .map_err(|e| Error::internal(format!("the report does not serialize: {e}")))?;
     tmp.as_file_mut()
         .write_all(format!("{text}\n").as_bytes())
-        .map_err(|e| Error::Output {
-            path: path.to_path_buf(),
-            what: format!("cannot write the report: {e}"),
-        })?;
+        .map_err(Error::write(path, "cannot write the report"))?;
     Ok(tmp)
 }
 
 /// Moves a finished temp file into place at `path`.
 pub(crate) fn persist(tmp: tempfile::NamedTempFile, path: &Path, what: &str) -> Result<(), Error> {
-    tmp.persist(path).map(drop).map_err(|e| Error::Output {
-        path: path.to_path_buf(),
-        what: format!("cannot move {what} into place: {}", e.error),
-    })
+    tmp.persist(path)
+        .map(drop)
+        .map_err(|e| Error::write(path, format!("cannot move {what} into place"))(e.error))
 }

@@ -3,13 +3,12 @@
 use std::path::Path;
 
 use super::{
-    Outcome, ReportParts, Settings, Written, block_reports, build_report, eps_info, find,
-    verify_probe,
+    Outcome, ReportParts, Settings, Train, Written, build_report, set_checked, verify_probe,
 };
 use crate::Error;
-use crate::check::check_deploy;
 use crate::checkpoint::Checkpoint;
 use crate::deviation::Deviation;
+use crate::int8;
 use crate::progress::Hooks;
 
 /// Judges a deploy file made by anyone against its train file.
@@ -19,27 +18,18 @@ pub fn verify_files(
     settings: &Settings,
     hooks: Hooks,
 ) -> Result<Outcome, Error> {
-    let train = Checkpoint::open(train_path)?;
-    let deploy = Checkpoint::open(deploy_path)?;
-    let detection = find(&train, &settings.find)?;
-    let eps = eps_info(&detection, &settings.find);
-    let (v, devs) = check_deploy(
-        &train,
-        &deploy,
-        &detection,
-        eps.value,
-        &settings.check,
-        hooks.cancel,
-    )?;
+    let train = Train::open(train_path, settings)?;
+    let deploy = Checkpoint::open_with(deploy_path, &settings.read)?;
+    let checked = train.check(&deploy, &settings.check, hooks)?;
+    let int8 = int8::scan_deploy(&deploy, &train.detection.blocks, hooks.cancel)?;
     let dtype_of = |b: &crate::block::Block| {
         deploy
             .get(&b.deploy_weight)
             .map_or("missing".to_string(), |t| format!("{:?}", t.dtype))
     };
-    let devs = devs
-        .into_iter()
-        .map(|d| d.unwrap_or_else(Deviation::unknown));
-    let blocks = block_reports(&detection, dtype_of, devs);
+    let devs = (checked.deviations.iter()).map(|d| d.unwrap_or_else(Deviation::unknown));
+    let mut blocks = train.block_reports(dtype_of, devs, int8);
+    set_checked(&mut blocks, &checked);
     let written = Written {
         tensors: deploy.tensors().len(),
         parameters: deploy.tensors().iter().map(|t| t.numel()).sum(),
@@ -48,14 +38,14 @@ pub fn verify_files(
     let parts = ReportParts {
         command: "verify",
         output: deploy_path.to_path_buf(),
-        eps,
-        probe: verify_probe(&v),
+        eps: train.eps.clone(),
+        probe: verify_probe(&checked.report),
         blocks,
-        verify: Some(v),
+        verify: Some(checked.report),
         written,
     };
     Ok(Outcome {
-        report: build_report(&train, &detection, parts),
+        report: build_report(&train.ckpt, &train.detection, parts),
         report_path: None,
     })
 }

@@ -6,7 +6,10 @@
 //!
 //! Without coverage feedback it keeps a mutated input when it got at least as far (see
 //! [`Depth`]) as the input it came from, and mutates the safetensors header as text (numbers,
-//! dtypes, name segments) with its length fixed up, so that mutants get past the parser.
+//! dtypes, name segments) with its length fixed up, so that mutants get past the parser. A
+//! PyTorch checkpoint (torch zip or legacy stream) has its pickle mutated in place — opcodes,
+//! their arguments, storage type names of the same length — so the zip around it stays whole
+//! and the pickle interpreter, not the zip reader, meets the damage.
 
 use std::panic::{self, AssertUnwindSafe};
 use std::path::{Path, PathBuf};
@@ -168,9 +171,58 @@ fn swap_number(rng: &mut Rng, text: &mut Vec<u8>) {
     text.splice(run, new.bytes());
 }
 
+/// Where the pickle of a torch.save file lies: the first zip entry's data (torch writes
+/// `data.pkl` first), or the head of a legacy stream.
+fn pickle_range(input: &[u8]) -> Option<std::ops::Range<usize>> {
+    if input.starts_with(b"PK\x03\x04") && input.len() >= 30 {
+        let u16_at = |i: usize| usize::from(u16::from_le_bytes([input[i], input[i + 1]]));
+        let size = u16_at(18) | (u16_at(20) << 16);
+        let start = 30 + u16_at(26) + u16_at(28);
+        let end = start.checked_add(size)?;
+        (end <= input.len() && start < end).then_some(start..end)
+    } else if input.first() == Some(&0x80) && input.len() > 2 {
+        Some(2..input.len().min(1 << 16))
+    } else {
+        None
+    }
+}
+
+/// Opcodes torch.save writes (and a few it does not), for in-place swaps.
+const OPCODES: &[u8] = b"NJKM\x8a\x8bGX\x8c}])(tlds\x85\x86\x87aeu012pqrghjc\x93R\x81b.Q\x88\x89\x8f\x90\x94\x95";
+/// Storage type names, grouped by length so a swap keeps every offset in the zip right.
+const STORAGES: &[&[&str]] = &[
+    &["FloatStorage", "QInt8Storage", "ShortStorage"],
+    &["HalfStorage", "LongStorage", "ByteStorage", "CharStorage", "BoolStorage"],
+    &["_rebuild_tensor_v2", "_rebuild_parameter"],
+];
+
+/// Mutates the pickle of a torch.save file in place (same length).
+fn mutate_pickle(rng: &mut Rng, out: &mut [u8], range: std::ops::Range<usize>) {
+    let at = range.start + rng.below(range.len());
+    match rng.below(4) {
+        0 => out[at] = *rng.pick(OPCODES),
+        1 => out[at] = out[at].wrapping_add(1 + rng.below(3) as u8),
+        2 => out[at] = *rng.pick(&[0u8, 0x7f, 0x80, 0xff]),
+        _ => {
+            let group = *rng.pick(STORAGES);
+            let mut slice = out[range.clone()].to_vec();
+            swap_token(rng, &mut slice, group, group);
+            if slice.len() == range.len() {
+                out[range].copy_from_slice(&slice);
+            }
+        }
+    }
+}
+
 fn mutate(rng: &mut Rng, input: &[u8], pool: &[(Vec<u8>, Depth)]) -> Vec<u8> {
     let mut out = input.to_vec();
     for _ in 0..1 + rng.below(4) {
+        if rng.below(2) == 0
+            && let Some(range) = pickle_range(&out)
+        {
+            mutate_pickle(rng, &mut out, range);
+            continue;
+        }
         // Header-level mutations keep the length field right, so the parser reads on.
         if rng.below(2) == 0
             && let Some((mut header, mut data)) = split(&out)
