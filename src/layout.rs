@@ -481,12 +481,13 @@ impl Detection {
         forced: Option<&str>,
         chosen_by: &str,
     ) -> Result<Detection, LayoutError> {
+        let names = split_names(ckpt);
         if let Some(name) = forced {
             let Some(layout) = layouts.iter().find(|l| l.name == name) else {
                 let known: Vec<_> = layouts.iter().map(|l| l.name.as_str()).collect();
                 return Err(LayoutError::Unknown(name.to_string(), known.join(", ")));
             };
-            let found = find_blocks(ckpt, layout, true)?;
+            let found = find_blocks(ckpt, &names, layout, true)?;
             if found.blocks.is_empty() {
                 return Err(LayoutError::NoBlocks {
                     hint: format!(" of layout {}{}", layout.name, deployed_hint(ckpt, layouts)),
@@ -507,7 +508,7 @@ impl Detection {
                     continue;
                 }
             }
-            let found = match find_blocks(ckpt, layout, false) {
+            let found = match find_blocks(ckpt, &names, layout, false) {
                 // A fallback's common names may meet tensors they do not describe.
                 Err(_) if layout.fallback => continue,
                 found => found?,
@@ -529,7 +530,7 @@ impl Detection {
                         hint: String::new(),
                     })?;
                 // Again, now refusing half blocks: the layout is settled.
-                let found = find_blocks(ckpt, layout, true)?;
+                let found = find_blocks(ckpt, &names, layout, true)?;
                 Ok(Detection {
                     layout: layout.clone(),
                     chosen_by: chosen_by.to_string(),
@@ -745,36 +746,58 @@ fn match_suffix(name: &[&str], pattern: &[String], n_path: usize) -> Option<(Str
     Some((prefix, label))
 }
 
+/// Every tensor name with its dot-separated parts, split once for all layouts.
+type Names<'a> = Vec<(&'a str, Vec<&'a str>)>;
+
+fn split_names(ckpt: &Checkpoint) -> Names<'_> {
+    ckpt.tensors()
+        .iter()
+        .map(|t| (t.name.as_str(), t.name.split('.').collect()))
+        .collect()
+}
+
 /// Candidate blocks of `kind`: prefix → branch label → tensors found.
-fn candidates(ckpt: &Checkpoint, kind: &Kind) -> BTreeMap<String, BTreeMap<String, Found>> {
-    let patterns: Vec<Vec<(Slot, Vec<String>)>> = kind.branches.iter().map(slot_patterns).collect();
+fn candidates(names: &Names, kind: &Kind) -> BTreeMap<String, BTreeMap<String, Found>> {
+    // Patterns by their last name (a leaf: `weight`, `running_var`, …): a tensor is matched
+    // against those that end as it does only.
+    let mut by_leaf: BTreeMap<String, Vec<(usize, Slot, Vec<String>)>> = BTreeMap::new();
+    for (spec_i, spec) in kind.branches.iter().enumerate() {
+        for (slot, pattern) in slot_patterns(spec) {
+            let leaf = pattern.last().cloned().unwrap_or_default();
+            by_leaf
+                .entry(leaf)
+                .or_default()
+                .push((spec_i, slot, pattern));
+        }
+    }
     let path_len: Vec<usize> = kind
         .branches
         .iter()
         .map(|b| segments(&b.path).len())
         .collect();
     let mut candidates: BTreeMap<String, BTreeMap<String, Found>> = BTreeMap::new();
-    for tensor in ckpt.tensors() {
-        let segs: Vec<&str> = tensor.name.split('.').collect();
-        for (spec_i, slots) in patterns.iter().enumerate() {
-            for (slot, pattern) in slots {
-                if let Some((prefix, label)) = match_suffix(&segs, pattern, path_len[spec_i]) {
-                    // Branches right under the block (UniRepLKNet's) are told apart by their
-                    // first op's name.
-                    let label = if label.is_empty() {
-                        kind.branches[spec_i].label()
-                    } else {
-                        label
-                    };
-                    let found = candidates
-                        .entry(prefix)
-                        .or_default()
-                        .entry(label)
-                        .or_default();
-                    found.spec = spec_i;
-                    found.slots.insert(*slot, tensor.name.clone());
-                }
-            }
+    for (name, segs) in names {
+        let Some(patterns) = segs.last().and_then(|leaf| by_leaf.get(*leaf)) else {
+            continue;
+        };
+        for (spec_i, slot, pattern) in patterns {
+            let Some((prefix, label)) = match_suffix(segs, pattern, path_len[*spec_i]) else {
+                continue;
+            };
+            // Branches right under the block (UniRepLKNet's) are told apart by their first
+            // op's name.
+            let label = if label.is_empty() {
+                kind.branches[*spec_i].label()
+            } else {
+                label
+            };
+            let found = candidates
+                .entry(prefix)
+                .or_default()
+                .entry(label)
+                .or_default();
+            found.spec = *spec_i;
+            found.slots.insert(*slot, name.to_string());
         }
     }
     candidates
@@ -791,6 +814,7 @@ struct Orphan {
 
 fn find_blocks(
     ckpt: &Checkpoint,
+    names: &Names,
     layout: &Layout,
     refuse_half: bool,
 ) -> Result<BlocksFound, LayoutError> {
@@ -802,7 +826,14 @@ fn find_blocks(
     let mut orphans = Vec::new();
     for (k, kind) in layout.all_kinds().iter().enumerate() {
         let before = found.blocks.len();
-        find_kind(ckpt, layout, kind, refuse_half, &mut found, &mut orphans)?;
+        find_kind(
+            (ckpt, names),
+            layout,
+            kind,
+            refuse_half,
+            &mut found,
+            &mut orphans,
+        )?;
         kinds_of.resize(kinds_of.len() + found.blocks.len() - before, k);
     }
     let mut blocks = drop_contained(std::mem::take(&mut found.blocks), &kinds_of);
@@ -826,7 +857,7 @@ fn find_blocks(
 /// The blocks of one kind of `layout` into `found`; candidates that are not blocks into
 /// `orphans` (when refusing half blocks).
 fn find_kind(
-    ckpt: &Checkpoint,
+    (ckpt, names): (&Checkpoint, &Names),
     layout: &Layout,
     kind: &Kind,
     refuse_half: bool,
@@ -838,7 +869,7 @@ fn find_kind(
         kind.branches[f.spec].role == Role::Kxk
             && f.slots.keys().any(|(_, leaf)| *leaf == Leaf::ConvWeight)
     };
-    for (prefix, branches) in &candidates(ckpt, kind) {
+    for (prefix, branches) in &candidates(names, kind) {
         if !kind.applies_at(prefix) {
             continue;
         }
