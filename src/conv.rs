@@ -135,36 +135,70 @@ pub fn conv_rows(
     let out_slice = out
         .as_slice_mut()
         .expect("a fresh array is standard layout");
+    grouped_matmul(weight, cols, out_slice, rows, depth, out_per_group);
+    out
+}
+
+/// `out = weight · cols` group by group: `weight` holds output channels `rows`, `depth`
+/// values each, `cols` the `[groups·depth, p]` matrix of the whole input, `out` `[rows, p]`;
+/// each run of rows in one group is one GEMM against that group's slice of `cols`.
+pub fn grouped_matmul<T: Element>(
+    weight: &[T],
+    cols: &[T],
+    out: &mut [T],
+    rows: Range<usize>,
+    depth: usize,
+    out_per_group: usize,
+) {
+    let p = out.len() / rows.len().max(1);
     let mut o = rows.start;
     while o < rows.end {
         // The run of rows that share o's group.
-        let g = o / out_per_group;
-        let end = rows.end.min((g + 1) * out_per_group);
+        let g = o / out_per_group.max(1);
+        let end = rows.end.min((g + 1) * out_per_group.max(1));
         let (r0, r1) = (o - rows.start, end - rows.start);
         matmul(
             &weight[r0 * depth..r1 * depth],
             &cols[g * depth * p..(g + 1) * depth * p],
-            &mut out_slice[r0 * p..r1 * p],
+            &mut out[r0 * p..r1 * p],
             r1 - r0,
             depth,
             p,
         );
         o = end;
     }
-    out
+}
+
+/// An element type the GEMM runs in: f64 for the checks, f32 where its precision is plenty
+/// (the INT8 error terms) and twice the work per instruction is welcome.
+pub trait Element: Copy + 'static {
+    /// 0.
+    const ZERO: Self;
+    /// 1.
+    const ONE: Self;
+}
+
+impl Element for f64 {
+    const ZERO: Self = 0.0;
+    const ONE: Self = 1.0;
+}
+
+impl Element for f32 {
+    const ZERO: Self = 0.0;
+    const ONE: Self = 1.0;
 }
 
 /// `c = a · b` for row-major, contiguous `a` (m×k), `b` (k×n) and `c` (m×n).
 ///
 /// The `gemm` crate picks its AVX-512 / AVX2 kernels at run time; it is about twice as fast
 /// as matrixmultiply in f64 on AVX-512 machines, which is what makes `--verify` cheap.
-pub fn matmul(a: &[f64], b: &[f64], c: &mut [f64], m: usize, k: usize, n: usize) {
+pub fn matmul<T: Element>(a: &[T], b: &[T], c: &mut [T], m: usize, k: usize, n: usize) {
     assert!(a.len() == m * k && b.len() == k * n && c.len() == m * n);
     if m == 0 || n == 0 {
         return;
     }
     if k == 0 {
-        c.fill(0.0);
+        c.fill(T::ZERO);
         return;
     }
     // SAFETY: the three slices hold exactly m×k, k×n and m×n elements (asserted above), the
@@ -185,8 +219,8 @@ pub fn matmul(a: &[f64], b: &[f64], c: &mut [f64], m: usize, k: usize, n: usize)
             b.as_ptr(),
             1,
             n as isize,
-            0.0,
-            1.0,
+            T::ZERO,
+            T::ONE,
             false,
             false,
             false,

@@ -21,7 +21,8 @@ use crate::deviation::Deviation;
 use crate::int8::ChannelStats;
 use crate::layout::Detection;
 use crate::ops::{
-    ChannelValues, FusedRows, Grid, InputAffine, Kernel, RowError, Term, compose_branch, fuse_rows,
+    ChannelValues, FuseJob, FusedRows, Grid, InputAffine, Kernel, RowError, Term, compose_branch,
+    fuse_rows,
 };
 use crate::progress::{Cancel, Hooks};
 
@@ -264,17 +265,15 @@ fn fuse_chunk(
                 }
             })
             .collect();
-        let start = rows.start;
-        fuse_rows(
-            out,
-            rows,
-            Grid::of(block),
-            &terms,
-            post.as_deref(),
+        let job = FuseJob {
+            rows: &rows,
+            grid: Grid::of(block),
+            terms: &terms,
+            post_shift: post.as_deref(),
             dtype,
             probe,
-        )
-        .map_err(|e| row_error(ckpt, block, start, dtype, e))
+        };
+        fuse_rows(out, &job).map_err(|e| row_error(ckpt, block, rows.start, dtype, e))
     })
 }
 

@@ -46,6 +46,7 @@ use safetensors::Dtype;
 use crate::Error;
 use crate::block::Block;
 use crate::checkpoint::{Checkpoint, TensorInfo, decode_into, float_width};
+use crate::conv::grouped_matmul;
 use crate::progress::Cancel;
 
 /// The largest INT8 magnitude used: the range is symmetric, `[−127, 127]`.
@@ -825,58 +826,10 @@ pub fn output_sums(
     let p = cols.ncols();
     let cols: Vec<f32> = cols.iter().map(|&v| v as f32).collect();
     let mut err = vec![0.0f32; rows.len() * p];
-    let mut o = rows.start;
-    while o < rows.end {
-        // The run of rows that share o's group, as in `conv::conv_rows`.
-        let g = o / out_per_group.max(1);
-        let end = rows.end.min((g + 1) * out_per_group.max(1));
-        let (r0, r1) = (o - rows.start, end - rows.start);
-        matmul_f32(
-            &delta[r0 * depth..r1 * depth],
-            &cols[g * depth * p..(g + 1) * depth * p],
-            &mut err[r0 * p..r1 * p],
-            [r1 - r0, depth, p],
-        );
-        o = end;
-    }
+    grouped_matmul(&delta, &cols, &mut err, rows, depth, out_per_group);
     Sqnr {
         signal: float_out.iter().map(|y| y * y).sum(),
         noise: err.iter().map(|&e| f64::from(e) * f64::from(e)).sum(),
-    }
-}
-
-/// `c = a · b` in f32 for row-major, contiguous `a` (m×k), `b` (k×n), `c` (m×n).
-fn matmul_f32(a: &[f32], b: &[f32], c: &mut [f32], [m, k, n]: [usize; 3]) {
-    assert!(a.len() == m * k && b.len() == k * n && c.len() == m * n);
-    if m == 0 || n == 0 || k == 0 {
-        c.fill(0.0);
-        return;
-    }
-    // SAFETY: the three slices hold exactly m×k, k×n and m×n elements (asserted above), the
-    // strides describe contiguous row-major storage within them, and `c` is borrowed mutably
-    // so it aliases neither input.
-    unsafe {
-        gemm::gemm(
-            m,
-            n,
-            k,
-            c.as_mut_ptr(),
-            1,
-            n as isize,
-            false,
-            a.as_ptr(),
-            1,
-            k as isize,
-            b.as_ptr(),
-            1,
-            n as isize,
-            0.0f32,
-            1.0f32,
-            false,
-            false,
-            false,
-            gemm::Parallelism::None,
-        );
     }
 }
 

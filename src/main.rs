@@ -50,14 +50,7 @@ struct VerifyArgs {
     #[arg(long, value_name = "PATH")]
     report: Option<PathBuf>,
     #[command(flatten)]
-    ci: CiArgs,
-    #[command(flatten)]
-    find: FindArgs,
-    #[command(flatten)]
-    check: CheckArgs,
-    /// Print nothing but errors and failures.
-    #[arg(short, long)]
-    quiet: bool,
+    run: RunArgs,
 }
 
 #[derive(Args, Debug)]
@@ -93,12 +86,19 @@ struct ConvertArgs {
     #[arg(long, value_enum)]
     dtype: Option<OutDtype>,
     #[command(flatten)]
+    run: RunArgs,
+}
+
+/// What convert and verify share: how blocks are found and compared, what CI gets, verbosity.
+#[derive(Args, Debug)]
+struct RunArgs {
+    #[command(flatten)]
     ci: CiArgs,
     #[command(flatten)]
     find: FindArgs,
     #[command(flatten)]
     check: CheckArgs,
-    /// No summary and no progress bar.
+    /// No summary and no progress bar: only errors and failures are printed.
     #[arg(short, long)]
     quiet: bool,
 }
@@ -335,7 +335,7 @@ fn run_convert(args: ConvertArgs, clock: &Clock, cancel: &Cancel) -> Result<Exit
         Some(p) if is_stdout(p) => ReportTo::Caller,
         Some(p) => ReportTo::File(p),
     };
-    if let Some(junit) = &args.ci.junit {
+    if let Some(junit) = &args.run.ci.junit {
         if !args.verify {
             bail!(
                 "--junit needs --verify: without it no block is held to a tolerance, so there are no test results to write"
@@ -350,8 +350,8 @@ fn run_convert(args: ConvertArgs, clock: &Clock, cancel: &Cancel) -> Result<Exit
         files.extend(report_file.as_deref());
         check_junit(junit, &files)?;
     }
-    let s = settings(&args.find, Some(&args.check), args.dtype);
-    let bar = Bar(progress_bar(args.quiet));
+    let s = settings(&args.run.find, Some(&args.run.check), args.dtype);
+    let bar = Bar(progress_bar(args.run.quiet));
     let hooks = Hooks {
         progress: &bar,
         cancel,
@@ -361,24 +361,24 @@ fn run_convert(args: ConvertArgs, clock: &Clock, cancel: &Cancel) -> Result<Exit
     publish(
         &outcome?,
         &Publish {
-            quiet: args.quiet,
+            quiet: args.run.quiet,
             output: Some(output),
             report_to_stdout: matches!(report, ReportTo::Caller),
-            junit: args.ci.junit.as_deref(),
+            junit: args.run.ci.junit.as_deref(),
             clock,
-            int8_min_db: args.check.int8_min_db,
+            int8_min_db: args.run.check.int8_min_db,
         },
     )
 }
 
 fn run_verify(args: VerifyArgs, clock: &Clock, cancel: &Cancel) -> Result<ExitCode> {
     let report_file = args.report.as_deref().filter(|p| !is_stdout(p));
-    if let Some(junit) = &args.ci.junit {
+    if let Some(junit) = &args.run.ci.junit {
         let mut files = vec![args.train.as_path(), args.deploy.as_path()];
         files.extend(report_file);
         check_junit(junit, &files)?;
     }
-    let s = settings(&args.find, Some(&args.check), None);
+    let s = settings(&args.run.find, Some(&args.run.check), None);
     let hooks = Hooks {
         progress: &Silent,
         cancel,
@@ -390,12 +390,12 @@ fn run_verify(args: VerifyArgs, clock: &Clock, cancel: &Cancel) -> Result<ExitCo
     publish(
         &outcome,
         &Publish {
-            quiet: args.quiet,
+            quiet: args.run.quiet,
             output: None,
             report_to_stdout: args.report.as_deref().is_some_and(is_stdout),
-            junit: args.ci.junit.as_deref(),
+            junit: args.run.ci.junit.as_deref(),
             clock,
-            int8_min_db: args.check.int8_min_db,
+            int8_min_db: args.run.check.int8_min_db,
         },
     )
 }

@@ -713,53 +713,54 @@ struct RowScratch {
     bias_written: Vec<f64>,
 }
 
-/// Fuses output channels `rows` of a block on `grid`: `Σ term.scale·kernel` placed on the grid,
-/// bias `Σ term.shift (+ post_shift)`; writes them in `dtype` into `out` (cleared first; pass a
-/// reused buffer to save fresh pages), and probes them on `probe`, a `1 × C × k × k` input
-/// (if given; the deviation stays 0 without one). The one fusion routine: the converter, the
-/// tests and the fuzzer all fuse through it.
-pub fn fuse_rows(
-    out: Vec<u8>,
-    rows: Range<usize>,
-    grid: Grid,
-    terms: &[Term],
-    post_shift: Option<&[f64]>,
-    dtype: Dtype,
-    probe: Option<&Input>,
-) -> Result<FusedRows, RowError> {
+/// What [`fuse_rows`] fuses: output channels `rows` of a block on `grid`, `Σ term.scale·kernel`
+/// placed on the grid, bias `Σ term.shift (+ post_shift)`, written in `dtype`, probed on
+/// `probe` (a `1 × C × k × k` input; the deviation stays 0 without one).
+#[derive(Clone, Copy)]
+pub struct FuseJob<'a> {
+    /// The output channels.
+    pub rows: &'a Range<usize>,
+    /// The block's kernel grid.
+    pub grid: Grid,
+    /// Each branch's share of the rows.
+    pub terms: &'a [Term<'a>],
+    /// The post-ops' own shift per row, if the block has post-ops.
+    pub post_shift: Option<&'a [f64]>,
+    /// The output dtype.
+    pub dtype: Dtype,
+    /// The probe input.
+    pub probe: Option<&'a Input>,
+}
+
+/// Fuses `job`'s rows into `out` (cleared first; pass a reused buffer to save fresh pages),
+/// encoded as they will be written, with the probe deviation of the rows as written. The one
+/// fusion routine: the converter, the tests and the fuzzer all fuse through it.
+pub fn fuse_rows(out: Vec<u8>, job: &FuseJob) -> Result<FusedRows, RowError> {
     #[cfg(target_arch = "x86_64")]
     if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
         // SAFETY: the CPU has the features the function is compiled for (checked above).
-        return unsafe { fuse_rows_avx2(out, rows, grid, terms, post_shift, dtype, probe) };
+        return unsafe { fuse_rows_avx2(out, job) };
     }
-    fuse_rows_any(out, rows, grid, terms, post_shift, dtype, probe)
+    fuse_rows_any(out, job)
 }
 
 /// [`fuse_rows`] compiled for AVX2: the same code, with 4-wide f64 vectors in the inner loops.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-fn fuse_rows_avx2(
-    out: Vec<u8>,
-    rows: Range<usize>,
-    grid: Grid,
-    terms: &[Term],
-    post_shift: Option<&[f64]>,
-    dtype: Dtype,
-    probe: Option<&Input>,
-) -> Result<FusedRows, RowError> {
-    fuse_rows_any(out, rows, grid, terms, post_shift, dtype, probe)
+fn fuse_rows_avx2(out: Vec<u8>, job: &FuseJob) -> Result<FusedRows, RowError> {
+    fuse_rows_any(out, job)
 }
 
 #[inline(always)]
-fn fuse_rows_any(
-    weight: Vec<u8>,
-    rows: Range<usize>,
-    grid: Grid,
-    terms: &[Term],
-    post_shift: Option<&[f64]>,
-    dtype: Dtype,
-    probe: Option<&Input>,
-) -> Result<FusedRows, RowError> {
+fn fuse_rows_any(weight: Vec<u8>, job: &FuseJob) -> Result<FusedRows, RowError> {
+    let FuseJob {
+        rows,
+        grid,
+        terms,
+        post_shift,
+        dtype,
+        probe,
+    } = *job;
     let depth = grid.row_len();
     let mut out = FusedRows {
         weight,

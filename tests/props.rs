@@ -20,7 +20,7 @@ use repvgg_fuse::checkpoint::decode;
 use repvgg_fuse::conv::Input;
 use repvgg_fuse::deviation::Deviation;
 use repvgg_fuse::ops::{
-    Affine, BatchNorm, ChannelOp, Grid, Kernel, Sequence, Term, compose_rows, fuse_rows,
+    Affine, BatchNorm, ChannelOp, FuseJob, Grid, Kernel, Sequence, Term, compose_rows, fuse_rows,
 };
 use safetensors::Dtype;
 
@@ -713,16 +713,15 @@ fn shipped_rows(
         })
         .collect();
     let post_shift = post.as_ref().map(|p| p.shift.as_slice());
-    let out = fuse_rows(
-        Vec::new(),
-        rows,
+    let job = FuseJob {
+        rows: &rows,
         grid,
-        &terms,
+        terms: &terms,
         post_shift,
-        Dtype::F64,
-        Some(probe),
-    )
-    .expect("finite values fuse");
+        dtype: Dtype::F64,
+        probe: Some(probe),
+    };
+    let out = fuse_rows(Vec::new(), &job).expect("finite values fuse");
     (
         decode(Dtype::F64, &out.weight),
         decode(Dtype::F64, &out.bias),

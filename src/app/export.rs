@@ -245,25 +245,17 @@ fn element(w: &WorstElement) -> String {
 /// references (a parser would turn them into spaces otherwise); characters XML 1.0 cannot
 /// carry at all become a visible `\u{…}`.
 pub fn attr(s: &str) -> String {
-    let mut out = String::with_capacity(s.len());
-    for c in s.chars() {
-        match c {
-            '&' => out.push_str("&amp;"),
-            '<' => out.push_str("&lt;"),
-            '>' => out.push_str("&gt;"),
-            '"' => out.push_str("&quot;"),
-            '\'' => out.push_str("&apos;"),
-            '\t' => out.push_str("&#9;"),
-            '\n' => out.push_str("&#10;"),
-            '\r' => out.push_str("&#13;"),
-            c => push_xml_char(&mut out, c),
-        }
-    }
-    out
+    escape(s, true)
 }
 
 /// Escapes `s` for XML text content.
 pub fn text_node(s: &str) -> String {
+    escape(s, false)
+}
+
+/// `s` escaped for XML: as an attribute value (quotes, tab and LF as references too), or as
+/// text content.
+fn escape(s: &str, attribute: bool) -> String {
     let mut out = String::with_capacity(s.len());
     for c in s.chars() {
         match c {
@@ -271,7 +263,11 @@ pub fn text_node(s: &str) -> String {
             '<' => out.push_str("&lt;"),
             '>' => out.push_str("&gt;"),
             '\r' => out.push_str("&#13;"),
-            '\t' | '\n' => out.push(c),
+            '"' if attribute => out.push_str("&quot;"),
+            '\'' if attribute => out.push_str("&apos;"),
+            '\t' if attribute => out.push_str("&#9;"),
+            '\n' if attribute => out.push_str("&#10;"),
+            '"' | '\'' | '\t' | '\n' => out.push(c),
             c => push_xml_char(&mut out, c),
         }
     }
