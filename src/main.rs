@@ -116,8 +116,11 @@ struct CiArgs {
 /// How blocks are found.
 #[derive(Args, Debug, Clone)]
 struct FindArgs {
-    /// Use this layout instead of detecting one (official, timm-repvgg, timm-mobileone,
-    /// apple-mobileone, mmpretrain-repvgg, mmpretrain-mobileone, yolov7, ultralytics).
+    /// Use this layout instead of detecting one: official, timm-repvgg, timm-mobileone,
+    /// apple-mobileone, mmpretrain-repvgg, mmpretrain-mobileone, yolov7, ultralytics,
+    /// timm-fastvit, timm-repvit, timm-repghostnet, timm-ghostnetv3, timm-lcnetv2, replknet,
+    /// unireplknet, acnet, dbb, timm-levit, timm-tinyvit, timm-efficientvit-msra, timm-shvit,
+    /// timm-iformer (README's layout table says which models use each).
     #[arg(long, value_name = "NAME")]
     layout: Option<String>,
     /// Read layouts from this JSON file (one layout or an array; see README) instead of the

@@ -253,3 +253,20 @@ fn bn_eps_source_is_reported() {
     assert_eq!(report["bn_eps"]["value"], 1e-4);
     assert_eq!(report["bn_eps"]["source"], "--bn-eps");
 }
+
+/// `--help` names every built-in layout, so a user can find the one to force.
+#[test]
+fn help_names_every_builtin_layout() {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_repvgg-fuse"))
+        .arg("--help")
+        .output()
+        .expect("the binary runs");
+    let help = String::from_utf8_lossy(&out.stdout).replace(['\n', ' '], "");
+    for layout in repvgg_fuse::layout::Layout::builtin() {
+        assert!(
+            help.contains(&layout.name),
+            "--help does not name layout `{}`",
+            layout.name
+        );
+    }
+}
