@@ -5,11 +5,11 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::process::Output;
 
-use assert_cmd::Command;
-use safetensors::tensor::TensorView;
-use safetensors::{Dtype, SafeTensors};
+mod common;
+
+use common::{Tensor, bin, describe, read_st, run, stderr, write_st};
+use safetensors::Dtype;
 use serde_json::Value;
 use tempfile::TempDir;
 
@@ -40,71 +40,9 @@ fn timm_blocks() -> Vec<String> {
         .collect()
 }
 
-/// The binary, with the GitHub variables of the environment the tests run in removed (a test
-/// sets them when it means to).
-fn bin() -> Command {
-    let mut cmd = Command::cargo_bin("repvgg-fuse").expect("the binary is built");
-    cmd.env_remove("GITHUB_ACTIONS")
-        .env_remove("GITHUB_STEP_SUMMARY");
-    cmd
-}
-
-fn run(cmd: &mut Command) -> Output {
-    cmd.output().expect("repvgg-fuse runs")
-}
-
-fn describe(out: &Output) -> String {
-    format!(
-        "exit {:?}\n--- stdout\n{}--- stderr\n{}",
-        out.status.code(),
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    )
-}
-
-fn stderr(out: &Output) -> String {
-    String::from_utf8_lossy(&out.stderr).into_owned()
-}
-
 // ---------------------------------------------------------------------------------------------
 // Safetensors files, read and written with the safetensors crate
 // ---------------------------------------------------------------------------------------------
-
-#[derive(Clone)]
-struct Tensor {
-    dtype: Dtype,
-    shape: Vec<usize>,
-    data: Vec<u8>,
-}
-
-fn read_st(path: &Path) -> BTreeMap<String, Tensor> {
-    let bytes = std::fs::read(path).unwrap();
-    let st = SafeTensors::deserialize(&bytes).unwrap();
-    st.tensors()
-        .into_iter()
-        .map(|(name, v)| {
-            let t = Tensor {
-                dtype: v.dtype(),
-                shape: v.shape().to_vec(),
-                data: v.data().to_vec(),
-            };
-            (name, t)
-        })
-        .collect()
-}
-
-fn write_st(path: &Path, tensors: &BTreeMap<String, Tensor>) {
-    let views: Vec<(String, TensorView)> = tensors
-        .iter()
-        .map(|(n, t)| {
-            (
-                n.clone(),
-                TensorView::new(t.dtype, t.shape.clone(), &t.data).unwrap(),
-            )
-        })
-        .collect();
-    safetensors::serialize_to_file(views, None, path).unwrap();
-}
 
 fn f32_at(t: &Tensor, i: usize) -> f32 {
     f32::from_le_bytes(t.data[4 * i..4 * i + 4].try_into().unwrap())
@@ -138,7 +76,7 @@ fn tampered_bias(dir: &Path, block: &str, channel: usize) -> (PathBuf, f64) {
     let new = old + 0.01 * largest.max(1.0);
     set_f32(bias, channel, new);
     let path = dir.join("tampered.safetensors");
-    write_st(&path, &deploy);
+    write_st(&path, &deploy, None);
     (path, f64::from(new) - f64::from(old))
 }
 
@@ -335,7 +273,7 @@ fn junit_deploy_file_checks_fail_for_missing_extra_and_altered_tensors() {
     let v = f32_at(w, 3);
     set_f32(w, 3, v + 1.0);
     let path = dir.path().join("deploy.safetensors");
-    write_st(&path, &deploy);
+    write_st(&path, &deploy, None);
     let junit = dir.path().join("results.xml");
     let out = run(bin()
         .arg("verify")
@@ -439,12 +377,17 @@ const ODD: &str = "odd <&\"'> a:b,c%\n|`x`";
 /// The fixture with its `stem` block renamed to [`ODD`], in train and (tampered) deploy form.
 fn odd_case(dir: &TempDir) -> (PathBuf, PathBuf) {
     let train_path = dir.path().join("train.safetensors");
-    write_st(&train_path, &rename_block(&read_st(&train()), "stem", ODD));
+    write_st(
+        &train_path,
+        &rename_block(&read_st(&train()), "stem", ODD),
+        None,
+    );
     let (tampered, _) = tampered_bias(dir.path(), "stem", 2);
     let deploy_path = dir.path().join("deploy.safetensors");
     write_st(
         &deploy_path,
         &rename_block(&read_st(&tampered), "stem", ODD),
+        None,
     );
     (train_path, deploy_path)
 }

@@ -6,14 +6,15 @@
 //! float64 fusion, every other tensor byte for byte. Expected values come from the fixture
 //! files only, read here with the `safetensors` crate, never with this crate's reader.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::process::Output;
 
-use assert_cmd::Command;
+mod common;
+
+use common::{bin, describe, read_st, to_f64, write_st};
 use half::{bf16, f16};
-use safetensors::tensor::TensorView;
-use safetensors::{Dtype, SafeTensors};
+use safetensors::Dtype;
 use serde_json::Value;
 use tempfile::TempDir;
 
@@ -57,42 +58,7 @@ fn fixture_dir(case: &str) -> PathBuf {
         .join(case)
 }
 
-#[derive(Clone, Debug, PartialEq)]
-struct Tensor {
-    dtype: Dtype,
-    shape: Vec<usize>,
-    data: Vec<u8>,
-}
-
-type StFile = BTreeMap<String, Tensor>;
-
-fn read_st(path: &Path) -> StFile {
-    let bytes = std::fs::read(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-    let st = SafeTensors::deserialize(&bytes)
-        .unwrap_or_else(|e| panic!("{}: bad safetensors file: {e:?}", path.display()));
-    st.tensors()
-        .into_iter()
-        .map(|(name, v)| {
-            let t = Tensor {
-                dtype: v.dtype(),
-                shape: v.shape().to_vec(),
-                data: v.data().to_vec(),
-            };
-            (name, t)
-        })
-        .collect()
-}
-
-fn write_st(path: &Path, file: &StFile) {
-    let views: Vec<(String, TensorView)> = file
-        .iter()
-        .map(|(name, t)| {
-            let view = TensorView::new(t.dtype, t.shape.clone(), &t.data).unwrap();
-            (name.clone(), view)
-        })
-        .collect();
-    safetensors::serialize_to_file(views, None, path).unwrap();
-}
+type StFile = common::Tensors;
 
 fn case_json(case: &str) -> Value {
     let path = fixture_dir(case).join("case.json");
@@ -108,25 +74,6 @@ fn consumed_produced(json: &Value) -> (BTreeSet<String>, BTreeSet<String>) {
         produced.extend(b["produces"].as_object().expect("produces").keys().cloned());
     }
     (consumed, produced)
-}
-
-fn to_f64(t: &Tensor) -> Vec<f64> {
-    let chunks = |n: usize| t.data.chunks_exact(n);
-    match t.dtype {
-        Dtype::F64 => chunks(8)
-            .map(|c| f64::from_le_bytes(c.try_into().unwrap()))
-            .collect(),
-        Dtype::F32 => chunks(4)
-            .map(|c| f32::from_le_bytes(c.try_into().unwrap()) as f64)
-            .collect(),
-        Dtype::F16 => chunks(2)
-            .map(|c| f16::from_le_bytes(c.try_into().unwrap()).to_f64())
-            .collect(),
-        Dtype::BF16 => chunks(2)
-            .map(|c| bf16::from_le_bytes(c.try_into().unwrap()).to_f64())
-            .collect(),
-        d => panic!("not a float dtype: {d:?}"),
-    }
 }
 
 /// A float's bits mapped to an integer monotone in its value (±0 both at 0): the difference of
@@ -149,19 +96,6 @@ fn ordered(v: f64, dtype: Dtype) -> i64 {
 
 // ---------------------------------------------------------------------------------------------
 // Running the binary
-
-fn bin() -> Command {
-    Command::cargo_bin("repvgg-fuse").expect("the repvgg-fuse binary is built")
-}
-
-fn describe(out: &Output) -> String {
-    format!(
-        "exit {:?}\n--- stdout\n{}--- stderr\n{}",
-        out.status.code(),
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    )
-}
 
 struct Converted {
     _dir: TempDir,
@@ -401,7 +335,7 @@ fn checkpoint_mixing_two_layouts_is_refused() {
     let official = read_st(&fixture_dir("official_repvgg").join("train.safetensors"));
     mixed.extend(official.into_iter().map(|(k, t)| (format!("other.{k}"), t)));
     let path = dir.path().join("mixed.safetensors");
-    write_st(&path, &mixed);
+    write_st(&path, &mixed, None);
     let out = bin()
         .arg(&path)
         .arg("-o")
@@ -424,7 +358,7 @@ fn repmixer_without_its_norm_is_refused() {
     let mut train = read_st(&fixture_dir("fam_fastvit").join("train.safetensors"));
     train.retain(|k, _| !k.starts_with("stages.0.blocks.0.token_mixer.norm."));
     let path = dir.path().join("half.safetensors");
-    write_st(&path, &train);
+    write_st(&path, &train, None);
     let out = bin()
         .arg(&path)
         .arg("-o")
@@ -443,7 +377,7 @@ fn repmixer_without_its_norm_is_refused() {
 fn convert_with_layout(tensors: &StFile, layout: &str) -> (TempDir, Output) {
     let dir = tempfile::tempdir().unwrap();
     let input = dir.path().join("in.safetensors");
-    write_st(&input, tensors);
+    write_st(&input, tensors, None);
     let layout_path = dir.path().join("layout.json");
     std::fs::write(&layout_path, layout).unwrap();
     let out = bin()
@@ -514,7 +448,7 @@ fn convnorm_layouts_need_their_marker() {
     train.retain(|k, _| !k.ends_with("attention_biases"));
     let dir = tempfile::tempdir().unwrap();
     let input = dir.path().join("in.safetensors");
-    write_st(&input, &train);
+    write_st(&input, &train, None);
     let out = bin()
         .arg(&input)
         .arg("-o")
@@ -541,7 +475,7 @@ fn repvggdw_without_its_bn_is_refused() {
     let mut train = read_st(&fixture_dir("fam_repvit").join("train.safetensors"));
     train.retain(|k, _| !k.starts_with("stages.0.blocks.0.token_mixer.bn."));
     let path = dir.path().join("half.safetensors");
-    write_st(&path, &train);
+    write_st(&path, &train, None);
     let out = bin()
         .arg(&path)
         .arg("-o")

@@ -9,11 +9,14 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
 use std::process::Output;
 
-use assert_cmd::Command;
+mod common;
+
+use common::{
+    Tensor, bin, describe, ordered, read_metadata, read_st, run, stderr, to_f64, write_st,
+};
 use half::{bf16, f16};
 use repvgg_fuse::conv::{Input, conv2d};
-use safetensors::tensor::TensorView;
-use safetensors::{Dtype, SafeTensors};
+use safetensors::Dtype;
 use serde_json::Value;
 use tempfile::TempDir;
 
@@ -142,13 +145,6 @@ fn case(name: &str) -> Case {
     Case::load(dir)
 }
 
-#[derive(Clone, Debug, PartialEq)]
-struct Tensor {
-    dtype: Dtype,
-    shape: Vec<usize>,
-    data: Vec<u8>,
-}
-
 /// A safetensors file read with the `safetensors` crate: metadata and owned tensors.
 #[derive(Clone, Debug)]
 struct StFile {
@@ -156,70 +152,19 @@ struct StFile {
     tensors: BTreeMap<String, Tensor>,
 }
 
-fn read_st(path: &Path) -> StFile {
-    let bytes = std::fs::read(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-    let (_, meta) = SafeTensors::read_metadata(&bytes)
-        .unwrap_or_else(|e| panic!("{}: bad safetensors header: {e:?}", path.display()));
-    let st = SafeTensors::deserialize(&bytes)
-        .unwrap_or_else(|e| panic!("{}: bad safetensors file: {e:?}", path.display()));
-    let tensors = st
-        .tensors()
-        .into_iter()
-        .map(|(name, v)| {
-            let t = Tensor {
-                dtype: v.dtype(),
-                shape: v.shape().to_vec(),
-                data: v.data().to_vec(),
-            };
-            (name, t)
-        })
-        .collect();
+fn read_st_file(path: &Path) -> StFile {
     StFile {
-        metadata: meta.metadata().clone(),
-        tensors,
+        metadata: read_metadata(path),
+        tensors: read_st(path),
     }
 }
 
-fn write_st(path: &Path, file: &StFile) {
-    let views: Vec<(String, TensorView)> = file
-        .tensors
-        .iter()
-        .map(|(name, t)| {
-            let view = TensorView::new(t.dtype, t.shape.clone(), &t.data).unwrap();
-            (name.clone(), view)
-        })
-        .collect();
-    safetensors::serialize_to_file(views, file.metadata.clone(), path).unwrap();
+fn write_st_file(path: &Path, file: &StFile) {
+    write_st(path, &file.tensors, file.metadata.clone());
 }
 
 fn is_float(d: Dtype) -> bool {
     matches!(d, Dtype::F64 | Dtype::F32 | Dtype::F16 | Dtype::BF16)
-}
-
-fn to_f64(t: &Tensor) -> Vec<f64> {
-    match t.dtype {
-        Dtype::F64 => t
-            .data
-            .chunks_exact(8)
-            .map(|c| f64::from_le_bytes(c.try_into().unwrap()))
-            .collect(),
-        Dtype::F32 => t
-            .data
-            .chunks_exact(4)
-            .map(|c| f32::from_le_bytes(c.try_into().unwrap()) as f64)
-            .collect(),
-        Dtype::F16 => t
-            .data
-            .chunks_exact(2)
-            .map(|c| f16::from_le_bytes(c.try_into().unwrap()).to_f64())
-            .collect(),
-        Dtype::BF16 => t
-            .data
-            .chunks_exact(2)
-            .map(|c| bf16::from_le_bytes(c.try_into().unwrap()).to_f64())
-            .collect(),
-        d => panic!("not a float dtype: {d:?}"),
-    }
 }
 
 /// Raw bit patterns of a float tensor's elements (F32, F16, BF16).
@@ -249,17 +194,6 @@ fn round_bits(v: f64, dtype: Dtype) -> u64 {
     }
 }
 
-/// Maps a float bit pattern of `width` bits to an integer that is monotone in the value,
-/// with +0 and −0 both at 0: the difference of two is their distance in ulps.
-fn ordered(bits: u64, width: u32) -> i64 {
-    let sign = 1u64 << (width - 1);
-    if bits & sign != 0 {
-        -((bits & !sign) as i64)
-    } else {
-        bits as i64
-    }
-}
-
 fn width(d: Dtype) -> u32 {
     match d {
         Dtype::F32 => 32,
@@ -282,27 +216,6 @@ fn set_element(t: &mut Tensor, i: usize, v: f64) {
 // ---------------------------------------------------------------------------------------------
 // Running the binary
 // ---------------------------------------------------------------------------------------------
-
-fn bin() -> Command {
-    Command::cargo_bin("repvgg-fuse").expect("the repvgg-fuse binary is built")
-}
-
-fn run(cmd: &mut Command) -> Output {
-    cmd.output().expect("repvgg-fuse runs")
-}
-
-fn describe(out: &Output) -> String {
-    format!(
-        "exit {:?}\n--- stdout\n{}--- stderr\n{}",
-        out.status.code(),
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    )
-}
-
-fn stderr(out: &Output) -> String {
-    String::from_utf8_lossy(&out.stderr).into_owned()
-}
 
 fn read_json(path: &Path) -> Value {
     let text = std::fs::read_to_string(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
@@ -408,8 +321,8 @@ fn convert_with_verify_exits_0_for_every_case() {
 fn converted_keys_shapes_dtypes_equal_framework_deploy() {
     let mut problems = Vec::new();
     for (case, conv) in convert_all() {
-        let ours = signature(&read_st(&conv.output));
-        let theirs = signature(&read_st(&case.deploy()));
+        let ours = signature(&read_st_file(&conv.output));
+        let theirs = signature(&read_st_file(&case.deploy()));
         for (k, v) in &theirs {
             match ours.get(k) {
                 None => problems.push(format!("{}: missing `{k}` {v:?}", case.name)),
@@ -435,9 +348,9 @@ fn fused_tensors_within_one_ulp_of_f64_reference() {
     let mut problems = Vec::new();
     let mut compared = 0usize;
     for (case, conv) in convert_all() {
-        let train = read_st(&case.train());
-        let ours = read_st(&conv.output);
-        let reference = read_st(&case.deploy_f64());
+        let train = read_st_file(&case.train());
+        let ours = read_st_file(&conv.output);
+        let reference = read_st_file(&case.deploy_f64());
         let fused: Vec<&String> = ours
             .tensors
             .keys()
@@ -497,8 +410,8 @@ fn passthrough_tensors_are_byte_identical_to_train() {
     let mut problems = Vec::new();
     let mut compared = 0usize;
     for (case, conv) in convert_all() {
-        let train = read_st(&case.train());
-        let ours = read_st(&conv.output);
+        let train = read_st_file(&case.train());
+        let ours = read_st_file(&conv.output);
         for (key, t) in &ours.tensors {
             if let Some(src) = train.tensors.get(key) {
                 compared += 1;
@@ -524,8 +437,8 @@ fn passthrough_tensors_are_byte_identical_to_train() {
 #[test]
 fn output_metadata_equals_input_metadata() {
     for (case, conv) in convert_all() {
-        let train = read_st(&case.train());
-        let ours = read_st(&conv.output);
+        let train = read_st_file(&case.train());
+        let ours = read_st_file(&conv.output);
         assert_eq!(
             ours.metadata, train.metadata,
             "{}: __metadata__ of the output differs from the input's",
@@ -677,7 +590,7 @@ fn assert_verify_refuses(case: &Case, broken: &StFile, culprit: &str, what: &str
     let dir = tempfile::tempdir().unwrap();
     let deploy = dir.path().join("deploy.safetensors");
     let report = dir.path().join("verify.json");
-    write_st(&deploy, broken);
+    write_st_file(&deploy, broken);
     let out = run(bin()
         .arg("verify")
         .arg(case.train())
@@ -724,8 +637,8 @@ fn middle_block(case: &Case) -> String {
 #[test]
 fn verify_refuses_one_perturbed_fused_bias_and_names_only_its_block() {
     for case in cases() {
-        let train = read_st(&case.train());
-        let mut deploy = read_st(&case.deploy());
+        let train = read_st_file(&case.train());
+        let mut deploy = read_st_file(&case.deploy());
         let block = middle_block(&case);
         let key = case.fused_key(&train, &deploy, &block, "bias");
         let bias = deploy.tensors.get_mut(&key).unwrap();
@@ -761,8 +674,8 @@ fn verify_refuses_one_perturbed_fused_bias_and_names_only_its_block() {
 #[test]
 fn verify_refuses_missing_fused_weight_and_names_its_block() {
     for case in cases() {
-        let train = read_st(&case.train());
-        let mut deploy = read_st(&case.deploy());
+        let train = read_st_file(&case.train());
+        let mut deploy = read_st_file(&case.deploy());
         let block = middle_block(&case);
         let key = case.fused_key(&train, &deploy, &block, "weight");
         deploy.tensors.remove(&key);
@@ -774,8 +687,8 @@ fn verify_refuses_missing_fused_weight_and_names_its_block() {
 fn verify_refuses_missing_passthrough_tensor_and_names_it() {
     let mut checked = 0;
     for case in cases() {
-        let train = read_st(&case.train());
-        let mut deploy = read_st(&case.deploy());
+        let train = read_st_file(&case.train());
+        let mut deploy = read_st_file(&case.deploy());
         let Some(key) = deploy
             .tensors
             .keys()
@@ -832,7 +745,7 @@ fn ultralytics_verify_fails_with_forced_eps_1e5_and_passes_with_default() {
 
 #[test]
 fn conv2d_matches_torch_reference_convolutions() {
-    let file = read_st(&fixtures_dir().join("conv").join("conv.safetensors"));
+    let file = read_st_file(&fixtures_dir().join("conv").join("conv.safetensors"));
     let meta = file
         .metadata
         .clone()
@@ -945,7 +858,7 @@ fn inspect_json_blocks_and_output_match_case_and_framework_deploy() {
             got.len(),
             "{name}: inspect output[] repeats a name"
         );
-        let want: BTreeMap<String, (String, Vec<usize>)> = read_st(&case.deploy())
+        let want: BTreeMap<String, (String, Vec<usize>)> = read_st_file(&case.deploy())
             .tensors
             .into_iter()
             .map(|(k, t)| (k, (format!("{:?}", t.dtype), t.shape)))
@@ -1033,9 +946,9 @@ fn dtype_f16_casts_every_float_tensor_and_still_verifies() {
     let case = case("timm_repvgg");
     let conv = convert(&case, &["--dtype", "f16"]);
     assert_eq!(conv.run.status.code(), Some(0), "{}", describe(&conv.run));
-    let train = read_st(&case.train());
-    let ours = read_st(&conv.output);
-    let deploy = read_st(&case.deploy());
+    let train = read_st_file(&case.train());
+    let ours = read_st_file(&conv.output);
+    let deploy = read_st_file(&case.deploy());
     // Same keys and shapes as the framework's deploy file; only the dtype changes.
     let shapes = |f: &StFile| -> BTreeMap<String, Vec<usize>> {
         f.tensors

@@ -7,12 +7,14 @@
 //! a stored zip or a legacy stream — and each is refused with exit 2, naming the file and the
 //! entry, with nothing written and no panic.
 
-use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
+mod common;
+
+use common::{ordered, read_st, to_f64};
 use half::{bf16, f16};
-use safetensors::{Dtype, SafeTensors};
+use safetensors::Dtype;
 use serde_json::Value;
 
 const BIN: &str = env!("CARGO_BIN_EXE_repvgg-fuse");
@@ -41,64 +43,6 @@ fn s(p: &Path) -> &str {
 
 // ---------------------------------------------------------------------------------------------
 // Reading safetensors files with the safetensors crate (not with this crate's reader)
-
-struct Tensor {
-    dtype: Dtype,
-    shape: Vec<usize>,
-    data: Vec<u8>,
-}
-
-fn read_st(path: &Path) -> BTreeMap<String, Tensor> {
-    let bytes = std::fs::read(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-    let st = SafeTensors::deserialize(&bytes).expect("a safetensors file");
-    st.tensors()
-        .into_iter()
-        .map(|(n, v)| {
-            let t = Tensor {
-                dtype: v.dtype(),
-                shape: v.shape().to_vec(),
-                data: v.data().to_vec(),
-            };
-            (n, t)
-        })
-        .collect()
-}
-
-fn f64s(t: &Tensor) -> Vec<f64> {
-    match t.dtype {
-        Dtype::F64 => t
-            .data
-            .chunks_exact(8)
-            .map(|c| f64::from_le_bytes(c.try_into().unwrap()))
-            .collect(),
-        Dtype::F32 => t
-            .data
-            .chunks_exact(4)
-            .map(|c| f32::from_le_bytes(c.try_into().unwrap()) as f64)
-            .collect(),
-        Dtype::F16 => t
-            .data
-            .chunks_exact(2)
-            .map(|c| f16::from_le_bytes(c.try_into().unwrap()).to_f64())
-            .collect(),
-        Dtype::BF16 => t
-            .data
-            .chunks_exact(2)
-            .map(|c| bf16::from_le_bytes(c.try_into().unwrap()).to_f64())
-            .collect(),
-        d => panic!("not a float dtype: {d:?}"),
-    }
-}
-
-/// Monotone integer of a float's bits (±0 both 0): differences are distances in ulps.
-fn ordered(bits: u64, width: u32) -> i64 {
-    let sign = 1u64 << (width - 1);
-    if bits & sign != 0 {
-        -((bits & !sign) as i64)
-    } else {
-        bits as i64
-    }
-}
 
 /// Distance in ulps of `dtype` between element bits `got` and `want` rounded to `dtype`.
 fn ulps(dtype: Dtype, got: f64, want: f64) -> i64 {
@@ -194,8 +138,8 @@ fn converts_like_framework(fx: &Fixture, input: &Path, extra: &[&str]) -> Value 
             fx.name
         );
         if matches!(w.dtype, Dtype::F32 | Dtype::F16 | Dtype::BF16) {
-            let exact = f64s(&want64[k]);
-            for (i, (a, b)) in f64s(g).iter().zip(&exact).enumerate() {
+            let exact = to_f64(&want64[k]);
+            for (i, (a, b)) in to_f64(g).iter().zip(&exact).enumerate() {
                 assert!(
                     ulps(w.dtype, *a, *b) <= 1,
                     "{}: `{k}`[{i}] = {a} but the framework's f64 fusion gives {b}",

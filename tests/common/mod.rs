@@ -1,0 +1,126 @@
+//! Helpers the integration tests share: safetensors files read and written with the
+//! `safetensors` crate (never with this crate's own reader), float decoding, ulp distance,
+//! and running the binary.
+// Each test file uses the helpers it needs; the rest would warn in that test's build.
+#![allow(dead_code)]
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::Path;
+use std::process::Output;
+
+use assert_cmd::Command;
+use half::{bf16, f16};
+use safetensors::tensor::TensorView;
+use safetensors::{Dtype, SafeTensors};
+
+/// A tensor of a safetensors file, owned.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Tensor {
+    /// Its dtype.
+    pub dtype: Dtype,
+    /// Its shape.
+    pub shape: Vec<usize>,
+    /// Its little-endian bytes.
+    pub data: Vec<u8>,
+}
+
+/// A file's tensors by name.
+pub type Tensors = BTreeMap<String, Tensor>;
+
+/// The tensors of the safetensors file at `path`.
+pub fn read_st(path: &Path) -> Tensors {
+    let bytes = std::fs::read(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    let st = SafeTensors::deserialize(&bytes)
+        .unwrap_or_else(|e| panic!("{}: bad safetensors file: {e:?}", path.display()));
+    st.tensors()
+        .into_iter()
+        .map(|(name, v)| {
+            let t = Tensor {
+                dtype: v.dtype(),
+                shape: v.shape().to_vec(),
+                data: v.data().to_vec(),
+            };
+            (name, t)
+        })
+        .collect()
+}
+
+/// The `__metadata__` of the safetensors file at `path`.
+pub fn read_metadata(path: &Path) -> Option<HashMap<String, String>> {
+    let bytes = std::fs::read(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    let (_, meta) = SafeTensors::read_metadata(&bytes)
+        .unwrap_or_else(|e| panic!("{}: bad safetensors header: {e:?}", path.display()));
+    meta.metadata().clone()
+}
+
+/// Writes `tensors` (and `metadata`) as a safetensors file at `path`.
+pub fn write_st(path: &Path, tensors: &Tensors, metadata: Option<HashMap<String, String>>) {
+    let views: Vec<(String, TensorView)> = tensors
+        .iter()
+        .map(|(name, t)| {
+            let view = TensorView::new(t.dtype, t.shape.clone(), &t.data).unwrap();
+            (name.clone(), view)
+        })
+        .collect();
+    safetensors::serialize_to_file(views, metadata, path).unwrap();
+}
+
+/// A float tensor's elements as f64.
+pub fn to_f64(t: &Tensor) -> Vec<f64> {
+    let chunks = |n: usize| t.data.chunks_exact(n);
+    match t.dtype {
+        Dtype::F64 => chunks(8)
+            .map(|c| f64::from_le_bytes(c.try_into().unwrap()))
+            .collect(),
+        Dtype::F32 => chunks(4)
+            .map(|c| f32::from_le_bytes(c.try_into().unwrap()) as f64)
+            .collect(),
+        Dtype::F16 => chunks(2)
+            .map(|c| f16::from_le_bytes(c.try_into().unwrap()).to_f64())
+            .collect(),
+        Dtype::BF16 => chunks(2)
+            .map(|c| bf16::from_le_bytes(c.try_into().unwrap()).to_f64())
+            .collect(),
+        d => panic!("not a float dtype: {d:?}"),
+    }
+}
+
+/// Maps a float bit pattern of `width` bits to an integer that is monotone in the value,
+/// with +0 and −0 both at 0: the difference of two is their distance in ulps.
+pub fn ordered(bits: u64, width: u32) -> i64 {
+    let sign = 1u64 << (width - 1);
+    if bits & sign != 0 {
+        -((bits & !sign) as i64)
+    } else {
+        bits as i64
+    }
+}
+
+/// The binary, with the GitHub variables of the environment the tests run in removed (a test
+/// sets them when it means to).
+pub fn bin() -> Command {
+    let mut cmd = Command::cargo_bin("repvgg-fuse").expect("the repvgg-fuse binary is built");
+    cmd.env_remove("GITHUB_ACTIONS")
+        .env_remove("GITHUB_STEP_SUMMARY");
+    cmd
+}
+
+/// Runs `cmd` to its end.
+pub fn run(cmd: &mut Command) -> Output {
+    cmd.output().expect("repvgg-fuse runs")
+}
+
+/// Exit code, stdout and stderr, for an assertion message.
+pub fn describe(out: &Output) -> String {
+    format!(
+        "exit {:?}\n--- stdout\n{}--- stderr\n{}",
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+/// The run's stderr.
+pub fn stderr(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
