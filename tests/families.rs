@@ -354,19 +354,7 @@ fn checkpoint_mixing_two_layouts_is_refused() {
 /// Half a RepMixer (its norm branch gone) is refused, not fused as the mixer alone.
 #[test]
 fn repmixer_without_its_norm_is_refused() {
-    let dir = tempfile::tempdir().unwrap();
-    let mut train = read_st(&fixture_dir("fam_fastvit").join("train.safetensors"));
-    train.retain(|k, _| !k.starts_with("stages.0.blocks.0.token_mixer.norm."));
-    let path = dir.path().join("half.safetensors");
-    write_st(&path, &train, None);
-    let out = bin()
-        .arg(&path)
-        .arg("-o")
-        .arg(dir.path().join("out.safetensors"))
-        .output()
-        .unwrap();
-    assert_eq!(out.status.code(), Some(2), "{}", describe(&out));
-    let err = String::from_utf8_lossy(&out.stderr);
+    let err = refused_without("fam_fastvit", "stages.0.blocks.0.token_mixer.norm.");
     assert!(
         err.contains("stages.0.blocks.0.token_mixer") && err.contains("norm.identity"),
         "{err}"
@@ -471,9 +459,19 @@ fn convnorm_layouts_need_their_marker() {
 /// fused as a ConvNorm with the 1×1 and the skip left out.
 #[test]
 fn repvggdw_without_its_bn_is_refused() {
+    let err = refused_without("fam_repvit", "stages.0.blocks.0.token_mixer.bn.");
+    assert!(
+        err.contains("stages.0.blocks.0.token_mixer") && err.contains("token_mixer.bn"),
+        "{err}"
+    );
+}
+
+/// Converts `case`'s train file without the tensors under `dropped`: asserts exit 2 and no
+/// output written; returns stderr.
+fn refused_without(case: &str, dropped: &str) -> String {
     let dir = tempfile::tempdir().unwrap();
-    let mut train = read_st(&fixture_dir("fam_repvit").join("train.safetensors"));
-    train.retain(|k, _| !k.starts_with("stages.0.blocks.0.token_mixer.bn."));
+    let mut train = read_st(&fixture_dir(case).join("train.safetensors"));
+    train.retain(|k, _| !k.starts_with(dropped));
     let path = dir.path().join("half.safetensors");
     write_st(&path, &train, None);
     let out = bin()
@@ -483,10 +481,6 @@ fn repvggdw_without_its_bn_is_refused() {
         .output()
         .unwrap();
     assert_eq!(out.status.code(), Some(2), "{}", describe(&out));
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        err.contains("stages.0.blocks.0.token_mixer") && err.contains("token_mixer.bn"),
-        "{err}"
-    );
     assert!(!dir.path().join("out.safetensors").exists());
+    String::from_utf8_lossy(&out.stderr).into_owned()
 }
