@@ -45,8 +45,9 @@ use safetensors::Dtype;
 
 use crate::Error;
 use crate::block::Block;
-use crate::checkpoint::{Checkpoint, TensorInfo, decode_into, float_width};
+use crate::checkpoint::{Checkpoint, TensorInfo};
 use crate::conv::grouped_matmul;
+use crate::dtype::{decode_into, float_width};
 use crate::progress::Cancel;
 
 /// The largest INT8 magnitude used: the range is symmetric, `[−127, 127]`.

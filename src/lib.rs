@@ -15,16 +15,17 @@
 
 pub mod app;
 pub mod block;
-pub mod check;
 pub mod checkpoint;
 pub mod conv;
-pub mod deploy;
 pub mod deviation;
+pub mod dtype;
+pub mod find;
+pub mod fuse;
 pub mod int8;
-pub mod layout;
-pub mod ops;
 pub mod progress;
 pub mod report;
+pub mod verify;
+pub mod write;
 
 use std::path::PathBuf;
 
@@ -33,7 +34,7 @@ use safetensors::Dtype;
 pub use app::{Outcome, Settings, convert, inspect, verify_files};
 pub use block::BlockError;
 pub use checkpoint::CheckpointError;
-pub use layout::LayoutError;
+pub use find::LayoutError;
 
 /// Everything that stops a run. All of them but [`Error::Internal`] are the user's input or
 /// environment, not a bug.

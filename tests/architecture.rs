@@ -9,15 +9,15 @@ use std::path::Path;
 /// as long as no cycle forms).
 const LAYERS: &[&[&str]] = &[
     &["app"],
-    &["layout", "deploy", "check"],
+    &["find", "write", "verify", "fuse"],
     &[
-        "ops",
-        "report",
-        "int8",
-        "conv",
-        "deviation",
         "block",
         "checkpoint",
+        "report",
+        "dtype",
+        "conv",
+        "deviation",
+        "int8",
         "progress",
     ],
 ];
@@ -155,6 +155,56 @@ fn the_ui_crate_is_used_by_the_binary_only() {
 fn the_checker_sees_edges() {
     // The checker itself can fail: the stages do use the leaves.
     let edges = edges();
-    assert!(edges["deploy"].contains("ops"), "{edges:?}");
-    assert!(edges["app"].contains("check"), "{edges:?}");
+    assert!(edges["write"].contains("fuse"), "{edges:?}");
+    assert!(edges["app"].contains("verify"), "{edges:?}");
+}
+
+/// Every file under `src/<dir>/` (and `src/<dir>.rs`), as (path, source without its tests).
+fn files_of(dir: &str) -> Vec<(String, String)> {
+    let mut files = Vec::new();
+    sources(Path::new("src"), &mut files);
+    files.into_iter().filter(|(m, _)| m == dir).collect()
+}
+
+#[test]
+fn verify_never_names_the_fusion() {
+    // The check must not share the algebra it checks: it runs each op's forward pass.
+    let files = files_of("verify");
+    assert!(!files.is_empty(), "src/verify/ has sources");
+    for (_, code) in files {
+        for needle in [
+            "crate::fuse",
+            "fuse_rows",
+            "fuse_chunk",
+            "fuse_block_rows",
+            "Affine",
+        ] {
+            assert!(!code.contains(needle), "src/verify/ names `{needle}`");
+        }
+    }
+}
+
+#[test]
+fn only_the_binary_prints_or_knows_terminals() {
+    let mut files = Vec::new();
+    sources(Path::new("src"), &mut files);
+    for (module, code) in files {
+        if module == "main" || module == "bin" {
+            continue;
+        }
+        for needle in [
+            "println!",
+            "print!(",
+            "dbg!(",
+            "IsTerminal",
+            "is_terminal",
+            "stdout()",
+            "stderr()",
+        ] {
+            assert!(
+                !code.contains(needle),
+                "module `{module}` has `{needle}`: only the binary prints"
+            );
+        }
+    }
 }

@@ -16,12 +16,12 @@
 use proptest::prelude::*;
 use proptest::sample::select;
 use repvgg_fuse::block::Role;
-use repvgg_fuse::checkpoint::decode;
+use repvgg_fuse::block::values::{BatchNorm, ChannelOp, Sequence};
 use repvgg_fuse::conv::Input;
 use repvgg_fuse::deviation::Deviation;
-use repvgg_fuse::ops::{
-    Affine, BatchNorm, ChannelOp, FuseJob, Grid, Kernel, Sequence, Term, compose_rows, fuse_rows,
-};
+use repvgg_fuse::dtype::decode;
+use repvgg_fuse::fuse::compose::{Affine, compose_rows};
+use repvgg_fuse::fuse::rows::{FuseJob, Grid, Kernel, Term, fuse_rows};
 use safetensors::Dtype;
 
 /// One branch's values, as a framework's module holds them.

@@ -13,10 +13,11 @@ use super::{
 };
 use crate::Error;
 use crate::checkpoint::Checkpoint;
-use crate::deploy::{Plan, Streamed, WriteError, write_deploy};
 use crate::int8;
 use crate::progress::Hooks;
 use crate::report::{Probe, VerifyReport};
+use crate::write::plan::Plan;
+use crate::write::safetensors::{Streamed, WriteError, write_deploy};
 
 /// Where [`convert`] writes the JSON report.
 #[derive(Debug, Clone, Copy)]

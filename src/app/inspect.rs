@@ -11,9 +11,10 @@ use safetensors::Dtype;
 
 use crate::block::Block;
 use crate::checkpoint::Checkpoint;
-use crate::deploy::{Plan, Source, fuse_block_rows};
+use crate::fuse::block::fuse_block_rows;
 use crate::int8::{ChannelStats, Int8Report, TensorStats, figures};
 use crate::report::{BlockInfo, EpsInfo, LayoutInfo, Skipped};
+use crate::write::plan::{Plan, Source};
 
 /// What `inspect` shows: the blocks found and the deploy file that would be written.
 #[derive(Debug, Clone, Serialize)]

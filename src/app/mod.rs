@@ -19,15 +19,15 @@ pub use verify::verify_files;
 
 use crate::Error;
 use crate::block::Block;
-pub use crate::check::{CheckOptions, Checked, check_deploy};
 use crate::checkpoint::{Checkpoint, ReadOptions};
 use crate::deviation::Deviation;
+use crate::find::{Detection, Layout};
 use crate::int8::Int8Report;
-use crate::layout::{Detection, Layout};
 use crate::progress::Hooks;
 use crate::report::{
     BlockReport, EpsInfo, LayoutInfo, Probe, Report, Skipped, Summary, Tool, VerifyReport,
 };
+pub use crate::verify::{CheckOptions, Checked, check_deploy};
 
 /// How blocks are found.
 #[derive(Debug, Clone, Default)]

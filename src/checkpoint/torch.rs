@@ -17,7 +17,8 @@ use safetensors::Dtype;
 
 use super::pickle::{self, Global, StorageRef, TensorRef, Use, Value};
 use super::zip;
-use super::{ReadOptions, SourceInfo, TensorInfo, dtype_bytes};
+use super::{ReadOptions, SourceInfo, TensorInfo};
+use crate::dtype::dtype_bytes;
 
 /// Entries that may hold the model's weights, in a checkpoint that is not a state dict itself.
 pub const CANDIDATES: [&str; 8] = [

@@ -1,6 +1,8 @@
 //! Judging a deploy file against its train file: every block run both ways — the train
-//! block op by op ([`crate::ops::forward_unfused`]), the deploy conv as written — on the same
+//! block op by op ([`forward::forward_unfused`]), the deploy conv as written — on the same
 //! seeded random input, and every other tensor compared with the train file's.
+
+pub mod forward;
 
 use std::collections::BTreeSet;
 
@@ -9,15 +11,17 @@ use rayon::prelude::*;
 use safetensors::Dtype;
 
 use crate::Error;
+use crate::block::values::{ChannelValues, read_rows};
 use crate::block::{Block, Op, kernel_hw};
-use crate::checkpoint::{Checkpoint, TensorInfo, encode, float_width};
+use crate::checkpoint::{Checkpoint, TensorInfo};
 use crate::conv::{BlockInput, Input, conv_rows};
 use crate::deviation::{self, Deviation};
+use crate::dtype::{encode, float_width};
+use crate::find::Detection;
 use crate::int8::{self, ConvRows, OutputSqnr, Sqnr};
-use crate::layout::Detection;
-use crate::ops::{ChannelValues, forward_unfused, read_rows};
 use crate::progress::Cancel;
 use crate::report::{Failure, FailureKind, VerifyReport};
+use forward::forward_unfused;
 
 /// How fused and unfused blocks are compared.
 #[derive(Debug, Clone)]

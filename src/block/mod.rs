@@ -7,7 +7,10 @@
 use safetensors::Dtype;
 use serde::{Deserialize, Serialize};
 
-use crate::checkpoint::{Checkpoint, TensorInfo, float_width};
+pub mod values;
+
+use crate::checkpoint::{Checkpoint, TensorInfo};
+use crate::dtype::float_width;
 
 /// Largest kernel side a block may have: RepLKNet's 31×31, the largest in the
 /// re-parameterization literature. Checking a block costs memory in the kernel side to the

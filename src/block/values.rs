@@ -1,0 +1,268 @@
+//! A block's values: the per-channel ops of some output channels read from the tensor
+//! source and checked (finite, σ² ≥ 0), and the first stage of a sequence branch read whole.
+//! What the values *mean* — composed into an affine for fusion, or run as a forward pass for
+//! verification — is the business of `fuse` and `verify`; both start from these.
+
+use std::ops::Range;
+
+use crate::block::{Block, BlockError, BnTensors, Branch, Op};
+use crate::checkpoint::{Checkpoint, TensorInfo};
+
+/// A BatchNorm's parameters for a range of channels.
+#[derive(Debug, Clone, PartialEq)]
+pub struct BatchNorm {
+    /// γ.
+    pub gamma: Vec<f64>,
+    /// β.
+    pub beta: Vec<f64>,
+    /// μ (running mean).
+    pub mean: Vec<f64>,
+    /// σ² (running variance).
+    pub var: Vec<f64>,
+}
+
+impl BatchNorm {
+    /// `(t, s)` such that `bn(y) = t·y + s`, per channel.
+    ///
+    /// The seed document's BN (μ = 5, σ² = 100, γ = 5, β = 20) maps 50 to
+    /// (50 − 5)·5/10 + 20 = 42.5:
+    ///
+    /// ```
+    /// use repvgg_fuse::block::values::BatchNorm;
+    ///
+    /// let bn = BatchNorm { gamma: vec![5.0], beta: vec![20.0], mean: vec![5.0], var: vec![100.0] };
+    /// let (t, s) = bn.affine(0.0);
+    /// assert_eq!(t[0] * 50.0 + s[0], 42.5);
+    /// ```
+    pub fn affine(&self, eps: f64) -> (Vec<f64>, Vec<f64>) {
+        let t: Vec<f64> = self
+            .gamma
+            .iter()
+            .zip(&self.var)
+            .map(|(g, v)| g / (v + eps).sqrt())
+            .collect();
+        let s = t
+            .iter()
+            .zip(self.beta.iter().zip(&self.mean))
+            .map(|(t, (b, m))| b - t * m)
+            .collect();
+        (t, s)
+    }
+}
+
+/// One per-channel op's values for a range of rows.
+#[derive(Debug, Clone, PartialEq)]
+pub enum ChannelOp {
+    /// Add a bias (a conv's own).
+    Bias(Vec<f64>),
+    /// A BatchNorm.
+    Bn(BatchNorm),
+    /// Multiply by a per-channel scale.
+    Scale(Vec<f64>),
+}
+
+/// The per-channel values of a block for output channels `rows`: each branch's ops after its
+/// source, and the post-ops.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ChannelValues {
+    /// The output channels covered.
+    pub rows: Range<usize>,
+    /// Per branch: its coefficient and its per-channel ops, in order.
+    pub branches: Vec<(f64, Vec<ChannelOp>)>,
+    /// Ops on the sum of the branches.
+    pub post: Vec<ChannelOp>,
+    /// Per branch: the BN on its input (every input channel), if it has one.
+    pub inputs: Vec<Option<BatchNorm>>,
+    /// Per branch: the first stage of a sequence (DBB's 1×1 → k×k), if it is one.
+    pub sequences: Vec<Option<Sequence>>,
+}
+
+/// The first stage of a sequence branch, whole: its 1×1 conv and the per-channel ops on its
+/// `mid` outputs.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Sequence {
+    /// The first conv `[mid, in/groups]`, the identity added where stored without it.
+    pub first: Vec<f64>,
+    /// Its output channels.
+    pub mid: usize,
+    /// The per-channel ops on them (the conv's bias, a BN), every mid channel.
+    pub ops: Vec<ChannelOp>,
+}
+
+impl ChannelValues {
+    /// Reads the per-channel values of `block` for `rows`, refusing NaN, ±∞ and negative
+    /// variances.
+    pub fn load(ckpt: &Checkpoint, block: &Block, rows: Range<usize>) -> Result<Self, BlockError> {
+        let load = |ops: &[Op]| -> Result<Vec<ChannelOp>, BlockError> {
+            let mut out = Vec::new();
+            for op in ops {
+                out.extend(load_channel_op(ckpt, block, op, rows.clone())?);
+            }
+            Ok(out)
+        };
+        let branches = block
+            .branches
+            .iter()
+            .map(|b| Ok((b.coef, load(&b.ops[b.split()..])?)))
+            .collect::<Result<_, BlockError>>()?;
+        let sequences = block
+            .branches
+            .iter()
+            .map(|b| load_sequence(ckpt, block, b))
+            .collect::<Result<_, BlockError>>()?;
+        let inputs = block
+            .branches
+            .iter()
+            .map(|b| {
+                b.input_bn()
+                    .map(|bn| load_bn(ckpt, block, bn, 0..block.in_per_group))
+                    .transpose()
+            })
+            .collect::<Result<_, BlockError>>()?;
+        Ok(ChannelValues {
+            branches,
+            post: load(&block.post)?,
+            rows,
+            inputs,
+            sequences,
+        })
+    }
+}
+
+/// The per-channel values an op contributes for `rows` (a conv: its bias, if any).
+fn load_channel_op(
+    ckpt: &Checkpoint,
+    block: &Block,
+    op: &Op,
+    rows: Range<usize>,
+) -> Result<Option<ChannelOp>, BlockError> {
+    let read = |name: &str| read_finite(ckpt, block, name, rows.clone());
+    Ok(match op {
+        Op::Conv {
+            bias: Some(bias), ..
+        } => Some(ChannelOp::Bias(read(bias)?)),
+        Op::Conv { .. }
+        | Op::Identity
+        | Op::AvgPool { .. }
+        | Op::InputBn(_)
+        | Op::ThenConv { .. }
+        | Op::ThenAvgPool { .. } => None,
+        Op::Scale { weight } => Some(ChannelOp::Scale(read(weight)?)),
+        Op::Bn(bn) => Some(ChannelOp::Bn(load_bn(ckpt, block, bn, rows)?)),
+    })
+}
+
+/// The first stage of `branch`, if it is a sequence: read whole (every mid channel).
+fn load_sequence(
+    ckpt: &Checkpoint,
+    block: &Block,
+    branch: &Branch,
+) -> Result<Option<Sequence>, BlockError> {
+    if branch.second().is_none() {
+        return Ok(None);
+    }
+    let Op::Conv {
+        weight,
+        plus_identity,
+        ..
+    } = branch.source()
+    else {
+        return Ok(None);
+    };
+    let ipg = block.in_per_group;
+    let mid = ckpt.get(weight).map_or(0, |t| t.shape[0]);
+    let mut first = read_finite(ckpt, block, weight, 0..mid * ipg)?;
+    if *plus_identity {
+        for m in 0..mid {
+            first[m * ipg + m % ipg] += 1.0;
+        }
+    }
+    let mut ops = Vec::new();
+    for op in &branch.ops[..branch.split() - 1] {
+        ops.extend(load_channel_op(ckpt, block, op, 0..mid)?);
+    }
+    Ok(Some(Sequence { first, mid, ops }))
+}
+
+/// A BN's values for channels `rows`, refusing NaN, ±∞ and negative variances.
+fn load_bn(
+    ckpt: &Checkpoint,
+    block: &Block,
+    bn: &BnTensors,
+    rows: Range<usize>,
+) -> Result<BatchNorm, BlockError> {
+    let read = |name: &str| read_finite(ckpt, block, name, rows.clone());
+    let var = read(&bn.running_var)?;
+    if let Some(i) = var.iter().position(|v| *v < 0.0) {
+        return Err(BlockError::new(
+            &block.name,
+            format!(
+                "tensor `{}` has a negative variance {} at channel {}; a running variance must be ≥ 0",
+                bn.running_var,
+                var[i],
+                rows.start + i
+            ),
+        ));
+    }
+    Ok(BatchNorm {
+        gamma: read(&bn.weight)?,
+        beta: read(&bn.bias)?,
+        mean: read(&bn.running_mean)?,
+        var,
+    })
+}
+
+/// Elements `rows` of tensor `name` (`per_row` elements a row), refusing NaN and ±∞.
+pub fn read_rows(
+    ckpt: &Checkpoint,
+    block: &Block,
+    name: &str,
+    rows: Range<usize>,
+    per_row: usize,
+) -> Result<Vec<f64>, BlockError> {
+    read_finite(ckpt, block, name, rows.start * per_row..rows.end * per_row)
+}
+
+fn read_finite(
+    ckpt: &Checkpoint,
+    block: &Block,
+    name: &str,
+    range: Range<usize>,
+) -> Result<Vec<f64>, BlockError> {
+    let err = |what: String| BlockError::new(&block.name, what);
+    let info: &TensorInfo = ckpt
+        .get(name)
+        .ok_or_else(|| err(format!("tensor `{name}` is missing")))?;
+    let values = ckpt
+        .read_f64(info, range.clone())
+        .map_err(|e| err(format!("reading `{name}`: {e}")))?
+        .ok_or_else(|| {
+            err(format!(
+                "tensor `{name}` is {:?}, not floating point",
+                info.dtype
+            ))
+        })?;
+    match first_non_finite(&values) {
+        Some(i) => Err(err(format!(
+            "tensor `{name}` holds {} at element {}; fusion needs finite values",
+            values[i],
+            range.start + i
+        ))),
+        None => Ok(values),
+    }
+}
+
+/// The index of the first NaN or ±∞: a branchless pass decides (it vectorizes), the scan for
+/// the culprit runs only on failure.
+#[inline(always)]
+pub fn first_non_finite(values: &[f64]) -> Option<usize> {
+    let mut finite = true;
+    for v in values {
+        finite &= v.is_finite();
+    }
+    if finite {
+        None
+    } else {
+        values.iter().position(|v| !v.is_finite())
+    }
+}

@@ -1,0 +1,486 @@
+//! Turning matched names into checked [`Block`]s: every kind of a layout run, blocks inside
+//! larger blocks of another kind given to those, orphans (half blocks) refused unless another
+//! block takes their tensors, ownership of every tensor and deploy name checked.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use super::names::*;
+use super::schema::{Kind, Layout, LayoutError, OpSpec};
+use crate::block::{Block, BlockError, BnTensors, Branch, Op, Role};
+use crate::checkpoint::Checkpoint;
+
+/// A candidate that is not a block: half a block (a conv branch without the main conv) or a
+/// block without a required branch. An error, unless blocks of another kind take all its
+/// tensors (at the same prefix, for a missing branch: RepViT's current and legacy RepVggDw).
+pub(super) struct Orphan {
+    error: LayoutError,
+    prefix: Option<String>,
+    tensors: Vec<String>,
+}
+
+pub(super) fn find_blocks(
+    ckpt: &Checkpoint,
+    names: &Names,
+    layout: &Layout,
+    refuse_half: bool,
+) -> Result<BlocksFound, LayoutError> {
+    let mut found = BlocksFound {
+        blocks: Vec::new(),
+        skipped: Vec::new(),
+    };
+    let mut kinds_of = Vec::new();
+    let mut orphans = Vec::new();
+    for (k, kind) in layout.all_kinds().iter().enumerate() {
+        let before = found.blocks.len();
+        find_kind(
+            (ckpt, names),
+            layout,
+            kind,
+            refuse_half,
+            &mut found,
+            &mut orphans,
+        )?;
+        kinds_of.resize(kinds_of.len() + found.blocks.len() - before, k);
+    }
+    let mut blocks = drop_contained(std::mem::take(&mut found.blocks), &kinds_of);
+    let consumed: BTreeSet<&str> = blocks
+        .iter()
+        .flat_map(|b| b.consumed.iter().map(String::as_str))
+        .collect();
+    for o in orphans {
+        let taken = o.tensors.iter().all(|t| consumed.contains(t.as_str()))
+            && o.prefix.is_none_or(|p| blocks.iter().any(|b| b.name == p));
+        if !taken {
+            return Err(o.error);
+        }
+    }
+    check_ownership(ckpt, &blocks)?;
+    blocks.sort_by_key(|b| ckpt.get(b.main_weight()).map_or(0, |t| t.start));
+    found.blocks = blocks;
+    Ok(found)
+}
+
+/// The blocks of one kind of `layout` into `found`; candidates that are not blocks into
+/// `orphans` (when refusing half blocks).
+pub(super) fn find_kind(
+    (ckpt, names): (&Checkpoint, &Names),
+    layout: &Layout,
+    kind: &Kind,
+    refuse_half: bool,
+    found: &mut BlocksFound,
+    orphans: &mut Vec<Orphan>,
+) -> Result<(), LayoutError> {
+    let several = layout.kinds.len() + usize::from(!layout.branches.is_empty()) > 1;
+    let is_main = |f: &Found| {
+        kind.branches[f.spec].role == Role::Kxk
+            && f.slots.keys().any(|(_, leaf)| *leaf == Leaf::ConvWeight)
+    };
+    for (prefix, branches) in &candidates(names, kind) {
+        if !kind.applies_at(prefix) {
+            continue;
+        }
+        let tensors = || {
+            branches
+                .values()
+                .flat_map(|f| f.slots.values().cloned())
+                .collect()
+        };
+        if !branches.values().any(is_main) {
+            if refuse_half && !layout.generic_names {
+                if let Err(error) = refuse_half_block(layout, kind, prefix, branches) {
+                    orphans.push(Orphan {
+                        error,
+                        prefix: None,
+                        tensors: tensors(),
+                    });
+                }
+            }
+            continue;
+        }
+        let missing_required = kind
+            .branches
+            .iter()
+            .enumerate()
+            .find(|(i, spec)| spec.required && !branches.values().any(|f| f.spec == *i));
+        if let Some((_, spec)) = missing_required {
+            let why = format!("no `{}` branch", spec.path);
+            if layout.generic_names || !refuse_half {
+                found.skipped.push((prefix.clone(), why));
+            } else {
+                orphans.push(Orphan {
+                    error: BlockError::new(prefix, why).into(),
+                    prefix: Some(prefix.clone()),
+                    tensors: tensors(),
+                });
+            }
+            continue;
+        }
+        match assemble(ckpt, kind, prefix, branches) {
+            Ok(block) => found.blocks.push(block),
+            Err(e) if layout.generic_names => found.skipped.push((prefix.clone(), e.what)),
+            // Another kind may be what the block is (DBB's four forms share most names).
+            Err(e) if several && refuse_half => orphans.push(Orphan {
+                error: e.into(),
+                prefix: Some(prefix.clone()),
+                tensors: tensors(),
+            }),
+            Err(e) if several => found.skipped.push((prefix.clone(), e.what)),
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Ok(())
+}
+
+/// Drops a block whose tensors all belong to a larger block of another kind (the mixer
+/// inside FastViT's RepMixer, the ConvNorm inside RepViT's RepVggDw: the framework converts
+/// the outer module); of two blocks with the same tensors, the inner one (SHViT's Residual
+/// around a Conv2dNorm is converted, not the Conv2dNorm), at the same prefix the later kind's.
+pub(super) fn drop_contained(blocks: Vec<Block>, kinds_of: &[usize]) -> Vec<Block> {
+    let sets: Vec<BTreeSet<&str>> = blocks
+        .iter()
+        .map(|b| b.consumed.iter().map(String::as_str).collect())
+        .collect();
+    let mut owners: BTreeMap<&str, Vec<usize>> = BTreeMap::new();
+    for (i, set) in sets.iter().enumerate() {
+        for t in set {
+            owners.entry(t).or_default().push(i);
+        }
+    }
+    let inside = |i: usize| {
+        let Some(first) = sets[i].first() else {
+            return false;
+        };
+        let outer = |j: usize| {
+            let (a, b) = (depth(&blocks[j].name), depth(&blocks[i].name));
+            a < b || a == b && kinds_of[j] < kinds_of[i]
+        };
+        owners[first].iter().any(|&j| {
+            j != i
+                && kinds_of[j] != kinds_of[i]
+                && (sets[j].len() > sets[i].len() || sets[j].len() == sets[i].len() && outer(j))
+                && sets[i].is_subset(&sets[j])
+        })
+    };
+    let keep: Vec<bool> = (0..blocks.len()).map(|i| !inside(i)).collect();
+    blocks
+        .into_iter()
+        .zip(keep)
+        .filter_map(|(b, k)| k.then_some(b))
+        .collect()
+}
+
+/// How deep a block prefix is: its number of dot-separated names.
+pub(super) fn depth(prefix: &str) -> usize {
+    if prefix.is_empty() {
+        0
+    } else {
+        prefix.split('.').count()
+    }
+}
+
+/// A conv branch without its block's k×k conv is half a block.
+pub(super) fn refuse_half_block(
+    layout: &Layout,
+    kind: &Kind,
+    prefix: &str,
+    branches: &BTreeMap<String, Found>,
+) -> Result<(), LayoutError> {
+    let Some(tensor) = branches.values().find_map(|f| {
+        f.slots
+            .iter()
+            .find_map(|((_, leaf), t)| (*leaf == Leaf::ConvWeight).then_some(t))
+    }) else {
+        return Ok(());
+    };
+    let main = kind
+        .branches
+        .iter()
+        .find(|b| b.role == Role::Kxk)
+        .map_or("k×k".to_string(), |b| format!("`{}` branch", b.path));
+    Err(LayoutError::HalfBlock {
+        layout: layout.name.clone(),
+        block: prefix.to_string(),
+        tensor: tensor.clone(),
+        missing: main,
+    })
+}
+
+/// Refuses a deploy name that is taken, and a tensor that two blocks both claim (blocks nest
+/// only if a layout's names are ambiguous).
+pub(super) fn check_ownership(ckpt: &Checkpoint, blocks: &[Block]) -> Result<(), LayoutError> {
+    for block in blocks {
+        for tensor in [&block.deploy_weight, &block.deploy_bias] {
+            // UniRepLKNet writes its fused kernel under the name of a kernel it consumes.
+            if ckpt.get(tensor).is_some() && !block.consumed.contains(tensor) {
+                return Err(LayoutError::DeployNameTaken {
+                    block: block.name.clone(),
+                    tensor: tensor.clone(),
+                });
+            }
+        }
+    }
+    let mut owner: BTreeMap<&str, &str> = BTreeMap::new();
+    for block in blocks {
+        let own: BTreeSet<&str> = block.consumed.iter().map(String::as_str).collect();
+        for t in own {
+            if let Some(other) = owner.insert(t, &block.name) {
+                return Err(BlockError::new(
+                    &block.name,
+                    format!("tensor `{t}` also belongs to block `{other}`"),
+                )
+                .into());
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Joins a prefix and a name relative to it.
+pub(super) fn join(prefix: &str, leaf: &str) -> String {
+    let leaf = leaf.trim_start_matches('/');
+    if prefix.is_empty() {
+        leaf.to_string()
+    } else {
+        format!("{prefix}.{leaf}")
+    }
+}
+
+/// Turns the tensors found under one prefix into a checked [`Block`].
+pub(super) fn assemble(
+    ckpt: &Checkpoint,
+    kind: &Kind,
+    prefix: &str,
+    found: &BTreeMap<String, Found>,
+) -> Result<Block, BlockError> {
+    // Branches without tensors of their own (RepMixer's and RepViT's plain skip) are in every
+    // block of the kind.
+    let tensorless: Vec<(String, Found)> = (kind.branches.iter().enumerate())
+        .filter(|(_, spec)| slot_patterns(spec).is_empty() && !spec.op_specs().is_empty())
+        .filter(|(_, spec)| spec.op_specs().iter().all(|op| op_leaves(op).is_empty()))
+        .map(|(i, spec)| {
+            let found = Found {
+                spec: i,
+                ..Found::default()
+            };
+            (spec.label(), found)
+        })
+        .collect();
+    let mut order: Vec<(&String, &Found)> = found
+        .iter()
+        .chain(tensorless.iter().map(|(l, f)| (l, f)))
+        .collect();
+    // Branch order: by role (k×k first), then label — so the main branch is first.
+    order.sort_by_key(|(label, f)| (kind.branches[f.spec].role, f.spec, natural_key(label)));
+    let mut branches = Vec::new();
+    for (label, f) in order {
+        let spec = &kind.branches[f.spec];
+        let base = if spec.path.is_empty() {
+            prefix.to_string()
+        } else {
+            join(prefix, label)
+        };
+        let at = Place {
+            prefix,
+            base,
+            label,
+            identity: spec.role == Role::Identity,
+        };
+        let ops = at.ops(ckpt, f, &spec.op_specs())?;
+        branches.push(Branch {
+            label: label.clone(),
+            role: spec.role,
+            coef: spec.coef,
+            ops,
+        });
+    }
+    let at = Place {
+        prefix,
+        base: prefix.to_string(),
+        label: "(post-ops)",
+        identity: false,
+    };
+    let post = at.ops(ckpt, &Found::default(), &kind.post)?;
+    let deploy = [
+        join(prefix, &kind.deploy.weight),
+        join(prefix, &kind.deploy.bias),
+    ];
+    let mut block = Block::new(ckpt, prefix, branches, post, deploy)?;
+    block.kind = kind.name.clone();
+    Ok(block)
+}
+
+/// Where an op's tensors are: the block prefix, the branch's own path and label.
+pub(super) struct Place<'a> {
+    prefix: &'a str,
+    base: String,
+    label: &'a str,
+    identity: bool,
+}
+
+impl Place<'_> {
+    /// A chain of ops; optional ones whose tensors are absent left out.
+    fn ops(&self, ckpt: &Checkpoint, f: &Found, specs: &[OpSpec]) -> Result<Vec<Op>, BlockError> {
+        let mut ops = Vec::with_capacity(specs.len());
+        for (i, op) in specs.iter().enumerate() {
+            ops.extend(self.op(ckpt, f, i, op)?);
+        }
+        Ok(ops)
+    }
+
+    /// Op `i` of a branch whose branch-relative tensors matched as `f`; block-relative ones
+    /// (and the post-ops') are looked up by name.
+    fn op(
+        &self,
+        ckpt: &Checkpoint,
+        f: &Found,
+        i: usize,
+        op: &OpSpec,
+    ) -> Result<Option<Op>, BlockError> {
+        let looked_up;
+        let slots = if block_relative(op) || f.slots.is_empty() {
+            let root = if block_relative(op) {
+                self.prefix
+            } else {
+                &self.base
+            };
+            looked_up = op_leaves(op)
+                .into_iter()
+                .map(|(leaf, name)| ((i, leaf), join(root, &name)))
+                .filter(|(_, name)| ckpt.get(name).is_some())
+                .collect();
+            &looked_up
+        } else {
+            &f.slots
+        };
+        if op.optional && !slots.keys().any(|(j, _)| *j == i) {
+            return Ok(None);
+        }
+        self.build(slots, f, i, op).map(Some)
+    }
+
+    fn err<T>(&self, what: String) -> Result<T, BlockError> {
+        Err(BlockError::new(self.prefix, what))
+    }
+
+    /// Op `i` from `slots`, refusing one that is incomplete; `f` is all the branch matched.
+    fn build(
+        &self,
+        slots: &BTreeMap<Slot, String>,
+        f: &Found,
+        i: usize,
+        op: &OpSpec,
+    ) -> Result<Op, BlockError> {
+        let label = self.label;
+        let slot = |leaf| slots.get(&(i, leaf)).cloned();
+        if let Some(conv) = &op.conv {
+            let Some(weight) = slot(Leaf::ConvWeight) else {
+                return self.err(format!(
+                    "branch `{label}` has {} but no conv weight `{}`",
+                    describe_slots(f),
+                    join(&self.base, &format!("{conv}.weight"))
+                ));
+            };
+            return Ok(Op::Conv {
+                weight,
+                bias: slot(Leaf::ConvBias),
+                dilation: op.dilation.unwrap_or(1),
+                asymmetric: op.asymmetric,
+                plus_identity: op.plus_identity,
+            });
+        }
+        if let Some(conv) = &op.then_conv {
+            return match slot(Leaf::ConvWeight2) {
+                Some(weight) => Ok(Op::ThenConv { weight }),
+                None => self.err(format!(
+                    "branch `{label}` has {} but no second conv weight `{}`",
+                    describe_slots(f),
+                    join(&self.base, &format!("{conv}.weight"))
+                )),
+            };
+        }
+        if let Some(side) = op.then_avgpool {
+            return Ok(Op::ThenAvgPool { kernel: side });
+        }
+        if op.identity {
+            return Ok(Op::Identity);
+        }
+        if let Some(side) = op.avgpool {
+            return Ok(Op::AvgPool { kernel: side });
+        }
+        if let Some(scale) = &op.scale {
+            return match slot(Leaf::Scale) {
+                Some(weight) => Ok(Op::Scale { weight }),
+                None => self.err(format!(
+                    "branch `{label}` has no scale tensor `{}`",
+                    join(&self.base, scale)
+                )),
+            };
+        }
+        if let Some(path) = &op.bn_in {
+            return match self.bn(slots, f, i, path)? {
+                Op::Bn(bn) => Ok(Op::InputBn(bn)),
+                other => Ok(other),
+            };
+        }
+        self.bn(slots, f, i, op.bn.as_deref().unwrap_or_default())
+    }
+
+    /// A BN op: all four tensors, or an error that says which are missing.
+    fn bn(
+        &self,
+        slots: &BTreeMap<Slot, String>,
+        f: &Found,
+        i: usize,
+        bn_path: &str,
+    ) -> Result<Op, BlockError> {
+        let label = self.label;
+        let missing: Vec<&str> = BN_LEAVES[..4]
+            .iter()
+            .filter(|(l, _)| !slots.contains_key(&(i, *l)))
+            .map(|(_, name)| *name)
+            .collect();
+        if missing.len() == 4 {
+            if self.identity {
+                return self.err(format!("identity branch `{label}` has no BN tensors"));
+            }
+            // The layout puts a BN here; without it the branch would be fused as a bare conv,
+            // silently wrong.
+            let path = join(&self.base, bn_path);
+            return self.err(format!(
+                "branch `{label}` has {} but no BN: expected `{path}.weight`, `.bias`, `.running_mean` and `.running_var`",
+                describe_slots(f)
+            ));
+        }
+        if !missing.is_empty() {
+            return self.err(format!(
+                "branch `{label}`: its BN is missing {} (found {})",
+                missing.join(", "),
+                describe_slots(f)
+            ));
+        }
+        let get = |leaf| slots[&(i, leaf)].clone();
+        Ok(Op::Bn(BnTensors {
+            weight: get(Leaf::BnWeight),
+            bias: get(Leaf::BnBias),
+            running_mean: get(Leaf::BnMean),
+            running_var: get(Leaf::BnVar),
+            num_batches_tracked: slots.get(&(i, Leaf::BnCount)).cloned(),
+        }))
+    }
+}
+
+pub(super) fn describe_slots(f: &Found) -> String {
+    let names: Vec<&str> = f.slots.values().map(String::as_str).collect();
+    names.join(", ")
+}
+
+/// Sorts `conv_kxk.10` after `conv_kxk.2`.
+pub(super) fn natural_key(label: &str) -> Vec<(u64, String)> {
+    label
+        .split('.')
+        .map(|s| match s.parse::<u64>() {
+            Ok(n) => (n, String::new()),
+            Err(_) => (u64::MAX, s.to_string()),
+        })
+        .collect()
+}

@@ -1,0 +1,452 @@
+//! The layout schema: how each framework names the branches of a re-parameterizable block,
+//! as data (`layouts.json`, or a user's file of the same shape), and its validation.
+
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+
+use crate::block::{BlockError, Role};
+
+pub(super) const BUILTIN: &str = include_str!("layouts.json");
+
+/// PyTorch's `BatchNorm2d` default ε, used where a layout does not settle it.
+pub const DEFAULT_BN_EPS: f64 = 1e-5;
+
+/// One op of a branch in a layout file: exactly one of `conv`, `bn`, `scale`, `identity`,
+/// `avgpool`. Names are relative to the branch's path; a name starting with `/` is relative
+/// to the block (a tensor the block's branches share, like a layer scale).
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OpSpec {
+    /// A conv submodule: `{name}.weight` and optional `{name}.bias`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub conv: Option<String>,
+    /// Tap spacing of that conv (default 1).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dilation: Option<usize>,
+    /// A BN submodule (`""`: the branch path itself).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bn: Option<String>,
+    /// A per-channel scale tensor (its full name under the path, e.g. `layer_scale.gamma`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scale: Option<String>,
+    /// The block's input itself.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub identity: bool,
+    /// Average pooling with this window.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub avgpool: Option<usize>,
+    /// A BN over the branch's input, before its conv (a NormLinear); goes before the source.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bn_in: Option<String>,
+    /// The conv's kernel may be kh×kw with kh ≠ kw (ACNet's k×1 and 1×k).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub asymmetric: bool,
+    /// The conv's stored weight is its kernel minus the identity (DBB's `idconv1`).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub plus_identity: bool,
+    /// A second conv on what the ops before it made (DBB's 1×1 → k×k, its BNAndPad padding
+    /// with what the BN makes of zero).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub then_conv: Option<String>,
+    /// A k×k average of what the ops before it made, padded likewise; 0: the block's kernel.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub then_avgpool: Option<usize>,
+    /// The op may be absent (FastViT's `layer_scale.gamma` when layer scale is off): a block
+    /// without its tensors runs without the op. Without it, a missing tensor is an error.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub optional: bool,
+}
+
+/// One branch's names, relative to the block prefix.
+///
+/// The short form names a conv and a BN (`conv`, `bn`), or for the identity branch just a BN
+/// (`path` itself, or `bn` under it); the long form lists the branch's `ops` in order.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BranchSpec {
+    /// What the branch is.
+    pub role: Role,
+    /// Path of the branch module under the block; `{n}` stands for a branch index (0, 1, …).
+    pub path: String,
+    /// Name of the conv submodule under `path` (short form; absent for the identity branch).
+    #[serde(default)]
+    pub conv: Option<String>,
+    /// Name of the BN submodule under `path`; absent means the BN is `path` itself (short
+    /// form).
+    #[serde(default)]
+    pub bn: Option<String>,
+    /// The branch's ops in order (long form, instead of `conv`/`bn`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub ops: Vec<OpSpec>,
+    /// The branch's weight in the block's sum (default 1; −1 subtracts it).
+    #[serde(default = "one", skip_serializing_if = "is_one")]
+    pub coef: f64,
+    /// Whether a block must have this branch to count as a block of this layout.
+    #[serde(default)]
+    pub required: bool,
+}
+
+impl OpSpec {
+    /// How many kinds of op the entry names (a valid one names exactly one).
+    fn kinds(&self) -> usize {
+        [
+            self.conv.is_some(),
+            self.bn.is_some(),
+            self.bn_in.is_some(),
+            self.then_conv.is_some(),
+            self.then_avgpool.is_some(),
+            self.scale.is_some(),
+            self.identity,
+            self.avgpool.is_some(),
+        ]
+        .into_iter()
+        .filter(|k| *k)
+        .count()
+    }
+
+    /// Whether the op goes before the source.
+    fn is_input(&self) -> bool {
+        self.bn_in.is_some()
+    }
+
+    /// Whether the op starts a branch.
+    fn is_source(&self) -> bool {
+        self.conv.is_some() || self.identity || self.avgpool.is_some()
+    }
+}
+
+impl Kind {
+    /// Checks that the kind can describe a block at all.
+    pub(super) fn check(&self, layout: &str) -> Result<(), String> {
+        if !self.branches.iter().any(|b| b.role == Role::Kxk) {
+            return Err(format!("layout `{layout}` has no \"kxk\" branch"));
+        }
+        for b in &self.branches {
+            let err = |what: &str| Err(format!("layout `{layout}`, branch `{}`: {what}", b.path));
+            if b.ops.is_empty() {
+                let has_conv = b.conv.is_some();
+                if (b.role == Role::Identity) == has_conv {
+                    return err(if has_conv {
+                        "an identity branch has no conv"
+                    } else {
+                        "a conv branch needs \"conv\""
+                    });
+                }
+                continue;
+            }
+            if b.conv.is_some() || b.bn.is_some() {
+                return err("give either \"ops\" or \"conv\"/\"bn\", not both");
+            }
+            let first = b.ops.iter().take_while(|op| op.is_input()).count();
+            for (i, op) in b.ops.iter().enumerate().skip(first) {
+                match (op.kinds(), i == first, op.is_source()) {
+                    (1, true, true) | (1, false, false) => {}
+                    (1, true, false) => {
+                        return err("the first op must be conv, identity or avgpool");
+                    }
+                    (1, false, true) => {
+                        return err("only the first op may be conv, identity or avgpool");
+                    }
+                    _ => {
+                        return err(
+                            "each op has exactly one of conv, bn, bn_in, scale, identity, avgpool",
+                        );
+                    }
+                }
+            }
+        }
+        let second = |op: &OpSpec| op.then_conv.is_some() || op.then_avgpool.is_some();
+        if let Some(b) = self
+            .branches
+            .iter()
+            .find(|b| b.ops.iter().filter(|op| second(op)).count() > 1)
+        {
+            return Err(format!(
+                "layout `{layout}`, branch `{}`: one then_conv or then_avgpool at most",
+                b.path
+            ));
+        }
+        if self
+            .post
+            .iter()
+            .any(|op| op.kinds() != 1 || op.is_source() || second(op))
+        {
+            return Err(format!(
+                "layout `{layout}`: \"post\" takes bn and scale ops only"
+            ));
+        }
+        Ok(())
+    }
+
+    /// Whether a block at `prefix` can be of this kind.
+    pub(super) fn applies_at(&self, prefix: &str) -> bool {
+        let ends = |a: &String| prefix == a || prefix.ends_with(&format!(".{a}"));
+        (self.at.is_empty() || self.at.iter().any(ends)) && !self.not_at.iter().any(ends)
+    }
+}
+
+fn one() -> f64 {
+    1.0
+}
+
+fn is_one(x: &f64) -> bool {
+    *x == 1.0
+}
+
+impl BranchSpec {
+    /// The branch's label in a block: its path, or for a branch right under the block its
+    /// first op's name (`input` for a plain skip).
+    pub(super) fn label(&self) -> String {
+        if !self.path.is_empty() {
+            return self.path.clone();
+        }
+        let first = self.op_specs().into_iter().next().unwrap_or_default();
+        [first.conv, first.bn, first.scale]
+            .into_iter()
+            .flatten()
+            .next()
+            .unwrap_or_else(|| "input".to_string())
+    }
+
+    /// The branch's ops, the short form expanded.
+    pub fn op_specs(&self) -> Vec<OpSpec> {
+        if !self.ops.is_empty() {
+            return self.ops.clone();
+        }
+        let mut ops = Vec::new();
+        match &self.conv {
+            Some(conv) => {
+                ops.push(OpSpec {
+                    conv: Some(conv.clone()),
+                    ..OpSpec::default()
+                });
+                // A conv branch without a BN module name has no BN.
+                ops.extend(self.bn.clone().map(|bn| OpSpec {
+                    bn: Some(bn),
+                    ..OpSpec::default()
+                }));
+            }
+            None => {
+                ops.push(OpSpec {
+                    identity: true,
+                    ..OpSpec::default()
+                });
+                ops.push(OpSpec {
+                    bn: Some(self.bn.clone().unwrap_or_default()),
+                    ..OpSpec::default()
+                });
+            }
+        }
+        ops
+    }
+}
+
+/// Names of the deploy conv's tensors, relative to the block prefix.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DeployNames {
+    /// The fused kernel.
+    pub weight: String,
+    /// The fused bias.
+    pub bias: String,
+}
+
+/// A framework's naming of re-parameterizable blocks.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Layout {
+    /// Short id, as given to `--layout`.
+    pub name: String,
+    /// Which frameworks and models use it.
+    #[serde(default)]
+    pub description: String,
+    /// BN ε this layout's framework trains with, when it is not PyTorch's default.
+    #[serde(default)]
+    pub bn_eps: Option<f64>,
+    /// Why `bn_eps` is what it is.
+    #[serde(default)]
+    pub bn_eps_reason: Option<String>,
+    /// The names also occur outside re-parameterizable blocks (ultralytics' `conv1`/`conv2`):
+    /// a candidate whose shapes do not fit is left alone instead of refused.
+    #[serde(default)]
+    pub generic_names: bool,
+    /// Only used when no other layout finds blocks: its names (a conv `conv` beside a BN
+    /// `bn`) are common enough to occur in files of other layouts.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub fallback: bool,
+    /// Detected only in a file with a tensor whose name ends with this (LeViT's, TinyViT's
+    /// and EfficientViT's `attention_biases`): their ConvNorm names alone would take any
+    /// conv beside a BN, an unknown RepVGG fork's branches included. `--layout` forces it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub marker: Option<String>,
+    /// The branches a block can have (the layout's first kind of block; may be empty when
+    /// `kinds` lists them all).
+    #[serde(default)]
+    pub branches: Vec<BranchSpec>,
+    /// Per-channel ops on the sum of the branches (names relative to the block).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub post: Vec<OpSpec>,
+    /// Where the fused conv goes (with `branches`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub deploy: Option<DeployNames>,
+    /// Further kinds of block in the same models (FastViT: MobileOneBlock, RepMixer,
+    /// ReparamLargeKernelConv, RepConditionalPosEnc). A block of one kind whose tensors all
+    /// belong to a block of another (the mixer inside a RepMixer) is part of that block.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub kinds: Vec<Kind>,
+}
+
+/// One kind of block of a layout: its branches, post-ops and deploy names.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Kind {
+    /// The framework's class name, for reports.
+    #[serde(default)]
+    pub name: String,
+    /// Block prefixes must end with one of these names (LeViT's `head`, whose BN comes before
+    /// its Linear, where every other `linear` + `bn` has it after); empty: any prefix.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub at: Vec<String>,
+    /// Block prefixes must not end with any of these names (where another kind has them).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub not_at: Vec<String>,
+    /// The branches a block can have.
+    pub branches: Vec<BranchSpec>,
+    /// Per-channel ops on the sum of the branches (names relative to the block).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub post: Vec<OpSpec>,
+    /// Where the fused conv goes.
+    pub deploy: DeployNames,
+}
+
+/// Errors in finding blocks or in a layout file.
+#[derive(Debug, thiserror::Error)]
+pub enum LayoutError {
+    /// No layout found any block.
+    #[error("no re-parameterizable block found{hint}")]
+    NoBlocks {
+        /// More on why, when we can tell.
+        hint: String,
+    },
+    /// Blocks of more than one layout were found.
+    #[error("the checkpoint mixes layouts: {found}; pass --layout NAME to convert one of them")]
+    Mixed {
+        /// Each layout with a count and an example block.
+        found: String,
+    },
+    /// `--layout` named no layout.
+    #[error("unknown layout `{0}`; known layouts: {1}")]
+    Unknown(String, String),
+    /// A user layout file could not be read or parsed.
+    #[error("layout file {path}: {what}")]
+    File {
+        /// The file.
+        path: String,
+        /// What is wrong.
+        what: String,
+    },
+    /// Tensors that look like part of a block whose main branch is missing.
+    #[error(
+        "`{tensor}` looks like part of a {layout} block at `{block}`, but that block has no {missing}"
+    )]
+    HalfBlock {
+        /// The layout.
+        layout: String,
+        /// The block prefix.
+        block: String,
+        /// The first orphaned tensor.
+        tensor: String,
+        /// What the block lacks.
+        missing: String,
+    },
+    /// A block exists but is malformed.
+    #[error(transparent)]
+    Block(#[from] BlockError),
+    /// The deploy name of a block is already taken by a tensor in the file.
+    #[error(
+        "block `{block}`: its deploy tensor `{tensor}` already exists in the file; is it partly converted already?"
+    )]
+    DeployNameTaken {
+        /// The block prefix.
+        block: String,
+        /// The clashing name.
+        tensor: String,
+    },
+}
+
+impl Layout {
+    /// The layouts this build knows.
+    pub fn builtin() -> Vec<Layout> {
+        // The table is compiled in and tested; a parse failure is a build defect.
+        serde_json::from_str(BUILTIN).unwrap_or_default()
+    }
+
+    /// Reads a user layout file: one layout object, or an array of them.
+    pub fn from_file(path: &Path) -> Result<Vec<Layout>, LayoutError> {
+        let err = |what: String| LayoutError::File {
+            path: path.display().to_string(),
+            what,
+        };
+        let text = std::fs::read_to_string(path).map_err(|e| err(format!("cannot read: {e}")))?;
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum OneOrMany {
+            One(Box<Layout>),
+            Many(Vec<Layout>),
+        }
+        let layouts = match serde_json::from_str(&text).map_err(|e| err(e.to_string()))? {
+            OneOrMany::One(l) => vec![*l],
+            OneOrMany::Many(v) => v,
+        };
+        for l in &layouts {
+            l.check().map_err(err)?;
+        }
+        Ok(layouts)
+    }
+
+    /// Every kind of block of the layout: the top-level one (if it has branches), then `kinds`.
+    pub fn all_kinds(&self) -> Vec<Kind> {
+        let top = (!self.branches.is_empty()).then(|| Kind {
+            name: String::new(),
+            at: Vec::new(),
+            not_at: Vec::new(),
+            branches: self.branches.clone(),
+            post: self.post.clone(),
+            deploy: self.deploy.clone().unwrap_or(DeployNames {
+                weight: String::new(),
+                bias: String::new(),
+            }),
+        });
+        top.into_iter().chain(self.kinds.iter().cloned()).collect()
+    }
+
+    /// Checks that the layout can describe a block at all.
+    pub(super) fn check(&self) -> Result<(), String> {
+        if self.branches.is_empty() && self.kinds.is_empty() {
+            return Err(format!("layout `{}` has no \"branches\"", self.name));
+        }
+        if !self.branches.is_empty() && self.deploy.is_none() {
+            return Err(format!("layout `{}` has no \"deploy\" names", self.name));
+        }
+        self.all_kinds()
+            .iter()
+            .try_for_each(|k| k.check(&self.name))
+    }
+    /// The BN ε to use and why: `--bn-eps` wins, then the layout's own, then PyTorch's default.
+    pub fn bn_eps(&self, overridden: Option<f64>) -> (f64, String) {
+        match (overridden, self.bn_eps) {
+            (Some(eps), _) => (eps, "--bn-eps".to_string()),
+            (None, Some(eps)) => (
+                eps,
+                self.bn_eps_reason
+                    .clone()
+                    .unwrap_or_else(|| format!("{} layout default", self.name)),
+            ),
+            (None, None) => (
+                DEFAULT_BN_EPS,
+                "PyTorch BatchNorm2d default, used by this layout's framework".to_string(),
+            ),
+        }
+    }
+}

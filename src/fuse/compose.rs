@@ -1,0 +1,275 @@
+//! The branch algebra: each branch's per-channel ops composed into one [`Affine`]
+//! (α, β per output channel), and a sequence branch (DBB's 1×1 → k×k) composed into kernel
+//! rows. What [`crate::fuse::rows::fuse_rows`] sums.
+
+use std::ops::Range;
+
+use safetensors::Dtype;
+
+use crate::block::values::{ChannelOp, ChannelValues, Sequence, first_non_finite};
+use crate::block::{Block, BlockError, Op};
+use crate::fuse::rows::Grid;
+
+/// A BN on a branch's input as `(scale, shift)` per input channel.
+pub type InputAffine = (Vec<f64>, Vec<f64>);
+
+/// A composed sequence branch: kernel rows, the bias they carry (`through`), kernel side.
+pub type Composed = (Vec<f64>, Vec<f64>, usize);
+
+/// A branch's output per channel: `scale·source(x) + shift`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Affine {
+    /// α per row.
+    pub scale: Vec<f64>,
+    /// β per row.
+    pub shift: Vec<f64>,
+}
+
+impl Affine {
+    /// `coef · ops(y)` for `rows` channels: the per-channel ops applied in order, then the
+    /// coefficient.
+    pub fn chain(rows: usize, ops: &[ChannelOp], coef: f64, eps: f64) -> Affine {
+        let mut a = Affine {
+            scale: vec![1.0; rows],
+            shift: vec![0.0; rows],
+        };
+        ops.iter().for_each(|op| a.then(op, eps));
+        if coef != 1.0 {
+            a.times(&vec![coef; rows]);
+        }
+        a
+    }
+
+    /// This affine followed by `post` (the block's post-ops): `post(α·y + β)`, without
+    /// `post`'s own shift, which belongs to the block once, not to every branch.
+    pub fn then_scaled(&mut self, post: &Affine) {
+        self.times(&post.scale);
+    }
+
+    /// This affine followed by `op`: `op(α·y + β)`. A BN is `t·y + s` with
+    /// `t = γ/√(σ² + ε)`, `s = β − t·μ`, so a conv bias c becomes `t·c + s`.
+    fn then(&mut self, op: &ChannelOp, eps: f64) {
+        match op {
+            ChannelOp::Bias(c) => self.shift.iter_mut().zip(c).for_each(|(b, c)| *b += c),
+            ChannelOp::Bn(bn) => {
+                let (t, s) = bn.affine(eps);
+                self.times(&t);
+                self.shift.iter_mut().zip(&s).for_each(|(b, s)| *b += s);
+            }
+            ChannelOp::Scale(g) => self.times(g),
+        }
+    }
+
+    fn times(&mut self, t: &[f64]) {
+        self.scale.iter_mut().zip(t).for_each(|(a, t)| *a *= t);
+        self.shift.iter_mut().zip(t).for_each(|(b, t)| *b *= t);
+    }
+}
+
+impl Sequence {
+    /// The first stage's ops as `(scale, shift)` per mid channel; the shift is also what
+    /// they make of zero, the value DBB's BNAndPad pads with.
+    pub fn affine(&self, eps: f64) -> Affine {
+        Affine::chain(self.mid, &self.ops, 1.0, eps)
+    }
+}
+
+impl ChannelValues {
+    /// Per branch, its input BN as `(scale, shift)` per input channel; refused where not
+    /// finite (σ² + ε = 0).
+    pub fn input_affines(
+        &self,
+        eps: f64,
+        block: &Block,
+    ) -> Result<Vec<Option<InputAffine>>, BlockError> {
+        let mut out = Vec::with_capacity(self.inputs.len());
+        for (bn, branch) in self.inputs.iter().zip(&block.branches) {
+            let Some(bn) = bn else {
+                out.push(None);
+                continue;
+            };
+            let (t, s) = bn.affine(eps);
+            if let Some(i) = t.iter().chain(&s).position(|v| !v.is_finite()) {
+                let name = branch.input_bn().map_or("", |n| n.running_var.as_str());
+                return Err(BlockError::new(
+                    &block.name,
+                    format!(
+                        "`{name}` is {:e} at channel {} and BN ε is {eps:e}: the input BN of branch `{}` is not finite; expected σ² + ε > 0 (pass a larger --bn-eps)",
+                        bn.var[i % t.len()],
+                        i % t.len(),
+                        branch.label
+                    ),
+                ));
+            }
+            out.push(Some((t, s)));
+        }
+        Ok(out)
+    }
+
+    /// Each branch's [`Affine`] with the post-ops folded in, and the post-ops' own shift
+    /// (`None` without post-ops); values that are not finite are refused, naming the tensor:
+    /// a BN with σ² + ε = 0 (ε 0 and a zero running variance) scales by γ/√0.
+    pub fn affines(
+        &self,
+        eps: f64,
+        block: &Block,
+    ) -> Result<(Vec<Affine>, Option<Vec<f64>>), BlockError> {
+        let n = self.rows.len();
+        let post = (!self.post.is_empty()).then(|| Affine::chain(n, &self.post, 1.0, eps));
+        if let Some(p) = &post {
+            self.refuse_non_finite(p, &self.post, &block.post, eps, block, "the post-ops")?;
+        }
+        let mut out = Vec::with_capacity(self.branches.len());
+        for ((coef, ops), branch) in self.branches.iter().zip(&block.branches) {
+            let mut a = Affine::chain(n, ops, *coef, eps);
+            if let Some(p) = &post {
+                a.then_scaled(p);
+            }
+            self.refuse_non_finite(&a, ops, &branch.ops, eps, block, &branch.label)?;
+            out.push(a);
+        }
+        Ok((out, post.map(|p| p.shift)))
+    }
+
+    fn refuse_non_finite(
+        &self,
+        a: &Affine,
+        values: &[ChannelOp],
+        ops: &[Op],
+        eps: f64,
+        block: &Block,
+        label: &str,
+    ) -> Result<(), BlockError> {
+        let err = |what: String| Err(BlockError::new(&block.name, what));
+        if let Some(r) = a.scale.iter().position(|t| !t.is_finite()) {
+            let bn = values.iter().find_map(|v| match v {
+                ChannelOp::Bn(bn) => Some(bn),
+                _ => None,
+            });
+            let names = ops.iter().find_map(|op| match op {
+                Op::Bn(bn) => Some(bn),
+                _ => None,
+            });
+            if let (Some(bn), Some(names)) = (bn, names) {
+                return err(format!(
+                    "`{}` is {:e} at channel {} and BN ε is {eps:e}, so γ/√(σ² + ε) = {}; expected σ² + ε > 0 (pass a larger --bn-eps)",
+                    names.running_var,
+                    bn.var[r],
+                    self.rows.start + r,
+                    a.scale[r]
+                ));
+            }
+            return err(format!(
+                "branch `{label}`: its scale is {} at channel {}: the values overflow f64",
+                a.scale[r],
+                self.rows.start + r
+            ));
+        }
+        if let Some(r) = a.shift.iter().position(|s| !s.is_finite()) {
+            return err(format!(
+                "branch `{label}`: its bias after BN is {} at channel {}: the values overflow f64",
+                a.shift[r],
+                self.rows.start + r
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// A sequence branch's rows as one kernel `[rows, in/groups, side, side]` and the bias its
+/// first stage's shift makes through the second (`through`), for output channels `rows`:
+/// `K[o, i] = Σ_m K2[o, m]·s[m]·W1[m, i]` over the mid channels m of o's group,
+/// `through[o] = Σ_m Σ_taps K2[o, m]·t[m]`. `second` holds the second conv's rows (`[rows, mid/groups, side,
+/// side]`), or is `None` for an average (mid == out) of side `side`.
+pub fn compose_rows(
+    seq: &Sequence,
+    mid_affine: &Affine,
+    second: Option<&[f64]>,
+    side: usize,
+    rows: Range<usize>,
+    grid: Grid,
+) -> (Vec<f64>, Vec<f64>) {
+    let (ipg, taps) = (grid.in_per_group, side * side);
+    let mpg = match second {
+        Some(k2) => k2.len() / (rows.len() * taps).max(1),
+        None => grid.out_per_group,
+    };
+    let mut values = vec![0.0; rows.len() * ipg * taps];
+    let mut through = vec![0.0; rows.len()];
+    let avg = vec![1.0 / taps as f64; taps];
+    for (r, o) in rows.enumerate() {
+        let g = o / grid.out_per_group;
+        let out = &mut values[r * ipg * taps..(r + 1) * ipg * taps];
+        for ml in 0..mpg {
+            let k2 = match second {
+                Some(k2) => &k2[(r * mpg + ml) * taps..(r * mpg + ml + 1) * taps],
+                None if ml == o % mpg => &avg[..],
+                None => continue,
+            };
+            let m = g * mpg + ml;
+            let (s, t) = (mid_affine.scale[m], mid_affine.shift[m]);
+            through[r] += t * k2.iter().sum::<f64>();
+            for i in 0..ipg {
+                let w = s * seq.first[m * ipg + i];
+                let dst = &mut out[i * taps..(i + 1) * taps];
+                dst.iter_mut().zip(k2).for_each(|(d, k)| *d += k * w);
+            }
+        }
+    }
+    (values, through)
+}
+
+/// Branch `b` of `block` composed for output channels `rows`, if it is a sequence:
+/// `(kernel rows, through, side)` (see [`compose_rows`]); `raw` holds the second conv's rows
+/// as stored (`None` for an average).
+pub fn compose_branch(
+    values: &ChannelValues,
+    block: &Block,
+    b: usize,
+    raw: Option<(Dtype, &[u8], usize)>,
+    eps: f64,
+) -> Result<Option<Composed>, BlockError> {
+    let (Some(Some(seq)), Some(branch)) = (values.sequences.get(b), block.branches.get(b)) else {
+        return Ok(None);
+    };
+    let mid_affine = seq.affine(eps);
+    if let Some(i) = (mid_affine.scale.iter().chain(&mid_affine.shift)).position(|v| !v.is_finite())
+    {
+        return Err(BlockError::new(
+            &block.name,
+            format!(
+                "branch `{}`: the ops after its first conv are not finite at channel {} (a BN with σ² + ε = 0?)",
+                branch.label,
+                i % seq.mid.max(1)
+            ),
+        ));
+    }
+    let (second, side) = match (branch.second(), raw) {
+        (Some(Op::ThenAvgPool { kernel }), _) => (None, *kernel),
+        (_, Some((dtype, bytes, side))) => {
+            let w = crate::dtype::decode(dtype, bytes);
+            if let Some(i) = first_non_finite(&w) {
+                let name = branch.conv_weight().unwrap_or_default();
+                return Err(BlockError::new(
+                    &block.name,
+                    format!(
+                        "tensor `{name}` holds {} in the rows read; fusion needs finite values",
+                        w[i]
+                    ),
+                ));
+            }
+            (Some(w), side)
+        }
+        _ => return Ok(None),
+    };
+    let rows = values.rows.clone();
+    let (k, through) = compose_rows(
+        seq,
+        &mid_affine,
+        second.as_deref(),
+        side,
+        rows,
+        Grid::of(block),
+    );
+    Ok(Some((k, through, side)))
+}

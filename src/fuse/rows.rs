@@ -1,0 +1,499 @@
+//! The one fusion routine, [`fuse_rows`]: every branch's kernel placed on the block's k×k
+//! [`Grid`] (centred, dilated), scaled by α, summed, β summed, rounded once to the output
+//! dtype, and probed as written. Flat slices and a row at a time: the hot loop.
+
+use std::ops::Range;
+
+use safetensors::Dtype;
+
+use crate::block::Block;
+use crate::block::values::first_non_finite;
+use crate::conv::Input;
+use crate::deviation::Deviation;
+use crate::dtype::{decode_into, dtype_bytes, encode};
+
+/// A branch's source as the fusion routine sees it, for a range of rows.
+#[derive(Debug, Clone, Copy)]
+pub enum Kernel<'a> {
+    /// Conv weights `[rows, in/groups, kh, kw]` as raw bytes of `dtype`.
+    Weights {
+        /// Their dtype.
+        dtype: Dtype,
+        /// The rows' bytes.
+        bytes: &'a [u8],
+        /// Kernel `(kh, kw)`.
+        side: (usize, usize),
+        /// Spacing between taps.
+        dilation: usize,
+        /// A BN on the input, `(scale, shift)` per input channel: each input channel's taps
+        /// are scaled, and the weights times the shifts go to the bias.
+        input: Option<(&'a [f64], &'a [f64])>,
+    },
+    /// Kernels already in f64 (a composed sequence), `[rows, in/groups, side, side]`.
+    Values {
+        /// The rows' values.
+        values: &'a [f64],
+        /// Kernel side.
+        side: usize,
+    },
+    /// Output channel o reads input channel `o mod (in/groups)` of its group at the centre.
+    Identity,
+    /// Output channel o averages input channel `o mod (in/groups)` over `side`×`side`.
+    AvgPool {
+        /// Window side.
+        side: usize,
+    },
+}
+
+/// One branch's share of a range of rows: `scale·kernel`, plus `shift` to the bias.
+#[derive(Debug, Clone)]
+pub struct Term<'a> {
+    /// Where the kernel comes from.
+    pub kernel: Kernel<'a>,
+    /// α per row.
+    pub scale: Vec<f64>,
+    /// β per row.
+    pub shift: Vec<f64>,
+}
+
+/// The block's kernel grid: `in/groups` channels of `k`×`k`, `out_per_group` rows a group.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Grid {
+    /// Input channels per group.
+    pub in_per_group: usize,
+    /// Kernel side.
+    pub k: usize,
+    /// Output channels per group.
+    pub out_per_group: usize,
+}
+
+impl Grid {
+    /// The grid of `block`.
+    pub fn of(block: &Block) -> Grid {
+        Grid {
+            in_per_group: block.in_per_group,
+            k: block.kernel,
+            out_per_group: block.out_per_group(),
+        }
+    }
+
+    /// Weights per row.
+    pub fn row_len(&self) -> usize {
+        self.in_per_group * self.k * self.k
+    }
+
+    /// Where tap (y, x) of a `kh`×`kw` kernel with `dilation` lands: its offset within one
+    /// input channel of the grid, the kernel centred.
+    #[inline(always)]
+    fn tap(&self, (kh, kw): (usize, usize), dilation: usize, y: usize, x: usize) -> usize {
+        let pad_y = (self.k - ((kh - 1) * dilation + 1)) / 2;
+        let pad_x = (self.k - ((kw - 1) * dilation + 1)) / 2;
+        (pad_y + y * dilation) * self.k + pad_x + x * dilation
+    }
+
+    /// `Σ` over the taps of row `w` (`[in/groups, kh, kw]`) of `f(tap in grid, weight)`.
+    #[inline(always)]
+    fn each_tap(
+        &self,
+        w: &[f64],
+        (kh, kw): (usize, usize),
+        dilation: usize,
+        mut f: impl FnMut(usize, f64),
+    ) {
+        let kk = self.k * self.k;
+        if kh == self.k && kw == self.k {
+            w.iter().enumerate().for_each(|(i, &v)| f(i, v));
+            return;
+        }
+        if (kh, kw) == (1, 1) {
+            // One tap per input channel, at the centre: the common 1×1 branch, kept a
+            // straight loop.
+            let centre = (self.k / 2) * self.k + self.k / 2;
+            w.iter()
+                .enumerate()
+                .for_each(|(i, &v)| f(i * kk + centre, v));
+            return;
+        }
+        for i in 0..self.in_per_group {
+            for y in 0..kh {
+                for x in 0..kw {
+                    let v = w[(i * kh + y) * kw + x];
+                    f(i * kk + self.tap((kh, kw), dilation, y, x), v);
+                }
+            }
+        }
+    }
+
+    /// The taps of input channel `ch` that a `side`-wide window at the centre covers.
+    fn window(&self, ch: usize, side: usize) -> impl Iterator<Item = usize> + '_ {
+        let base = ch * self.k * self.k;
+        (0..side * side).map(move |t| base + self.tap((side, side), 1, t / side, t % side))
+    }
+}
+
+/// Fused rows, encoded as they will be written.
+#[derive(Debug, Clone, Default)]
+pub struct FusedRows {
+    /// `[rows, in/groups, k, k]` in the output dtype.
+    pub weight: Vec<u8>,
+    /// `[rows]` in the output dtype.
+    pub bias: Vec<u8>,
+    /// Fused-as-written vs unfused on the probe input.
+    pub deviation: Deviation,
+}
+
+/// What stops a row.
+#[derive(Debug, Clone, PartialEq)]
+pub enum RowError {
+    /// A weight of term `term` is NaN or infinite at element `index` of the rows.
+    NonFinite {
+        /// Index into the terms.
+        term: usize,
+        /// Element index within the rows' weight.
+        index: usize,
+        /// The value.
+        value: f64,
+    },
+    /// A fused value overflows f64 or the output dtype.
+    Overflow {
+        /// Whether it is the bias (else the weight).
+        bias: bool,
+        /// Element index within the rows.
+        index: usize,
+        /// The value.
+        value: f64,
+    },
+}
+
+/// Scratch space of one row, reused across rows.
+#[derive(Default)]
+struct RowScratch {
+    fused: Vec<f64>,
+    w: Vec<f64>,
+    written: Vec<f64>,
+    bias_written: Vec<f64>,
+}
+
+/// What [`fuse_rows`] fuses: output channels `rows` of a block on `grid`, `Σ term.scale·kernel`
+/// placed on the grid, bias `Σ term.shift (+ post_shift)`, written in `dtype`, probed on
+/// `probe` (a `1 × C × k × k` input; the deviation stays 0 without one).
+#[derive(Clone, Copy)]
+pub struct FuseJob<'a> {
+    /// The output channels.
+    pub rows: &'a Range<usize>,
+    /// The block's kernel grid.
+    pub grid: Grid,
+    /// Each branch's share of the rows.
+    pub terms: &'a [Term<'a>],
+    /// The post-ops' own shift per row, if the block has post-ops.
+    pub post_shift: Option<&'a [f64]>,
+    /// The output dtype.
+    pub dtype: Dtype,
+    /// The probe input.
+    pub probe: Option<&'a Input>,
+}
+
+/// Fuses `job`'s rows into `out` (cleared first; pass a reused buffer to save fresh pages),
+/// encoded as they will be written, with the probe deviation of the rows as written. The one
+/// fusion routine: the converter, the tests and the fuzzer all fuse through it.
+pub fn fuse_rows(out: Vec<u8>, job: &FuseJob) -> Result<FusedRows, RowError> {
+    #[cfg(target_arch = "x86_64")]
+    if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
+        // SAFETY: the CPU has the features the function is compiled for (checked above).
+        return unsafe { fuse_rows_avx2(out, job) };
+    }
+    fuse_rows_any(out, job)
+}
+
+/// [`fuse_rows`] compiled for AVX2: the same code, with 4-wide f64 vectors in the inner loops.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+fn fuse_rows_avx2(out: Vec<u8>, job: &FuseJob) -> Result<FusedRows, RowError> {
+    fuse_rows_any(out, job)
+}
+
+#[inline(always)]
+fn fuse_rows_any(weight: Vec<u8>, job: &FuseJob) -> Result<FusedRows, RowError> {
+    let FuseJob {
+        rows,
+        grid,
+        terms,
+        post_shift,
+        dtype,
+        probe,
+    } = *job;
+    let depth = grid.row_len();
+    let mut out = FusedRows {
+        weight,
+        ..FusedRows::default()
+    };
+    out.weight.clear();
+    out.weight.reserve(rows.len() * depth * dtype_bytes(dtype));
+    let mut scratch = RowScratch {
+        fused: vec![0.0; depth],
+        ..RowScratch::default()
+    };
+    for (r, o) in rows.clone().enumerate() {
+        // The input group this row reads, `[in/groups, k, k]`: at the centre output, grid
+        // tap (i, y, x) meets exactly x[g·in/groups + i, y, x].
+        let g = o / grid.out_per_group;
+        let patch = probe.map(|x| &x.data[g * depth..(g + 1) * depth]);
+        let (mut unfused, mut bias) = fuse_row(&mut scratch, (r, o), grid, terms, patch)?;
+        if let Some(p) = post_shift {
+            bias += p[r];
+            unfused += p[r];
+        }
+        encode_row(&mut out, &scratch.fused, bias, r, dtype)?;
+        if let Some(patch) = patch {
+            out.deviation =
+                out.deviation
+                    .merge(probe_row(&mut scratch, &out, dtype, patch, unfused));
+        }
+    }
+    Ok(out)
+}
+
+/// Sums the terms' row `r` (output channel `o`) into `scratch.fused`; returns the unfused
+/// output at the probe's centre (0 without a probe) and the bias before post-ops.
+#[inline(always)]
+fn fuse_row(
+    scratch: &mut RowScratch,
+    (r, o): (usize, usize),
+    grid: Grid,
+    terms: &[Term],
+    patch: Option<&[f64]>,
+) -> Result<(f64, f64), RowError> {
+    // `fused` still holds the previous row: the first full-size term overwrites it (saving a
+    // pass of zeros over every weight), anything else starts from zero.
+    let mut fresh = true;
+    let (mut unfused, mut bias) = (0.0, 0.0);
+    for (ti, term) in terms.iter().enumerate() {
+        let (a, b) = (term.scale[r], term.shift[r]);
+        bias += b;
+        let y = match term.kernel {
+            Kernel::Weights {
+                dtype,
+                bytes,
+                side,
+                dilation,
+                input,
+            } => {
+                let per_row = grid.in_per_group * side.0 * side.1;
+                let row_bytes = per_row * dtype_bytes(dtype);
+                let raw = &bytes[r * row_bytes..(r + 1) * row_bytes];
+                decode_into(dtype, raw, &mut scratch.w);
+                finite_row(&scratch.w, ti, r * per_row)?;
+                // An input BN `s·x + t` (1×1 kernels only): w·s on the weights, w·t a bias.
+                let through = input.map_or(0.0, |(s, t)| {
+                    let through = dot(&scratch.w, t);
+                    scratch.w.iter_mut().zip(s).for_each(|(w, s)| *w *= s);
+                    through
+                });
+                bias += a * through;
+                let first = std::mem::take(&mut fresh);
+                let w = &scratch.w;
+                add_weights(
+                    grid,
+                    &mut scratch.fused,
+                    w,
+                    (side, dilation),
+                    a,
+                    first,
+                    patch,
+                ) + through
+            }
+            Kernel::Values { values, side } => {
+                let per_row = grid.in_per_group * side * side;
+                let w = &values[r * per_row..(r + 1) * per_row];
+                finite_row(w, ti, r * per_row)?;
+                let first = std::mem::take(&mut fresh);
+                add_weights(
+                    grid,
+                    &mut scratch.fused,
+                    w,
+                    ((side, side), 1),
+                    a,
+                    first,
+                    patch,
+                )
+            }
+            Kernel::Identity => {
+                let first = std::mem::take(&mut fresh);
+                add_window(grid, &mut scratch.fused, (o, 1), a, first, patch)
+            }
+            Kernel::AvgPool { side } => {
+                let first = std::mem::take(&mut fresh);
+                add_window(grid, &mut scratch.fused, (o, side), a, first, patch)
+            }
+        };
+        if patch.is_some() {
+            unfused += a * y + b;
+        }
+    }
+    if fresh {
+        scratch.fused.fill(0.0);
+    }
+    debug_assert_eq!(scratch.fused.len(), grid.row_len());
+    Ok((unfused, bias))
+}
+
+/// Adds `a` times the identity (side 1) or a `side`×`side` average of input channel
+/// `o mod (in/groups)` to `fused` (from zero if `first`); returns its own output at the centre
+/// of `patch` (0 without one).
+#[inline(always)]
+fn add_window(
+    grid: Grid,
+    fused: &mut [f64],
+    (o, side): (usize, usize),
+    a: f64,
+    first: bool,
+    patch: Option<&[f64]>,
+) -> f64 {
+    if first {
+        fused.fill(0.0);
+    }
+    let ch = o % grid.in_per_group;
+    if side == 1 {
+        // The identity: one tap at the centre.
+        let at = ch * grid.k * grid.k + (grid.k / 2) * grid.k + grid.k / 2;
+        fused[at] += a;
+        return match patch {
+            Some(p) => p[at],
+            None => 0.0,
+        };
+    }
+    let v = 1.0 / (side * side) as f64;
+    grid.window(ch, side).for_each(|at| fused[at] += a * v);
+    // A `match`, not `Option::map_or`: see `add_weights`.
+    match patch {
+        Some(p) => grid.window(ch, side).map(|at| p[at]).sum::<f64>() * v,
+        None => 0.0,
+    }
+}
+
+/// Refuses a row of term `term` holding NaN or ±∞ (its first element is element `start`).
+#[inline(always)]
+fn finite_row(w: &[f64], term: usize, start: usize) -> Result<(), RowError> {
+    match first_non_finite(w) {
+        Some(i) => Err(RowError::NonFinite {
+            term,
+            index: start + i,
+            value: w[i],
+        }),
+        None => Ok(()),
+    }
+}
+
+/// Adds `a·w` (one row of a `side`×`side` kernel, taps `dilation` apart) to `fused`, centred
+/// (over whatever it holds unless `first`); returns the kernel's own conv at the centre of
+/// `patch` (0 without one).
+#[inline(always)]
+fn add_weights(
+    grid: Grid,
+    fused: &mut [f64],
+    w: &[f64],
+    (side, dilation): ((usize, usize), usize),
+    a: f64,
+    first: bool,
+    patch: Option<&[f64]>,
+) -> f64 {
+    // Plain loops and `match`, not closures through `Option::map_or`: those are compiled
+    // outside the AVX2 build of the caller, and the probe's dot product ran scalar.
+    if side == (grid.k, grid.k) {
+        if first {
+            fused.iter_mut().zip(w).for_each(|(f, w)| *f = a * w);
+        } else {
+            fused.iter_mut().zip(w).for_each(|(f, w)| *f += a * w);
+        }
+        return match patch {
+            Some(p) => dot(w, p),
+            None => 0.0,
+        };
+    }
+    if first {
+        fused.fill(0.0);
+    }
+    grid.each_tap(w, side, dilation, |at, v| fused[at] += a * v);
+    match patch {
+        Some(p) => {
+            let mut y = 0.0;
+            grid.each_tap(w, side, dilation, |at, v| y += v * p[at]);
+            y
+        }
+        None => 0.0,
+    }
+}
+
+/// Checks row `r`'s fused values and appends them, encoded in `dtype`, to `out`.
+#[inline(always)]
+fn encode_row(
+    out: &mut FusedRows,
+    fused: &[f64],
+    bias: f64,
+    r: usize,
+    dtype: Dtype,
+) -> Result<(), RowError> {
+    let depth = fused.len();
+    // A sum of finite terms can still overflow f64 itself; encode only sees inf then.
+    if let Some(i) = first_non_finite(fused) {
+        return Err(RowError::Overflow {
+            bias: false,
+            index: r * depth + i,
+            value: fused[i],
+        });
+    }
+    let bias_overflow = RowError::Overflow {
+        bias: true,
+        index: r,
+        value: bias,
+    };
+    if !bias.is_finite() {
+        return Err(bias_overflow);
+    }
+    encode(dtype, fused, &mut out.weight).map_err(|i| RowError::Overflow {
+        bias: false,
+        index: r * depth + i,
+        value: fused[i],
+    })?;
+    encode(dtype, &[bias], &mut out.bias).map_err(|_| bias_overflow)
+}
+
+/// The last row of `out` as written, run on `patch` at the centre, against `unfused`.
+#[inline(always)]
+fn probe_row(
+    scratch: &mut RowScratch,
+    out: &FusedRows,
+    dtype: Dtype,
+    patch: &[f64],
+    unfused: f64,
+) -> Deviation {
+    let width = dtype_bytes(dtype);
+    let row_bytes = scratch.fused.len() * width;
+    let weight = &out.weight[out.weight.len() - row_bytes..];
+    decode_into(dtype, weight, &mut scratch.written);
+    decode_into(
+        dtype,
+        &out.bias[out.bias.len() - width..],
+        &mut scratch.bias_written,
+    );
+    let fused_out = dot(&scratch.written, patch) + scratch.bias_written[0];
+    Deviation::of((fused_out - unfused).abs(), unfused.abs())
+}
+
+/// `Σ a[i]·b[i]`, in four interleaved sums so the adds do not wait on each other.
+#[inline(always)]
+fn dot(a: &[f64], b: &[f64]) -> f64 {
+    let mut acc = [0.0f64; 4];
+    let mut a4 = a.chunks_exact(4);
+    let mut b4 = b.chunks_exact(4);
+    for (a, b) in (&mut a4).zip(&mut b4) {
+        for j in 0..4 {
+            acc[j] += a[j] * b[j];
+        }
+    }
+    let mut tail = 0.0;
+    for (a, b) in a4.remainder().iter().zip(b4.remainder()) {
+        tail += a * b;
+    }
+    (acc[0] + acc[1]) + (acc[2] + acc[3]) + tail
+}

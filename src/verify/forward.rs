@@ -1,0 +1,236 @@
+//! Each op's forward pass, for verification: every source run on a real input (a GEMM),
+//! then each per-channel op applied to the outputs in the framework's order — the BN as a BN,
+//! never through a composed α/β — so the check does not depend on the fusion algebra.
+
+use std::ops::Range;
+
+use ndarray::{Array2, Zip, s};
+
+use crate::block::values::{BatchNorm, ChannelOp, ChannelValues, Sequence};
+use crate::block::{Block, Branch, Op};
+use crate::conv::{BlockInput, conv_rows};
+
+/// A branch's conv weights for some rows, with the kernel `(kh, kw)`.
+pub type SourceWeights = (Vec<f64>, (usize, usize));
+
+/// The unfused block's output for output channels `rows`: each branch's source run on `x`,
+/// then its per-channel ops applied to the outputs one by one (BN as a BN), times its
+/// coefficient; summed; then the post-ops. `sources` holds each branch's conv weights for the
+/// rows with their kernel `(kh, kw)` (f64, `None` for a source without weights). An input BN
+/// is applied to the input, as a BN, before the branch's conv.
+pub fn forward_unfused(
+    block: &Block,
+    values: &ChannelValues,
+    sources: &[Option<SourceWeights>],
+    x: &BlockInput,
+    eps: f64,
+) -> Array2<f64> {
+    let rows = values.rows.clone();
+    let mut out = Array2::<f64>::zeros((rows.len(), x.input.positions()));
+    let branches = block
+        .branches
+        .iter()
+        .zip(&values.branches)
+        .zip(&values.inputs);
+    for ((((branch, (coef, ops)), input), w), seq) in branches.zip(sources).zip(&values.sequences) {
+        let w = w.as_ref().map(|(w, hw)| (w.as_slice(), *hw));
+        let mut y = match (input, seq) {
+            (_, Some(seq)) => forward_sequence(block, branch, seq, w, x, (rows.clone(), eps)),
+            (Some(bn), None) => forward_input_bn(block, bn, w, x, rows.clone(), eps),
+            (None, None) => forward_source(block, branch, w, x, rows.clone()),
+        };
+        for op in ops {
+            forward_channel_op(op, eps, &mut y);
+        }
+        out.scaled_add(*coef, &y);
+    }
+    for op in &values.post {
+        forward_channel_op(op, eps, &mut out);
+    }
+    out
+}
+
+/// A sequence branch, as DBB runs it: the 1×1 conv on the input, its per-channel ops (a BN),
+/// the map padded by what those ops make of zero (BNAndPad), then the second conv (or the
+/// average) without padding; for output channels `rows`.
+fn forward_sequence(
+    block: &Block,
+    branch: &Branch,
+    seq: &Sequence,
+    second: Option<(&[f64], (usize, usize))>,
+    x: &BlockInput,
+    (rows, eps): (Range<usize>, f64),
+) -> Array2<f64> {
+    let groups = block.groups.unwrap_or(1).max(1);
+    let ipg = block.in_per_group;
+    let cols1 = x.cols(1, 1);
+    let mut mid = conv_rows(&cols1, &seq.first, 0..seq.mid, ipg, 1, seq.mid / groups);
+    let mut pad = Array2::<f64>::zeros((seq.mid, 1));
+    for op in &seq.ops {
+        forward_channel_op(op, eps, &mut mid);
+        forward_channel_op(op, eps, &mut pad);
+    }
+    let side = match (branch.second(), second) {
+        (Some(Op::ThenAvgPool { kernel }), _) => *kernel,
+        (_, Some((_, (kh, _)))) => kh,
+        _ => 1,
+    };
+    let pad: Vec<f64> = pad.column(0).to_vec();
+    let padded = pad_with(&mid, &pad, &x.input, side / 2);
+    let cols = crate::conv::im2col(&padded, side, 1);
+    let full = match second {
+        Some((k2, _)) => {
+            let mpg = k2.len() / (rows.len() * side * side).max(1);
+            conv_rows(&cols, k2, rows.clone(), mpg, side, block.out_per_group())
+        }
+        None => {
+            let kk = side * side;
+            let mut y = Array2::<f64>::zeros((rows.len(), cols.ncols()));
+            for (r, o) in rows.clone().enumerate() {
+                let window = cols.slice(s![o * kk..(o + 1) * kk, ..]);
+                y.row_mut(r).assign(&window.sum_axis(ndarray::Axis(0)));
+            }
+            y / kk as f64
+        }
+    };
+    // The valid part: outputs centred on the unpadded positions.
+    let (n, h, w, p) = (x.input.n, x.input.h, x.input.w, side / 2);
+    let (hp, wp) = (h + 2 * p, w + 2 * p);
+    let mut y = Array2::<f64>::zeros((rows.len(), n * h * w));
+    for img in 0..n {
+        for yy in 0..h {
+            for xx in 0..w {
+                let from = (img * hp + yy + p) * wp + xx + p;
+                y.column_mut((img * h + yy) * w + xx)
+                    .assign(&full.column(from));
+            }
+        }
+    }
+    y
+}
+
+/// `map` (`[c, n·h·w]` over `like`'s images) as images padded by `p` on every side, channel m's
+/// border filled with `value[m]`.
+fn pad_with(
+    map: &Array2<f64>,
+    value: &[f64],
+    like: &crate::conv::Input,
+    p: usize,
+) -> crate::conv::Input {
+    let (n, c, h, w) = (like.n, map.nrows(), like.h, like.w);
+    let (hp, wp) = (h + 2 * p, w + 2 * p);
+    let mut data = vec![0.0; n * c * hp * wp];
+    for img in 0..n {
+        for m in 0..c {
+            let plane = &mut data[(img * c + m) * hp * wp..(img * c + m + 1) * hp * wp];
+            plane.fill(value.get(m).copied().unwrap_or(0.0));
+            for y in 0..h {
+                for xx in 0..w {
+                    plane[(y + p) * wp + xx + p] = map[[m, (img * h + y) * w + xx]];
+                }
+            }
+        }
+    }
+    crate::conv::Input {
+        n,
+        c,
+        h: hp,
+        w: wp,
+        data,
+    }
+}
+
+/// A 1×1 conv (or Linear) after a BN on its input: the BN applied to every input channel
+/// as a BN, then the conv.
+fn forward_input_bn(
+    block: &Block,
+    bn: &BatchNorm,
+    weight: Option<(&[f64], (usize, usize))>,
+    x: &BlockInput,
+    rows: Range<usize>,
+    eps: f64,
+) -> Array2<f64> {
+    let mut cols = x.cols(1, 1).into_owned();
+    for (c, mut row) in cols.rows_mut().into_iter().enumerate() {
+        let (t, s) = bn_row(bn, eps, c % bn.var.len().max(1));
+        Zip::from(&mut row).for_each(|v| *v = t * *v + s);
+    }
+    let w = weight.map_or(&[][..], |(w, _)| w);
+    conv_rows(&cols, w, rows, block.in_per_group, 1, block.out_per_group())
+}
+
+/// A branch's source op on `x`, for output channels `rows`: `[rows, n·h·w]`.
+fn forward_source(
+    block: &Block,
+    branch: &Branch,
+    weight: Option<(&[f64], (usize, usize))>,
+    x: &BlockInput,
+    rows: Range<usize>,
+) -> Array2<f64> {
+    match (branch.source(), weight) {
+        (Op::Conv { dilation, .. }, Some((w, (kh, kw)))) => {
+            // A kh×kw kernel runs as the square one it is centred in (zero taps elsewhere):
+            // the same convolution with the same padding.
+            let side = kh.max(kw);
+            let square = (kh != kw).then(|| centred(w, block.in_per_group, (kh, kw)));
+            conv_rows(
+                &x.cols(side, *dilation),
+                square.as_deref().unwrap_or(w),
+                rows,
+                block.in_per_group,
+                side,
+                block.out_per_group(),
+            )
+        }
+        (Op::AvgPool { kernel }, _) => {
+            // Channel o's window: rows o·k²..(o+1)·k² of the k×k im2col, averaged.
+            let cols = x.cols(*kernel, 1);
+            let kk = kernel * kernel;
+            let mut y = Array2::<f64>::zeros((rows.len(), cols.ncols()));
+            for (r, o) in rows.enumerate() {
+                let window = cols.slice(s![o * kk..(o + 1) * kk, ..]);
+                y.row_mut(r).assign(&window.sum_axis(ndarray::Axis(0)));
+            }
+            y / kk as f64
+        }
+        // The identity reads input channel o for output channel o.
+        _ => x.cols(1, 1).slice(s![rows, ..]).to_owned(),
+    }
+}
+
+/// Kernels `[rows, cpg, kh, kw]` zero-padded to `[rows, cpg, side, side]`, centred.
+fn centred(w: &[f64], cpg: usize, (kh, kw): (usize, usize)) -> Vec<f64> {
+    let side = kh.max(kw);
+    let (py, px) = ((side - kh) / 2, (side - kw) / 2);
+    let channels = w.len() / (kh * kw).max(1);
+    let mut out = vec![0.0; channels * side * side];
+    for c in 0..channels {
+        for y in 0..kh {
+            for x in 0..kw {
+                out[(c * side + py + y) * side + px + x] = w[(c * kh + y) * kw + x];
+            }
+        }
+    }
+    debug_assert_eq!(channels % cpg.max(1), 0);
+    out
+}
+
+/// A per-channel op applied to outputs `y` (`[rows, positions]`).
+fn forward_channel_op(op: &ChannelOp, eps: f64, y: &mut Array2<f64>) {
+    for (r, mut row) in y.rows_mut().into_iter().enumerate() {
+        match op {
+            ChannelOp::Bias(c) => row += c[r],
+            ChannelOp::Scale(g) => row *= g[r],
+            ChannelOp::Bn(bn) => {
+                let (t, s) = bn_row(bn, eps, r);
+                Zip::from(&mut row).for_each(|v| *v = t * *v + s);
+            }
+        }
+    }
+}
+
+/// BN `r`'s `(γ/√(σ² + ε), β − μ·γ/√(σ² + ε))`.
+fn bn_row(bn: &BatchNorm, eps: f64, r: usize) -> (f64, f64) {
+    let t = bn.gamma[r] / (bn.var[r] + eps).sqrt();
+    (t, bn.beta[r] - t * bn.mean[r])
+}

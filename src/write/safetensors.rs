@@ -1,0 +1,246 @@
+//! Writing the deploy file as safetensors, as a stream: the producer fuses (its chunks in
+//! parallel) while a writer thread writes what is done; pass-through tensors are copied by the
+//! kernel; byte buffers are recycled.
+
+use std::io::Write;
+
+use rayon::prelude::*;
+use safetensors::Dtype;
+
+use crate::Error;
+use crate::checkpoint::Checkpoint;
+use crate::conv::Input;
+use crate::deviation::Deviation;
+use crate::dtype::encode;
+use crate::find::Detection;
+use crate::fuse::block::fuse_chunk;
+use crate::fuse::rows::FusedRows;
+use crate::int8::ChannelStats;
+use crate::progress::{Cancel, Hooks};
+use crate::write::plan::{Plan, Source, copy_tensor};
+
+/// Weights fused at a time by one thread when converting: small enough that the bytes just
+/// read are still in the core's cache when they are decoded (64 Ki elements, 256 KB of F32).
+const FUSE_CHUNK: usize = 1 << 16;
+
+/// Byte buffers passed from the fusing threads to the writer and back, so that a few buffers
+/// carry the whole file: fresh ones would cost a page fault per 4 KiB, and the faults of two
+/// threads contend for the same lock.
+#[derive(Default)]
+struct Buffers(std::sync::Mutex<Vec<Vec<u8>>>);
+
+impl Buffers {
+    fn take(&self) -> Vec<u8> {
+        self.0
+            .lock()
+            .map(|mut v| v.pop())
+            .ok()
+            .flatten()
+            .unwrap_or_default()
+    }
+
+    fn give(&self, mut buf: Vec<u8>) {
+        buf.clear();
+        if let Ok(mut v) = self.0.lock() {
+            v.push(buf);
+        }
+    }
+}
+
+/// Why writing stopped: the output failed, or the input did.
+pub enum WriteError {
+    /// Writing the output failed.
+    Io(std::io::Error),
+    /// The input or the fusion failed.
+    Run(Error),
+}
+
+impl From<Error> for WriteError {
+    fn from(e: Error) -> Self {
+        WriteError::Run(e)
+    }
+}
+
+/// What the writer thread is asked to put next in the file.
+enum Piece {
+    Bytes(Vec<u8>),
+    Copy(usize),
+}
+
+/// What the stream learnt about each block while writing it.
+#[derive(Debug, Default)]
+pub struct Streamed {
+    /// Each block's probe deviation (zero without a probe).
+    pub probe: Vec<Deviation>,
+    /// Each block's INT8 pass one, on its fused weight as written.
+    pub int8: Vec<Option<ChannelStats>>,
+}
+
+/// Writes the deploy file's header and data to `file`; returns what it learnt of each block
+/// (the probe deviations are zero when `probe_seed` is `None`: no probe).
+///
+/// The main thread fuses (its chunks in parallel) while a writer thread writes what is done,
+/// so computing and writing overlap; the pieces arrive in file order through a short queue.
+pub fn write_deploy(
+    ckpt: &Checkpoint,
+    detection: &Detection,
+    plan: &Plan,
+    eps: f64,
+    probe_seed: Option<u64>,
+    file: &std::fs::File,
+    hooks: Hooks,
+) -> Result<Streamed, WriteError> {
+    let (tx, rx) = std::sync::mpsc::sync_channel::<Piece>(16);
+    let buffers = Buffers::default();
+    std::thread::scope(|scope| {
+        let buffers = &buffers;
+        let writer = scope.spawn(move || -> std::io::Result<()> {
+            let mut out = file;
+            for piece in rx {
+                match piece {
+                    Piece::Bytes(bytes) => {
+                        out.write_all(&bytes)?;
+                        hooks.progress.advance(bytes.len() as u64);
+                        buffers.give(bytes);
+                    }
+                    Piece::Copy(i) => {
+                        copy_tensor(ckpt, i, &mut out)?;
+                        hooks.progress.advance(ckpt.tensors()[i].len);
+                    }
+                }
+            }
+            Ok(())
+        });
+        let producer = Producer {
+            ckpt,
+            detection,
+            eps,
+            probe_seed,
+            tx: &tx,
+            buffers,
+        };
+        let produced = producer.run(plan, hooks.cancel);
+        drop(tx);
+        let written = writer
+            .join()
+            .unwrap_or_else(|_| Err(std::io::Error::other("the writer thread failed")));
+        // An output error explains a closed queue better than the producer's view of it.
+        written.map_err(WriteError::Io)?;
+        produced
+    })
+}
+
+/// The fusing side of [`write_deploy`]: makes each piece of the file, in order.
+struct Producer<'a> {
+    ckpt: &'a Checkpoint,
+    detection: &'a Detection,
+    eps: f64,
+    probe_seed: Option<u64>,
+    tx: &'a std::sync::mpsc::SyncSender<Piece>,
+    buffers: &'a Buffers,
+}
+
+impl Producer<'_> {
+    fn send(&self, piece: Piece) -> Result<(), WriteError> {
+        self.tx
+            .send(piece)
+            .map_err(|_| WriteError::Io(std::io::Error::other("the writer stopped")))
+    }
+
+    fn run(&self, plan: &Plan, cancel: &Cancel) -> Result<Streamed, WriteError> {
+        self.send(Piece::Bytes(plan.header()))?;
+        let blocks = &self.detection.blocks;
+        let mut streamed = Streamed {
+            probe: vec![Deviation::default(); blocks.len()],
+            int8: vec![None; blocks.len()],
+        };
+        let mut pending_bias: Vec<Option<Vec<u8>>> = vec![None; blocks.len()];
+        for entry in &plan.entries {
+            cancel.check()?;
+            match entry.source {
+                Source::Copy(i) if self.ckpt.tensors()[i].dtype == entry.dtype => {
+                    self.send(Piece::Copy(i))?
+                }
+                Source::Copy(i) => self.send(Piece::Bytes(self.cast(i, entry.dtype)?))?,
+                Source::FusedWeight(b) => {
+                    let (bias, dev, int8) = self.fuse_block(b, entry.dtype)?;
+                    streamed.probe[b] = dev;
+                    streamed.int8[b] = Some(int8);
+                    pending_bias[b] = Some(bias);
+                }
+                Source::FusedBias(b) => {
+                    let bias = pending_bias[b].take().ok_or_else(|| {
+                        Error::internal(format!("the plan puts `{}` before its weight", entry.name))
+                    })?;
+                    self.send(Piece::Bytes(bias))?
+                }
+            }
+        }
+        Ok(streamed)
+    }
+
+    /// Input tensor `i`, cast to `dtype`.
+    fn cast(&self, i: usize, dtype: Dtype) -> Result<Vec<u8>, Error> {
+        let t = &self.ckpt.tensors()[i];
+        let values = self.ckpt.read_f64(t, 0..t.numel())?.ok_or_else(|| {
+            Error::internal(format!(
+                "the plan casts `{}`, which is not floating point",
+                t.name
+            ))
+        })?;
+        let mut bytes = Vec::new();
+        encode(dtype, &values, &mut bytes).map_err(|at| Error::Overflow {
+            path: self.ckpt.path().to_path_buf(),
+            block: String::new(),
+            tensor: t.name.clone(),
+            index: at,
+            value: values[at],
+            dtype,
+        })?;
+        Ok(bytes)
+    }
+
+    /// Fuses block `b` and queues its weight; returns its bias bytes, probe deviation and
+    /// INT8 pass one.
+    ///
+    /// A window of chunks at a time, one per thread: fused in parallel, then queued for the
+    /// writer, which writes them while the next window is fused.
+    fn fuse_block(
+        &self,
+        b: usize,
+        dtype: Dtype,
+    ) -> Result<(Vec<u8>, Deviation, ChannelStats), WriteError> {
+        let block = &self.detection.blocks[b];
+        let probe = self.probe_seed.map(|seed| {
+            let c = block.in_channels().unwrap_or(block.in_per_group);
+            Input::random(1, c, block.kernel, block.kernel, seed, b as u64)
+        });
+        let mut bias = Vec::new();
+        let mut dev = Deviation::default();
+        let mut int8 = ChannelStats::new(block.row_len(), 0);
+        for window in block
+            .row_chunks(FUSE_CHUNK)
+            .chunks(4 * rayon::current_num_threads().max(1))
+        {
+            let chunks: Vec<(FusedRows, ChannelStats)> = window
+                .par_iter()
+                .map(|rows| {
+                    let out = self.buffers.take();
+                    let at = (dtype, probe.as_ref());
+                    let c = fuse_chunk(self.ckpt, block, rows.clone(), self.eps, at, out)?;
+                    // INT8 pass one on the rows as written, while they are in cache.
+                    let mut s = ChannelStats::new(block.row_len(), rows.start);
+                    s.push_bytes(dtype, &c.weight);
+                    Ok::<_, Error>((c, s))
+                })
+                .collect::<Result<_, _>>()?;
+            for (c, s) in chunks {
+                int8 = int8.merge(s);
+                dev = dev.merge(c.deviation);
+                bias.extend(c.bias);
+                self.send(Piece::Bytes(c.weight))?;
+            }
+        }
+        Ok((bias, dev, int8))
+    }
+}
