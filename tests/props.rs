@@ -202,6 +202,8 @@ fn batch_norm(n: usize) -> impl Strategy<Value = BatchNorm> {
             beta,
             mean,
             var,
+            // The case's ε is set on every BN once it is drawn (see `case`).
+            eps: 0.0,
         })
 }
 
@@ -332,7 +334,17 @@ fn case() -> impl Strategy<Value = Case> {
             0..=out,
             select(vec![Dtype::F32, Dtype::F64]),
         )
-            .prop_map(|(shape, mut branches, post, x, eps, split, stored)| {
+            .prop_map(|(shape, mut branches, mut post, x, eps, split, stored)| {
+                // Each BN carries the ε it normalizes with; one ε per case.
+                for b in &mut branches {
+                    let bns = [
+                        b.input_bn.as_mut(),
+                        b.bn.as_mut(),
+                        b.seq.as_mut().map(|q| &mut q.bn),
+                    ];
+                    bns.into_iter().flatten().for_each(|bn| bn.eps = eps);
+                }
+                post.iter_mut().for_each(|bn| bn.eps = eps);
                 if stored == Dtype::F32 {
                     for b in &mut branches {
                         for v in b.weight.iter_mut().flatten() {
@@ -588,6 +600,7 @@ fn cut_bn(bn: &BatchNorm, rows: &std::ops::Range<usize>) -> BatchNorm {
         beta: cut(&bn.beta),
         mean: cut(&bn.mean),
         var: cut(&bn.var),
+        eps: bn.eps,
     }
 }
 
@@ -605,7 +618,7 @@ fn shipped_rows(
         .block
         .post
         .as_ref()
-        .map(|bn| Affine::chain(n, &[ChannelOp::Bn(cut_bn(bn, &rows))], 1.0, c.eps));
+        .map(|bn| Affine::chain(n, &[ChannelOp::Bn(cut_bn(bn, &rows))], 1.0));
     let raw: Vec<Option<Vec<u8>>> = c
         .block
         .branches
@@ -623,7 +636,7 @@ fn shipped_rows(
         .block
         .branches
         .iter()
-        .map(|b| b.input_bn.as_ref().map(|n| n.affine(c.eps)))
+        .map(|b| b.input_bn.as_ref().map(|n| n.affine()))
         .collect();
     let grid = Grid {
         in_per_group: s.cpg,
@@ -644,7 +657,7 @@ fn shipped_rows(
                 ops: vec![ChannelOp::Bn(q.bn.clone())],
             };
             let second = raw.as_ref().map(|r| decode(c.stored, r));
-            let mid = seq.affine(c.eps);
+            let mid = seq.affine();
             Some(compose_rows(
                 &seq,
                 &mid,
@@ -663,7 +676,7 @@ fn shipped_rows(
         .zip(&inputs)
         .zip(&composed)
         .map(|(((b, raw), input), comp)| {
-            let mut a = Affine::chain(n, &channel_ops(b, &rows), b.coef, c.eps);
+            let mut a = Affine::chain(n, &channel_ops(b, &rows), b.coef);
             if let Some(p) = &post {
                 a.then_scaled(p);
             }

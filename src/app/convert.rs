@@ -143,12 +143,13 @@ fn write(
     let mut tmp = temp_beside(output)?;
     let out_err = |e| Error::write(output, "cannot write")(e);
     hooks.progress.start(plan.file_len());
-    let (ckpt, detection, eps) = (&train.ckpt, &train.detection, train.eps.value);
-    let streamed = write_deploy(ckpt, detection, plan, eps, probe_seed, tmp.as_file(), hooks)
-        .map_err(|e| match e {
+    let (ckpt, detection) = (&train.ckpt, &train.detection);
+    let streamed = write_deploy(ckpt, detection, plan, probe_seed, tmp.as_file(), hooks).map_err(
+        |e| match e {
             WriteError::Io(e) => out_err(e),
             WriteError::Run(e) => e,
-        })?;
+        },
+    )?;
     tmp.as_file_mut().flush().map_err(out_err)?;
     Ok((tmp, streamed))
 }

@@ -73,7 +73,7 @@ pub fn inspect(input: &Path, settings: &Settings) -> Result<Inspection, Error> {
     let int8 = detection
         .blocks
         .iter()
-        .map(|b| fused_figures(&ckpt, b, eps.value, settings.cast.unwrap_or(b.dtype)))
+        .map(|b| fused_figures(&ckpt, b, settings.cast.unwrap_or(b.dtype)))
         .collect::<Result<Vec<_>, Error>>()?;
     Ok(Inspection {
         input: input.display().to_string(),
@@ -121,7 +121,6 @@ pub fn inspect(input: &Path, settings: &Settings) -> Result<Inspection, Error> {
 fn fused_figures(
     ckpt: &Checkpoint,
     block: &Block,
-    eps: f64,
     dtype: Dtype,
 ) -> Result<Option<Int8Report>, Error> {
     let chunks = block.row_chunks(1 << 16);
@@ -130,7 +129,6 @@ fn fused_figures(
         ckpt,
         block,
         rows.clone(),
-        eps,
         dtype,
         None,
     ) {

@@ -81,7 +81,7 @@ impl Train {
     fn open(path: &std::path::Path, settings: &Settings) -> Result<Train, Error> {
         let ckpt = Checkpoint::open_with(path, &settings.read)?;
         let detection = find(&ckpt, &settings.find)?;
-        let eps = eps_info(&detection, &settings.find);
+        let eps = eps_info(&detection);
         Ok(Train {
             ckpt,
             detection,
@@ -97,7 +97,7 @@ impl Train {
         hooks: Hooks,
     ) -> Result<Checked, Error> {
         let (train, found) = (&self.ckpt, &self.detection);
-        check_deploy(train, deploy, found, self.eps.value, opts, hooks.cancel)
+        check_deploy(train, deploy, found, opts, hooks.cancel)
     }
 
     /// One report entry per block, with its fused dtype, deviation and INT8 figures.
@@ -128,11 +128,18 @@ fn find(ckpt: &Checkpoint, opts: &FindOptions) -> Result<Detection, Error> {
         None if opts.layout.is_some() => (Layout::builtin(), "--layout"),
         None => (Layout::builtin(), "detected"),
     };
-    Detection::find(ckpt, &layouts, opts.layout.as_deref(), chosen_by).map_err(wrap)
+    Detection::find(
+        ckpt,
+        &layouts,
+        opts.layout.as_deref(),
+        chosen_by,
+        opts.bn_eps,
+    )
+    .map_err(wrap)
 }
 
-fn eps_info(detection: &Detection, opts: &FindOptions) -> EpsInfo {
-    let (value, source) = detection.layout.bn_eps(opts.bn_eps);
+fn eps_info(detection: &Detection) -> EpsInfo {
+    let (value, source) = detection.bn_eps.clone();
     EpsInfo { value, source }
 }
 

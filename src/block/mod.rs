@@ -63,6 +63,9 @@ pub struct BnTensors {
     pub running_var: String,
     /// The step counter, dropped with the BN.
     pub num_batches_tracked: Option<String>,
+    /// The ε this BN normalizes with: not stored in a checkpoint (the layout's framework
+    /// default, or `--bn-eps`); an ONNX `BatchNormalization` carries its own.
+    pub eps: f64,
 }
 
 /// One linear op of a branch, with the tensors it reads.

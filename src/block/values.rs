@@ -19,6 +19,8 @@ pub struct BatchNorm {
     pub mean: Vec<f64>,
     /// σ² (running variance).
     pub var: Vec<f64>,
+    /// ε.
+    pub eps: f64,
 }
 
 impl BatchNorm {
@@ -30,23 +32,25 @@ impl BatchNorm {
     /// ```
     /// use repvgg_fuse::block::values::BatchNorm;
     ///
-    /// let bn = BatchNorm { gamma: vec![5.0], beta: vec![20.0], mean: vec![5.0], var: vec![100.0] };
-    /// let (t, s) = bn.affine(0.0);
+    /// let bn = BatchNorm {
+    ///     gamma: vec![5.0], beta: vec![20.0], mean: vec![5.0], var: vec![100.0], eps: 0.0,
+    /// };
+    /// let (t, s) = bn.affine();
     /// assert_eq!(t[0] * 50.0 + s[0], 42.5);
     /// ```
-    pub fn affine(&self, eps: f64) -> (Vec<f64>, Vec<f64>) {
-        let t: Vec<f64> = self
-            .gamma
-            .iter()
-            .zip(&self.var)
-            .map(|(g, v)| g / (v + eps).sqrt())
-            .collect();
+    pub fn affine(&self) -> (Vec<f64>, Vec<f64>) {
+        let t: Vec<f64> = (0..self.var.len()).map(|r| self.scale(r)).collect();
         let s = t
             .iter()
             .zip(self.beta.iter().zip(&self.mean))
             .map(|(t, (b, m))| b - t * m)
             .collect();
         (t, s)
+    }
+
+    /// Channel `r`'s `γ/√(σ² + ε)`.
+    pub fn scale(&self, r: usize) -> f64 {
+        self.gamma[r] / (self.var[r] + self.eps).sqrt()
     }
 }
 
@@ -204,12 +208,29 @@ fn load_bn(
             ),
         ));
     }
-    Ok(BatchNorm {
+    let bn_values = BatchNorm {
         gamma: read(&bn.weight)?,
         beta: read(&bn.bias)?,
         mean: read(&bn.running_mean)?,
         var,
-    })
+        eps: bn.eps,
+    };
+    // σ² + ε = 0 (ε 0 and a dead channel) scales by γ/√0: bad input, for fusion and
+    // verification alike.
+    if let Some(i) = (0..bn_values.var.len()).find(|&r| !bn_values.scale(r).is_finite()) {
+        return Err(BlockError::new(
+            &block.name,
+            format!(
+                "`{}` is {:e} at channel {} and BN ε is {:e}, so γ/√(σ² + ε) = {}; expected σ² + ε > 0 (pass a larger --bn-eps)",
+                bn.running_var,
+                bn_values.var[i],
+                rows.start + i,
+                bn.eps,
+                bn_values.scale(i)
+            ),
+        ));
+    }
+    Ok(bn_values)
 }
 
 /// Elements `rows` of tensor `name` (`per_row` elements a row), refusing NaN and ±∞.

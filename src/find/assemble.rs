@@ -23,6 +23,7 @@ pub(super) fn find_blocks(
     names: &Names,
     layout: &Layout,
     refuse_half: bool,
+    eps: f64,
 ) -> Result<BlocksFound, LayoutError> {
     let mut found = BlocksFound {
         blocks: Vec::new(),
@@ -37,8 +38,8 @@ pub(super) fn find_blocks(
             layout,
             kind,
             refuse_half,
-            &mut found,
-            &mut orphans,
+            (&mut found, &mut orphans),
+            eps,
         )?;
         kinds_of.resize(kinds_of.len() + found.blocks.len() - before, k);
     }
@@ -67,8 +68,8 @@ pub(super) fn find_kind(
     layout: &Layout,
     kind: &Kind,
     refuse_half: bool,
-    found: &mut BlocksFound,
-    orphans: &mut Vec<Orphan>,
+    (found, orphans): (&mut BlocksFound, &mut Vec<Orphan>),
+    eps: f64,
 ) -> Result<(), LayoutError> {
     let several = layout.kinds.len() + usize::from(!layout.branches.is_empty()) > 1;
     let is_main = |f: &Found| {
@@ -115,7 +116,7 @@ pub(super) fn find_kind(
             }
             continue;
         }
-        match assemble(ckpt, kind, prefix, branches) {
+        match assemble(ckpt, kind, prefix, branches, eps) {
             Ok(block) => found.blocks.push(block),
             Err(e) if layout.generic_names => found.skipped.push((prefix.clone(), e.what)),
             // Another kind may be what the block is (DBB's four forms share most names).
@@ -251,6 +252,7 @@ pub(super) fn assemble(
     kind: &Kind,
     prefix: &str,
     found: &BTreeMap<String, Found>,
+    eps: f64,
 ) -> Result<Block, BlockError> {
     // Branches without tensors of their own (RepMixer's and RepViT's plain skip) are in every
     // block of the kind.
@@ -284,6 +286,7 @@ pub(super) fn assemble(
             base,
             label,
             identity: spec.role == Role::Identity,
+            eps,
         };
         let ops = at.ops(ckpt, f, &spec.op_specs())?;
         branches.push(Branch {
@@ -298,6 +301,7 @@ pub(super) fn assemble(
         base: prefix.to_string(),
         label: "(post-ops)",
         identity: false,
+        eps,
     };
     let post = at.ops(ckpt, &Found::default(), &kind.post)?;
     let deploy = [
@@ -315,6 +319,8 @@ pub(super) struct Place<'a> {
     base: String,
     label: &'a str,
     identity: bool,
+    /// The ε of every BN the place builds.
+    eps: f64,
 }
 
 impl Place<'_> {
@@ -465,6 +471,7 @@ impl Place<'_> {
             running_mean: get(Leaf::BnMean),
             running_var: get(Leaf::BnVar),
             num_batches_tracked: slots.get(&(i, Leaf::BnCount)).cloned(),
+            eps: self.eps,
         }))
     }
 }

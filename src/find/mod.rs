@@ -31,18 +31,22 @@ pub struct Detection {
     pub blocks: Vec<Block>,
     /// Candidates left alone because their shapes do not fit (generic layouts only).
     pub skipped: Vec<(String, String)>,
+    /// The ε of the blocks' BNs, and where it came from.
+    pub bn_eps: (f64, String),
 }
 
 impl Detection {
     /// Finds the blocks in `ckpt`.
     ///
     /// With `forced`, only that layout is tried; otherwise every layout in `layouts` is, and
-    /// exactly one of them must find blocks.
+    /// exactly one of them must find blocks. Every BN gets the layout's ε, or `eps` where given
+    /// (`--bn-eps`).
     pub fn find(
         ckpt: &Checkpoint,
         layouts: &[Layout],
         forced: Option<&str>,
         chosen_by: &str,
+        eps: Option<f64>,
     ) -> Result<Detection, LayoutError> {
         let names = split_names(ckpt);
         if let Some(name) = forced {
@@ -50,7 +54,7 @@ impl Detection {
                 let known: Vec<_> = layouts.iter().map(|l| l.name.as_str()).collect();
                 return Err(LayoutError::Unknown(name.to_string(), known.join(", ")));
             };
-            let found = find_blocks(ckpt, &names, layout, true)?;
+            let found = find_blocks(ckpt, &names, layout, true, layout.bn_eps(eps).0)?;
             if found.blocks.is_empty() {
                 return Err(LayoutError::NoBlocks {
                     hint: format!(" of layout {}{}", layout.name, deployed_hint(ckpt, layouts)),
@@ -61,6 +65,7 @@ impl Detection {
                 chosen_by: chosen_by.to_string(),
                 blocks: found.blocks,
                 skipped: found.skipped,
+                bn_eps: layout.bn_eps(eps),
             });
         }
         let mut hits = Vec::new();
@@ -71,7 +76,7 @@ impl Detection {
                     continue;
                 }
             }
-            let found = match find_blocks(ckpt, &names, layout, false) {
+            let found = match find_blocks(ckpt, &names, layout, false, layout.bn_eps(eps).0) {
                 // A fallback's common names may meet tensors they do not describe.
                 Err(_) if layout.fallback => continue,
                 found => found?,
@@ -93,12 +98,13 @@ impl Detection {
                         hint: String::new(),
                     })?;
                 // Again, now refusing half blocks: the layout is settled.
-                let found = find_blocks(ckpt, &names, layout, true)?;
+                let found = find_blocks(ckpt, &names, layout, true, layout.bn_eps(eps).0)?;
                 Ok(Detection {
                     layout: layout.clone(),
                     chosen_by: chosen_by.to_string(),
                     blocks: found.blocks,
                     skipped: found.skipped,
+                    bn_eps: layout.bn_eps(eps),
                 })
             }
             _ => Err(LayoutError::Mixed {

@@ -25,14 +25,13 @@ pub(crate) fn fuse_chunk(
     ckpt: &Checkpoint,
     block: &Block,
     rows: Range<usize>,
-    eps: f64,
     (dtype, probe): (Dtype, Option<&Input>),
     out: Vec<u8>,
 ) -> Result<FusedRows, Error> {
     let block_err = |e| Error::block(ckpt, e);
     let values = ChannelValues::load(ckpt, block, rows.clone()).map_err(block_err)?;
-    let (affines, post) = values.affines(eps, block).map_err(block_err)?;
-    let inputs = values.input_affines(eps, block).map_err(block_err)?;
+    let (affines, post) = values.affines(block).map_err(block_err)?;
+    let inputs = values.input_affines(block).map_err(block_err)?;
     RAW.with(|raw_bufs| {
         let mut raw_bufs = raw_bufs.borrow_mut();
         let n = block.branches.len().max(raw_bufs.len());
@@ -48,7 +47,7 @@ pub(crate) fn fuse_chunk(
         let mut composed = Vec::with_capacity(block.branches.len());
         for (b, (buf, side)) in raw_bufs.iter().zip(&sides).enumerate() {
             let raw = side.map(|(dtype, (kh, _))| (dtype, buf.as_slice(), kh));
-            composed.push(compose_branch(&values, block, b, raw, eps).map_err(block_err)?);
+            composed.push(compose_branch(&values, block, b, raw).map_err(block_err)?);
         }
         let terms: Vec<Term> = block
             .branches
@@ -98,11 +97,10 @@ pub fn fuse_block_rows(
     ckpt: &Checkpoint,
     block: &Block,
     rows: Range<usize>,
-    eps: f64,
     dtype: Dtype,
     probe: Option<&Input>,
 ) -> Result<FusedRows, Error> {
-    fuse_chunk(ckpt, block, rows, eps, (dtype, probe), Vec::new())
+    fuse_chunk(ckpt, block, rows, (dtype, probe), Vec::new())
 }
 
 /// Reads rows `rows` of conv weight `name` as raw bytes into `buf`; returns (dtype, kernel).

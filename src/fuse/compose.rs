@@ -28,12 +28,12 @@ pub struct Affine {
 impl Affine {
     /// `coef · ops(y)` for `rows` channels: the per-channel ops applied in order, then the
     /// coefficient.
-    pub fn chain(rows: usize, ops: &[ChannelOp], coef: f64, eps: f64) -> Affine {
+    pub fn chain(rows: usize, ops: &[ChannelOp], coef: f64) -> Affine {
         let mut a = Affine {
             scale: vec![1.0; rows],
             shift: vec![0.0; rows],
         };
-        ops.iter().for_each(|op| a.then(op, eps));
+        ops.iter().for_each(|op| a.then(op));
         if coef != 1.0 {
             a.times(&vec![coef; rows]);
         }
@@ -48,11 +48,11 @@ impl Affine {
 
     /// This affine followed by `op`: `op(α·y + β)`. A BN is `t·y + s` with
     /// `t = γ/√(σ² + ε)`, `s = β − t·μ`, so a conv bias c becomes `t·c + s`.
-    fn then(&mut self, op: &ChannelOp, eps: f64) {
+    fn then(&mut self, op: &ChannelOp) {
         match op {
             ChannelOp::Bias(c) => self.shift.iter_mut().zip(c).for_each(|(b, c)| *b += c),
             ChannelOp::Bn(bn) => {
-                let (t, s) = bn.affine(eps);
+                let (t, s) = bn.affine();
                 self.times(&t);
                 self.shift.iter_mut().zip(&s).for_each(|(b, s)| *b += s);
             }
@@ -69,35 +69,28 @@ impl Affine {
 impl Sequence {
     /// The first stage's ops as `(scale, shift)` per mid channel; the shift is also what
     /// they make of zero, the value DBB's BNAndPad pads with.
-    pub fn affine(&self, eps: f64) -> Affine {
-        Affine::chain(self.mid, &self.ops, 1.0, eps)
+    pub fn affine(&self) -> Affine {
+        Affine::chain(self.mid, &self.ops, 1.0)
     }
 }
 
 impl ChannelValues {
-    /// Per branch, its input BN as `(scale, shift)` per input channel; refused where not
-    /// finite (σ² + ε = 0).
-    pub fn input_affines(
-        &self,
-        eps: f64,
-        block: &Block,
-    ) -> Result<Vec<Option<InputAffine>>, BlockError> {
+    /// Per branch, its input BN as `(scale, shift)` per input channel (the values' loading
+    /// refused σ² + ε = 0); a shift that overflows f64 is refused.
+    pub fn input_affines(&self, block: &Block) -> Result<Vec<Option<InputAffine>>, BlockError> {
         let mut out = Vec::with_capacity(self.inputs.len());
         for (bn, branch) in self.inputs.iter().zip(&block.branches) {
             let Some(bn) = bn else {
                 out.push(None);
                 continue;
             };
-            let (t, s) = bn.affine(eps);
-            if let Some(i) = t.iter().chain(&s).position(|v| !v.is_finite()) {
-                let name = branch.input_bn().map_or("", |n| n.running_var.as_str());
+            let (t, s) = bn.affine();
+            if let Some(i) = s.iter().position(|v| !v.is_finite()) {
                 return Err(BlockError::new(
                     &block.name,
                     format!(
-                        "`{name}` is {:e} at channel {} and BN ε is {eps:e}: the input BN of branch `{}` is not finite; expected σ² + ε > 0 (pass a larger --bn-eps)",
-                        bn.var[i % t.len()],
-                        i % t.len(),
-                        branch.label
+                        "branch `{}`: its input BN's shift is {} at channel {i}: the values overflow f64",
+                        branch.label, s[i]
                     ),
                 ));
             }
@@ -107,58 +100,29 @@ impl ChannelValues {
     }
 
     /// Each branch's [`Affine`] with the post-ops folded in, and the post-ops' own shift
-    /// (`None` without post-ops); values that are not finite are refused, naming the tensor:
-    /// a BN with σ² + ε = 0 (ε 0 and a zero running variance) scales by γ/√0.
-    pub fn affines(
-        &self,
-        eps: f64,
-        block: &Block,
-    ) -> Result<(Vec<Affine>, Option<Vec<f64>>), BlockError> {
+    /// (`None` without post-ops); composed values that overflow f64 are refused (a BN with
+    /// σ² + ε = 0 was refused when the values were loaded).
+    pub fn affines(&self, block: &Block) -> Result<(Vec<Affine>, Option<Vec<f64>>), BlockError> {
         let n = self.rows.len();
-        let post = (!self.post.is_empty()).then(|| Affine::chain(n, &self.post, 1.0, eps));
+        let post = (!self.post.is_empty()).then(|| Affine::chain(n, &self.post, 1.0));
         if let Some(p) = &post {
-            self.refuse_non_finite(p, &self.post, &block.post, eps, block, "the post-ops")?;
+            self.refuse_non_finite(p, block, "the post-ops")?;
         }
         let mut out = Vec::with_capacity(self.branches.len());
         for ((coef, ops), branch) in self.branches.iter().zip(&block.branches) {
-            let mut a = Affine::chain(n, ops, *coef, eps);
+            let mut a = Affine::chain(n, ops, *coef);
             if let Some(p) = &post {
                 a.then_scaled(p);
             }
-            self.refuse_non_finite(&a, ops, &branch.ops, eps, block, &branch.label)?;
+            self.refuse_non_finite(&a, block, &branch.label)?;
             out.push(a);
         }
         Ok((out, post.map(|p| p.shift)))
     }
 
-    fn refuse_non_finite(
-        &self,
-        a: &Affine,
-        values: &[ChannelOp],
-        ops: &[Op],
-        eps: f64,
-        block: &Block,
-        label: &str,
-    ) -> Result<(), BlockError> {
+    fn refuse_non_finite(&self, a: &Affine, block: &Block, label: &str) -> Result<(), BlockError> {
         let err = |what: String| Err(BlockError::new(&block.name, what));
         if let Some(r) = a.scale.iter().position(|t| !t.is_finite()) {
-            let bn = values.iter().find_map(|v| match v {
-                ChannelOp::Bn(bn) => Some(bn),
-                _ => None,
-            });
-            let names = ops.iter().find_map(|op| match op {
-                Op::Bn(bn) => Some(bn),
-                _ => None,
-            });
-            if let (Some(bn), Some(names)) = (bn, names) {
-                return err(format!(
-                    "`{}` is {:e} at channel {} and BN ε is {eps:e}, so γ/√(σ² + ε) = {}; expected σ² + ε > 0 (pass a larger --bn-eps)",
-                    names.running_var,
-                    bn.var[r],
-                    self.rows.start + r,
-                    a.scale[r]
-                ));
-            }
             return err(format!(
                 "branch `{label}`: its scale is {} at channel {}: the values overflow f64",
                 a.scale[r],
@@ -227,12 +191,11 @@ pub fn compose_branch(
     block: &Block,
     b: usize,
     raw: Option<(Dtype, &[u8], usize)>,
-    eps: f64,
 ) -> Result<Option<Composed>, BlockError> {
     let (Some(Some(seq)), Some(branch)) = (values.sequences.get(b), block.branches.get(b)) else {
         return Ok(None);
     };
-    let mid_affine = seq.affine(eps);
+    let mid_affine = seq.affine();
     if let Some(i) = (mid_affine.scale.iter().chain(&mid_affine.shift)).position(|v| !v.is_finite())
     {
         return Err(BlockError::new(

@@ -23,7 +23,6 @@ pub fn forward_unfused(
     values: &ChannelValues,
     sources: &[Option<SourceWeights>],
     x: &BlockInput,
-    eps: f64,
 ) -> Array2<f64> {
     let rows = values.rows.clone();
     let mut out = Array2::<f64>::zeros((rows.len(), x.input.positions()));
@@ -35,17 +34,17 @@ pub fn forward_unfused(
     for ((((branch, (coef, ops)), input), w), seq) in branches.zip(sources).zip(&values.sequences) {
         let w = w.as_ref().map(|(w, hw)| (w.as_slice(), *hw));
         let mut y = match (input, seq) {
-            (_, Some(seq)) => forward_sequence(block, branch, seq, w, x, (rows.clone(), eps)),
-            (Some(bn), None) => forward_input_bn(block, bn, w, x, rows.clone(), eps),
+            (_, Some(seq)) => forward_sequence(block, branch, seq, w, x, rows.clone()),
+            (Some(bn), None) => forward_input_bn(block, bn, w, x, rows.clone()),
             (None, None) => forward_source(block, branch, w, x, rows.clone()),
         };
         for op in ops {
-            forward_channel_op(op, eps, &mut y);
+            forward_channel_op(op, &mut y);
         }
         out.scaled_add(*coef, &y);
     }
     for op in &values.post {
-        forward_channel_op(op, eps, &mut out);
+        forward_channel_op(op, &mut out);
     }
     out
 }
@@ -59,7 +58,7 @@ fn forward_sequence(
     seq: &Sequence,
     second: Option<(&[f64], (usize, usize))>,
     x: &BlockInput,
-    (rows, eps): (Range<usize>, f64),
+    rows: Range<usize>,
 ) -> Array2<f64> {
     let groups = block.groups.unwrap_or(1).max(1);
     let ipg = block.in_per_group;
@@ -67,8 +66,8 @@ fn forward_sequence(
     let mut mid = conv_rows(&cols1, &seq.first, 0..seq.mid, ipg, 1, seq.mid / groups);
     let mut pad = Array2::<f64>::zeros((seq.mid, 1));
     for op in &seq.ops {
-        forward_channel_op(op, eps, &mut mid);
-        forward_channel_op(op, eps, &mut pad);
+        forward_channel_op(op, &mut mid);
+        forward_channel_op(op, &mut pad);
     }
     let side = match (branch.second(), second) {
         (Some(Op::ThenAvgPool { kernel }), _) => *kernel,
@@ -148,11 +147,10 @@ fn forward_input_bn(
     weight: Option<(&[f64], (usize, usize))>,
     x: &BlockInput,
     rows: Range<usize>,
-    eps: f64,
 ) -> Array2<f64> {
     let mut cols = x.cols(1, 1).into_owned();
     for (c, mut row) in cols.rows_mut().into_iter().enumerate() {
-        let (t, s) = bn_row(bn, eps, c % bn.var.len().max(1));
+        let (t, s) = bn_row(bn, c % bn.var.len().max(1));
         Zip::from(&mut row).for_each(|v| *v = t * *v + s);
     }
     let w = weight.map_or(&[][..], |(w, _)| w);
@@ -216,13 +214,13 @@ fn centred(w: &[f64], cpg: usize, (kh, kw): (usize, usize)) -> Vec<f64> {
 }
 
 /// A per-channel op applied to outputs `y` (`[rows, positions]`).
-fn forward_channel_op(op: &ChannelOp, eps: f64, y: &mut Array2<f64>) {
+fn forward_channel_op(op: &ChannelOp, y: &mut Array2<f64>) {
     for (r, mut row) in y.rows_mut().into_iter().enumerate() {
         match op {
             ChannelOp::Bias(c) => row += c[r],
             ChannelOp::Scale(g) => row *= g[r],
             ChannelOp::Bn(bn) => {
-                let (t, s) = bn_row(bn, eps, r);
+                let (t, s) = bn_row(bn, r);
                 Zip::from(&mut row).for_each(|v| *v = t * *v + s);
             }
         }
@@ -230,7 +228,7 @@ fn forward_channel_op(op: &ChannelOp, eps: f64, y: &mut Array2<f64>) {
 }
 
 /// BN `r`'s `(γ/√(σ² + ε), β − μ·γ/√(σ² + ε))`.
-fn bn_row(bn: &BatchNorm, eps: f64, r: usize) -> (f64, f64) {
-    let t = bn.gamma[r] / (bn.var[r] + eps).sqrt();
+fn bn_row(bn: &BatchNorm, r: usize) -> (f64, f64) {
+    let t = bn.gamma[r] / (bn.var[r] + bn.eps).sqrt();
     (t, bn.beta[r] - t * bn.mean[r])
 }

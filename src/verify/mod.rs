@@ -117,7 +117,6 @@ pub fn check_deploy(
     train: &Checkpoint,
     deploy: &Checkpoint,
     detection: &Detection,
-    eps: f64,
     opts: &CheckOptions,
     cancel: &Cancel,
 ) -> Result<Checked, Error> {
@@ -140,7 +139,6 @@ pub fn check_deploy(
                 train,
                 deploy,
                 block,
-                eps,
             };
             run.deviation(size, batch, opts.seed, i as u64)
         })
@@ -203,7 +201,6 @@ struct Run<'a> {
     train: &'a Checkpoint,
     deploy: &'a Checkpoint,
     block: &'a Block,
-    eps: f64,
 }
 
 impl Run<'_> {
@@ -278,8 +275,6 @@ impl Run<'_> {
         let (b, train) = (self.block, self.train);
         let block_err = |e| Error::block(train, e);
         let values = ChannelValues::load(train, b, rows.clone()).map_err(block_err)?;
-        // The checks of the composed values (σ² + ε = 0 is bad input, not a deviation).
-        values.affines(self.eps, b).map_err(block_err)?;
         let mut sources = Vec::with_capacity(b.branches.len());
         for branch in &b.branches {
             sources.push(match branch.conv_weight() {
@@ -292,7 +287,7 @@ impl Run<'_> {
                 None => None,
             });
         }
-        Ok(forward_unfused(b, &values, &sources, x, self.eps))
+        Ok(forward_unfused(b, &values, &sources, x))
     }
 
     /// The deploy conv as written, for output channels `rows`: its output, and its weights.
@@ -337,7 +332,6 @@ impl Run<'_> {
 pub fn unfused_rows(
     train: &Checkpoint,
     block: &Block,
-    eps: f64,
     x: &BlockInput,
     rows: std::ops::Range<usize>,
 ) -> Result<Array2<f64>, Error> {
@@ -345,7 +339,6 @@ pub fn unfused_rows(
         train,
         deploy: train,
         block,
-        eps,
     };
     run.unfused(x, rows)
 }

@@ -85,7 +85,6 @@ pub fn write_deploy(
     ckpt: &Checkpoint,
     detection: &Detection,
     plan: &Plan,
-    eps: f64,
     probe_seed: Option<u64>,
     file: &std::fs::File,
     hooks: Hooks,
@@ -114,7 +113,6 @@ pub fn write_deploy(
         let producer = Producer {
             ckpt,
             detection,
-            eps,
             probe_seed,
             tx: &tx,
             buffers,
@@ -134,7 +132,6 @@ pub fn write_deploy(
 struct Producer<'a> {
     ckpt: &'a Checkpoint,
     detection: &'a Detection,
-    eps: f64,
     probe_seed: Option<u64>,
     tx: &'a std::sync::mpsc::SyncSender<Piece>,
     buffers: &'a Buffers,
@@ -227,7 +224,7 @@ impl Producer<'_> {
                 .map(|rows| {
                     let out = self.buffers.take();
                     let at = (dtype, probe.as_ref());
-                    let c = fuse_chunk(self.ckpt, block, rows.clone(), self.eps, at, out)?;
+                    let c = fuse_chunk(self.ckpt, block, rows.clone(), at, out)?;
                     // INT8 pass one on the rows as written, while they are in cache.
                     let mut s = ChannelStats::new(block.row_len(), rows.start);
                     s.push_bytes(dtype, &c.weight);
