@@ -125,8 +125,8 @@ fn find(ckpt: &Checkpoint, opts: &FindOptions) -> Result<Detection, Error> {
     };
     let (layouts, chosen_by) = match &opts.layout_file {
         Some(file) => (Layout::from_file(file).map_err(wrap)?, "--layout-file"),
-        None if opts.layout.is_some() => (Layout::builtin(), "--layout"),
-        None => (Layout::builtin(), "detected"),
+        None if opts.layout.is_some() => (Layout::builtin().map_err(wrap)?, "--layout"),
+        None => (Layout::builtin().map_err(wrap)?, "detected"),
     };
     Detection::find(
         ckpt,

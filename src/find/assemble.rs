@@ -5,7 +5,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use super::names::*;
-use super::schema::{Kind, Layout, LayoutError, OpSpec};
+use super::schema::{Kind, Layout, LayoutError, OpKind, OpSpec};
 use crate::block::{Block, BlockError, BnTensors, Branch, Op, Role};
 use crate::checkpoint::Checkpoint;
 
@@ -378,57 +378,50 @@ impl Place<'_> {
     ) -> Result<Op, BlockError> {
         let label = self.label;
         let slot = |leaf| slots.get(&(i, leaf)).cloned();
-        if let Some(conv) = &op.conv {
-            let Some(weight) = slot(Leaf::ConvWeight) else {
-                return self.err(format!(
+        match &op.kind {
+            OpKind::Conv {
+                name: conv,
+                dilation,
+                asymmetric,
+                plus_identity,
+            } => match slot(Leaf::ConvWeight) {
+                Some(weight) => Ok(Op::Conv {
+                    weight,
+                    bias: slot(Leaf::ConvBias),
+                    dilation: *dilation,
+                    asymmetric: *asymmetric,
+                    plus_identity: *plus_identity,
+                }),
+                None => self.err(format!(
                     "branch `{label}` has {} but no conv weight `{}`",
                     describe_slots(f),
                     join(&self.base, &format!("{conv}.weight"))
-                ));
-            };
-            return Ok(Op::Conv {
-                weight,
-                bias: slot(Leaf::ConvBias),
-                dilation: op.dilation.unwrap_or(1),
-                asymmetric: op.asymmetric,
-                plus_identity: op.plus_identity,
-            });
-        }
-        if let Some(conv) = &op.then_conv {
-            return match slot(Leaf::ConvWeight2) {
+                )),
+            },
+            OpKind::ThenConv(conv) => match slot(Leaf::ConvWeight2) {
                 Some(weight) => Ok(Op::ThenConv { weight }),
                 None => self.err(format!(
                     "branch `{label}` has {} but no second conv weight `{}`",
                     describe_slots(f),
                     join(&self.base, &format!("{conv}.weight"))
                 )),
-            };
-        }
-        if let Some(side) = op.then_avgpool {
-            return Ok(Op::ThenAvgPool { kernel: side });
-        }
-        if op.identity {
-            return Ok(Op::Identity);
-        }
-        if let Some(side) = op.avgpool {
-            return Ok(Op::AvgPool { kernel: side });
-        }
-        if let Some(scale) = &op.scale {
-            return match slot(Leaf::Scale) {
+            },
+            OpKind::ThenAvgPool(side) => Ok(Op::ThenAvgPool { kernel: *side }),
+            OpKind::Identity => Ok(Op::Identity),
+            OpKind::AvgPool(side) => Ok(Op::AvgPool { kernel: *side }),
+            OpKind::Scale(scale) => match slot(Leaf::Scale) {
                 Some(weight) => Ok(Op::Scale { weight }),
                 None => self.err(format!(
                     "branch `{label}` has no scale tensor `{}`",
                     join(&self.base, scale)
                 )),
-            };
-        }
-        if let Some(path) = &op.bn_in {
-            return match self.bn(slots, f, i, path)? {
+            },
+            OpKind::BnIn(path) => match self.bn(slots, f, i, path)? {
                 Op::Bn(bn) => Ok(Op::InputBn(bn)),
                 other => Ok(other),
-            };
+            },
+            OpKind::Bn(path) => self.bn(slots, f, i, path),
         }
-        self.bn(slots, f, i, op.bn.as_deref().unwrap_or_default())
     }
 
     /// A BN op: all four tensors, or an error that says which are missing.

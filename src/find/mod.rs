@@ -13,7 +13,9 @@ pub mod schema;
 
 use std::collections::BTreeSet;
 
-pub use schema::{BranchSpec, DEFAULT_BN_EPS, DeployNames, Kind, Layout, LayoutError, OpSpec};
+pub use schema::{
+    BranchSpec, DEFAULT_BN_EPS, DeployNames, Kind, Layout, LayoutError, OpKind, OpSpec,
+};
 
 use crate::block::Block;
 use crate::checkpoint::Checkpoint;
@@ -233,5 +235,31 @@ mod tests {
         );
         let name: Vec<&str> = "stages.1.0.conv_kxk.conv.weight".split('.').collect();
         assert_eq!(match_suffix(&name, weight, 2), None);
+    }
+
+    #[test]
+    fn an_op_names_exactly_one_kind_and_conv_options_go_with_conv() {
+        let parse = |json: &str| serde_json::from_str::<OpSpec>(json);
+        let conv = parse(r#"{"conv": "c", "dilation": 2}"#).expect("a dilated conv");
+        assert_eq!(
+            conv.kind,
+            OpKind::Conv {
+                name: "c".into(),
+                dilation: 2,
+                asymmetric: false,
+                plus_identity: false
+            }
+        );
+        let two = parse(r#"{"conv": "c", "bn": "b"}"#).expect_err("two kinds");
+        assert!(two.to_string().contains("exactly one of"), "{two}");
+        let none = parse(r#"{"optional": true}"#).expect_err("no kind");
+        assert!(none.to_string().contains("exactly one of"), "{none}");
+        let stray = parse(r#"{"bn": "b", "dilation": 2}"#).expect_err("dilation without conv");
+        assert!(
+            stray.to_string().contains("go with \"conv\" only"),
+            "{stray}"
+        );
+        let back = serde_json::to_string(&conv).expect("serializes");
+        assert_eq!(parse(&back).expect("reads back"), conv);
     }
 }

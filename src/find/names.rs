@@ -4,7 +4,7 @@
 
 use std::collections::BTreeMap;
 
-use super::schema::{BranchSpec, Kind, OpSpec};
+use super::schema::{BranchSpec, Kind, OpKind, OpSpec};
 use crate::block::Block;
 use crate::checkpoint::Checkpoint;
 
@@ -61,31 +61,24 @@ pub(super) fn op_leaves(op: &OpSpec) -> Vec<(Leaf, String)> {
             format!("{base}.{leaf}")
         }
     };
-    if let Some(conv) = &op.then_conv {
-        vec![(Leaf::ConvWeight2, under(conv, "weight"))]
-    } else if let Some(conv) = &op.conv {
-        vec![
+    match &op.kind {
+        OpKind::ThenConv(conv) => vec![(Leaf::ConvWeight2, under(conv, "weight"))],
+        OpKind::Conv { name: conv, .. } => vec![
             (Leaf::ConvWeight, under(conv, "weight")),
             (Leaf::ConvBias, under(conv, "bias")),
-        ]
-    } else if let Some(bn) = op.bn.as_ref().or(op.bn_in.as_ref()) {
-        BN_LEAVES
+        ],
+        OpKind::Bn(bn) | OpKind::BnIn(bn) => BN_LEAVES
             .iter()
             .map(|(l, leaf)| (*l, under(bn, leaf)))
-            .collect()
-    } else if let Some(scale) = &op.scale {
-        vec![(Leaf::Scale, scale.trim_start_matches('/').to_string())]
-    } else {
-        Vec::new()
+            .collect(),
+        OpKind::Scale(scale) => vec![(Leaf::Scale, scale.trim_start_matches('/').to_string())],
+        OpKind::Identity | OpKind::AvgPool(_) | OpKind::ThenAvgPool(_) => Vec::new(),
     }
 }
 
 /// Whether an op's names are relative to the block rather than the branch.
 pub(super) fn block_relative(op: &OpSpec) -> bool {
-    [&op.conv, &op.bn, &op.bn_in, &op.scale, &op.then_conv]
-        .into_iter()
-        .flatten()
-        .any(|n| n.starts_with('/'))
+    op.name().is_some_and(|n| n.starts_with('/'))
 }
 
 /// Expands a branch spec into (slot, pattern segments) pairs, for its branch-relative ops.

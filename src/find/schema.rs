@@ -12,50 +12,202 @@ pub(super) const BUILTIN: &str = include_str!("layouts.json");
 /// PyTorch's `BatchNorm2d` default ε, used where a layout does not settle it.
 pub const DEFAULT_BN_EPS: f64 = 1e-5;
 
-/// One op of a branch in a layout file: exactly one of `conv`, `bn`, `scale`, `identity`,
-/// `avgpool`. Names are relative to the branch's path; a name starting with `/` is relative
-/// to the block (a tensor the block's branches share, like a layer scale).
+/// One op of a branch in a layout file. Names are relative to the branch's path; a name
+/// starting with `/` is relative to the block (a tensor the block's branches share, like a
+/// layer scale). In the file, an object with exactly one of `conv`, `bn`, `bn_in`, `scale`,
+/// `identity`, `avgpool`, `then_conv`, `then_avgpool` (see [`OpKind`]), plus `optional`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(try_from = "RawOpSpec", into = "RawOpSpec")]
+pub struct OpSpec {
+    /// What the op is.
+    pub kind: OpKind,
+    /// The op may be absent (FastViT's `layer_scale.gamma` when layer scale is off): a block
+    /// without its tensors runs without the op. Without it, a missing tensor is an error.
+    pub optional: bool,
+}
+
+/// The kinds of op a layout can name, each with what it needs.
+#[derive(Debug, Clone, PartialEq)]
+pub enum OpKind {
+    /// A conv submodule: `{name}.weight` and optional `{name}.bias`.
+    Conv {
+        /// The submodule.
+        name: String,
+        /// Tap spacing (1 for a plain conv).
+        dilation: usize,
+        /// The kernel may be kh×kw with kh ≠ kw (ACNet's k×1 and 1×k).
+        asymmetric: bool,
+        /// The stored weight is its kernel minus the identity (DBB's `idconv1`).
+        plus_identity: bool,
+    },
+    /// A BN submodule (`""`: the branch path itself).
+    Bn(String),
+    /// A BN over the branch's input, before its conv (a NormLinear); goes before the source.
+    BnIn(String),
+    /// A per-channel scale tensor (its full name under the path, e.g. `layer_scale.gamma`).
+    Scale(String),
+    /// The block's input itself.
+    Identity,
+    /// Average pooling with this window.
+    AvgPool(usize),
+    /// A second conv on what the ops before it made (DBB's 1×1 → k×k, its BNAndPad padding
+    /// with what the BN makes of zero).
+    ThenConv(String),
+    /// A k×k average of what the ops before it made, padded likewise; 0: the block's kernel.
+    ThenAvgPool(usize),
+}
+
+impl OpSpec {
+    /// A required op of `kind`.
+    pub fn of(kind: OpKind) -> OpSpec {
+        OpSpec {
+            kind,
+            optional: false,
+        }
+    }
+
+    /// Whether the op goes before the source.
+    fn is_input(&self) -> bool {
+        matches!(self.kind, OpKind::BnIn(_))
+    }
+
+    /// Whether the op starts a branch.
+    fn is_source(&self) -> bool {
+        matches!(
+            self.kind,
+            OpKind::Conv { .. } | OpKind::Identity | OpKind::AvgPool(_)
+        )
+    }
+
+    /// Whether the op is the second stage of a sequence.
+    fn is_second(&self) -> bool {
+        matches!(self.kind, OpKind::ThenConv(_) | OpKind::ThenAvgPool(_))
+    }
+
+    /// The tensor name (or module) the op names, if it names one.
+    pub fn name(&self) -> Option<&str> {
+        match &self.kind {
+            OpKind::Conv { name, .. }
+            | OpKind::Bn(name)
+            | OpKind::BnIn(name)
+            | OpKind::Scale(name)
+            | OpKind::ThenConv(name) => Some(name),
+            OpKind::Identity | OpKind::AvgPool(_) | OpKind::ThenAvgPool(_) => None,
+        }
+    }
+}
+
+impl TryFrom<RawOpSpec> for OpSpec {
+    type Error = String;
+
+    fn try_from(r: RawOpSpec) -> Result<OpSpec, String> {
+        let conv_only = r.dilation.is_some() || r.asymmetric || r.plus_identity;
+        let mut kinds = Vec::new();
+        if let Some(name) = r.conv {
+            kinds.push(OpKind::Conv {
+                name,
+                dilation: r.dilation.unwrap_or(1),
+                asymmetric: r.asymmetric,
+                plus_identity: r.plus_identity,
+            });
+        } else if conv_only {
+            return Err(
+                "\"dilation\", \"asymmetric\" and \"plus_identity\" go with \"conv\" only".into(),
+            );
+        }
+        kinds.extend(r.bn.map(OpKind::Bn));
+        kinds.extend(r.bn_in.map(OpKind::BnIn));
+        kinds.extend(r.scale.map(OpKind::Scale));
+        kinds.extend(r.identity.then_some(OpKind::Identity));
+        kinds.extend(r.avgpool.map(OpKind::AvgPool));
+        kinds.extend(r.then_conv.map(OpKind::ThenConv));
+        kinds.extend(r.then_avgpool.map(OpKind::ThenAvgPool));
+        match <[OpKind; 1]>::try_from(kinds) {
+            Ok([kind]) => Ok(OpSpec {
+                kind,
+                optional: r.optional,
+            }),
+            Err(_) => Err(
+                "each op has exactly one of conv, bn, bn_in, scale, identity, avgpool, then_conv, then_avgpool"
+                    .into(),
+            ),
+        }
+    }
+}
+
+impl From<OpSpec> for RawOpSpec {
+    fn from(op: OpSpec) -> RawOpSpec {
+        let mut r = RawOpSpec {
+            optional: op.optional,
+            ..RawOpSpec::default()
+        };
+        match op.kind {
+            OpKind::Conv {
+                name,
+                dilation,
+                asymmetric,
+                plus_identity,
+            } => {
+                r.conv = Some(name);
+                r.dilation = (dilation != 1).then_some(dilation);
+                r.asymmetric = asymmetric;
+                r.plus_identity = plus_identity;
+            }
+            OpKind::Bn(name) => r.bn = Some(name),
+            OpKind::BnIn(name) => r.bn_in = Some(name),
+            OpKind::Scale(name) => r.scale = Some(name),
+            OpKind::Identity => r.identity = true,
+            OpKind::AvgPool(k) => r.avgpool = Some(k),
+            OpKind::ThenConv(name) => r.then_conv = Some(name),
+            OpKind::ThenAvgPool(k) => r.then_avgpool = Some(k),
+        }
+        r
+    }
+}
+
+/// An op as a layout file spells it: one key per kind of op, of which exactly one may be
+/// given. Read once into an [`OpSpec`], so that nothing after parsing counts keys.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct OpSpec {
+struct RawOpSpec {
     /// A conv submodule: `{name}.weight` and optional `{name}.bias`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub conv: Option<String>,
+    conv: Option<String>,
     /// Tap spacing of that conv (default 1).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub dilation: Option<usize>,
+    dilation: Option<usize>,
     /// A BN submodule (`""`: the branch path itself).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub bn: Option<String>,
+    bn: Option<String>,
     /// A per-channel scale tensor (its full name under the path, e.g. `layer_scale.gamma`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub scale: Option<String>,
+    scale: Option<String>,
     /// The block's input itself.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
-    pub identity: bool,
+    identity: bool,
     /// Average pooling with this window.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub avgpool: Option<usize>,
+    avgpool: Option<usize>,
     /// A BN over the branch's input, before its conv (a NormLinear); goes before the source.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub bn_in: Option<String>,
+    bn_in: Option<String>,
     /// The conv's kernel may be kh×kw with kh ≠ kw (ACNet's k×1 and 1×k).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
-    pub asymmetric: bool,
+    asymmetric: bool,
     /// The conv's stored weight is its kernel minus the identity (DBB's `idconv1`).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
-    pub plus_identity: bool,
+    plus_identity: bool,
     /// A second conv on what the ops before it made (DBB's 1×1 → k×k, its BNAndPad padding
     /// with what the BN makes of zero).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub then_conv: Option<String>,
+    then_conv: Option<String>,
     /// A k×k average of what the ops before it made, padded likewise; 0: the block's kernel.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub then_avgpool: Option<usize>,
+    then_avgpool: Option<usize>,
     /// The op may be absent (FastViT's `layer_scale.gamma` when layer scale is off): a block
     /// without its tensors runs without the op. Without it, a missing tensor is an error.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
-    pub optional: bool,
+    optional: bool,
 }
 
 /// One branch's names, relative to the block prefix.
@@ -87,35 +239,6 @@ pub struct BranchSpec {
     pub required: bool,
 }
 
-impl OpSpec {
-    /// How many kinds of op the entry names (a valid one names exactly one).
-    fn kinds(&self) -> usize {
-        [
-            self.conv.is_some(),
-            self.bn.is_some(),
-            self.bn_in.is_some(),
-            self.then_conv.is_some(),
-            self.then_avgpool.is_some(),
-            self.scale.is_some(),
-            self.identity,
-            self.avgpool.is_some(),
-        ]
-        .into_iter()
-        .filter(|k| *k)
-        .count()
-    }
-
-    /// Whether the op goes before the source.
-    fn is_input(&self) -> bool {
-        self.bn_in.is_some()
-    }
-
-    /// Whether the op starts a branch.
-    fn is_source(&self) -> bool {
-        self.conv.is_some() || self.identity || self.avgpool.is_some()
-    }
-}
-
 impl Kind {
     /// Checks that the kind can describe a block at all.
     pub(super) fn check(&self, layout: &str) -> Result<(), String> {
@@ -140,27 +263,21 @@ impl Kind {
             }
             let first = b.ops.iter().take_while(|op| op.is_input()).count();
             for (i, op) in b.ops.iter().enumerate().skip(first) {
-                match (op.kinds(), i == first, op.is_source()) {
-                    (1, true, true) | (1, false, false) => {}
-                    (1, true, false) => {
+                match (i == first, op.is_source()) {
+                    (true, true) | (false, false) => {}
+                    (true, false) => {
                         return err("the first op must be conv, identity or avgpool");
                     }
-                    (1, false, true) => {
+                    (false, true) => {
                         return err("only the first op may be conv, identity or avgpool");
-                    }
-                    _ => {
-                        return err(
-                            "each op has exactly one of conv, bn, bn_in, scale, identity, avgpool",
-                        );
                     }
                 }
             }
         }
-        let second = |op: &OpSpec| op.then_conv.is_some() || op.then_avgpool.is_some();
         if let Some(b) = self
             .branches
             .iter()
-            .find(|b| b.ops.iter().filter(|op| second(op)).count() > 1)
+            .find(|b| b.ops.iter().filter(|op| op.is_second()).count() > 1)
         {
             return Err(format!(
                 "layout `{layout}`, branch `{}`: one then_conv or then_avgpool at most",
@@ -170,7 +287,7 @@ impl Kind {
         if self
             .post
             .iter()
-            .any(|op| op.kinds() != 1 || op.is_source() || second(op))
+            .any(|op| op.is_input() || op.is_source() || op.is_second())
         {
             return Err(format!(
                 "layout `{layout}`: \"post\" takes bn and scale ops only"
@@ -201,12 +318,13 @@ impl BranchSpec {
         if !self.path.is_empty() {
             return self.path.clone();
         }
-        let first = self.op_specs().into_iter().next().unwrap_or_default();
-        [first.conv, first.bn, first.scale]
-            .into_iter()
-            .flatten()
-            .next()
-            .unwrap_or_else(|| "input".to_string())
+        let first = self.op_specs().into_iter().next();
+        match first.as_ref().map(|op| &op.kind) {
+            Some(OpKind::Conv { name, .. } | OpKind::Bn(name) | OpKind::Scale(name)) => {
+                name.clone()
+            }
+            _ => "input".to_string(),
+        }
     }
 
     /// The branch's ops, the short form expanded.
@@ -217,25 +335,18 @@ impl BranchSpec {
         let mut ops = Vec::new();
         match &self.conv {
             Some(conv) => {
-                ops.push(OpSpec {
-                    conv: Some(conv.clone()),
-                    ..OpSpec::default()
-                });
-                // A conv branch without a BN module name has no BN.
-                ops.extend(self.bn.clone().map(|bn| OpSpec {
-                    bn: Some(bn),
-                    ..OpSpec::default()
+                ops.push(OpSpec::of(OpKind::Conv {
+                    name: conv.clone(),
+                    dilation: 1,
+                    asymmetric: false,
+                    plus_identity: false,
                 }));
+                // A conv branch without a BN module name has no BN.
+                ops.extend(self.bn.clone().map(|bn| OpSpec::of(OpKind::Bn(bn))));
             }
             None => {
-                ops.push(OpSpec {
-                    identity: true,
-                    ..OpSpec::default()
-                });
-                ops.push(OpSpec {
-                    bn: Some(self.bn.clone().unwrap_or_default()),
-                    ..OpSpec::default()
-                });
+                ops.push(OpSpec::of(OpKind::Identity));
+                ops.push(OpSpec::of(OpKind::Bn(self.bn.clone().unwrap_or_default())));
             }
         }
         ops
@@ -338,6 +449,14 @@ pub enum LayoutError {
     /// `--layout` named no layout.
     #[error("unknown layout `{0}`; known layouts: {1}")]
     Unknown(String, String),
+    /// The built-in layout table does not parse or check: a bug in this build.
+    #[error(
+        "the built-in layout table is broken (a bug in repvgg-fuse; nothing was written): {what}"
+    )]
+    Builtin {
+        /// What is wrong.
+        what: String,
+    },
     /// A user layout file could not be read or parsed.
     #[error("layout file {path}: {what}")]
     File {
@@ -376,10 +495,16 @@ pub enum LayoutError {
 }
 
 impl Layout {
-    /// The layouts this build knows.
-    pub fn builtin() -> Vec<Layout> {
-        // The table is compiled in and tested; a parse failure is a build defect.
-        serde_json::from_str(BUILTIN).unwrap_or_default()
+    /// The layouts this build knows. The table is compiled in and tested: a table that does
+    /// not parse or check is a bug, refused loudly rather than read as "no layout".
+    pub fn builtin() -> Result<Vec<Layout>, LayoutError> {
+        let broken = |what: String| LayoutError::Builtin { what };
+        let layouts: Vec<Layout> =
+            serde_json::from_str(BUILTIN).map_err(|e| broken(e.to_string()))?;
+        for l in &layouts {
+            l.check().map_err(broken)?;
+        }
+        Ok(layouts)
     }
 
     /// Reads a user layout file: one layout object, or an array of them.
