@@ -136,8 +136,22 @@ impl std::ops::Add for Sqnr {
     }
 }
 
-/// One output SQNR in dB: `None` not measured, `Some(None)` exact.
-pub type OutputSqnr = Option<Option<f64>>;
+/// One measured output SQNR: exact (no noise at all; `null` in the report), or in dB.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+#[serde(untagged)]
+pub enum OutputSqnr {
+    /// The quantized output equals the float output.
+    Exact,
+    /// Signal over noise, in dB.
+    Db(f64),
+}
+
+impl From<Option<f64>> for OutputSqnr {
+    /// [`Sqnr::db`]'s answer: `None` is exact.
+    fn from(db: Option<f64>) -> Self {
+        db.map_or(OutputSqnr::Exact, OutputSqnr::Db)
+    }
+}
 
 /// max |v| over `values` (NaN if any is NaN, so a broken tensor does not pass for a good one).
 pub fn max_abs(values: &[f64]) -> f64 {
@@ -521,7 +535,7 @@ pub struct Int8Report {
     /// its float output, on the verification input (bias in float in both). Absent without
     /// verification, `null` when exact.
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub output_sqnr_db: OutputSqnr,
+    pub output_sqnr_db: Option<OutputSqnr>,
 }
 
 /// The figures of a tensor from both passes over it.

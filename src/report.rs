@@ -122,7 +122,7 @@ impl From<&Block> for BlockInfo {
             name: block.name.clone(),
             kind: block.kind.clone(),
             branches: block.branches.iter().map(|b| b.label.clone()).collect(),
-            ops: block.ops.clone(),
+            ops: block.described.clone(),
             in_channels: block.in_channels(),
             out_channels: block.out_channels,
             in_channels_per_group: block.in_per_group,

@@ -114,7 +114,7 @@ impl Shape {
             .map(|&(kh, kw, d)| (Role::Kxk, kh, kw, d))
             .collect();
         if self.scale {
-            v.push((Role::Scale, 1, 1, 1));
+            v.push((Role::Pointwise, 1, 1, 1));
         }
         v
     }
@@ -312,7 +312,7 @@ fn case() -> impl Strategy<Value = Case> {
             .conv_branches()
             .into_iter()
             .map(|(role, kh, kw, d)| {
-                let input_bn = role == Role::Scale && s.groups == 1;
+                let input_bn = role == Role::Pointwise && s.groups == 1;
                 conv_branch(out, cpg, (kh, kw, d), input_bn)
             })
             .collect();
@@ -632,11 +632,16 @@ fn shipped_rows(
         })
         .collect();
     let mut bound = post.as_ref().map_or(0.0, |p| max_abs(&p.shift));
-    let inputs: Vec<Option<(Vec<f64>, Vec<f64>)>> = c
+    let inputs: Vec<Option<Affine>> = c
         .block
         .branches
         .iter()
-        .map(|b| b.input_bn.as_ref().map(|n| n.affine()))
+        .map(|b| {
+            b.input_bn.as_ref().map(|n| {
+                let (scale, shift) = n.affine();
+                Affine { scale, shift }
+            })
+        })
         .collect();
     let grid = Grid {
         in_per_group: s.cpg,
@@ -705,7 +710,9 @@ fn shipped_rows(
             // |x| < 1 and |w| ≤ 1: a bound on every term the probe sums, per branch.
             // With an input BN `s·x + t`: |w·(s·x + t)| ≤ |s| + |t|.
             let taps = (s.cpg * b.kernel * b.kernel_w) as f64;
-            let reach = input.as_ref().map_or(1.0, |(s, t)| max_abs(s) + max_abs(t));
+            let reach = input
+                .as_ref()
+                .map_or(1.0, |a| max_abs(&a.scale) + max_abs(&a.shift));
             bound += max_abs(&a.scale) * taps * reach + max_abs(&a.shift);
             let kernel = match (raw, b.pool) {
                 (Some(bytes), _) => Kernel::Weights {
@@ -713,7 +720,7 @@ fn shipped_rows(
                     bytes,
                     side: (b.kernel, b.kernel_w),
                     dilation: b.dilation,
-                    input: input.as_ref().map(|(s, t)| (s.as_slice(), t.as_slice())),
+                    input: input.as_ref(),
                 },
                 (None, Some(side)) => Kernel::AvgPool { side },
                 (None, None) => Kernel::Identity,

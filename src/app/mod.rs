@@ -139,8 +139,7 @@ fn find(ckpt: &Checkpoint, opts: &FindOptions) -> Result<Detection, Error> {
 }
 
 fn eps_info(detection: &Detection) -> EpsInfo {
-    let (value, source) = detection.bn_eps.clone();
-    EpsInfo { value, source }
+    detection.bn_eps.clone()
 }
 
 fn layout_info(d: &Detection) -> LayoutInfo {
@@ -152,14 +151,7 @@ fn layout_info(d: &Detection) -> LayoutInfo {
 }
 
 fn skipped(detection: &Detection) -> Vec<Skipped> {
-    detection
-        .skipped
-        .iter()
-        .map(|(name, reason)| Skipped {
-            name: name.clone(),
-            reason: reason.clone(),
-        })
-        .collect()
+    detection.skipped.clone()
 }
 
 /// What the written (or judged) file holds: tensors, parameters, bytes.

@@ -44,8 +44,10 @@ impl BlockError {
 pub enum Role {
     /// A k×k conv (+ BN): the block's main branch; MobileOne has several.
     Kxk,
-    /// A 1×1 conv (+ BN), padded to k×k at the centre.
-    Scale,
+    /// A 1×1 conv (+ BN), padded to k×k at the centre (`"scale"` in layout files: MobileOne's
+    /// name for it).
+    #[serde(rename = "scale", alias = "pointwise")]
+    Pointwise,
     /// The input itself (the skip connection), usually through a BN.
     Identity,
 }
@@ -281,8 +283,9 @@ pub struct Block {
     /// Every tensor the block consumes, which the deploy file drops.
     pub consumed: Vec<String>,
     /// The op chain of each branch, e.g. `conv3x3+bn`, `-(identity+bn+scale)`, then
-    /// `post:bn` for post-ops: what the report and `inspect` show.
-    pub ops: Vec<String>,
+    /// `post:bn` for post-ops: what the report and `inspect` show (display text, not the
+    /// ops themselves, which are in `branches` and `post`).
+    pub described: Vec<String>,
     /// The framework's name for this kind of block (`RepMixer`), when the layout gives one.
     pub kind: String,
 }
@@ -364,7 +367,7 @@ impl<'a> Checker<'a> {
                 w.name
             )));
         }
-        if branch.role == Role::Scale && kh != 1 {
+        if branch.role == Role::Pointwise && kh != 1 {
             return Err(self.err(format!(
                 "1×1 branch `{}` has weight `{}` of shape {:?}; expected a 1×1 kernel",
                 branch.label, w.name, w.shape
@@ -458,7 +461,7 @@ impl Block {
             described.push(format!("post:{}", chain(&post)));
         }
         Ok(Block {
-            ops: described,
+            described,
             kind: String::new(),
             name: name.to_string(),
             dtype: main.dtype,

@@ -8,6 +8,7 @@ use super::names::*;
 use super::schema::{Kind, Layout, LayoutError, OpKind, OpSpec};
 use crate::block::{Block, BlockError, BnTensors, Branch, Op, Role};
 use crate::checkpoint::Checkpoint;
+use crate::report::Skipped;
 
 /// A candidate that is not a block: half a block (a conv branch without the main conv) or a
 /// block without a required branch. An error, unless blocks of another kind take all its
@@ -106,7 +107,10 @@ pub(super) fn find_kind(
         if let Some((_, spec)) = missing_required {
             let why = format!("no `{}` branch", spec.path);
             if layout.generic_names || !refuse_half {
-                found.skipped.push((prefix.clone(), why));
+                found.skipped.push(Skipped {
+                    name: prefix.clone(),
+                    reason: why,
+                });
             } else {
                 orphans.push(Orphan {
                     error: BlockError::new(prefix, why).into(),
@@ -118,14 +122,20 @@ pub(super) fn find_kind(
         }
         match assemble(ckpt, kind, prefix, branches, eps) {
             Ok(block) => found.blocks.push(block),
-            Err(e) if layout.generic_names => found.skipped.push((prefix.clone(), e.what)),
+            Err(e) if layout.generic_names => found.skipped.push(Skipped {
+                name: prefix.clone(),
+                reason: e.what,
+            }),
             // Another kind may be what the block is (DBB's four forms share most names).
             Err(e) if several && refuse_half => orphans.push(Orphan {
                 error: e.into(),
                 prefix: Some(prefix.clone()),
                 tensors: tensors(),
             }),
-            Err(e) if several => found.skipped.push((prefix.clone(), e.what)),
+            Err(e) if several => found.skipped.push(Skipped {
+                name: prefix.clone(),
+                reason: e.what,
+            }),
             Err(e) => return Err(e.into()),
         }
     }

@@ -19,6 +19,7 @@ pub use schema::{
 
 use crate::block::Block;
 use crate::checkpoint::Checkpoint;
+use crate::report::{EpsInfo, Skipped};
 use assemble::{depth, find_blocks};
 use names::{BlocksFound, split_names};
 
@@ -32,9 +33,9 @@ pub struct Detection {
     /// The blocks, in the order their main weight appears in the file.
     pub blocks: Vec<Block>,
     /// Candidates left alone because their shapes do not fit (generic layouts only).
-    pub skipped: Vec<(String, String)>,
+    pub skipped: Vec<Skipped>,
     /// The ε of the blocks' BNs, and where it came from.
-    pub bn_eps: (f64, String),
+    pub bn_eps: EpsInfo,
 }
 
 impl Detection {
@@ -67,7 +68,7 @@ impl Detection {
                 chosen_by: chosen_by.to_string(),
                 blocks: found.blocks,
                 skipped: found.skipped,
-                bn_eps: layout.bn_eps(eps),
+                bn_eps: layout.eps_info(eps),
             });
         }
         let mut hits = Vec::new();
@@ -106,7 +107,7 @@ impl Detection {
                     chosen_by: chosen_by.to_string(),
                     blocks: found.blocks,
                     skipped: found.skipped,
-                    bn_eps: layout.bn_eps(eps),
+                    bn_eps: layout.eps_info(eps),
                 })
             }
             _ => Err(LayoutError::Mixed {

@@ -41,7 +41,7 @@ pub(super) struct Found {
 
 pub(super) struct BlocksFound {
     pub(super) blocks: Vec<Block>,
-    pub(super) skipped: Vec<(String, String)>,
+    pub(super) skipped: Vec<crate::report::Skipped>,
 }
 
 pub(super) fn segments(s: &str) -> Vec<String> {

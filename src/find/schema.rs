@@ -559,6 +559,12 @@ impl Layout {
             .try_for_each(|k| k.check(&self.name))
     }
     /// The BN ε to use and why: `--bn-eps` wins, then the layout's own, then PyTorch's default.
+    pub fn eps_info(&self, overridden: Option<f64>) -> crate::report::EpsInfo {
+        let (value, source) = self.bn_eps(overridden);
+        crate::report::EpsInfo { value, source }
+    }
+
+    /// [`Layout::eps_info`] as `(value, source)`.
     pub fn bn_eps(&self, overridden: Option<f64>) -> (f64, String) {
         match (overridden, self.bn_eps) {
             (Some(eps), _) => (eps, "--bn-eps".to_string()),

@@ -11,7 +11,7 @@ use crate::block::values::ChannelValues;
 use crate::block::{Block, BlockError, Branch, Op, kernel_hw};
 use crate::checkpoint::Checkpoint;
 use crate::conv::Input;
-use crate::fuse::compose::{InputAffine, compose_branch};
+use crate::fuse::compose::{Affine, compose_branch};
 use crate::fuse::rows::{FuseJob, FusedRows, Grid, Kernel, RowError, Term, fuse_rows};
 
 thread_local! {
@@ -132,7 +132,7 @@ fn kernel_of<'a>(
     branch: &Branch,
     raw: &'a [u8],
     weights: Option<(Dtype, (usize, usize))>,
-    input: Option<&'a InputAffine>,
+    input: Option<&'a Affine>,
 ) -> Kernel<'a> {
     match (branch.source(), weights) {
         (Op::Conv { dilation, .. }, Some((dtype, side))) => Kernel::Weights {
@@ -140,7 +140,7 @@ fn kernel_of<'a>(
             bytes: raw,
             side,
             dilation: *dilation,
-            input: input.map(|(s, t)| (s.as_slice(), t.as_slice())),
+            input,
         },
         (Op::AvgPool { kernel }, _) => Kernel::AvgPool { side: *kernel },
         _ => Kernel::Identity,

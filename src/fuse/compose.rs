@@ -10,9 +10,6 @@ use crate::block::values::{ChannelOp, ChannelValues, Sequence, first_non_finite}
 use crate::block::{Block, BlockError, Op};
 use crate::fuse::rows::Grid;
 
-/// A BN on a branch's input as `(scale, shift)` per input channel.
-pub type InputAffine = (Vec<f64>, Vec<f64>);
-
 /// A composed sequence branch: kernel rows, the bias they carry (`through`), kernel side.
 pub type Composed = (Vec<f64>, Vec<f64>, usize);
 
@@ -75,9 +72,9 @@ impl Sequence {
 }
 
 impl ChannelValues {
-    /// Per branch, its input BN as `(scale, shift)` per input channel (the values' loading
+    /// Per branch, its input BN as an [`Affine`] per *input* channel (the values' loading
     /// refused σ² + ε = 0); a shift that overflows f64 is refused.
-    pub fn input_affines(&self, block: &Block) -> Result<Vec<Option<InputAffine>>, BlockError> {
+    pub fn input_affines(&self, block: &Block) -> Result<Vec<Option<Affine>>, BlockError> {
         let mut out = Vec::with_capacity(self.inputs.len());
         for (bn, branch) in self.inputs.iter().zip(&block.branches) {
             let Some(bn) = bn else {
@@ -94,7 +91,7 @@ impl ChannelValues {
                     ),
                 ));
             }
-            out.push(Some((t, s)));
+            out.push(Some(Affine { scale: t, shift: s }));
         }
         Ok(out)
     }

@@ -11,6 +11,7 @@ use crate::block::values::first_non_finite;
 use crate::conv::Input;
 use crate::deviation::Deviation;
 use crate::dtype::{decode_into, dtype_bytes, encode};
+use crate::fuse::compose::Affine;
 
 /// A branch's source as the fusion routine sees it, for a range of rows.
 #[derive(Debug, Clone, Copy)]
@@ -25,9 +26,9 @@ pub enum Kernel<'a> {
         side: (usize, usize),
         /// Spacing between taps.
         dilation: usize,
-        /// A BN on the input, `(scale, shift)` per input channel: each input channel's taps
-        /// are scaled, and the weights times the shifts go to the bias.
-        input: Option<(&'a [f64], &'a [f64])>,
+        /// A BN on the input, an affine per input channel: each input channel's taps are
+        /// scaled, and the weights times the shifts go to the bias.
+        input: Option<&'a Affine>,
     },
     /// Kernels already in f64 (a composed sequence), `[rows, in/groups, side, side]`.
     Values {
@@ -284,9 +285,13 @@ fn fuse_row(
                 decode_into(dtype, raw, &mut scratch.w);
                 finite_row(&scratch.w, ti, r * per_row)?;
                 // An input BN `s·x + t` (1×1 kernels only): w·s on the weights, w·t a bias.
-                let through = input.map_or(0.0, |(s, t)| {
-                    let through = dot(&scratch.w, t);
-                    scratch.w.iter_mut().zip(s).for_each(|(w, s)| *w *= s);
+                let through = input.map_or(0.0, |bn| {
+                    let through = dot(&scratch.w, &bn.shift);
+                    scratch
+                        .w
+                        .iter_mut()
+                        .zip(&bn.scale)
+                        .for_each(|(w, s)| *w *= s);
                     through
                 });
                 bias += a * through;

@@ -103,9 +103,9 @@ pub struct Checked {
     pub report: VerifyReport,
     /// Each block's deviation (`None` where the fused tensors are missing or mis-shaped).
     pub deviations: Vec<Option<Deviation>>,
-    /// Each block's output SQNR with per-channel INT8 weights
+    /// Each block's output SQNR with per-channel INT8 weights (`None`: not run)
     /// ([`crate::int8::output_sums`]; `Some(None)`: exact; `None`: not run).
-    pub int8_output: Vec<OutputSqnr>,
+    pub int8_output: Vec<Option<OutputSqnr>>,
 }
 
 /// A block run both ways: its deviation and INT8 output sums, or why it could not be run.
@@ -154,7 +154,7 @@ pub fn check_deploy(
         let dev = result.as_ref().map(|(d, _)| *d).map_err(String::clone);
         failures.extend(judge(block, &dev, opts.tolerance(dtype)));
         devs.push(dev.ok());
-        int8_output.push(result.ok().map(|(_, q)| q.db()));
+        int8_output.push(result.ok().map(|(_, q)| q.db().into()));
     }
     failures.extend(check_passthrough(train, deploy, detection)?);
     let report = VerifyReport {
