@@ -238,9 +238,10 @@ fn settings(
     }
 }
 
-/// What CI gets: `--junit`, and the job summary at `$GITHUB_STEP_SUMMARY`.
-fn ci_outputs(args: &CiArgs, started: RunStart) -> Result<CiOutputs> {
-    if args.junit.as_deref().is_some_and(is_stdout) {
+/// What CI gets: `--junit`, and the job summary at `$GITHUB_STEP_SUMMARY`. (A conversion
+/// without `verify` is refused `--junit` by the library first, whatever its path.)
+fn ci_outputs(args: &CiArgs, verify: bool, started: RunStart) -> Result<CiOutputs> {
+    if verify && args.junit.as_deref().is_some_and(is_stdout) {
         bail!("--junit needs a file path; only --report can be `-` (stdout)");
     }
     let job_summary = std::env::var_os("GITHUB_STEP_SUMMARY")
@@ -363,7 +364,7 @@ fn run_convert(args: ConvertArgs, started: RunStart, cancel: &Cancel) -> Result<
         Some(p) if is_stdout(p) => ReportTo::Caller,
         Some(p) => ReportTo::File(p),
     };
-    let ci = ci_outputs(&args.run.ci, started)?;
+    let ci = ci_outputs(&args.run.ci, args.verify, started)?;
     let s = settings(&args.run.find, Some(&args.run.check), args.dtype, ci);
     let bar = Bar(progress_bar(args.run.quiet));
     let hooks = Hooks {
@@ -381,7 +382,7 @@ fn run_convert(args: ConvertArgs, started: RunStart, cancel: &Cancel) -> Result<
 
 fn run_verify(args: VerifyArgs, started: RunStart, cancel: &Cancel) -> Result<ExitCode> {
     let report_file = args.report.as_deref().filter(|p| !is_stdout(p));
-    let ci = ci_outputs(&args.run.ci, started)?;
+    let ci = ci_outputs(&args.run.ci, true, started)?;
     let s = settings(&args.run.find, Some(&args.run.check), None, ci);
     let hooks = Hooks {
         progress: &Silent,

@@ -66,11 +66,7 @@ fn headline(r: &Report) -> String {
         None => "✅ converted (not verified: deviations are the probe's)".into(),
         Some(v) if v.passed => "✅ passed".into(),
         Some(v) => {
-            let blocks = v
-                .failures
-                .iter()
-                .filter(|f| f.kind == FailureKind::Block)
-                .count();
+            let blocks = v.block_failures();
             format!(
                 "❌ FAILED: {blocks} of {} blocks, {} other tensors",
                 r.summary.blocks,

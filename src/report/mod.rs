@@ -364,6 +364,15 @@ pub struct VerifyReport {
     pub failures: Vec<Failure>,
 }
 
+impl VerifyReport {
+    /// How many of the failures are blocks'.
+    pub fn block_failures(&self) -> usize {
+        (self.failures.iter())
+            .filter(|f| f.kind == FailureKind::Block)
+            .count()
+    }
+}
+
 /// A block or tensor that failed verification.
 #[derive(Debug, Clone, Serialize)]
 pub struct Failure {

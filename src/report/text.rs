@@ -100,11 +100,7 @@ pub fn failures(r: &Report) -> String {
     for f in &v.failures {
         say!(text, "verify: FAILED `{}`: {}", f.name, f.reason);
     }
-    let block_failures = v
-        .failures
-        .iter()
-        .filter(|f| f.kind == FailureKind::Block)
-        .count();
+    let block_failures = v.block_failures();
     say!(
         text,
         "verify: FAILED: {block_failures} of {} blocks, {} other tensors (atol {:e}, rtol {:e}, {}×{}×{} input, seed {}){}",
