@@ -3,18 +3,16 @@
 use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
-use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Result, bail};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
-use repvgg_fuse::app::export::{self, RunInfo};
 use repvgg_fuse::app::{
-    CheckOptions, FindOptions, Inspection, Outcome, ReportTo, Settings, default_report_path,
+    CheckOptions, CiOutputs, FindOptions, Outcome, ReportTo, RunStart, Settings,
 };
 use repvgg_fuse::checkpoint::ReadOptions;
 use repvgg_fuse::progress::{Cancel, Hooks, Progress, Silent};
-use repvgg_fuse::report::{FailureKind, Report};
+use repvgg_fuse::report::{Warning, github, text};
 use safetensors::Dtype;
 
 /// Fuse RepVGG-family train checkpoints (k×k conv+BN, 1×1 conv+BN, identity BN) into deploy
@@ -209,7 +207,14 @@ fn parse_size(s: &str) -> Result<[usize; 2], String> {
     Ok([h, w])
 }
 
-fn settings(find: &FindArgs, check: Option<&CheckArgs>, dtype: Option<OutDtype>) -> Settings {
+/// The settings of a run: how blocks are found, compared (`check`, for convert and verify),
+/// cast, and what CI gets.
+fn settings(
+    find: &FindArgs,
+    check: Option<&CheckArgs>,
+    dtype: Option<OutDtype>,
+    ci: CiOutputs,
+) -> Settings {
     Settings {
         find: FindOptions {
             layout: find.layout.clone(),
@@ -228,7 +233,35 @@ fn settings(find: &FindArgs, check: Option<&CheckArgs>, dtype: Option<OutDtype>)
             key: find.key.clone(),
             keep_prefix: find.keep_prefix,
         },
+        int8_min_db: check.and_then(|c| c.int8_min_db),
+        ci,
     }
+}
+
+/// What CI gets: `--junit`, and the job summary at `$GITHUB_STEP_SUMMARY`. (A conversion
+/// without `verify` is refused `--junit` by the library first, whatever its path.)
+fn ci_outputs(args: &CiArgs, verify: bool, started: RunStart) -> Result<CiOutputs> {
+    if verify && args.junit.as_deref().is_some_and(is_stdout) {
+        bail!("--junit needs a file path; only --report can be `-` (stdout)");
+    }
+    let job_summary = std::env::var_os("GITHUB_STEP_SUMMARY")
+        .filter(|p| !p.is_empty())
+        .map(PathBuf::from);
+    Ok(CiOutputs {
+        junit: args.junit.clone(),
+        job_summary,
+        started,
+    })
+}
+
+/// The machine's name, for the JUnit file (`localhost` when unknown).
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .or_else(|| std::env::var("HOSTNAME").ok())
+        .map(|h| h.trim().to_string())
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "localhost".into())
 }
 
 /// The progress bar, as the library's [`Progress`].
@@ -262,14 +295,6 @@ fn progress_bar(quiet: bool) -> ProgressBar {
     bar
 }
 
-/// Appends a line to the text that goes to stdout.
-macro_rules! say {
-    ($buf:expr, $($arg:tt)*) => {{
-        use std::fmt::Write as _;
-        let _ = writeln!($buf, $($arg)*);
-    }};
-}
-
 /// Writes `text` to stdout; a reader that went away (`| head`) is not an error.
 fn print(text: &str) {
     use std::io::Write as _;
@@ -277,7 +302,7 @@ fn print(text: &str) {
 }
 
 fn main() -> ExitCode {
-    let clock = Clock::start();
+    let started = RunStart::now(hostname());
     let cancel = Cancel::new();
     let flag = cancel.flag();
     for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
@@ -288,14 +313,14 @@ fn main() -> ExitCode {
         let _ = signal_hook::flag::register_conditional_shutdown(sig, 2, flag.clone());
         let _ = signal_hook::flag::register(sig, flag.clone());
     }
-    match run(&clock, &cancel) {
+    match run(started, &cancel) {
         Ok(code) => code,
         Err(err) => {
             eprintln!("error: {err:#}");
             if github_actions() {
                 eprintln!(
                     "{}",
-                    export::github_error("repvgg-fuse", &format!("{err:#}"))
+                    github::github_error("repvgg-fuse", &format!("{err:#}"))
                 );
             }
             ExitCode::from(2)
@@ -303,25 +328,26 @@ fn main() -> ExitCode {
     }
 }
 
-fn run(clock: &Clock, cancel: &Cancel) -> Result<ExitCode> {
+fn run(started: RunStart, cancel: &Cancel) -> Result<ExitCode> {
     let cli = Cli::parse();
     match cli.command {
-        Some(Command::Verify(args)) => run_verify(args, clock, cancel),
+        Some(Command::Verify(args)) => run_verify(args, started, cancel),
         Some(Command::Inspect(args)) => {
-            let s = settings(&args.find, None, args.dtype);
+            let s = settings(&args.find, None, args.dtype, CiOutputs::default());
             let inspection = repvgg_fuse::inspect(&args.input, &s)?;
+            print_warnings(&inspection.warnings);
             if args.json {
                 print(&format!("{}\n", serde_json::to_string_pretty(&inspection)?));
             } else {
-                print(&inspection_text(&inspection));
+                print(&text::inspection(&inspection));
             }
             Ok(ExitCode::SUCCESS)
         }
-        None => run_convert(cli.convert, clock, cancel),
+        None => run_convert(cli.convert, started, cancel),
     }
 }
 
-fn run_convert(args: ConvertArgs, clock: &Clock, cancel: &Cancel) -> Result<ExitCode> {
+fn run_convert(args: ConvertArgs, started: RunStart, cancel: &Cancel) -> Result<ExitCode> {
     let (Some(input), Some(output)) = (&args.input, &args.output) else {
         let missing = if args.input.is_none() {
             "INPUT"
@@ -338,22 +364,8 @@ fn run_convert(args: ConvertArgs, clock: &Clock, cancel: &Cancel) -> Result<Exit
         Some(p) if is_stdout(p) => ReportTo::Caller,
         Some(p) => ReportTo::File(p),
     };
-    if let Some(junit) = &args.run.ci.junit {
-        if !args.verify {
-            bail!(
-                "--junit needs --verify: without it no block is held to a tolerance, so there are no test results to write"
-            );
-        }
-        let report_file = match report {
-            ReportTo::Beside => Some(default_report_path(output)),
-            ReportTo::File(p) => Some(p.to_path_buf()),
-            ReportTo::Caller => None,
-        };
-        let mut files = vec![input.as_path(), output.as_path()];
-        files.extend(report_file.as_deref());
-        check_junit(junit, &files)?;
-    }
-    let s = settings(&args.run.find, Some(&args.run.check), args.dtype);
+    let ci = ci_outputs(&args.run.ci, args.verify, started)?;
+    let s = settings(&args.run.find, Some(&args.run.check), args.dtype, ci);
     let bar = Bar(progress_bar(args.run.quiet));
     let hooks = Hooks {
         progress: &bar,
@@ -363,44 +375,22 @@ fn run_convert(args: ConvertArgs, clock: &Clock, cancel: &Cancel) -> Result<Exit
     bar.0.finish_and_clear();
     publish(
         &outcome?,
-        &Publish {
-            quiet: args.run.quiet,
-            output: Some(output),
-            report_to_stdout: matches!(report, ReportTo::Caller),
-            junit: args.run.ci.junit.as_deref(),
-            clock,
-            int8_min_db: args.run.check.int8_min_db,
-        },
+        args.run.quiet,
+        matches!(report, ReportTo::Caller),
     )
 }
 
-fn run_verify(args: VerifyArgs, clock: &Clock, cancel: &Cancel) -> Result<ExitCode> {
+fn run_verify(args: VerifyArgs, started: RunStart, cancel: &Cancel) -> Result<ExitCode> {
     let report_file = args.report.as_deref().filter(|p| !is_stdout(p));
-    if let Some(junit) = &args.run.ci.junit {
-        let mut files = vec![args.train.as_path(), args.deploy.as_path()];
-        files.extend(report_file);
-        check_junit(junit, &files)?;
-    }
-    let s = settings(&args.run.find, Some(&args.run.check), None);
+    let ci = ci_outputs(&args.run.ci, true, started)?;
+    let s = settings(&args.run.find, Some(&args.run.check), None, ci);
     let hooks = Hooks {
         progress: &Silent,
         cancel,
     };
-    let outcome = repvgg_fuse::verify_files(&args.train, &args.deploy, &s, hooks)?;
-    if let Some(path) = report_file {
-        repvgg_fuse::app::write_report(&outcome.report, path, &[&args.train, &args.deploy])?;
-    }
-    publish(
-        &outcome,
-        &Publish {
-            quiet: args.run.quiet,
-            output: None,
-            report_to_stdout: args.report.as_deref().is_some_and(is_stdout),
-            junit: args.run.ci.junit.as_deref(),
-            clock,
-            int8_min_db: args.run.check.int8_min_db,
-        },
-    )
+    let outcome = repvgg_fuse::verify_files(&args.train, &args.deploy, report_file, &s, hooks)?;
+    let report_to_stdout = args.report.as_deref().is_some_and(is_stdout);
+    publish(&outcome, args.run.quiet, report_to_stdout)
 }
 
 /// `-` as a path: stdout.
@@ -408,318 +398,50 @@ fn is_stdout(path: &Path) -> bool {
     path.as_os_str() == "-"
 }
 
-/// Refuses a JUnit path before the run, so that a bad one writes nothing.
-fn check_junit(junit: &Path, files: &[&Path]) -> Result<()> {
-    if is_stdout(junit) {
-        bail!("--junit needs a file path; only --report can be `-` (stdout)");
-    }
-    export::check_junit_path(junit, files)?;
-    Ok(())
-}
-
-/// When the run started, for the JUnit file.
-struct Clock {
-    instant: Instant,
-    epoch_seconds: u64,
-}
-
-impl Clock {
-    fn start() -> Self {
-        Clock {
-            instant: Instant::now(),
-            epoch_seconds: SystemTime::now()
-                .duration_since(UNIX_EPOCH)
-                .map_or(0, |d| d.as_secs()),
-        }
-    }
-
-    fn run_info(&self) -> RunInfo {
-        let hostname = std::fs::read_to_string("/proc/sys/kernel/hostname")
-            .ok()
-            .or_else(|| std::env::var("HOSTNAME").ok())
-            .map(|h| h.trim().to_string())
-            .filter(|h| !h.is_empty())
-            .unwrap_or_else(|| "localhost".into());
-        RunInfo {
-            seconds: self.instant.elapsed().as_secs_f64(),
-            started: self.epoch_seconds,
-            hostname,
-        }
+fn print_warnings(warnings: &[Warning]) {
+    for w in warnings {
+        eprintln!("{}", text::warning(w));
     }
 }
 
-/// How a finished run is told.
-struct Publish<'a> {
-    quiet: bool,
-    /// The deploy file written (convert), or none (verify).
-    output: Option<&'a Path>,
-    /// `--report -`: the JSON report is the only thing on stdout.
-    report_to_stdout: bool,
-    junit: Option<&'a Path>,
-    clock: &'a Clock,
-    /// `--int8-min-db`.
-    int8_min_db: Option<f64>,
-}
-
-/// Writes the JUnit file, prints the summary (stdout, or stderr under `--report -`), the
-/// failures (stderr) and the JSON report if it goes to stdout, appends the job summary and the
-/// `::error` lines under GitHub Actions; returns 0, or 1 for a failed verify.
-fn publish(outcome: &Outcome, p: &Publish) -> Result<ExitCode> {
+/// Tells a finished run (its files are in place): the warnings, failures and INT8 gate on
+/// stderr, the summary on stdout (stderr under `--report -`, when the JSON report is the only
+/// thing on stdout; none with `quiet`), the `::error` lines under GitHub Actions; returns 0,
+/// or 1 when the run did not pass.
+fn publish(outcome: &Outcome, quiet: bool, report_to_stdout: bool) -> Result<ExitCode> {
     let r = &outcome.report;
-    if let Some(path) = p.junit {
-        export::write_junit(path, &export::junit(r, &p.clock.run_info()))?;
+    print_warnings(&r.warnings);
+    if !r.verified() {
+        eprint!("{}", text::failures(r));
     }
-    let mut code = if outcome.passed() {
-        ExitCode::SUCCESS
-    } else {
-        print_failures(r, p.output.is_some());
-        ExitCode::from(1)
-    };
-    if p.int8_min_db.is_some_and(|min| !int8_gate(r, min)) {
-        code = ExitCode::from(1);
+    if let Some(gate) = &outcome.int8_gate {
+        eprint!("{}", text::int8_gate(gate, r.blocks.len()));
     }
-    let text = if p.quiet {
+    let summary = if quiet {
         String::new()
     } else {
-        summary_text(outcome, p.output)
+        text::summary(r, outcome.report_path.as_deref())
     };
-    if p.report_to_stdout {
-        eprint!("{text}");
+    if report_to_stdout {
+        eprint!("{summary}");
         print(&format!("{}\n", serde_json::to_string_pretty(r)?));
     } else {
-        print(&text);
-    }
-    if let Some(path) = std::env::var_os("GITHUB_STEP_SUMMARY").filter(|p| !p.is_empty()) {
-        if let Err(e) = append(Path::new(&path), &export::job_summary(r)) {
-            eprintln!(
-                "warning: cannot append the job summary to {}: {e}",
-                Path::new(&path).display()
-            );
-        }
+        print(&summary);
     }
     if github_actions() {
-        for line in export::github_errors(r) {
+        for line in github::github_errors(r) {
             eprintln!("{line}");
         }
     }
-    Ok(code)
+    Ok(if outcome.passed() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    })
 }
 
 fn github_actions() -> bool {
     std::env::var("GITHUB_ACTIONS").is_ok_and(|v| v == "true")
-}
-
-fn append(path: &Path, text: &str) -> std::io::Result<()> {
-    use std::io::Write as _;
-    let mut file = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(path)?;
-    file.write_all(text.as_bytes())
-}
-
-/// The failures of a verification, on stderr.
-fn print_failures(r: &Report, converting: bool) {
-    let Some(v) = &r.verify else { return };
-    for f in &v.failures {
-        eprintln!("verify: FAILED `{}`: {}", f.name, f.reason);
-    }
-    let block_failures = v
-        .failures
-        .iter()
-        .filter(|f| f.kind == FailureKind::Block)
-        .count();
-    eprintln!(
-        "verify: FAILED: {block_failures} of {} blocks, {} other tensors (atol {:e}, rtol {:e}, {}×{}×{} input, seed {}){}",
-        r.summary.blocks,
-        v.failures.len() - block_failures,
-        v.atol,
-        v.rtol,
-        v.batch,
-        v.input_size[0],
-        v.input_size[1],
-        v.seed,
-        if converting {
-            "; the deploy file was not written"
-        } else {
-            ""
-        }
-    );
-}
-
-/// The text summary of a run.
-fn summary_text(outcome: &Outcome, output: Option<&Path>) -> String {
-    let r = &outcome.report;
-    let s = &r.summary;
-    let mut text = String::new();
-    let verb = if output.is_some() { "fused" } else { "checked" };
-    say!(
-        text,
-        "{verb} {} blocks ({} layout, {}; BN ε {:e} from {})",
-        s.blocks,
-        r.layout.name,
-        r.layout.chosen_by,
-        r.bn_eps.value,
-        r.bn_eps.source
-    );
-    say!(
-        text,
-        "parameters {} → {}, tensors {} → {}",
-        s.parameters_in,
-        s.parameters_out,
-        s.tensors_in,
-        s.tensors_out
-    );
-    if let Some(worst) = &s.worst_block {
-        let input = match r.probe.input_size {
-            Some([h, w]) => format!("{}×{h}×{w} random input", r.probe.batch),
-            None => "probe input".to_string(),
-        };
-        say!(
-            text,
-            "worst deviation: {:.3e} relative, {:.3e} absolute, in block `{worst}` ({input}, seed {})",
-            s.max_rel_deviation,
-            s.max_abs_deviation,
-            r.probe.seed
-        );
-    }
-    if let Some(i) = &s.int8 {
-        say!(text, "{}", int8_line(i));
-    }
-    if let Some(out) = output {
-        let report = outcome
-            .report_path
-            .as_ref()
-            .map_or("on stdout".to_string(), |p| p.display().to_string());
-        if outcome.passed() {
-            say!(
-                text,
-                "wrote {} ({} bytes), report {report}",
-                out.display(),
-                s.bytes_out
-            );
-        } else {
-            say!(
-                text,
-                "wrote the report {report}; not the deploy file, which failed verification"
-            );
-        }
-    }
-    if let Some(v) = r.verify.as_ref().filter(|v| v.passed) {
-        say!(
-            text,
-            "verify: passed: every block within atol {:e} + rtol {:e} on {}×{}×{} input; every other tensor identical",
-            v.atol,
-            v.rtol,
-            v.batch,
-            v.input_size[0],
-            v.input_size[1]
-        );
-    }
-    text
-}
-
-/// The summary line on INT8: the worst block for per-tensor INT8.
-fn int8_line(i: &repvgg_fuse::int8::Int8Summary) -> String {
-    match i.worst_blocks.first() {
-        Some(w) => format!(
-            "INT8: lowest per-tensor SQNR {:.2} dB in block `{}`; lowest per-channel {}",
-            w.per_tensor_sqnr_db,
-            w.name,
-            i.min_per_channel_sqnr_db
-                .map_or("exact".to_string(), |v| format!("{v:.2} dB"))
-        ),
-        None => "INT8: every fused weight quantizes exactly".to_string(),
-    }
-}
-
-/// `--int8-min-db`: lists the blocks whose per-channel INT8 SQNR is below `min` on stderr;
-/// false if there are any.
-fn int8_gate(r: &Report, min: f64) -> bool {
-    let low = repvgg_fuse::int8::below(
-        r.blocks
-            .iter()
-            .map(|b| (b.block.name.as_str(), b.int8.as_ref())),
-        min,
-    );
-    for (name, db) in &low {
-        eprintln!(
-            "int8: FAILED `{name}`: per-channel SQNR {db:.2} dB is below --int8-min-db {min}"
-        );
-    }
-    if !low.is_empty() {
-        eprintln!(
-            "int8: FAILED: {} of {} blocks below {min} dB per-channel INT8 SQNR",
-            low.len(),
-            r.blocks.len()
-        );
-    }
-    low.is_empty()
-}
-
-/// One block's INT8 figures, for `inspect`.
-fn int8_text(q: &repvgg_fuse::int8::Int8Report) -> String {
-    let db = |v: Option<f64>| v.map_or("exact".to_string(), |v| format!("{v:.2} dB"));
-    format!(
-        "  {:<32} INT8 SQNR per-tensor {}, per-channel {}, worst channel {}{}, range ratio {}",
-        "",
-        db(q.per_tensor_sqnr_db),
-        db(q.per_channel_sqnr_db),
-        db(q.worst_channel_sqnr_db),
-        q.worst_channel
-            .map_or(String::new(), |c| format!(" (#{c})")),
-        q.channel_range_ratio
-            .map_or("-".to_string(), |r| format!("{r:.1}"))
-    )
-}
-
-fn inspection_text(i: &Inspection) -> String {
-    let mut text = String::new();
-    say!(
-        text,
-        "{}: layout {} ({}), BN ε {:e} ({})",
-        i.input,
-        i.layout.name,
-        i.layout.chosen_by,
-        i.bn_eps.value,
-        i.bn_eps.source
-    );
-    say!(text, "{} blocks:", i.blocks.len());
-    for (b, int8) in i.blocks.iter().map(|b| (&b.block, &b.int8)) {
-        let groups = b.groups.map_or("?".to_string(), |g| g.to_string());
-        let cin = b.in_channels.map_or("?".to_string(), |c| c.to_string());
-        say!(
-            text,
-            "  {:<32} {}→{} ch, groups {groups}, {k}×{k}, {}{}",
-            b.name,
-            cin,
-            b.out_channels,
-            b.ops.join(" + "),
-            if b.identity { "" } else { " (no identity)" },
-            k = b.kernel
-        );
-        if let Some(q) = int8 {
-            say!(text, "{}", int8_text(q));
-        }
-    }
-    for s in &i.skipped {
-        say!(text, "  not fused: {} ({})", s.name, s.reason);
-    }
-    say!(
-        text,
-        "{} tensors pass through unchanged",
-        i.passthrough.len()
-    );
-    let fused = i.output.iter().filter(|o| o.source == "fused").count();
-    say!(
-        text,
-        "would write {} tensors ({} fused, {} copied, {} cast)",
-        i.output.len(),
-        fused,
-        i.output.iter().filter(|o| o.source == "copy").count(),
-        i.output.iter().filter(|o| o.source == "cast").count()
-    );
-    text
 }
 
 /// mimalloc keeps freed pages for reuse; with the system allocator every large buffer of a

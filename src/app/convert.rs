@@ -2,11 +2,10 @@
 //! block on the way), optionally verify it, write the report — and put both in place only
 //! when all of that succeeded.
 
-use std::io::Write;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use super::output::{
-    check_not_input, default_report_path, persist, report_tmp, same_file, temp_beside,
+    Pending, check_ci, check_not_input, default_report_path, put_in_place, same_file, write_atomic,
 };
 use super::{
     Outcome, ReportParts, Settings, Train, Written, build_report, set_checked, verify_probe,
@@ -15,7 +14,7 @@ use crate::Error;
 use crate::checkpoint::Checkpoint;
 use crate::int8;
 use crate::progress::Hooks;
-use crate::report::{Probe, VerifyReport};
+use crate::report::{Probe, ProbeKind};
 use crate::write::plan::Plan;
 use crate::write::safetensors::{Streamed, WriteError, write_deploy};
 
@@ -30,13 +29,25 @@ pub enum ReportTo<'a> {
     Caller,
 }
 
+impl ReportTo<'_> {
+    /// The report file for a conversion to `output`; none for [`ReportTo::Caller`].
+    pub fn path(self, output: &Path) -> Option<PathBuf> {
+        match self {
+            ReportTo::Beside => Some(default_report_path(output)),
+            ReportTo::File(path) => Some(path.to_path_buf()),
+            ReportTo::Caller => None,
+        }
+    }
+}
+
 /// Converts `input` to deploy form at `output`, with the report where `report` says. With
 /// `verify`, re-reads the written file and runs every block both ways on the verification
 /// input.
 ///
-/// Nothing is written unless the whole run succeeds; after a failed verification only the
-/// report is written, so the deviation can be looked into (`Outcome::passed` says it failed),
-/// and an existing output stays as it was.
+/// Nothing is written unless the whole run succeeds, and every file (deploy file, report, and
+/// the CI files `settings.ci` asks for) is finished before any is put in place; after a failed
+/// verification only the report and the CI files are, so the deviation can be looked into
+/// (`Outcome::passed` says it failed), and an existing output stays as it was.
 pub fn convert(
     input: &Path,
     output: &Path,
@@ -45,12 +56,16 @@ pub fn convert(
     verify: bool,
     hooks: Hooks,
 ) -> Result<Outcome, Error> {
-    let report_path = match report {
-        ReportTo::Beside => Some(default_report_path(output)),
-        ReportTo::File(path) => Some(path.to_path_buf()),
-        ReportTo::Caller => None,
-    };
+    if settings.ci.junit.is_some() && !verify {
+        return Err(Error::Usage(
+            "--junit needs --verify: without it no block is held to a tolerance, so there are no test results to write".into(),
+        ));
+    }
+    let report_path = report.path(output);
     check_paths(input, output, report_path.as_deref())?;
+    let mut files = vec![input, output];
+    files.extend(report_path.as_deref());
+    check_ci(&settings.ci, &files)?;
     let train = Train::open(input, settings)?;
     let (ckpt, detection) = (&train.ckpt, &train.detection);
     let plan = Plan::new(ckpt, detection, settings.cast);
@@ -71,7 +86,7 @@ pub fn convert(
         (verify_probe(&checked.report), Some(checked.report))
     } else {
         let probe = Probe {
-            kind: "probe".into(),
+            kind: ProbeKind::Probe,
             input_size: None,
             batch: 1,
             seed: settings.check.seed,
@@ -92,27 +107,12 @@ pub fn convert(
         verify: verify_report,
         written,
     };
-    let report = build_report(ckpt, detection, parts);
-    let report_file = match &report_path {
-        Some(path) => Some((report_tmp(&report, path)?, path)),
-        None => None,
-    };
+    let report = build_report(&train, parts);
     // A deploy file that failed verification is not put in place (the temp file goes with
     // `tmp`); the report is, since it says what failed.
-    if report
-        .verify
-        .as_ref()
-        .is_none_or(|v: &VerifyReport| v.passed)
-    {
-        persist(tmp, output, "the finished file")?;
-    }
-    if let Some((file, path)) = report_file {
-        persist(file, path, "the report")?;
-    }
-    Ok(Outcome {
-        report,
-        report_path,
-    })
+    let deploy_file = report.verified().then_some(tmp);
+    put_in_place(&report, deploy_file, report_path.as_deref(), &settings.ci)?;
+    Ok(Outcome::new(report, report_path, settings))
 }
 
 /// Refuses an output or report that would overwrite the input, or each other.
@@ -131,7 +131,7 @@ fn check_paths(input: &Path, output: &Path, report_path: Option<&Path>) -> Resul
     Ok(())
 }
 
-/// Writes the deploy file to a temp file beside `output`; returns it and each block's probe
+/// Writes the deploy file to a pending file beside `output`; returns it and each block's probe
 /// deviation (with `probe_seed`; zero without).
 fn write(
     train: &Train,
@@ -139,17 +139,13 @@ fn write(
     probe_seed: Option<u64>,
     output: &Path,
     hooks: Hooks,
-) -> Result<(tempfile::NamedTempFile, Streamed), Error> {
-    let mut tmp = temp_beside(output)?;
-    let out_err = |e| Error::write(output, "cannot write")(e);
+) -> Result<(Pending, Streamed), Error> {
     hooks.progress.start(plan.file_len());
     let (ckpt, detection) = (&train.ckpt, &train.detection);
-    let streamed = write_deploy(ckpt, detection, plan, probe_seed, tmp.as_file(), hooks).map_err(
-        |e| match e {
-            WriteError::Io(e) => out_err(e),
+    write_atomic(output, "the finished file", |file| {
+        write_deploy(ckpt, detection, plan, probe_seed, file, hooks).map_err(|e| match e {
+            WriteError::Io(e) => Error::write(output, "cannot write")(e),
             WriteError::Run(e) => e,
-        },
-    )?;
-    tmp.as_file_mut().flush().map_err(out_err)?;
-    Ok((tmp, streamed))
+        })
+    })
 }

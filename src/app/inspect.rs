@@ -2,9 +2,7 @@
 
 use std::path::Path;
 
-use serde::Serialize;
-
-use super::{Settings, Train, layout_info, skipped};
+use super::{Settings, Train, layout_info, skipped, warnings};
 use crate::Error;
 use rayon::prelude::*;
 use safetensors::Dtype;
@@ -13,71 +11,24 @@ use crate::block::Block;
 use crate::checkpoint::Checkpoint;
 use crate::fuse::block::fuse_block_rows;
 use crate::int8::{ChannelStats, Int8Report, TensorStats, figures};
-use crate::report::{BlockInfo, EpsInfo, LayoutInfo, Skipped};
+use crate::report::OutputSource;
+pub use crate::report::{InspectBlock, Inspection, OutputTensor};
 use crate::write::plan::{Plan, Source};
-
-/// What `inspect` shows: the blocks found and the deploy file that would be written.
-#[derive(Debug, Clone, Serialize)]
-pub struct Inspection {
-    /// The file.
-    pub input: String,
-    /// The layout.
-    pub layout: LayoutInfo,
-    /// The BN ε that would be used.
-    pub bn_eps: EpsInfo,
-    /// The blocks.
-    pub blocks: Vec<InspectBlock>,
-    /// Candidates left alone.
-    pub skipped: Vec<Skipped>,
-    /// Tensors that pass through unchanged.
-    pub passthrough: Vec<String>,
-    /// The deploy file's tensors: name, dtype, shape.
-    pub output: Vec<OutputTensor>,
-}
-
-/// A block as `inspect` shows it.
-#[derive(Debug, Clone, Serialize)]
-pub struct InspectBlock {
-    /// Name and shape.
-    #[serde(flatten)]
-    pub block: BlockInfo,
-    /// Tensors it consumes.
-    pub tensors: Vec<String>,
-    /// INT8 readiness of the fused weight `convert` would write (null if it would not fit the
-    /// output dtype). Fusing for these reads the block's weights twice.
-    pub int8: Option<crate::int8::Int8Report>,
-}
-
-/// A tensor of the would-be deploy file.
-#[derive(Debug, Clone, Serialize)]
-pub struct OutputTensor {
-    /// Name.
-    pub name: String,
-    /// dtype.
-    pub dtype: String,
-    /// Shape.
-    pub shape: Vec<usize>,
-    /// `copy`, `cast` or `fused`.
-    pub source: String,
-}
 
 /// Describes what `convert` would do with `input`, without writing anything.
 pub fn inspect(input: &Path, settings: &Settings) -> Result<Inspection, Error> {
-    let Train {
-        ckpt,
-        detection,
-        eps,
-    } = Train::open(input, settings)?;
-    let plan = Plan::new(&ckpt, &detection, settings.cast);
+    let train = Train::open(input, settings)?;
+    let (ckpt, detection, eps) = (&train.ckpt, &train.detection, train.eps.clone());
+    let plan = Plan::new(ckpt, detection, settings.cast);
     let consumed = detection.consumed();
     let int8 = detection
         .blocks
         .iter()
-        .map(|b| fused_figures(&ckpt, b, settings.cast.unwrap_or(b.dtype)))
+        .map(|b| fused_figures(ckpt, b, settings.cast.unwrap_or(b.dtype)))
         .collect::<Result<Vec<_>, Error>>()?;
     Ok(Inspection {
         input: input.display().to_string(),
-        layout: layout_info(&detection),
+        layout: layout_info(&train),
         bn_eps: eps,
         blocks: detection
             .blocks
@@ -89,7 +40,7 @@ pub fn inspect(input: &Path, settings: &Settings) -> Result<Inspection, Error> {
                 int8,
             })
             .collect(),
-        skipped: skipped(&detection),
+        skipped: skipped(detection),
         passthrough: ckpt
             .tensors()
             .iter()
@@ -104,13 +55,13 @@ pub fn inspect(input: &Path, settings: &Settings) -> Result<Inspection, Error> {
                 dtype: format!("{:?}", e.dtype),
                 shape: e.shape.clone(),
                 source: match e.source {
-                    Source::Copy(i) if ckpt.tensors()[i].dtype == e.dtype => "copy",
-                    Source::Copy(_) => "cast",
-                    _ => "fused",
-                }
-                .into(),
+                    Source::Copy(i) if ckpt.tensors()[i].dtype == e.dtype => OutputSource::Copy,
+                    Source::Copy(_) => OutputSource::Cast,
+                    _ => OutputSource::Fused,
+                },
             })
             .collect(),
+        warnings: warnings(ckpt),
     })
 }
 

@@ -3,7 +3,6 @@
 //! share is here: the options, finding the blocks, and building the report.
 
 mod convert;
-pub mod export;
 mod inspect;
 mod output;
 mod verify;
@@ -14,7 +13,7 @@ use safetensors::Dtype;
 
 pub use convert::{ReportTo, convert};
 pub use inspect::{InspectBlock, Inspection, OutputTensor, inspect};
-pub use output::{default_report_path, write_report};
+pub use output::{CiOutputs, RunStart, default_report_path};
 pub use verify::verify_files;
 
 use crate::Error;
@@ -25,7 +24,8 @@ use crate::find::{Detection, Layout};
 use crate::int8::Int8Report;
 use crate::progress::Hooks;
 use crate::report::{
-    BlockReport, EpsInfo, LayoutInfo, Probe, Report, Skipped, Summary, Tool, VerifyReport,
+    BlockReport, ChosenBy, EpsInfo, Int8Gate, LayoutInfo, LowBlock, Probe, ProbeKind, Report,
+    Skipped, Summary, Tool, VerifyReport, Warning,
 };
 pub use crate::verify::{CheckOptions, Checked, check_deploy};
 
@@ -51,6 +51,11 @@ pub struct Settings {
     pub cast: Option<Dtype>,
     /// How checkpoints are read (which dict of a PyTorch file, its `module.` prefix).
     pub read: ReadOptions,
+    /// `--int8-min-db`: a run fails (not [`Outcome::passed`]) if any fused block's
+    /// per-channel INT8 SQNR is below this many dB (the deploy file is still written).
+    pub int8_min_db: Option<f64>,
+    /// The files CI systems read, written with the report.
+    pub ci: CiOutputs,
 }
 
 /// What a run produced.
@@ -60,12 +65,37 @@ pub struct Outcome {
     pub report: Report,
     /// Where the report was written, if it was.
     pub report_path: Option<PathBuf>,
+    /// The INT8 gate, when [`Settings::int8_min_db`] set one.
+    pub int8_gate: Option<Int8Gate>,
 }
 
 impl Outcome {
-    /// False when a verification ran and found a deviation over tolerance.
+    /// The outcome of a run that made `report`, with the INT8 gate `settings` asks for.
+    fn new(report: Report, report_path: Option<PathBuf>, settings: &Settings) -> Outcome {
+        let int8_gate = settings.int8_min_db.map(|min_db| Int8Gate {
+            min_db,
+            low: crate::int8::below(
+                (report.blocks.iter()).map(|b| (b.block.name.as_str(), b.int8.as_ref())),
+                min_db,
+            )
+            .into_iter()
+            .map(|(name, per_channel_sqnr_db)| LowBlock {
+                name,
+                per_channel_sqnr_db,
+            })
+            .collect(),
+        });
+        Outcome {
+            report,
+            report_path,
+            int8_gate,
+        }
+    }
+
+    /// The whole verdict: false when a verification ran and found a block or tensor off
+    /// ([`Report::verified`]), or a block is below the INT8 gate.
     pub fn passed(&self) -> bool {
-        self.report.verify.as_ref().is_none_or(|v| v.passed)
+        self.report.verified() && self.int8_gate.as_ref().is_none_or(Int8Gate::passed)
     }
 }
 
@@ -73,6 +103,7 @@ impl Outcome {
 struct Train {
     ckpt: Checkpoint,
     detection: Detection,
+    chosen_by: ChosenBy,
     eps: EpsInfo,
 }
 
@@ -80,11 +111,12 @@ impl Train {
     /// Opens `path` and finds its blocks.
     fn open(path: &std::path::Path, settings: &Settings) -> Result<Train, Error> {
         let ckpt = Checkpoint::open_with(path, &settings.read)?;
-        let detection = find(&ckpt, &settings.find)?;
+        let (detection, chosen_by) = find(&ckpt, &settings.find)?;
         let eps = eps_info(&detection);
         Ok(Train {
             ckpt,
             detection,
+            chosen_by,
             eps,
         })
     }
@@ -117,36 +149,41 @@ impl Train {
     }
 }
 
-/// The blocks of `ckpt`, by the layouts `opts` selects.
-fn find(ckpt: &Checkpoint, opts: &FindOptions) -> Result<Detection, Error> {
+/// The blocks of `ckpt`, by the layouts `opts` selects, and how the layout was chosen.
+fn find(ckpt: &Checkpoint, opts: &FindOptions) -> Result<(Detection, ChosenBy), Error> {
     let wrap = |error| Error::Layout {
         path: ckpt.path().to_path_buf(),
         error,
     };
     let (layouts, chosen_by) = match &opts.layout_file {
-        Some(file) => (Layout::from_file(file).map_err(wrap)?, "--layout-file"),
-        None if opts.layout.is_some() => (Layout::builtin().map_err(wrap)?, "--layout"),
-        None => (Layout::builtin().map_err(wrap)?, "detected"),
+        Some(file) => (Layout::from_file(file).map_err(wrap)?, ChosenBy::LayoutFile),
+        None if opts.layout.is_some() => (Layout::builtin().map_err(wrap)?, ChosenBy::Layout),
+        None => (Layout::builtin().map_err(wrap)?, ChosenBy::Detected),
     };
-    Detection::find(
-        ckpt,
-        &layouts,
-        opts.layout.as_deref(),
-        chosen_by,
-        opts.bn_eps,
-    )
-    .map_err(wrap)
+    let forced = opts.layout.as_deref();
+    let detection = Detection::find(ckpt, &layouts, forced, opts.bn_eps).map_err(wrap)?;
+    Ok((detection, chosen_by))
+}
+
+/// What the user should know about `ckpt`: a pickle naming globals a checkpoint does not need.
+fn warnings(ckpt: &Checkpoint) -> Vec<Warning> {
+    ckpt.source()
+        .filter(|s| !s.suspicious_globals.is_empty())
+        .map(|s| Warning::suspicious_globals(ckpt.path(), &s.suspicious_globals))
+        .into_iter()
+        .collect()
 }
 
 fn eps_info(detection: &Detection) -> EpsInfo {
     detection.bn_eps.clone()
 }
 
-fn layout_info(d: &Detection) -> LayoutInfo {
+fn layout_info(train: &Train) -> LayoutInfo {
+    let layout = &train.detection.layout;
     LayoutInfo {
-        name: d.layout.name.clone(),
-        description: d.layout.description.clone(),
-        chosen_by: d.chosen_by.clone(),
+        name: layout.name.clone(),
+        description: layout.description.clone(),
+        chosen_by: train.chosen_by,
     }
 }
 
@@ -172,7 +209,8 @@ struct ReportParts {
     written: Written,
 }
 
-fn build_report(ckpt: &Checkpoint, detection: &Detection, parts: ReportParts) -> Report {
+fn build_report(train: &Train, parts: ReportParts) -> Report {
+    let (ckpt, detection) = (&train.ckpt, &train.detection);
     let consumed = detection.consumed();
     let tensors_in = ckpt.tensors().len();
     let mut summary = Summary {
@@ -192,7 +230,7 @@ fn build_report(ckpt: &Checkpoint, detection: &Detection, parts: ReportParts) ->
         command: parts.command.into(),
         input: ckpt.path().display().to_string(),
         output: parts.output.display().to_string(),
-        layout: layout_info(detection),
+        layout: layout_info(train),
         bn_eps: parts.eps,
         probe: parts.probe,
         blocks: parts.blocks,
@@ -200,6 +238,7 @@ fn build_report(ckpt: &Checkpoint, detection: &Detection, parts: ReportParts) ->
         source: ckpt.source().cloned(),
         summary,
         verify: parts.verify,
+        warnings: warnings(ckpt),
     }
 }
 
@@ -225,7 +264,7 @@ fn set_checked(blocks: &mut [BlockReport], checked: &Checked) {
 /// The probe record of a verification.
 fn verify_probe(v: &VerifyReport) -> Probe {
     Probe {
-        kind: "verify".into(),
+        kind: ProbeKind::Verify,
         input_size: Some(v.input_size),
         batch: v.batch,
         seed: v.seed,

@@ -1,14 +1,112 @@
-//! Where results go: temp files beside their target, renamed into place only at the end, and
-//! never over the input.
+//! Where results go. Every file the tool writes — the deploy file, the report, the JUnit file,
+//! the job summary — goes through [`write_atomic`]: a temp file beside its target, finished
+//! before a run puts any of its files in place ([`commit`]), and never over an input.
 
+use std::fs::File;
 use std::io::Write;
 use std::path::{Path, PathBuf};
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use crate::Error;
-use crate::report::Report;
+use crate::report::junit::{RunInfo, junit};
+use crate::report::{Report, markdown};
+
+/// The files CI systems read besides the exit code and the report.
+#[derive(Debug, Clone, Default)]
+pub struct CiOutputs {
+    /// Write the verification as JUnit XML here.
+    pub junit: Option<PathBuf>,
+    /// Add the Markdown job summary to the end of this file (`$GITHUB_STEP_SUMMARY`).
+    pub job_summary: Option<PathBuf>,
+    /// When and where the run started, for the JUnit file.
+    pub started: RunStart,
+}
+
+/// When and where a run started.
+#[derive(Debug, Clone)]
+pub struct RunStart {
+    /// The start, for the wall time.
+    pub instant: Instant,
+    /// The start, seconds since the Unix epoch.
+    pub epoch_seconds: u64,
+    /// The machine's name.
+    pub hostname: String,
+}
+
+impl RunStart {
+    /// Now, on `hostname`.
+    pub fn now(hostname: String) -> RunStart {
+        RunStart {
+            instant: Instant::now(),
+            epoch_seconds: SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs()),
+            hostname,
+        }
+    }
+
+    /// The run so far, for the JUnit file.
+    fn info(&self) -> RunInfo {
+        RunInfo {
+            seconds: self.instant.elapsed().as_secs_f64(),
+            started: self.epoch_seconds,
+            hostname: self.hostname.clone(),
+        }
+    }
+}
+
+impl Default for RunStart {
+    fn default() -> Self {
+        RunStart::now("localhost".into())
+    }
+}
+
+/// A finished file in a temp file beside its target: put in place by [`commit`], removed if
+/// dropped before.
+pub(crate) struct Pending {
+    tmp: tempfile::NamedTempFile,
+    target: PathBuf,
+    what: &'static str,
+}
+
+impl Pending {
+    /// Where the finished file is until it is put in place.
+    pub(crate) fn path(&self) -> &Path {
+        self.tmp.path()
+    }
+}
+
+/// The one way the tool writes a file: `write` fills a new temp file beside `target`, which is
+/// returned pending (with what `write` returned), so that a run puts its files in place only
+/// when all of them are written. `what` names the file in errors ("the report").
+pub(crate) fn write_atomic<T>(
+    target: &Path,
+    what: &'static str,
+    write: impl FnOnce(&mut File) -> Result<T, Error>,
+) -> Result<(Pending, T), Error> {
+    let mut tmp = temp_beside(target)?;
+    let value = write(tmp.as_file_mut())?;
+    let pending = Pending {
+        tmp,
+        target: target.to_path_buf(),
+        what,
+    };
+    Ok((pending, value))
+}
+
+/// Puts finished files in place, in order.
+pub(crate) fn commit(files: Vec<Pending>) -> Result<(), Error> {
+    for file in files {
+        let Pending { tmp, target, what } = file;
+        tmp.persist(&target).map(drop).map_err(|e| {
+            Error::write(&target, format!("cannot move {what} into place"))(e.error)
+        })?;
+    }
+    Ok(())
+}
 
 /// A new temp file in `target`'s folder, removed unless persisted.
-pub(crate) fn temp_beside(target: &Path) -> Result<tempfile::NamedTempFile, Error> {
+fn temp_beside(target: &Path) -> Result<tempfile::NamedTempFile, Error> {
     let dir = match target.parent() {
         Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
         _ => PathBuf::from("."),
@@ -90,29 +188,100 @@ pub(crate) fn same_file(a: &Path, b: &Path) -> bool {
     a == b || matches!((place(a), place(b)), (Some(x), Some(y)) if x == y)
 }
 
-/// Writes `report` to `path` atomically (a temp file beside it, renamed into place), refusing
-/// a path that is one of `inputs`.
-pub fn write_report(report: &Report, path: &Path, inputs: &[&Path]) -> Result<(), Error> {
-    for input in inputs {
-        check_not_input(input, path, "report path")?;
+/// Refuses a path for `what` (`the JUnit file`) that is a directory, that would overwrite one
+/// of `files` (the inputs and the other outputs, by any path), or whose folder does not exist.
+/// Called before the run, so that a bad path writes nothing.
+pub(crate) fn check_target(path: &Path, what: &str, files: &[&Path]) -> Result<(), Error> {
+    let refuse = |what: String| {
+        Err(Error::Output {
+            path: path.to_path_buf(),
+            what,
+        })
+    };
+    if path.is_dir() {
+        return refuse(format!("{what} is a directory"));
     }
-    persist(report_tmp(report, path)?, path, "the report")
+    if let Some(file) = files.iter().find(|f| same_file(f, path)) {
+        return refuse(format!("{what} would overwrite {}", file.display()));
+    }
+    let dir = match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    };
+    if !dir.is_dir() {
+        return refuse(format!("its folder {} does not exist", dir.display()));
+    }
+    Ok(())
 }
 
-/// The report, written to a temp file beside `path`.
-pub(crate) fn report_tmp(report: &Report, path: &Path) -> Result<tempfile::NamedTempFile, Error> {
-    let mut tmp = temp_beside(path)?;
+/// Refuses CI files that [`check_target`] refuses, before the run.
+pub(crate) fn check_ci(ci: &CiOutputs, files: &[&Path]) -> Result<(), Error> {
+    if let Some(junit) = &ci.junit {
+        check_target(junit, "the JUnit file", files)?;
+    }
+    if let Some(summary) = &ci.job_summary {
+        let mut files = files.to_vec();
+        files.extend(ci.junit.as_deref());
+        check_target(summary, "the job summary", &files)?;
+    }
+    Ok(())
+}
+
+/// The report, as a pending file at `path`.
+pub(crate) fn stage_report(report: &Report, path: &Path) -> Result<Pending, Error> {
     let text = serde_json::to_string_pretty(report)
         .map_err(|e| Error::internal(format!("the report does not serialize: {e}")))?;
-    tmp.as_file_mut()
-        .write_all(format!("{text}\n").as_bytes())
-        .map_err(Error::write(path, "cannot write the report"))?;
-    Ok(tmp)
+    let (pending, ()) = write_atomic(path, "the report", |file| {
+        (file.write_all(format!("{text}\n").as_bytes()))
+            .map_err(Error::write(path, "cannot write the report"))
+    })?;
+    Ok(pending)
 }
 
-/// Moves a finished temp file into place at `path`.
-pub(crate) fn persist(tmp: tempfile::NamedTempFile, path: &Path, what: &str) -> Result<(), Error> {
-    tmp.persist(path)
-        .map(drop)
-        .map_err(|e| Error::write(path, format!("cannot move {what} into place"))(e.error))
+/// The JUnit file and the job summary `ci` asks for, as pending files. The job summary is
+/// the file's content so far and the report's Markdown after it (GitHub collects what each
+/// step adds).
+pub(crate) fn stage_ci(report: &Report, ci: &CiOutputs) -> Result<Vec<Pending>, Error> {
+    let mut files = Vec::new();
+    if let Some(path) = &ci.junit {
+        let xml = junit(report, &ci.started.info());
+        let (pending, ()) = write_atomic(path, "the JUnit file", |file| {
+            (file.write_all(xml.as_bytes()))
+                .map_err(Error::write(path, "cannot write the JUnit file"))
+        })?;
+        files.push(pending);
+    }
+    if let Some(path) = &ci.job_summary {
+        let before = match std::fs::read(path) {
+            Ok(bytes) => bytes,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
+            Err(e) => return Err(Error::write(path, "cannot read the job summary")(e)),
+        };
+        let md = markdown::job_summary(report);
+        let (pending, ()) = write_atomic(path, "the job summary", |file| {
+            (file
+                .write_all(&before)
+                .and_then(|()| file.write_all(md.as_bytes())))
+            .map_err(Error::write(path, "cannot write the job summary"))
+        })?;
+        files.push(pending);
+    }
+    Ok(files)
+}
+
+/// Puts a run's files in place: `first` (a conversion's deploy file), the report at
+/// `report_path`, then the CI files — every one written before any is renamed, so that a
+/// failure writing one puts none in place.
+pub(crate) fn put_in_place(
+    report: &Report,
+    first: Option<Pending>,
+    report_path: Option<&Path>,
+    ci: &CiOutputs,
+) -> Result<(), Error> {
+    let mut files: Vec<Pending> = first.into_iter().collect();
+    if let Some(path) = report_path {
+        files.push(stage_report(report, path)?);
+    }
+    files.extend(stage_ci(report, ci)?);
+    commit(files)
 }

@@ -2,8 +2,10 @@
 
 use std::path::Path;
 
+use super::output::{check_ci, check_not_input, put_in_place};
 use super::{
     Outcome, ReportParts, Settings, Train, Written, build_report, set_checked, verify_probe,
+    warnings,
 };
 use crate::Error;
 use crate::checkpoint::Checkpoint;
@@ -11,13 +13,24 @@ use crate::deviation::Deviation;
 use crate::int8;
 use crate::progress::Hooks;
 
-/// Judges a deploy file made by anyone against its train file.
+/// Judges a deploy file made by anyone against its train file, with the JSON report at
+/// `report` (none: the caller has it in [`Outcome::report`]) and the CI files `settings.ci`
+/// asks for, all put in place together.
 pub fn verify_files(
     train_path: &Path,
     deploy_path: &Path,
+    report: Option<&Path>,
     settings: &Settings,
     hooks: Hooks,
 ) -> Result<Outcome, Error> {
+    let mut files = vec![train_path, deploy_path];
+    if let Some(path) = report {
+        for input in &files {
+            check_not_input(input, path, "report path")?;
+        }
+        files.push(path);
+    }
+    check_ci(&settings.ci, &files)?;
     let train = Train::open(train_path, settings)?;
     let deploy = Checkpoint::open_with(deploy_path, &settings.read)?;
     let checked = train.check(&deploy, &settings.check, hooks)?;
@@ -44,8 +57,8 @@ pub fn verify_files(
         verify: Some(checked.report),
         written,
     };
-    Ok(Outcome {
-        report: build_report(&train.ckpt, &train.detection, parts),
-        report_path: None,
-    })
+    let mut r = build_report(&train, parts);
+    r.warnings.extend(warnings(&deploy));
+    put_in_place(&r, None, report, &settings.ci)?;
+    Ok(Outcome::new(r, report.map(Path::to_path_buf), settings))
 }

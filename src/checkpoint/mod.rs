@@ -176,13 +176,7 @@ impl Checkpoint {
                 what,
             }
         })?;
-        if !opened.source.suspicious_globals.is_empty() {
-            eprintln!(
-                "warning: {}: the pickle names globals a checkpoint does not need: {}. Nothing was imported or run (the file is read as data and its tensors are converted), but treat the file's origin as suspect.",
-                path.display(),
-                opened.source.suspicious_globals.join(", ")
-            );
-        }
+        // Suspicious globals are in `source`; the use cases turn them into a report warning.
         Ok(Self::assemble(
             path,
             file,

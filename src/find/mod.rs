@@ -28,8 +28,6 @@ use names::{BlocksFound, split_names};
 pub struct Detection {
     /// The layout the blocks follow.
     pub layout: Layout,
-    /// How the layout was chosen (`detected`, `--layout`, `--layout-file`).
-    pub chosen_by: String,
     /// The blocks, in the order their main weight appears in the file.
     pub blocks: Vec<Block>,
     /// Candidates left alone because their shapes do not fit (generic layouts only).
@@ -48,7 +46,6 @@ impl Detection {
         ckpt: &Checkpoint,
         layouts: &[Layout],
         forced: Option<&str>,
-        chosen_by: &str,
         eps: Option<f64>,
     ) -> Result<Detection, LayoutError> {
         let names = split_names(ckpt);
@@ -65,7 +62,6 @@ impl Detection {
             }
             return Ok(Detection {
                 layout: layout.clone(),
-                chosen_by: chosen_by.to_string(),
                 blocks: found.blocks,
                 skipped: found.skipped,
                 bn_eps: layout.eps_info(eps),
@@ -104,7 +100,6 @@ impl Detection {
                 let found = find_blocks(ckpt, &names, layout, true, layout.bn_eps(eps).0)?;
                 Ok(Detection {
                     layout: layout.clone(),
-                    chosen_by: chosen_by.to_string(),
                     blocks: found.blocks,
                     skipped: found.skipped,
                     bn_eps: layout.eps_info(eps),

@@ -1,4 +1,14 @@
-//! The JSON report: what was found, what was written, and how far fused is from unfused.
+//! The JSON report: what was found, what was written, and how far fused is from unfused; the
+//! `inspect` listing; and their renderings, each a pure function of the types here: [`text`]
+//! (what the binary prints), [`junit`] (JUnit XML), [`markdown`] (the GitHub job summary) and
+//! [`github`] (GitHub Actions `::error` lines).
+
+pub mod github;
+pub mod junit;
+pub mod markdown;
+pub mod text;
+
+use std::fmt;
 
 use serde::Serialize;
 
@@ -35,6 +45,51 @@ pub struct Report {
     /// Where the tensors of a PyTorch checkpoint came from (absent for safetensors input).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub source: Option<crate::checkpoint::SourceInfo>,
+    /// What the user should know that did not stop the run (the binary prints each).
+    pub warnings: Vec<Warning>,
+}
+
+impl Report {
+    /// False when a verification ran and found a block or tensor off.
+    pub fn verified(&self) -> bool {
+        self.verify.as_ref().is_none_or(|v| v.passed)
+    }
+
+    /// Whether the report is of a conversion (else of a `verify`).
+    pub fn converting(&self) -> bool {
+        self.command == "convert"
+    }
+}
+
+/// Something the user should know that did not stop the run.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Warning {
+    /// What it is about.
+    pub kind: WarningKind,
+    /// The text, naming the file (printed as `warning: {message}`).
+    pub message: String,
+}
+
+/// What a [`Warning`] is about.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum WarningKind {
+    /// A PyTorch pickle names globals a checkpoint does not need (nothing was imported or run).
+    SuspiciousGlobals,
+}
+
+impl Warning {
+    /// The warning on a pickle in `path` that names `globals` a checkpoint does not need.
+    pub fn suspicious_globals(path: &std::path::Path, globals: &[String]) -> Warning {
+        Warning {
+            kind: WarningKind::SuspiciousGlobals,
+            message: format!(
+                "{}: the pickle names globals a checkpoint does not need: {}. Nothing was imported or run (the file is read as data and its tensors are converted), but treat the file's origin as suspect.",
+                path.display(),
+                globals.join(", ")
+            ),
+        }
+    }
 }
 
 /// Tool name and version.
@@ -62,8 +117,39 @@ pub struct LayoutInfo {
     pub name: String,
     /// The frameworks that use it.
     pub description: String,
-    /// `detected`, `--layout` or `--layout-file`.
-    pub chosen_by: String,
+    /// How it was chosen.
+    pub chosen_by: ChosenBy,
+}
+
+/// How the layout was chosen.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub enum ChosenBy {
+    /// Detected from the tensor names among the built-in layouts.
+    #[serde(rename = "detected")]
+    Detected,
+    /// Named with `--layout`.
+    #[serde(rename = "--layout")]
+    Layout,
+    /// Read from `--layout-file`.
+    #[serde(rename = "--layout-file")]
+    LayoutFile,
+}
+
+impl ChosenBy {
+    /// `detected`, `--layout` or `--layout-file`, as in the JSON report.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ChosenBy::Detected => "detected",
+            ChosenBy::Layout => "--layout",
+            ChosenBy::LayoutFile => "--layout-file",
+        }
+    }
+}
+
+impl fmt::Display for ChosenBy {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
 }
 
 /// The BN ε.
@@ -78,16 +164,25 @@ pub struct EpsInfo {
 /// The random input deviations are measured on.
 #[derive(Debug, Clone, Serialize)]
 pub struct Probe {
-    /// `probe` (cheap: each block's own k×k input, compared at the centre output, where every
-    /// tap of every kernel is used once) or `verify` (`--verify`: the whole output of an
-    /// `input_size` input, borders included).
-    pub kind: String,
+    /// The probe or the verification input.
+    pub kind: ProbeKind,
     /// `[h, w]` of the verification input; null for the probe (k×k per block).
     pub input_size: Option<[usize; 2]>,
     /// Images per block.
     pub batch: usize,
     /// Seed of the ChaCha8 stream; block i uses stream i.
     pub seed: u64,
+}
+
+/// Which input a [`Probe`] is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ProbeKind {
+    /// Cheap: each block's own k×k input, compared at the centre output, where every tap of
+    /// every kernel is used once.
+    Probe,
+    /// `--verify`: the whole output of an `input_size` input, borders included.
+    Verify,
 }
 
 /// What a block is: its name and shape, as found in the checkpoint.
@@ -269,6 +364,15 @@ pub struct VerifyReport {
     pub failures: Vec<Failure>,
 }
 
+impl VerifyReport {
+    /// How many of the failures are blocks'.
+    pub fn block_failures(&self) -> usize {
+        (self.failures.iter())
+            .filter(|f| f.kind == FailureKind::Block)
+            .count()
+    }
+}
+
 /// A block or tensor that failed verification.
 #[derive(Debug, Clone, Serialize)]
 pub struct Failure {
@@ -301,4 +405,118 @@ pub enum FailureKind {
     Extra,
     /// A pass-through tensor with another shape or other values than in the train file.
     Altered,
+}
+
+impl FailureKind {
+    /// The deploy-file checks, in the order they are reported.
+    pub const DEPLOY_CHECKS: [FailureKind; 3] = [
+        FailureKind::Missing,
+        FailureKind::Extra,
+        FailureKind::Altered,
+    ];
+
+    /// The name of the check (`missing tensors`); `block` for a block.
+    pub fn check_name(self) -> &'static str {
+        match self {
+            FailureKind::Block => "block",
+            FailureKind::Missing => "missing tensors",
+            FailureKind::Extra => "extra tensors",
+            FailureKind::Altered => "altered tensors",
+        }
+    }
+
+    /// What a failure of the check says about a tensor (`missing from the deploy file`).
+    pub fn what(self) -> &'static str {
+        match self {
+            FailureKind::Block => "failed",
+            FailureKind::Missing => "missing from the deploy file",
+            FailureKind::Extra => "in the deploy file but not expected there",
+            FailureKind::Altered => "changed from the train file",
+        }
+    }
+}
+
+/// `--int8-min-db`: the gate on each fused block's per-channel INT8 SQNR, and the blocks below
+/// it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Int8Gate {
+    /// The lowest per-channel SQNR a block may have, in dB.
+    pub min_db: f64,
+    /// The blocks below it, in file order.
+    pub low: Vec<LowBlock>,
+}
+
+impl Int8Gate {
+    /// Whether no block is below the gate.
+    pub fn passed(&self) -> bool {
+        self.low.is_empty()
+    }
+}
+
+/// A block below the INT8 gate.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LowBlock {
+    /// The block prefix.
+    pub name: String,
+    /// Its per-channel INT8 SQNR, in dB.
+    pub per_channel_sqnr_db: f64,
+}
+
+/// What `inspect` shows: the blocks found and the deploy file that would be written.
+#[derive(Debug, Clone, Serialize)]
+pub struct Inspection {
+    /// The file.
+    pub input: String,
+    /// The layout.
+    pub layout: LayoutInfo,
+    /// The BN ε that would be used.
+    pub bn_eps: EpsInfo,
+    /// The blocks.
+    pub blocks: Vec<InspectBlock>,
+    /// Candidates left alone.
+    pub skipped: Vec<Skipped>,
+    /// Tensors that pass through unchanged.
+    pub passthrough: Vec<String>,
+    /// The deploy file's tensors: name, dtype, shape.
+    pub output: Vec<OutputTensor>,
+    /// What the user should know (the binary prints each).
+    pub warnings: Vec<Warning>,
+}
+
+/// A block as `inspect` shows it.
+#[derive(Debug, Clone, Serialize)]
+pub struct InspectBlock {
+    /// Name and shape.
+    #[serde(flatten)]
+    pub block: BlockInfo,
+    /// Tensors it consumes.
+    pub tensors: Vec<String>,
+    /// INT8 readiness of the fused weight `convert` would write (null if it would not fit the
+    /// output dtype). Fusing for these reads the block's weights twice.
+    pub int8: Option<Int8Report>,
+}
+
+/// A tensor of the would-be deploy file.
+#[derive(Debug, Clone, Serialize)]
+pub struct OutputTensor {
+    /// Name.
+    pub name: String,
+    /// dtype.
+    pub dtype: String,
+    /// Shape.
+    pub shape: Vec<usize>,
+    /// Where its values come from.
+    pub source: OutputSource,
+}
+
+/// Where an [`OutputTensor`]'s values come from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OutputSource {
+    /// A train tensor copied as it is.
+    Copy,
+    /// A train tensor cast to the output dtype.
+    Cast,
+    /// A fused weight or bias.
+    Fused,
 }
