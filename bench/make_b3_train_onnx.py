@@ -13,6 +13,12 @@ input "input" 1x3x224x224, output "output"):
 
 With --external-data the weights go to train.onnx.data / deploy.onnx.data (one file each,
 size_threshold=0). Same seed + the pinned versions of fixtures/requirements-onnx.txt => the same bytes.
+
+    /work/venv/py/bin/python bench/make_b3_train_onnx.py OUTDIR --load-save
+
+does not export: it times the Python baseline of issue 17's benchmark on OUTDIR/train.onnx, i.e.
+`onnx.load` + `onnx.save` to OUTDIR/resaved.onnx (then removed), and prints seconds and peak RSS
+(ru_maxrss of this process, which includes the ~0.3 GB of the interpreter with onnx imported).
 """
 import argparse
 import io
@@ -64,13 +70,32 @@ def export(model, path, external):
     return path.stat().st_size + ((path.parent / (path.name + ".data")).stat().st_size if external else 0)
 
 
+def load_save(out):
+    import resource
+    src, dst = out / "train.onnx", out / "resaved.onnx"
+    t0 = time.perf_counter()
+    g = onnx.load(str(src))
+    t1 = time.perf_counter()
+    onnx.save_model(g, str(dst))
+    t2 = time.perf_counter()
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    size = src.stat().st_size
+    dst.unlink()
+    print(f"onnx.load {t1 - t0:.2f} s + onnx.save {t2 - t1:.2f} s = {t2 - t0:.2f} s for {size / 1e6:.1f} MB; "
+          f"peak RSS {peak / 1e6:.0f} MB = {peak / size:.2f}x the file")
+    return 0
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("outdir")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--model", default="repvgg_b3")
     ap.add_argument("--external-data", action="store_true")
+    ap.add_argument("--load-save", action="store_true", help="time onnx.load + onnx.save of OUTDIR/train.onnx")
     a = ap.parse_args()
+    if a.load_save:
+        return load_save(Path(a.outdir))
     torch.set_num_threads(max(1, os.cpu_count() or 1))
     out = Path(a.outdir)
     out.mkdir(parents=True, exist_ok=True)
