@@ -25,8 +25,22 @@ struct Form {
     graph: Graph,
 }
 
-const COUNTED: [&str; 7] = ["Conv", "BatchNormalization", "Add", "Sub", "Mul", "Sum", "Div"];
-const VARIANTS: [&str; 5] = ["ts11_fold", "ts11_nofold", "ts17_fold", "ts17_nofold", "dyn18"];
+const COUNTED: [&str; 7] = [
+    "Conv",
+    "BatchNormalization",
+    "Add",
+    "Sub",
+    "Mul",
+    "Sum",
+    "Div",
+];
+const VARIANTS: [&str; 5] = [
+    "ts11_fold",
+    "ts11_nofold",
+    "ts17_fold",
+    "ts17_nofold",
+    "dyn18",
+];
 
 fn family(name: &str) -> Family {
     let path = Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -39,13 +53,18 @@ fn family(name: &str) -> Family {
 /// Op counts of `g` once every set of `f` is one Conv (or one Gemm).
 fn merged_counts(g: &Graph, f: &Finding) -> BTreeMap<String, usize> {
     let mut counts: BTreeMap<String, usize> = BTreeMap::new();
-    let gone: std::collections::BTreeSet<usize> =
-        f.sets.iter().flat_map(|s| s.nodes.iter().copied()).collect();
+    let gone: std::collections::BTreeSet<usize> = f
+        .sets
+        .iter()
+        .flat_map(|s| s.nodes.iter().copied())
+        .collect();
     for n in g.nodes.iter().filter(|n| !gone.contains(&n.index)) {
         *counts.entry(n.op_type.clone()).or_default() += 1;
     }
     for s in &f.sets {
-        *counts.entry(if s.linear { "Gemm" } else { "Conv" }.into()).or_default() += 1;
+        *counts
+            .entry(if s.linear { "Gemm" } else { "Conv" }.into())
+            .or_default() += 1;
     }
     counts
 }
@@ -68,12 +87,31 @@ fn check(fam: &str, multi: &[usize]) -> BTreeMap<&'static str, Finding> {
         let var = &f.variants[v];
         let train = find_branch_sets(&var.train.graph).expect("train graph is well formed");
         let deploy = find_branch_sets(&var.deploy.graph).expect("deploy graph is well formed");
-        let found: Vec<usize> = train.sets.iter().map(|s| s.branches.len()).filter(|&n| n > 1).collect();
+        for form in [&var.train, &var.deploy] {
+            let none = Finding::default();
+            assert_eq!(
+                counted(&merged_counts(&form.graph, &none)),
+                counted(&form.op_counts),
+                "{fam} {v}: the view holds every node"
+            );
+        }
+        let found: Vec<usize> = train
+            .sets
+            .iter()
+            .map(|s| s.branches.len())
+            .filter(|&n| n > 1)
+            .collect();
         assert_eq!(found, multi, "{fam} {v}: branch counts of the sets");
         assert!(train.rejected.is_empty(), "{fam} {v}: {:?}", train.rejected);
-        assert!(deploy.sets.iter().all(|s| s.branches.len() == 1), "{fam} {v}: deploy graph has a multi-branch set");
+        assert!(
+            deploy.sets.iter().all(|s| s.branches.len() == 1),
+            "{fam} {v}: deploy graph has a multi-branch set"
+        );
         if v.ends_with("_fold") || v == "dyn18" {
-            assert!(deploy.sets.is_empty(), "{fam} {v}: folded deploy graph has sets");
+            assert!(
+                deploy.sets.is_empty(),
+                "{fam} {v}: folded deploy graph has sets"
+            );
             // Exporters fold Conv→BN but never BN→Gemm (a NormLinear stays two nodes).
             assert!(
                 train.sets.iter().all(|s| s.branches.len() > 1 || s.linear),
@@ -103,11 +141,18 @@ fn repvgg_blocks_found_in_every_export() {
     let mut kinds = ops(g, &s.nodes);
     kinds.sort();
     assert_eq!(kinds, ["Add", "Add", "BatchNormalization", "Conv", "Conv"]);
-    assert_eq!((s.kernel, s.stride, s.pads, s.group), ((3, 3), (1, 1), [1, 1, 1, 1], 1));
+    assert_eq!(
+        (s.kernel, s.stride, s.pads, s.group),
+        ((3, 3), (1, 1), [1, 1, 1, 1], 1)
+    );
     assert_eq!(found["ts17_fold"].sets[1].stride, (2, 2));
     assert_eq!(found["ts17_fold"].sets[2].group, 4);
     let nofold = &found["ts17_nofold"].sets[0];
-    assert_eq!(nofold.nodes.len(), 7, "two Conv→BN pairs, the identity BN and two Adds");
+    assert_eq!(
+        nofold.nodes.len(),
+        7,
+        "two Conv→BN pairs, the identity BN and two Adds"
+    );
 }
 
 #[test]
@@ -122,10 +167,26 @@ fn fastvit_repmixer_sub_and_layer_scale() {
     for v in VARIANTS {
         let s = &found[v].sets[0];
         let coefs: Vec<f64> = s.branches.iter().map(|b| b.coef).collect();
-        assert_eq!(coefs.iter().filter(|&&c| c == -1.0).count(), 1, "{v}: the norm branch is subtracted");
-        let scaled = s.branches.iter().filter(|b| b.ops.iter().any(|o| matches!(o, GOp::Mul { .. }))).count();
-        assert_eq!(scaled, 4, "{v}: γ applies to the four branches under it, not to x");
-        assert!(found[v].sets[1].branches.iter().all(|b| !b.ops.iter().any(|o| matches!(o, GOp::Mul { .. }))));
+        assert_eq!(
+            coefs.iter().filter(|&&c| c == -1.0).count(),
+            1,
+            "{v}: the norm branch is subtracted"
+        );
+        let scaled = s
+            .branches
+            .iter()
+            .filter(|b| b.ops.iter().any(|o| matches!(o, GOp::Mul { .. })))
+            .count();
+        assert_eq!(
+            scaled, 4,
+            "{v}: γ applies to the four branches under it, not to x"
+        );
+        assert!(
+            found[v].sets[1]
+                .branches
+                .iter()
+                .all(|b| !b.ops.iter().any(|o| matches!(o, GOp::Mul { .. })))
+        );
     }
 }
 
@@ -134,7 +195,10 @@ fn fastvit_conditional_pos_enc_and_large_kernel_conv() {
     check("fastvit_cpe", &[2]);
     let found = check("fastvit_lkc", &[2, 2]);
     assert_eq!(found["ts11_fold"].sets[0].kernel, (7, 7));
-    assert!(found["ts11_fold"].sets[1].post.is_empty(), "GELU's Div is not taken as a post op");
+    assert!(
+        found["ts11_fold"].sets[1].post.is_empty(),
+        "GELU's Div is not taken as a post op"
+    );
 }
 
 #[test]
@@ -142,8 +206,14 @@ fn repvit_token_mixer_post_bn() {
     let found = check("repvit_dw", &[3, 3]);
     for v in VARIANTS {
         let sets = &found[v].sets;
-        assert!(matches!(sets[0].post.as_slice(), [GOp::Bn { .. }]), "{v}: post-sum BN");
-        assert!(sets[1].post.is_empty(), "{v}: legacy RepVggDw has no post BN");
+        assert!(
+            matches!(sets[0].post.as_slice(), [GOp::Bn { .. }]),
+            "{v}: post-sum BN"
+        );
+        assert!(
+            sets[1].post.is_empty(),
+            "{v}: legacy RepVggDw has no post BN"
+        );
     }
 }
 
@@ -153,9 +223,16 @@ fn repvit_classifier_is_one_gemm() {
     for v in VARIANTS {
         let s = &found[v].sets[0];
         assert!(s.linear, "{v}");
-        assert!(matches!(s.post.as_slice(), [GOp::Div { .. }]), "{v}: the average of the two heads");
+        assert!(
+            matches!(s.post.as_slice(), [GOp::Div { .. }]),
+            "{v}: the average of the two heads"
+        );
         for b in &s.branches {
-            assert!(matches!(b.ops.as_slice(), [GOp::Bn { .. }, GOp::Gemm { .. }]), "{v}: {:?}", b.ops);
+            assert!(
+                matches!(b.ops.as_slice(), [GOp::Bn { .. }, GOp::Gemm { .. }]),
+                "{v}: {:?}",
+                b.ops
+            );
         }
     }
     let nodist = check("repvit_head_nodist", &[]);
@@ -182,7 +259,10 @@ fn replknet_and_unireplknet_dilated() {
     check("replknet", &[2, 2, 2]);
     let found = check("unireplknet", &[3, 4, 5, 6]);
     let sets = &found["ts17_fold"].sets;
-    assert_eq!(sets.iter().map(|s| s.kernel.0).collect::<Vec<_>>(), [5, 7, 9, 13]);
+    assert_eq!(
+        sets.iter().map(|s| s.kernel.0).collect::<Vec<_>>(),
+        [5, 7, 9, 13]
+    );
 }
 
 /// DBB's BNAndPadLayer fills the border with the BN's response to zero by index assignment,
@@ -194,10 +274,24 @@ fn dbb_bn_and_pad_border_is_not_recognized() {
     for v in VARIANTS {
         let var = &f.variants[v];
         let found = find_branch_sets(&var.train.graph).expect("well formed");
-        let multi: Vec<usize> = found.sets.iter().map(|s| s.branches.len()).filter(|&n| n > 1).collect();
+        let multi: Vec<usize> = found
+            .sets
+            .iter()
+            .map(|s| s.branches.len())
+            .filter(|&n| n > 1)
+            .collect();
         assert_eq!(multi, [2, 2], "{v}");
-        assert!(!found.rejected.is_empty(), "{v}: the whole sums are reported");
-        assert!(found.rejected.iter().all(|r| r.reason.contains("partial sum")), "{v}");
+        assert!(
+            !found.rejected.is_empty(),
+            "{v}: the whole sums are reported"
+        );
+        assert!(
+            found
+                .rejected
+                .iter()
+                .all(|r| r.reason.contains("partial sum")),
+            "{v}"
+        );
         let deploy = find_branch_sets(&var.deploy.graph).expect("well formed");
         assert_ne!(
             counted(&merged_counts(&var.train.graph, &found)),

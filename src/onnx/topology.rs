@@ -659,7 +659,10 @@ impl View<'_> {
         let Some(x) = n.inputs.first() else {
             return Kind::Other;
         };
-        let kernel = n.ints("kernel_shape").map(<[i64]>::to_vec).unwrap_or_default();
+        let kernel = n
+            .ints("kernel_shape")
+            .map(<[i64]>::to_vec)
+            .unwrap_or_default();
         let (geo, mut problem) = match window(n, &kernel) {
             Ok(g) => (g, None),
             Err(e) => (Window::default(), Some(e)),
@@ -698,9 +701,9 @@ impl View<'_> {
                 .map(|t| self.constant(t).and_then(|c| c.values.clone()))
         };
         let (pads, value) = if from_inputs {
-            let pads = values(n.inputs.get(1)).flatten().map(|v| {
-                v.iter().map(|&p| p as i64).collect::<Vec<_>>()
-            });
+            let pads = values(n.inputs.get(1))
+                .flatten()
+                .map(|v| v.iter().map(|&p| p as i64).collect::<Vec<_>>());
             let value = match values(n.inputs.get(2)) {
                 None => Some(0.0),
                 Some(v) => v.and_then(|v| v.first().copied()),
@@ -715,7 +718,9 @@ impl View<'_> {
         } else if n.inputs.get(3).is_some_and(|a| !a.is_empty()) {
             Some(format!("Pad `{label}` pads chosen axes (an `axes` input)"))
         } else if pads.is_none() || value.is_none() {
-            Some(format!("Pad `{label}`'s pads or value are computed in the graph"))
+            Some(format!(
+                "Pad `{label}`'s pads or value are computed in the graph"
+            ))
         } else {
             None
         };
@@ -740,9 +745,15 @@ impl View<'_> {
         }
         let bias = n.inputs.get(2).filter(|c| !c.is_empty()).cloned();
         let problem = if n.int("transA").unwrap_or(0) != 0 {
-            Some(format!("Gemm `{}` transposes its input (transA=1)", n.label()))
+            Some(format!(
+                "Gemm `{}` transposes its input (transA=1)",
+                n.label()
+            ))
         } else if bias.as_ref().is_some_and(|c| !self.float_const(c)) {
-            Some(format!("the bias of Gemm `{}` is computed in the graph", n.label()))
+            Some(format!(
+                "the bias of Gemm `{}` is computed in the graph",
+                n.label()
+            ))
         } else {
             None
         };
@@ -813,9 +824,10 @@ fn window(n: &Node, kernel: &[i64]) -> Result<Window, String> {
     let label = n.label();
     let bad = |what: &str| format!("{} `{label}` has {what}; only 2-D windows merge", n.op_type);
     let kernel = pair(Some(kernel), 1).ok_or_else(|| bad(&format!("kernel {kernel:?}")))?;
-    let stride = pair(n.ints("strides"), 1).ok_or_else(|| bad("strides that are not 2 positive values"))?;
-    let dilation =
-        pair(n.ints("dilations"), 1).ok_or_else(|| bad("dilations that are not 2 positive values"))?;
+    let stride =
+        pair(n.ints("strides"), 1).ok_or_else(|| bad("strides that are not 2 positive values"))?;
+    let dilation = pair(n.ints("dilations"), 1)
+        .ok_or_else(|| bad("dilations that are not 2 positive values"))?;
     let eff = (
         (kernel.0 - 1) * dilation.0 + 1,
         (kernel.1 - 1) * dilation.1 + 1,
@@ -874,12 +886,16 @@ struct Raw {
 impl Raw {
     /// The tensor the branch reads when cut at `j` (it keeps `lower[j..]`).
     fn input_at(&self, j: usize) -> &str {
-        self.lower.get(j).map_or(self.leaf.as_str(), |s| s.input.as_str())
+        self.lower
+            .get(j)
+            .map_or(self.leaf.as_str(), |s| s.input.as_str())
     }
 
     /// The position of the shallowest cut at which the branch reads `t`.
     fn cut_for(&self, t: &str) -> Option<usize> {
-        (0..=self.lower.len()).rev().find(|&j| self.input_at(j) == t)
+        (0..=self.lower.len())
+            .rev()
+            .find(|&j| self.input_at(j) == t)
     }
 }
 
@@ -996,15 +1012,28 @@ impl View<'_> {
     /// The sets (or rejections) a sum rooted at `root` gives.
     fn candidates(&self, root: usize) -> Vec<Result<BranchSet, Rejected>> {
         let tree = self.tree(root);
-        let has_source = |r: &Raw| r.lower.iter().chain(&r.upper).any(|s| s.op.as_ref().is_some_and(is_source));
+        let has_source = |r: &Raw| {
+            r.lower
+                .iter()
+                .chain(&r.upper)
+                .any(|s| s.op.as_ref().is_some_and(is_source))
+        };
         if let Some((input, cuts)) = Self::common_input(&tree.raws) {
             let branches: Vec<(f64, Vec<Step>)> = tree
                 .raws
                 .iter()
                 .zip(&cuts)
-                .map(|(r, &j)| (r.coef, r.lower[j..].iter().chain(&r.upper).cloned().collect()))
+                .map(|(r, &j)| {
+                    (
+                        r.coef,
+                        r.lower[j..].iter().chain(&r.upper).cloned().collect(),
+                    )
+                })
                 .collect();
-            if !branches.iter().any(|(_, b)| b.iter().any(|s| s.op.as_ref().is_some_and(is_source))) {
+            if !branches
+                .iter()
+                .any(|(_, b)| b.iter().any(|s| s.op.as_ref().is_some_and(is_source)))
+            {
                 return Vec::new();
             }
             let out = self.node(root).outputs.first().cloned().unwrap_or_default();
@@ -1018,11 +1047,18 @@ impl View<'_> {
         // Branches on one tensor among branches on others: worth a word.
         let mut reads: BTreeMap<&str, usize> = BTreeMap::new();
         for r in tree.raws.iter().filter(|r| has_source(r)) {
-            for t in (0..=r.lower.len()).map(|j| r.input_at(j)).collect::<BTreeSet<_>>() {
+            for t in (0..=r.lower.len())
+                .map(|j| r.input_at(j))
+                .collect::<BTreeSet<_>>()
+            {
                 *reads.entry(t).or_default() += 1;
             }
         }
-        if let Some((t, &n)) = reads.iter().max_by_key(|(_, n)| **n).filter(|(_, n)| **n >= 2) {
+        if let Some((t, &n)) = reads
+            .iter()
+            .max_by_key(|(_, n)| **n)
+            .filter(|(_, n)| **n >= 2)
+        {
             let merged = found.iter().filter(|f| f.is_ok()).count();
             found.push(Err(Rejected {
                 nodes: self.labels(&tree.joins),
@@ -1032,7 +1068,11 @@ impl View<'_> {
                      know as linear), so the sum as a whole is not one convolution{}",
                     self.node(root).label(),
                     tree.raws.len(),
-                    if merged > 0 { format!("; {merged} partial sum(s) under it merge on their own") } else { String::new() }
+                    if merged > 0 {
+                        format!("; {merged} partial sum(s) under it merge on their own")
+                    } else {
+                        String::new()
+                    }
                 ),
             }));
         }
@@ -1055,7 +1095,10 @@ impl View<'_> {
         let source_ok = |s: &Step| {
             s.problem.is_none()
                 && !taken.contains(&s.node)
-                && matches!(s.op, Some(GOp::Conv { .. } | GOp::Gemm { .. } | GOp::MatMul { .. }))
+                && matches!(
+                    s.op,
+                    Some(GOp::Conv { .. } | GOp::Gemm { .. } | GOp::MatMul { .. })
+                )
         };
         if let Some((_, Kind::Step(src))) = self.producer_kind(&bn_step.input) {
             if source_ok(&src) && self.single_use(&bn_step.input) {
@@ -1078,7 +1121,12 @@ impl View<'_> {
         if !source_ok(&next) || !unpadded || next.input != *out {
             return None;
         }
-        let end = self.node(next.node).outputs.first().cloned().unwrap_or_default();
+        let end = self
+            .node(next.node)
+            .outputs
+            .first()
+            .cloned()
+            .unwrap_or_default();
         let input = bn_step.input.clone();
         Some(self.validate(&[], &input, &[(1.0, vec![bn_step, next])], &end))
     }
@@ -1162,14 +1210,17 @@ impl View<'_> {
             .collect::<Result<Vec<_>, _>>()
             .map_err(|e| reject(&nodes, e))?;
         let shape = block_shape(&geos).map_err(|e| reject(&nodes, e))?;
-        let has_matmul = steps.clone().any(|s| matches!(s.op, Some(GOp::MatMul { .. })));
+        let has_matmul = steps
+            .clone()
+            .any(|s| matches!(s.op, Some(GOp::MatMul { .. })));
         for (_, b) in branches {
             self.check_channels(b, &shape, has_matmul)
                 .map_err(|e| reject(&nodes, e))?;
         }
         let (post, output) = self.post(sum_out, &shape, has_matmul);
         nodes.extend(post.iter().map(|s| s.node));
-        self.check_uses(&nodes, &output).map_err(|e| reject(&nodes, e))?;
+        self.check_uses(&nodes, &output)
+            .map_err(|e| reject(&nodes, e))?;
         Ok(BranchSet {
             input: input.to_string(),
             output,
@@ -1213,7 +1264,9 @@ impl View<'_> {
                 Some(GOp::Bn { .. }) if has_matmul => false,
                 Some(op) => {
                     is_per_channel(op)
-                        && self.check_per_channel(op, shape.c_out, shape.linear).is_ok()
+                        && self
+                            .check_per_channel(op, shape.c_out, shape.linear)
+                            .is_ok()
                 }
             };
             let Some(out) = self.node(c).outputs.first().filter(|_| fits) else {
@@ -1228,7 +1281,12 @@ impl View<'_> {
     /// Every intermediate tensor is read only inside the set.
     fn check_uses(&self, nodes: &BTreeSet<usize>, output: &str) -> Result<(), String> {
         for &i in nodes {
-            for t in self.node(i).outputs.iter().filter(|t| *t != output && !t.is_empty()) {
+            for t in self
+                .node(i)
+                .outputs
+                .iter()
+                .filter(|t| *t != output && !t.is_empty())
+            {
                 if self.outputs.contains(t.as_str()) {
                     return Err(format!(
                         "`{t}` (output of node `{}`) is also a graph output",
@@ -1293,22 +1351,45 @@ impl View<'_> {
             linear: Some(false),
         };
         match op {
-            GOp::Conv { weight, kernel, stride, dilation, pads, group, .. } => {
+            GOp::Conv {
+                weight,
+                kernel,
+                stride,
+                dilation,
+                pads,
+                group,
+                ..
+            } => {
                 let d = self.dims(weight);
                 let [o, i, _, _] = d.as_slice() else {
                     return Err(format!(
                         "Conv `{label}`'s weight `{weight}` has shape {d:?}; only 2-D convs merge"
                     ));
                 };
-                let (o, i) = (usize::try_from(*o).unwrap_or(0), usize::try_from(*i).unwrap_or(0));
+                let (o, i) = (
+                    usize::try_from(*o).unwrap_or(0),
+                    usize::try_from(*i).unwrap_or(0),
+                );
                 if o == 0 || i == 0 || o % group != 0 {
                     return Err(format!(
                         "Conv `{label}`'s weight `{weight}` has shape {d:?}, which does not fit {group} groups"
                     ));
                 }
-                Ok(conv_like(eff(*kernel, *dilation), *stride, *pads, Some((i * group, o)), Some(*group)))
+                Ok(conv_like(
+                    eff(*kernel, *dilation),
+                    *stride,
+                    *pads,
+                    Some((i * group, o)),
+                    Some(*group),
+                ))
             }
-            GOp::AvgPool { kernel, stride, pads, count_include_pad, .. } => {
+            GOp::AvgPool {
+                kernel,
+                stride,
+                pads,
+                count_include_pad,
+                ..
+            } => {
                 if !count_include_pad && *pads != [0; 4] {
                     return Err(format!(
                         "AveragePool `{label}` leaves the padding out of its mean (count_include_pad=0), so its border is no convolution"
@@ -1316,27 +1397,37 @@ impl View<'_> {
                 }
                 Ok(conv_like(*kernel, *stride, *pads, None, None))
             }
-            GOp::Gemm { weight, .. } | GOp::MatMul { weight, .. } => {
-                let trans_b = matches!(op, GOp::Gemm { trans_b: true, .. });
-                let d = self.dims(weight);
-                let [a, b] = d.as_slice() else {
-                    return Err(format!("`{label}`'s weight `{weight}` has shape {d:?}, not 2-D"));
-                };
-                let (a, b) = (usize::try_from(*a).unwrap_or(0), usize::try_from(*b).unwrap_or(0));
-                let io = if trans_b { (b, a) } else { (a, b) };
-                Ok(Geo {
-                    label,
-                    kernel: (1, 1),
-                    stride: (1, 1),
-                    pads: [0; 4],
-                    io: Some(io),
-                    group: Some(1),
-                    linear: Some(true),
-                })
-            }
+            GOp::Gemm { weight, .. } | GOp::MatMul { weight, .. } => linear_geo(
+                &self.dims(weight),
+                weight,
+                label,
+                matches!(op, GOp::Gemm { trans_b: true, .. }),
+            ),
             _ => Err(format!("`{label}` is not a source")),
         }
     }
+}
+
+/// A Gemm's or MatMul's geometry from its weight's dims `d`.
+fn linear_geo(d: &[i64], weight: &str, label: String, trans_b: bool) -> Result<Geo, String> {
+    let [a, b] = d else {
+        return Err(format!(
+            "`{label}`'s weight `{weight}` has shape {d:?}, not 2-D"
+        ));
+    };
+    let (a, b) = (
+        usize::try_from(*a).unwrap_or(0),
+        usize::try_from(*b).unwrap_or(0),
+    );
+    Ok(Geo {
+        label,
+        kernel: (1, 1),
+        stride: (1, 1),
+        pads: [0; 4],
+        io: Some(if trans_b { (b, a) } else { (a, b) }),
+        group: Some(1),
+        linear: Some(true),
+    })
 }
 
 fn branch_ops(steps: &[Step]) -> Vec<GOp> {
@@ -1359,7 +1450,11 @@ impl View<'_> {
             [] => return Ok(geo),
         };
         if !matches!(second, GOp::Conv { .. } | GOp::AvgPool { .. }) || !plain_1x1 {
-            let what = if matches!(second, GOp::Pad { .. }) { "Pad" } else { "op" };
+            let what = if matches!(second, GOp::Pad { .. }) {
+                "Pad"
+            } else {
+                "op"
+            };
             return Err(format!(
                 "{what} `{}` follows `{}` in one branch; only a 1×1, stride-1, unpadded conv merges into the conv after it",
                 self.label(second),
@@ -1381,7 +1476,10 @@ impl View<'_> {
         let mut g2 = self.source_geo(second)?;
         let (c_in, mid_c) = geo.io.unwrap_or((0, 0));
         if let Some((i2, _)) = g2.io.filter(|&(i2, _)| i2 != mid_c) {
-            return Err(format!("`{}` reads {i2} channels but `{}` makes {mid_c}", g2.label, geo.label));
+            return Err(format!(
+                "`{}` reads {i2} channels but `{}` makes {mid_c}",
+                g2.label, geo.label
+            ));
         }
         if g2.group.is_some_and(|g| Some(g) != geo.group) {
             return Err(format!(
@@ -1391,7 +1489,9 @@ impl View<'_> {
         }
         let pads: [usize; 4] = std::array::from_fn(|k| g2.pads[k] + extra[k]);
         let shift = matches!(first, GOp::Conv { bias: Some(_), .. })
-            || mid.iter().any(|o| matches!(o, GOp::Bn { .. } | GOp::Add { .. } | GOp::Sub { .. }));
+            || mid
+                .iter()
+                .any(|o| matches!(o, GOp::Bn { .. } | GOp::Add { .. } | GOp::Sub { .. }));
         if pads != [0; 4] && (shift || value != 0.0) {
             return Err(format!(
                 "the 1×1 conv `{}` → `{}` sequence pads between the two after a bias or BatchNormalization: \
@@ -1428,7 +1528,9 @@ fn block_shape(geos: &[Geo]) -> Result<Shape, String> {
             "`{}` is a {} but `{}` a {}; they do not merge",
             g.label,
             if linear { "Conv" } else { "Gemm/MatMul" },
-            geos.iter().find(|g| g.linear == Some(linear)).map_or("", |g| g.label.as_str()),
+            geos.iter()
+                .find(|g| g.linear == Some(linear))
+                .map_or("", |g| g.label.as_str()),
             if linear { "Gemm/MatMul" } else { "Conv" },
         ));
     }
@@ -1436,7 +1538,10 @@ fn block_shape(geos: &[Geo]) -> Result<Shape, String> {
     for g in geos {
         *strides.entry(g.stride).or_default() += 1;
     }
-    let stride = strides.iter().max_by_key(|(_, n)| **n).map_or((1, 1), |(s, _)| *s);
+    let stride = strides
+        .iter()
+        .max_by_key(|(_, n)| **n)
+        .map_or((1, 1), |(s, _)| *s);
     if let Some(g) = geos.iter().find(|g| g.stride != stride) {
         return Err(format!(
             "branch through node `{}` has stride {}, the others {}",
@@ -1496,7 +1601,13 @@ fn merged_window(geos: &[Geo]) -> Result<((usize, usize), [usize; 4]), String> {
     // Per axis (0: height, 1: width), the pads of the branches with the full extent.
     let mut pads = [0usize; 4];
     for axis in 0..2 {
-        let full = |g: &&Geo| if axis == 0 { g.kernel.0 == kernel.0 } else { g.kernel.1 == kernel.1 };
+        let full = |g: &&Geo| {
+            if axis == 0 {
+                g.kernel.0 == kernel.0
+            } else {
+                g.kernel.1 == kernel.1
+            }
+        };
         let mut widest = geos.iter().filter(full);
         let Some(first) = widest.next() else { continue };
         let (b, e) = (first.pads[axis], first.pads[axis + 2]);
@@ -1544,20 +1655,35 @@ fn merged_window(geos: &[Geo]) -> Result<((usize, usize), [usize; 4]), String> {
 
 impl View<'_> {
     /// Each per-channel op has one value per channel where it acts.
-    fn check_channels(&self, steps: &[Step], shape: &Shape, has_matmul: bool) -> Result<(), String> {
+    fn check_channels(
+        &self,
+        steps: &[Step],
+        shape: &Shape,
+        has_matmul: bool,
+    ) -> Result<(), String> {
         let mut c = shape.c_in;
         for op in steps.iter().filter_map(|s| s.op.as_ref()) {
             match op {
                 GOp::Conv { weight, .. } => {
-                    c = self.dims(weight).first().and_then(|&o| usize::try_from(o).ok()).unwrap_or(c);
+                    c = self
+                        .dims(weight)
+                        .first()
+                        .and_then(|&o| usize::try_from(o).ok())
+                        .unwrap_or(c);
                 }
-                GOp::Gemm { weight, trans_b, .. } => {
+                GOp::Gemm {
+                    weight, trans_b, ..
+                } => {
                     let d = self.dims(weight);
                     let o = if *trans_b { d.first() } else { d.get(1) };
                     c = o.and_then(|&o| usize::try_from(o).ok()).unwrap_or(c);
                 }
                 GOp::MatMul { weight, .. } => {
-                    c = self.dims(weight).get(1).and_then(|&o| usize::try_from(o).ok()).unwrap_or(c);
+                    c = self
+                        .dims(weight)
+                        .get(1)
+                        .and_then(|&o| usize::try_from(o).ok())
+                        .unwrap_or(c);
                 }
                 GOp::Bn { node, .. } if has_matmul => {
                     return Err(format!(
@@ -1569,8 +1695,14 @@ impl View<'_> {
                 _ => {}
             }
         }
-        if let Some(GOp::Gemm { bias: Some(b), node, .. }) =
-            steps.iter().filter_map(|s| s.op.as_ref()).find(|o| matches!(o, GOp::Gemm { .. }))
+        if let Some(GOp::Gemm {
+            bias: Some(b),
+            node,
+            ..
+        }) = steps
+            .iter()
+            .filter_map(|s| s.op.as_ref())
+            .find(|o| matches!(o, GOp::Gemm { .. }))
         {
             self.fits_channels(b, shape.c_out, true)
                 .map_err(|e| format!("the bias of Gemm `{}`: {e}", self.node(*node).label()))?;
@@ -1581,7 +1713,13 @@ impl View<'_> {
     fn check_per_channel(&self, op: &GOp, c: usize, linear: bool) -> Result<(), String> {
         let label = self.label(op);
         match op {
-            GOp::Bn { scale, bias, mean, var, .. } => {
+            GOp::Bn {
+                scale,
+                bias,
+                mean,
+                var,
+                ..
+            } => {
                 for t in [scale, bias, mean, var] {
                     let d = self.dims(t);
                     if d != [c as i64] {
@@ -1592,13 +1730,23 @@ impl View<'_> {
                 }
                 Ok(())
             }
-            GOp::Mul { tensor, .. } | GOp::Add { tensor, .. } | GOp::Sub { tensor, .. } | GOp::Div { tensor, .. } => {
-                let zero = self.constant(tensor).and_then(|k| k.values.as_ref()).is_some_and(|v| v.contains(&0.0));
+            GOp::Mul { tensor, .. }
+            | GOp::Add { tensor, .. }
+            | GOp::Sub { tensor, .. }
+            | GOp::Div { tensor, .. } => {
+                let zero = self
+                    .constant(tensor)
+                    .and_then(|k| k.values.as_ref())
+                    .is_some_and(|v| v.contains(&0.0));
                 if matches!(op, GOp::Div { .. }) && zero {
                     return Err(format!("Div `{label}` divides by zero"));
                 }
-                self.fits_channels(tensor, c, linear)
-                    .map_err(|e| format!("{} `{label}`: {e}", self.node(op_node(op).unwrap_or(0)).op_type))
+                self.fits_channels(tensor, c, linear).map_err(|e| {
+                    format!(
+                        "{} `{label}`: {e}",
+                        self.node(op_node(op).unwrap_or(0)).op_type
+                    )
+                })
             }
             _ => Ok(()),
         }
@@ -1621,8 +1769,462 @@ impl View<'_> {
                 "`{t}` has shape [{c}], which broadcasts over the width of an N×C×H×W tensor, not over its channels"
             ))
         } else {
-            let want = if linear { format!("[{c}]") } else { format!("[{c},1,1] or [1,{c},1,1]") };
-            Err(format!("`{t}` has shape {d:?}; one value per channel is {want}, or a scalar"))
+            let want = if linear {
+                format!("[{c}]")
+            } else {
+                format!("[{c},1,1] or [1,{c},1,1]")
+            };
+            Err(format!(
+                "`{t}` has shape {d:?}; one value per channel is {want}, or a scalar"
+            ))
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::onnx::graph::Attr;
+
+    /// Builds small graphs: float constants and nodes named after their op and position.
+    struct B {
+        g: Graph,
+    }
+
+    fn ints(v: &[i64]) -> Attr {
+        Attr::Ints(v.to_vec())
+    }
+
+    impl B {
+        fn new() -> B {
+            let mut g = Graph::default();
+            g.inputs.push("x".into());
+            B { g }
+        }
+
+        fn konst(&mut self, dims: &[i64]) -> String {
+            let name = format!("c{}", self.g.constants.len());
+            let numel = dims.iter().product::<i64>() as usize;
+            let values = (numel <= 16).then(|| vec![0.5; numel]);
+            self.g.constants.insert(
+                name.clone(),
+                Constant {
+                    dims: dims.to_vec(),
+                    data_type: 1,
+                    values,
+                },
+            );
+            name
+        }
+
+        fn node(&mut self, op: &str, inputs: &[&str], attrs: Vec<(&str, Attr)>) -> String {
+            let index = self.g.nodes.len();
+            let out = format!("{op}{index}");
+            self.g.nodes.push(Node {
+                index,
+                name: format!("{op}_{index}"),
+                op_type: op.into(),
+                domain: String::new(),
+                inputs: inputs.iter().map(|s| s.to_string()).collect(),
+                outputs: vec![out.clone()],
+                attrs: attrs.into_iter().map(|(k, v)| (k.to_string(), v)).collect(),
+            });
+            out
+        }
+
+        /// A conv `[o, i/g, kh, kw]` with bias.
+        fn conv(
+            &mut self,
+            x: &str,
+            (o, i): (i64, i64),
+            k: (i64, i64),
+            s: i64,
+            pads: [i64; 4],
+            (g, d): (i64, i64),
+        ) -> String {
+            let w = self.konst(&[o, i / g, k.0, k.1]);
+            let b = self.konst(&[o]);
+            self.node(
+                "Conv",
+                &[x, &w, &b],
+                vec![
+                    ("kernel_shape", ints(&[k.0, k.1])),
+                    ("strides", ints(&[s, s])),
+                    ("pads", ints(&pads)),
+                    ("group", Attr::Int(g)),
+                    ("dilations", ints(&[d, d])),
+                ],
+            )
+        }
+
+        fn conv3(&mut self, x: &str, c: i64) -> String {
+            self.conv(x, (c, c), (3, 3), 1, [1; 4], (1, 1))
+        }
+
+        fn conv1(&mut self, x: &str, c: i64) -> String {
+            self.conv(x, (c, c), (1, 1), 1, [0; 4], (1, 1))
+        }
+
+        fn bn(&mut self, x: &str, c: i64) -> String {
+            let p: Vec<String> = (0..4).map(|_| self.konst(&[c])).collect();
+            self.node(
+                "BatchNormalization",
+                &[x, &p[0], &p[1], &p[2], &p[3]],
+                vec![("epsilon", Attr::Float(1e-3))],
+            )
+        }
+
+        fn bin(&mut self, op: &str, a: &str, b: &str) -> String {
+            self.node(op, &[a, b], vec![])
+        }
+
+        fn finish(mut self, out: &str) -> Graph {
+            self.g.outputs.push(out.into());
+            self.g
+        }
+    }
+
+    fn find(g: &Graph) -> Finding {
+        find_branch_sets(g).expect("well formed")
+    }
+
+    fn one_rejection(g: &Graph, needle: &str) {
+        let f = find(g);
+        assert!(f.sets.iter().all(|s| s.branches.len() == 1), "{:?}", f.sets);
+        assert_eq!(f.rejected.len(), 1, "{:?}", f.rejected);
+        assert!(
+            f.rejected[0].reason.contains(needle),
+            "{}",
+            f.rejected[0].reason
+        );
+    }
+
+    /// RepVGG: Conv 3×3 + Conv 1×1 + BN(x), then a Relu.
+    fn repvgg(b: &mut B) -> String {
+        let a = b.conv3("x", 8);
+        let c = b.conv1("x", 8);
+        let s = b.bin("Add", &a, &c);
+        let i = b.bn("x", 8);
+        let s = b.bin("Add", &s, &i);
+        b.node("Relu", &[&s], vec![])
+    }
+
+    #[test]
+    fn conv_conv_identity_bn_merges() {
+        let mut b = B::new();
+        let y = repvgg(&mut b);
+        let f = find(&b.finish(&y));
+        assert_eq!(f.sets.len(), 1);
+        let s = &f.sets[0];
+        assert_eq!(
+            (s.branches.len(), s.kernel, s.pads, s.nodes.len()),
+            (3, (3, 3), [1; 4], 5)
+        );
+        assert!(
+            matches!(s.branches[2].ops.as_slice(), [GOp::Identity, GOp::Bn { eps, .. }] if (*eps - 1e-3).abs() < 1e-9)
+        );
+        assert_eq!(s.input, "x");
+        assert!(f.rejected.is_empty());
+    }
+
+    #[test]
+    fn sum_with_three_inputs_joins() {
+        let mut b = B::new();
+        let (p, q, r) = (b.conv3("x", 4), b.conv1("x", 4), b.bn("x", 4));
+        let s = b.node("Sum", &[&p, &q, &r], vec![]);
+        let f = find(&b.finish(&s));
+        assert_eq!(f.sets[0].branches.len(), 3);
+    }
+
+    #[test]
+    fn sub_is_a_negative_branch_and_a_scale_on_a_partial_sum_distributes() {
+        // FastViT RepMixer: x + γ·((conv(x) + BN(x)) − BN(x))
+        let mut b = B::new();
+        let (c, m) = (b.conv3("x", 4), b.bn("x", 4));
+        let mixer = b.bin("Add", &c, &m);
+        let n = b.bn("x", 4);
+        let d = b.bin("Sub", &mixer, &n);
+        let g = b.konst(&[4, 1, 1]);
+        let scaled = b.bin("Mul", &d, &g);
+        let y = b.bin("Add", "x", &scaled);
+        let f = find(&b.finish(&y));
+        let s = &f.sets[0];
+        assert_eq!(
+            s.branches.iter().map(|b| b.coef).collect::<Vec<_>>(),
+            [1.0, 1.0, 1.0, -1.0]
+        );
+        assert!(
+            s.branches[1..]
+                .iter()
+                .all(|b| matches!(b.ops.last(), Some(GOp::Mul { .. })))
+        );
+        assert_eq!(s.nodes.len(), 7);
+    }
+
+    #[test]
+    fn dilated_branch_counts_with_its_effective_size() {
+        let mut b = B::new();
+        let big = b.conv("x", (4, 4), (5, 5), 1, [2; 4], (4, 1));
+        let dil = b.conv("x", (4, 4), (3, 3), 1, [2; 4], (4, 2));
+        let y = b.bin("Add", &big, &dil);
+        let f = find(&b.finish(&y));
+        assert_eq!((f.sets[0].kernel, f.sets[0].group), ((5, 5), 4));
+    }
+
+    #[test]
+    fn asymmetric_kx1_and_1xk_centre_on_the_square_kernel() {
+        let mut b = B::new();
+        let sq = b.conv3("x", 4);
+        let ver = b.conv("x", (4, 4), (3, 1), 1, [1, 0, 1, 0], (1, 1));
+        let hor = b.conv("x", (4, 4), (1, 3), 1, [0, 1, 0, 1], (1, 1));
+        let s = b.bin("Add", &sq, &ver);
+        let y = b.bin("Add", &s, &hor);
+        assert_eq!(find(&b.finish(&y)).sets[0].branches.len(), 3);
+    }
+
+    #[test]
+    fn average_pool_counting_its_padding_is_a_branch() {
+        let mut b = B::new();
+        let c = b.conv("x", (4, 4), (3, 3), 1, [1; 4], (4, 1));
+        let a = b.node(
+            "AveragePool",
+            &["x"],
+            vec![
+                ("kernel_shape", ints(&[3, 3])),
+                ("pads", ints(&[1; 4])),
+                ("count_include_pad", Attr::Int(1)),
+            ],
+        );
+        let a = b.bn(&a, 4);
+        let y = b.bin("Add", &c, &a);
+        assert_eq!(find(&b.finish(&y)).sets[0].branches.len(), 2);
+    }
+
+    #[test]
+    fn average_pool_leaving_padding_out_of_the_mean_is_rejected() {
+        let mut b = B::new();
+        let c = b.conv("x", (4, 4), (3, 3), 1, [1; 4], (4, 1));
+        let a = b.node(
+            "AveragePool",
+            &["x"],
+            vec![("kernel_shape", ints(&[3, 3])), ("pads", ints(&[1; 4]))],
+        );
+        let y = b.bin("Add", &c, &a);
+        one_rejection(&b.finish(&y), "count_include_pad=0");
+    }
+
+    /// DBB's 1×1 → k×k: the 1×1 without bias, a zero Pad, the k×k unpadded.
+    fn sequence(b: &mut B, bias_bn: bool) -> String {
+        let w = b.konst(&[4, 4, 1, 1]);
+        let one = b.node("Conv", &["x", &w], vec![("kernel_shape", ints(&[1, 1]))]);
+        let one = if bias_bn { b.bn(&one, 4) } else { one };
+        let pads = b.konst(&[8]);
+        b.g.constants.get_mut(&pads).expect("just made").values =
+            Some(vec![0., 0., 1., 1., 0., 0., 1., 1.]);
+        b.g.constants.get_mut(&pads).expect("just made").data_type = 7;
+        let p = b.bin("Pad", &one, &pads);
+        let k = b.conv(&p, (4, 4), (3, 3), 1, [0; 4], (1, 1));
+        let origin = b.conv3("x", 4);
+        b.bin("Add", &origin, &k)
+    }
+
+    #[test]
+    fn sequence_1x1_pad_kxk_merges_when_the_border_is_zero() {
+        let mut b = B::new();
+        let y = sequence(&mut b, false);
+        let f = find(&b.finish(&y));
+        let s = &f.sets[0];
+        assert_eq!((s.branches.len(), s.pads), (2, [1; 4]));
+        assert!(matches!(
+            s.branches[1].ops.as_slice(),
+            [GOp::Conv { .. }, GOp::Pad { .. }, GOp::Conv { .. }]
+        ));
+    }
+
+    #[test]
+    fn sequence_padded_after_a_bn_is_rejected() {
+        let mut b = B::new();
+        let y = sequence(&mut b, true);
+        one_rejection(&b.finish(&y), "not what");
+    }
+
+    #[test]
+    fn bn_after_the_sum_is_a_post_op() {
+        let mut b = B::new();
+        let (c, d) = (b.conv3("x", 4), b.conv1("x", 4));
+        let s = b.bin("Add", &c, &d);
+        let s = b.bin("Add", &s, "x");
+        let y = b.bn(&s, 4);
+        let f = find(&b.finish(&y));
+        assert!(matches!(f.sets[0].post.as_slice(), [GOp::Bn { .. }]));
+        assert_eq!(f.sets[0].output, y);
+    }
+
+    #[test]
+    fn single_unfolded_conv_bn_is_a_set() {
+        let mut b = B::new();
+        let c = b.conv3("x", 4);
+        let y = b.bn(&c, 4);
+        let f = find(&b.finish(&y));
+        assert_eq!(
+            (
+                f.sets.len(),
+                f.sets[0].branches.len(),
+                f.sets[0].nodes.len()
+            ),
+            (1, 1, 2)
+        );
+    }
+
+    #[test]
+    fn bn_before_gemm_heads_averaged_is_one_linear_set() {
+        let mut b = B::new();
+        let head = |b: &mut B| {
+            let n = b.bn("x", 16);
+            let w = b.konst(&[10, 16]);
+            let c = b.konst(&[10]);
+            b.node("Gemm", &[&n, &w, &c], vec![("transB", Attr::Int(1))])
+        };
+        let (h1, h2) = (head(&mut b), head(&mut b));
+        let s = b.bin("Add", &h1, &h2);
+        let two = b.konst(&[]);
+        let y = b.bin("Div", &s, &two);
+        let f = find(&b.finish(&y));
+        let s = &f.sets[0];
+        assert!(s.linear);
+        assert_eq!((s.in_channels, s.out_channels, s.nodes.len()), (16, 10, 6));
+    }
+
+    #[test]
+    fn different_strides_are_rejected() {
+        let mut b = B::new();
+        let a = b.conv("x", (4, 4), (3, 3), 2, [1; 4], (1, 1));
+        let c = b.conv1("x", 4);
+        let y = b.bin("Add", &a, &c);
+        one_rejection(&b.finish(&y), "has stride 1×1, the others 2×2");
+    }
+
+    #[test]
+    fn pads_that_do_not_centre_are_rejected() {
+        let mut b = B::new();
+        let a = b.conv3("x", 4);
+        let c = b.conv("x", (4, 4), (1, 1), 1, [1, 1, 0, 0], (1, 1));
+        let y = b.bin("Add", &a, &c);
+        one_rejection(&b.finish(&y), "does not centre");
+    }
+
+    #[test]
+    fn different_groups_are_rejected() {
+        let mut b = B::new();
+        let a = b.conv3("x", 4);
+        let c = b.conv("x", (4, 4), (1, 1), 1, [0; 4], (4, 1));
+        let y = b.bin("Add", &a, &c);
+        one_rejection(&b.finish(&y), "groups");
+    }
+
+    #[test]
+    fn channel_counts_that_disagree_are_rejected() {
+        let mut b = B::new();
+        let a = b.conv("x", (8, 4), (3, 3), 1, [1; 4], (1, 1));
+        let y = b.bin("Add", &a, "x");
+        one_rejection(&b.finish(&y), "as many input as output channels");
+    }
+
+    #[test]
+    fn intermediate_read_elsewhere_is_rejected() {
+        let mut b = B::new();
+        let a = b.conv3("x", 4);
+        let c = b.conv1("x", 4);
+        let y = b.bin("Add", &a, &c);
+        let z = b.node("Relu", &[&a], vec![]);
+        let mut g = b.finish(&y);
+        g.outputs.push(z);
+        one_rejection(&g, "outside the block");
+    }
+
+    #[test]
+    fn intermediate_graph_output_is_rejected() {
+        let mut b = B::new();
+        let a = b.conv3("x", 4);
+        let c = b.conv1("x", 4);
+        let y = b.bin("Add", &a, &c);
+        let mut g = b.finish(&y);
+        g.outputs.push(a);
+        one_rejection(&g, "graph output");
+    }
+
+    #[test]
+    fn weight_computed_in_the_graph_is_rejected() {
+        let mut b = B::new();
+        let a = b.conv3("x", 4);
+        let w = b.konst(&[4, 4, 1, 1]);
+        let w = b.node("Relu", &[&w], vec![]);
+        let c = b.node("Conv", &["x", &w], vec![]);
+        let y = b.bin("Add", &a, &c);
+        one_rejection(&b.finish(&y), "not a constant");
+    }
+
+    #[test]
+    fn per_channel_constant_over_the_width_is_rejected() {
+        let mut b = B::new();
+        let a = b.conv3("x", 4);
+        let g = b.konst(&[4]);
+        let a = b.bin("Mul", &a, &g);
+        let y = b.bin("Add", &a, "x");
+        one_rejection(&b.finish(&y), "broadcasts over the width");
+    }
+
+    #[test]
+    fn residual_over_a_nonlinear_branch_is_no_candidate() {
+        let mut b = B::new();
+        let a = b.conv3("x", 4);
+        let r = b.node("Relu", &[&a], vec![]);
+        let c = b.conv3(&r, 4);
+        let y = b.bin("Add", &c, "x");
+        let f = find(&b.finish(&y));
+        assert!(f.sets.is_empty() && f.rejected.is_empty(), "{f:?}");
+    }
+
+    #[test]
+    fn cycle_is_an_error() {
+        let mut b = B::new();
+        let a = b.bin("Add", "x", "Relu1");
+        let r = b.node("Relu", &[&a], vec![]);
+        assert_eq!(r, "Relu1");
+        let g = b.finish(&r);
+        assert!(matches!(
+            find_branch_sets(&g),
+            Err(TopologyError::Cycle { .. })
+        ));
+    }
+
+    #[test]
+    fn constant_graph_output_is_an_error() {
+        let mut b = B::new();
+        let k = b.konst(&[4]);
+        let g = b.finish(&k);
+        assert_eq!(
+            find_branch_sets(&g),
+            Err(TopologyError::ConstantOutput { output: k })
+        );
+    }
+
+    #[test]
+    fn unknown_tensor_and_two_writers_are_errors() {
+        let mut b = B::new();
+        let _ = b.bin("Add", "x", "nowhere");
+        let g = b.finish("x");
+        assert!(matches!(
+            find_branch_sets(&g),
+            Err(TopologyError::UnknownTensor { .. })
+        ));
+        let mut b = B::new();
+        let r = b.node("Relu", &["x"], vec![]);
+        let _ = b.node("Relu", &["x"], vec![]);
+        b.g.nodes[1].outputs = vec![r.clone()];
+        assert!(matches!(
+            find_branch_sets(&b.finish(&r)),
+            Err(TopologyError::TwoProducers { .. })
+        ));
     }
 }
