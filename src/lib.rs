@@ -22,6 +22,7 @@ pub mod dtype;
 pub mod find;
 pub mod fuse;
 pub mod int8;
+pub mod onnx;
 pub mod progress;
 pub mod report;
 pub mod verify;

@@ -13,6 +13,7 @@ const LAYERS: &[&[&str]] = &[
     &[
         "block",
         "checkpoint",
+        "onnx",
         "report",
         "dtype",
         "conv",

@@ -8,6 +8,7 @@
 //! prefix, and keeps the prefixes that carry a k×k conv branch.
 
 mod assemble;
+pub mod graph;
 mod names;
 pub mod schema;
 
