@@ -5,12 +5,13 @@
 //!
 //! Layers, each depending only on those below it (ARCHITECTURE.md has the map):
 //! - use cases: [`app`] — [`convert()`], [`verify_files()`], [`inspect()`];
-//! - stages: [`layout`] finds the blocks by their tensor names, [`deploy`] fuses and writes
-//!   the deploy file as a stream, [`check`] judges a deploy file;
-//! - leaves: [`checkpoint`] reads tensors, [`block`] is the block model, [`ops`] the branch
-//!   algebra (the one fusion routine and each op's forward), [`conv`] the f64 convolution,
-//!   [`deviation`] the figure of merit, [`int8`] the INT8 readiness figures, [`report`] the JSON report, [`progress`] the hooks a
-//!   caller gives a run.
+//! - stages: [`find`] finds the blocks (by tensor names, or in an ONNX graph by topology),
+//!   [`fuse`] is the branch algebra and the one fusion routine, [`write`](mod@write) writes the deploy
+//!   file as a stream, [`verify`] judges a deploy file op by op (never through [`fuse`]);
+//! - leaves: [`block`] is the block model and its values, [`checkpoint`] and [`onnx`] are
+//!   tensor sources, [`dtype`] the codec, [`conv`] the f64 convolution, [`deviation`] the figure
+//!   of merit, [`int8`] the INT8 readiness figures, [`report`] the report and its renderings,
+//!   [`progress`] the hooks a caller gives a run.
 #![deny(missing_docs)]
 
 pub mod app;

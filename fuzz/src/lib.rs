@@ -12,11 +12,13 @@ use std::sync::OnceLock;
 use repvgg_fuse::Settings;
 use repvgg_fuse::app::ReportTo;
 use repvgg_fuse::block::Role;
-use repvgg_fuse::check::unfused_rows;
-use repvgg_fuse::checkpoint::{Checkpoint, dtype_bytes};
+use repvgg_fuse::checkpoint::Checkpoint;
 use repvgg_fuse::conv::{BlockInput, Input};
-use repvgg_fuse::deploy::{Plan, fuse_block_rows};
-use repvgg_fuse::layout::{Detection, Layout};
+use repvgg_fuse::dtype::dtype_bytes;
+use repvgg_fuse::find::{Detection, Layout};
+use repvgg_fuse::fuse::block::fuse_block_rows;
+use repvgg_fuse::verify::unfused_rows;
+use repvgg_fuse::write::plan::Plan;
 use repvgg_fuse::progress::Hooks;
 use safetensors::Dtype;
 
@@ -91,11 +93,13 @@ pub fn load_and_detect(data: &[u8]) -> Depth {
             return Depth::Refused;
         }
     };
-    let layouts = Layout::builtin();
+    let Ok(layouts) = Layout::builtin() else {
+        unreachable!("the built-in layout table is tested")
+    };
     let forced = std::iter::once(None).chain(layouts.iter().map(|l| Some(l.name.as_str())));
     let mut depth = Depth::Loaded;
     for name in forced {
-        match Detection::find(&ckpt, &layouts, name, "fuzz") {
+        match Detection::find(&ckpt, &layouts, name, None) {
             Ok(detection) => depth = depth.max(exercise(&ckpt, &detection)),
             Err(e) => {
                 let _ = e.to_string();
@@ -125,14 +129,13 @@ fn exercise(ckpt: &Checkpoint, detection: &Detection) -> Depth {
         let _ = plan.file_len();
     }
     let _ = detection.consumed();
-    let (eps, _) = detection.layout.bn_eps(None);
     for (i, block) in detection.blocks.iter().enumerate() {
         let side = block.kernel / 2 + 1;
         let channels = block.in_channels().unwrap_or(block.in_per_group);
         let probe = Input::random(1, channels, block.kernel, block.kernel, 0, i as u64);
         // The one fusion routine, as the converter runs it (probe included).
         let rows = 0..block.out_channels;
-        let fused = match fuse_block_rows(ckpt, block, rows.clone(), eps, block.dtype, Some(&probe)) {
+        let fused = match fuse_block_rows(ckpt, block, rows.clone(), block.dtype, Some(&probe)) {
             Ok(f) => f,
             Err(e) => {
                 let _ = e.to_string();
@@ -150,7 +153,7 @@ fn exercise(ckpt: &Checkpoint, detection: &Detection) -> Depth {
         if work <= PROBE_BUDGET {
             // The verification's other side: the train block op by op.
             let x = BlockInput::new(Input::random(1, channels, side, side, 0, i as u64), &[]);
-            if let Err(e) = unfused_rows(ckpt, block, eps, &x, rows) {
+            if let Err(e) = unfused_rows(ckpt, block, &x, rows) {
                 let _ = e.to_string();
             }
         }
@@ -198,13 +201,13 @@ pub fn seeds() -> Vec<(String, Vec<u8>)> {
             .collect()
     };
     let mut out = Vec::new();
-    for layout in Layout::builtin() {
+    for layout in Layout::builtin().unwrap_or_default() {
         let prefix = "layer1.0";
         let mut tensors: Vec<Tensor> = Vec::new();
         for spec in &layout.branches {
             let path = format!("{prefix}.{}", spec.path.replace("{n}", "0"));
             if let Some(conv) = &spec.conv {
-                let k = if spec.role == Role::Scale { 1 } else { 3 };
+                let k = if spec.role == Role::Pointwise { 1 } else { 3 };
                 tensors.push((
                     format!("{path}.{conv}.weight"),
                     "F32",

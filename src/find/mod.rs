@@ -1,6 +1,6 @@
-//! Finding the blocks of a checkpoint by their tensor names: the layout table ([`schema`]),
-//! matching names ([`names`]), assembling checked blocks ([`assemble`]), and choosing among
-//! layouts ([`Detection::find`]).
+//! Finding the blocks: by their tensor names in a checkpoint — the layout table ([`schema`]),
+//! matching names (`names`), assembling checked blocks (`assemble`), and choosing among
+//! layouts ([`Detection::find`]) — or by topology in an ONNX graph ([`graph`]).
 //!
 //! A layout is data — a table of name patterns — not a code path. The built-in table lives in
 //! `layouts.json`; a user can pass their own file of the same shape for an in-house fork.

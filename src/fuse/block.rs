@@ -1,6 +1,6 @@
 //! Fusing one block, a chunk of output channels at a time, straight from the tensor source's
 //! bytes: its values loaded, its branches composed, the one fusion routine run. Every writer
-//! (and inspect, and the fuzzer) fuses through [`fuse_chunk`] / [`fuse_block_rows`].
+//! (and inspect, and the fuzzer) fuses through `fuse_chunk` / [`fuse_block_rows`].
 
 use std::ops::Range;
 
