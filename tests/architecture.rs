@@ -209,3 +209,49 @@ fn only_the_binary_prints_or_knows_terminals() {
         }
     }
 }
+
+#[test]
+fn every_file_the_tool_writes_goes_through_write_atomic() {
+    // Temp files, creation and renames live in app/output.rs only: `write_atomic` makes a
+    // finished temp file beside its target, `commit` renames them all at the end.
+    let mut files = Vec::new();
+    sources(Path::new("src"), &mut files);
+    let mut writers = Vec::new();
+    for (module, code) in &files {
+        for needle in [
+            "tempfile::",
+            "NamedTempFile",
+            "File::create",
+            "fs::write(",
+            "OpenOptions",
+            "fs::rename",
+            ".persist(",
+        ] {
+            if code.contains(needle) {
+                writers.push(format!("{module}: {needle}"));
+            }
+        }
+    }
+    let output = std::fs::read_to_string("src/app/output.rs").expect("src/app/output.rs");
+    assert!(
+        output.contains("fn write_atomic") && output.contains("tempfile::"),
+        "app/output.rs has write_atomic"
+    );
+    // Only the app module (its output.rs, checked by name below) may name them.
+    assert!(writers.iter().all(|w| w.starts_with("app:")), "{writers:?}");
+    for entry in std::fs::read_dir("src/app").expect("src/app") {
+        let path = entry.expect("an entry").path();
+        if path.file_name().is_some_and(|n| n == "output.rs") {
+            continue;
+        }
+        let code = std::fs::read_to_string(&path).expect("readable");
+        let code = code.split("#[cfg(test)]").next().unwrap_or_default();
+        for needle in ["tempfile::", "NamedTempFile", "File::create", ".persist("] {
+            assert!(
+                !code.contains(needle),
+                "{} names `{needle}`",
+                path.display()
+            );
+        }
+    }
+}

@@ -284,16 +284,7 @@ fn fuse_row(
                 let raw = &bytes[r * row_bytes..(r + 1) * row_bytes];
                 decode_into(dtype, raw, &mut scratch.w);
                 finite_row(&scratch.w, ti, r * per_row)?;
-                // An input BN `s·x + t` (1×1 kernels only): w·s on the weights, w·t a bias.
-                let through = input.map_or(0.0, |bn| {
-                    let through = dot(&scratch.w, &bn.shift);
-                    scratch
-                        .w
-                        .iter_mut()
-                        .zip(&bn.scale)
-                        .for_each(|(w, s)| *w *= s);
-                    through
-                });
+                let through = fold_input(&mut scratch.w, input);
                 bias += a * through;
                 let first = std::mem::take(&mut fresh);
                 let w = &scratch.w;
@@ -340,6 +331,20 @@ fn fuse_row(
     }
     debug_assert_eq!(scratch.fused.len(), grid.row_len());
     Ok((unfused, bias))
+}
+
+/// An input BN `s·x + t` (1×1 kernels only) folded into row `w`: `w·s` on the weights;
+/// returns `w·t`, what it adds to the bias.
+#[inline(always)]
+fn fold_input(w: &mut [f64], input: Option<&Affine>) -> f64 {
+    match input {
+        Some(bn) => {
+            let through = dot(w, &bn.shift);
+            w.iter_mut().zip(&bn.scale).for_each(|(w, s)| *w *= s);
+            through
+        }
+        None => 0.0,
+    }
 }
 
 /// Adds `a` times the identity (side 1) or a `side`×`side` average of input channel
