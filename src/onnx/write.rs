@@ -256,7 +256,10 @@ impl OnnxModel {
                 order.push(Slot::Old(at));
             }
         }
-        let dropped = self.drop_unused_constants(edit, &mut order)?;
+        // Only what the edit made unused is dropped; what was unused already stays as read.
+        let all: Vec<Slot> = (0..graph.node.len()).map(Slot::Old).collect();
+        let used_before = self.used_names(edit, &all)?;
+        let dropped = self.drop_unused_constants(edit, &used_before, &mut order)?;
         let used = self.used_names(edit, &order)?;
         let mut nodes = Vec::with_capacity(order.len());
         for slot in &order {
@@ -266,7 +269,10 @@ impl OnnxModel {
             });
         }
         let (kept_initializers, initializers_dropped): (Vec<usize>, Vec<usize>) =
-            (0..graph.initializer.len()).partition(|&i| used.contains(graph.initializer[i].name()));
+            (0..graph.initializer.len()).partition(|&i| {
+                let name = graph.initializer[i].name();
+                used.contains(name) || !used_before.contains(name)
+            });
         let dropped_names: HashSet<&str> = initializers_dropped
             .iter()
             .map(|&i| graph.initializer[i].name())
@@ -361,11 +367,13 @@ impl OnnxModel {
         Ok(())
     }
 
-    /// Removes from `order` the `Constant` and alias `Identity` nodes whose outputs nothing
-    /// uses any more (repeatedly: dropping an alias may free what it aliased).
+    /// Removes from `order` the `Constant` and alias `Identity` nodes whose outputs were used
+    /// (`used_before`) and are not any more (repeatedly: dropping an alias may free what it
+    /// aliased).
     fn drop_unused_constants(
         &self,
         edit: &GraphEdit,
+        used_before: &HashSet<String>,
         order: &mut Vec<Slot>,
     ) -> Result<Vec<usize>, OnnxError> {
         let graph = self.graph();
@@ -386,10 +394,9 @@ impl OnnxModel {
             let before = order.len();
             order.retain(|slot| match *slot {
                 Slot::Old(i) if constant_nodes.contains(&i) => {
-                    let keep = graph.node[i]
-                        .output
-                        .iter()
-                        .any(|o| used.contains(o.as_str()));
+                    let outputs = &graph.node[i].output;
+                    let keep = outputs.iter().any(|o| used.contains(o.as_str()))
+                        || !outputs.iter().any(|o| used_before.contains(o.as_str()));
                     if !keep {
                         dropped.push(i);
                     }
