@@ -807,3 +807,22 @@ fn symlinks_may_not_lead_out_of_the_models_folder() {
         }
     }
 }
+
+#[test]
+fn external_placement_writes_a_side_file_only_when_something_goes_there() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let out = dir.path().join("deploy.onnx");
+    let summary = write_fused("conv_train", &out, DataPlacement::External);
+    assert_eq!(summary.side_file, Some(dir.path().join("deploy.onnx.data")));
+    assert_eq!(summary.side_bytes, 2304);
+    let deploy = OnnxModel::open(&out).expect("reopens");
+    assert!(deploy.has_external_data());
+    // Nothing large and new, nothing external before: no side file.
+    let same = dir.path().join("same.onnx");
+    no_edit(&open("rich.onnx"), &same, DataPlacement::External);
+    assert!(!dir.path().join("same.onnx.data").exists());
+    assert_eq!(
+        std::fs::read(&same).expect("written"),
+        std::fs::read(fixture("rich.onnx")).expect("readable")
+    );
+}

@@ -18,7 +18,7 @@
 //! Map: [`model`] opens a file ([`OnnxModel::open`]) and builds the tensor table
 //! ([`TensorEntry`]: initializers, `Constant` outputs and `Identity` aliases, with where their
 //! bytes are); [`external`] resolves and polices external-data side files; [`view`] gives the
-//! block finder its plain [`graph::Graph`]; [`write`] writes a deploy graph
+//! block finder its plain [`graph::Graph`]; [`mod@write`] writes a deploy graph
 //! ([`OnnxModel::write_deploy`]) through temp files renamed into place at the end.
 
 pub mod external;

@@ -210,7 +210,9 @@ impl OnnxModel {
         )?;
         plan.summary.model_bytes = model_bytes;
         plan.summary.side_bytes = side_bytes;
-        plan.summary.side_file = side_path.clone();
+        // No tensor went to the side file: no side file (the temp file is removed).
+        let side_tmp = side_tmp.filter(|_| side_bytes > 0);
+        plan.summary.side_file = side_path.clone().filter(|_| side_bytes > 0);
         let side = side_tmp.zip(side_path.as_deref());
         persist_outputs(model_tmp, out, side)?;
         Ok(plan.summary)
@@ -336,7 +338,9 @@ impl OnnxModel {
                 node.name, node.at
             ));
         }
+        // Initializers count even if the edit frees them: they are dropped only afterwards.
         let mut taken: HashSet<&str> = graph.input.iter().map(|v| v.name()).collect();
+        taken.extend(graph.initializer.iter().map(|t| t.name()));
         for (i, node) in graph.node.iter().enumerate() {
             if !edit.remove.contains(&i) {
                 taken.extend(node.output.iter().map(String::as_str));
@@ -352,17 +356,6 @@ impl OnnxModel {
             if taken.contains(name.as_str()) || !fresh.insert(name.as_str()) {
                 return bad(format!("the new tensor `{name}` would be produced twice"));
             }
-        }
-        let replaced: HashSet<&str> = edit.tensors.iter().map(|t| t.name.as_str()).collect();
-        if let Some(t) = graph
-            .initializer
-            .iter()
-            .find(|t| replaced.contains(t.name()))
-        {
-            return bad(format!(
-                "the new initializer `{}` has the name of an existing one",
-                t.name()
-            ));
         }
         Ok(())
     }
@@ -489,48 +482,10 @@ impl OnnxModel {
         plan: &Plan,
         location: Option<&str>,
     ) -> Result<Vec<OutTensor>, OnnxError> {
-        let graph = self.graph();
-        let mut side_end = 0u64;
-        let mut place = |len: u64| {
-            let offset = side_end.div_ceil(ALIGN) * ALIGN;
-            side_end = offset + len;
-            offset
-        };
+        let mut side = SidePlan(0);
         let mut out = Vec::new();
         for &i in &plan.kept_initializers {
-            let t = &graph.initializer[i];
-            let entry = self
-                .tensor(t.name())
-                .filter(|e| e.origin == TensorOrigin::Initializer { index: i });
-            let mut header = t.clone();
-            let (inline, side) = match (entry.map(|e| &e.bytes), location) {
-                (Some(TensorBytes::External { file, offset, len }), loc) => {
-                    let source = Source::Side {
-                        file: file.clone(),
-                        offset: *offset,
-                    };
-                    match loc {
-                        Some(loc) => {
-                            let at = place(*len);
-                            set_external(&mut header, loc, at, *len);
-                            (None, Some((at, *len, source)))
-                        }
-                        None => {
-                            header.external_data.clear();
-                            header.data_location = None;
-                            (Some((*len, source)), None)
-                        }
-                    }
-                }
-                _ => (None, None),
-            };
-            let name = t.name().to_string();
-            out.push(OutTensor {
-                name,
-                header,
-                inline,
-                side,
-            });
+            out.push(self.kept_tensor(i, location, &mut side));
         }
         for (i, t) in edit.tensors.iter().enumerate() {
             let data_type = onnx_data_type(t.dtype).ok_or_else(|| OnnxError::Edit {
@@ -549,7 +504,7 @@ impl OnnxModel {
             let len = t.len();
             let (inline, side) = match location {
                 Some(loc) if len >= EXTERNAL_THRESHOLD => {
-                    let at = place(len);
+                    let at = side.place(len);
                     set_external(&mut header, loc, at, len);
                     (None, Some((at, len, Source::Fill(i))))
                 }
@@ -563,6 +518,43 @@ impl OnnxModel {
             });
         }
         Ok(out)
+    }
+
+    /// Initializer `i` as it will be written: as read, except that external data moves to
+    /// the new side file (`location`), or inline when there is none.
+    fn kept_tensor(&self, i: usize, location: Option<&str>, side: &mut SidePlan) -> OutTensor {
+        let t = &self.graph().initializer[i];
+        let entry = self
+            .tensor(t.name())
+            .filter(|e| e.origin == TensorOrigin::Initializer { index: i });
+        let mut header = t.clone();
+        let (inline, side) = match entry.map(|e| &e.bytes) {
+            Some(TensorBytes::External { file, offset, len }) => {
+                let source = Source::Side {
+                    file: file.clone(),
+                    offset: *offset,
+                };
+                match location {
+                    Some(loc) => {
+                        let at = side.place(*len);
+                        set_external(&mut header, loc, at, *len);
+                        (None, Some((at, *len, source)))
+                    }
+                    None => {
+                        header.external_data.clear();
+                        header.data_location = None;
+                        (Some((*len, source)), None)
+                    }
+                }
+            }
+            _ => (None, None),
+        };
+        OutTensor {
+            name: t.name().to_string(),
+            header,
+            inline,
+            side,
+        }
     }
 
     /// Writes the model (and side file) to the temp files; returns their sizes.
@@ -676,6 +668,18 @@ impl OnnxModel {
             });
         }
         Ok(())
+    }
+}
+
+/// The side file's layout so far: its end.
+struct SidePlan(u64);
+
+impl SidePlan {
+    /// The aligned offset for `len` more bytes.
+    fn place(&mut self, len: u64) -> u64 {
+        let offset = self.0.div_ceil(ALIGN) * ALIGN;
+        self.0 = offset + len;
+        offset
     }
 }
 
