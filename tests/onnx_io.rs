@@ -826,3 +826,42 @@ fn external_placement_writes_a_side_file_only_when_something_goes_there() {
         std::fs::read(fixture("rich.onnx")).expect("readable")
     );
 }
+
+mod corrupt {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(256))]
+
+        /// Any damage to a model's bytes is an error or a model that writes and reopens;
+        /// never a panic.
+        #[test]
+        fn damaged_models_never_panic(
+            file in prop::sample::select(vec!["rich.onnx", "ext.onnx", "conv_train.onnx"]),
+            flips in prop::collection::vec((any::<prop::sample::Index>(), any::<u8>()), 1..6),
+            cut in any::<prop::sample::Index>(),
+        ) {
+            let mut bytes = std::fs::read(fixture(file)).expect("readable");
+            for (at, v) in flips {
+                let i = at.index(bytes.len());
+                bytes[i] = v;
+            }
+            bytes.truncate(cut.index(bytes.len() + 1).max(1));
+            let dir = tempfile::tempdir().expect("tempdir");
+            let path = dir.path().join("model.onnx");
+            std::fs::write(&path, &bytes).expect("writable");
+            if file == "ext.onnx" {
+                std::fs::copy(fixture("ext.onnx.data"), dir.path().join("ext.onnx.data")).expect("copy");
+            }
+            if let Ok(model) = OnnxModel::open(&path) {
+                let _ = graph_view(&model);
+                let out = dir.path().join("out.onnx");
+                let mut fill = |_: usize, _: &mut dyn Write| Ok(());
+                if model.write_deploy(&GraphEdit::default(), &out, DataPlacement::AsInput, &mut fill).is_ok() {
+                    prop_assert!(OnnxModel::open(&out).is_ok());
+                }
+            }
+        }
+    }
+}

@@ -30,7 +30,9 @@ pub mod write;
 
 use std::path::PathBuf;
 
-pub use model::{OnnxModel, SkippedTensor, TensorBytes, TensorEntry, TensorOrigin};
+pub use model::{
+    OnnxModel, SkippedTensor, TensorBytes, TensorEntry, TensorOrigin, dtype_of, onnx_data_type,
+};
 pub use view::graph_view;
 pub use write::{
     DataPlacement, GraphEdit, NewAttr, NewNode, NewTensor, WriteSummary, persist_outputs, side_path,
@@ -233,7 +235,7 @@ pub fn looks_like_onnx(prefix: &[u8]) -> bool {
             },
             1 => 8,
             2 => match varint(rest) {
-                Some((len, n)) => n as u64 + len,
+                Some((len, n)) => len.saturating_add(n as u64),
                 None => return rest.len() < 10,
             },
             5 => 4,

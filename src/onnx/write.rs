@@ -92,9 +92,13 @@ pub struct NewTensor {
 }
 
 impl NewTensor {
-    /// Its size in bytes.
+    /// Its size in bytes (`u64::MAX` if that overflows).
     pub fn len(&self) -> u64 {
-        self.shape.iter().map(|&d| d as u64).product::<u64>() * (self.dtype.bitsize() / 8) as u64
+        let size = (self.dtype.bitsize() / 8) as u64;
+        self.shape
+            .iter()
+            .try_fold(size, |n, &d| n.checked_mul(d as u64))
+            .unwrap_or(u64::MAX)
     }
 
     /// Whether it has no bytes.
@@ -827,7 +831,7 @@ fn split_before(message: &[u8], number: u64) -> usize {
             0 => super::varint(&message[rest.min(message.len())..]).map_or(0, |(_, n)| n as u64),
             1 => 8,
             2 => super::varint(&message[rest.min(message.len())..])
-                .map_or(0, |(len, n)| n as u64 + len),
+                .map_or(0, |(len, n)| len.saturating_add(n as u64)),
             5 => 4,
             _ => break,
         };
