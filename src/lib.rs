@@ -45,6 +45,9 @@ pub enum Error {
     /// The checkpoint file is unreadable or malformed.
     #[error(transparent)]
     Checkpoint(#[from] CheckpointError),
+    /// An ONNX graph is unreadable or malformed, or cannot be written.
+    #[error(transparent)]
+    Onnx(#[from] onnx::OnnxError),
     /// The blocks could not be found or are malformed.
     #[error("{}: {error}", path.display())]
     Layout {

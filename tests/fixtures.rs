@@ -110,7 +110,7 @@ impl Case {
 /// Folders of other suites, with their own tests and case formats: the re-parameterization
 /// families (tests/families.rs), PyTorch pickles (tests/torch.rs), INT8 figures
 /// (tests/int8.rs).
-const OTHER_SUITES: [&str; 3] = ["fam_", "torch_", "int8_"];
+const OTHER_SUITES: [&str; 6] = ["fam", "torch_", "int8_", "foldbn_", "doctor_", "onnx"];
 
 /// Every folder under fixtures/ with a train.safetensors, sorted by name (other suites'
 /// folders left out).

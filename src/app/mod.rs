@@ -13,7 +13,7 @@ use safetensors::Dtype;
 
 pub use convert::{ReportTo, convert};
 pub use inspect::{InspectBlock, Inspection, OutputTensor, inspect};
-pub use output::{CiOutputs, RunStart, default_report_path};
+pub use output::{CiOutputs, RunStart, default_report_path, write_graph};
 pub use verify::verify_files;
 
 use crate::Error;

@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use crate::Error;
+use crate::onnx::{DataPlacement, GraphEdit, OnnxModel, OutFiles, WriteSummary};
 use crate::report::junit::{RunInfo, junit};
 use crate::report::{Report, markdown};
 
@@ -92,6 +93,52 @@ pub(crate) fn write_atomic<T>(
         what,
     };
     Ok((pending, value))
+}
+
+/// Writes `model` with `edit` applied to `out` (and its side file, for external data) through
+/// [`write_atomic`]: both finished before either is put in place (the side file first, so a
+/// model in place always finds its data); on error nothing is left and an existing output is
+/// untouched. `fill` writes each new tensor's bytes (see [`OnnxModel::write_deploy`]).
+pub fn write_graph(
+    model: &OnnxModel,
+    edit: &GraphEdit,
+    out: &Path,
+    placement: DataPlacement,
+    fill: &mut dyn FnMut(usize, &mut dyn std::io::Write) -> std::io::Result<()>,
+) -> Result<WriteSummary, Error> {
+    let mut files = Vec::new();
+    let summary = match model.side_target(out, placement) {
+        Some(side) => {
+            let (side_file, (model_file, summary)) =
+                write_atomic(&side, "the side file", |side_file| {
+                    write_atomic(out, "the finished graph", |model_file| {
+                        let files = OutFiles {
+                            model: model_file,
+                            side: Some(side_file),
+                        };
+                        Ok(model.write_deploy(edit, out, files, fill)?)
+                    })
+                })?;
+            if summary.side_bytes > 0 {
+                files.push(side_file);
+            }
+            files.push(model_file);
+            summary
+        }
+        None => {
+            let (model_file, summary) = write_atomic(out, "the finished graph", |model_file| {
+                let files = OutFiles {
+                    model: model_file,
+                    side: None,
+                };
+                Ok(model.write_deploy(edit, out, files, fill)?)
+            })?;
+            files.push(model_file);
+            summary
+        }
+    };
+    commit(files)?;
+    Ok(summary)
 }
 
 /// Puts finished files in place, in order.
