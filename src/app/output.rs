@@ -96,7 +96,7 @@ pub(crate) fn write_atomic<T>(
 }
 
 /// Writes `model` with `edit` applied to `out` (and its side file, for external data) through
-/// [`write_atomic`]: both finished before either is put in place (the side file first, so a
+/// `write_atomic`: both finished before either is put in place (the side file first, so a
 /// model in place always finds its data); on error nothing is left and an existing output is
 /// untouched. `fill` writes each new tensor's bytes (see [`OnnxModel::write_deploy`]).
 pub fn write_graph(
