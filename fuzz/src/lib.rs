@@ -86,6 +86,23 @@ pub fn load_and_detect(data: &[u8]) -> Depth {
     if let Err(e) = repvgg_fuse::inspect(path, &Settings::default()) {
         let _ = e.to_string();
     }
+    // An ONNX graph: the protobuf reader, the graph view and the topology finder.
+    match repvgg_fuse::onnx::OnnxModel::open(path) {
+        Ok(model) => {
+            let graph = repvgg_fuse::onnx::graph_view(&model);
+            match repvgg_fuse::find::graph::find_branch_sets(&graph) {
+                Ok(found) => {
+                    let _ = format!("{found:?}");
+                }
+                Err(e) => {
+                    let _ = e.to_string();
+                }
+            }
+        }
+        Err(e) => {
+            let _ = e.to_string();
+        }
+    }
     let ckpt = match Checkpoint::open(path) {
         Ok(c) => c,
         Err(e) => {
