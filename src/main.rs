@@ -63,6 +63,10 @@ struct InspectArgs {
     /// Show the output as cast to this dtype.
     #[arg(long, value_enum)]
     dtype: Option<OutDtype>,
+    /// Also show the INT8 readiness of each fused weight convert would write (fuses every
+    /// block, so it reads every weight twice; `convert` reports them anyway).
+    #[arg(long)]
+    int8: bool,
 }
 
 #[derive(Args, Debug)]
@@ -163,6 +167,10 @@ struct CheckArgs {
     /// (`blocks[i].int8.per_channel_sqnr_db`; the deploy file is still written).
     #[arg(long, value_name = "X", value_parser = finite)]
     int8_min_db: Option<f64>,
+    /// In verification, also measure each block's output SQNR with per-channel INT8 weights
+    /// against its float output (`blocks[i].int8.output_sqnr_db`; an f32 GEMM per block).
+    #[arg(long)]
+    int8_output: bool,
 }
 
 #[derive(ValueEnum, Debug, Clone, Copy)]
@@ -227,6 +235,7 @@ fn settings(
             batch: check.batch as usize,
             atol: check.atol,
             rtol: check.rtol,
+            int8: check.int8_output,
         }),
         cast: dtype.map(Dtype::from),
         read: ReadOptions {
@@ -333,7 +342,8 @@ fn run(started: RunStart, cancel: &Cancel) -> Result<ExitCode> {
     match cli.command {
         Some(Command::Verify(args)) => run_verify(args, started, cancel),
         Some(Command::Inspect(args)) => {
-            let s = settings(&args.find, None, args.dtype, CiOutputs::default());
+            let mut s = settings(&args.find, None, args.dtype, CiOutputs::default());
+            s.check.int8 = args.int8;
             let inspection = repvgg_fuse::inspect(&args.input, &s)?;
             print_warnings(&inspection.warnings);
             if args.json {

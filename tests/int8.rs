@@ -209,7 +209,7 @@ fn gate_exits_1_below_the_threshold_and_0_above() {
 
 #[test]
 fn verify_adds_output_sqnr() {
-    let (code, err, report) = convert("int8_timm_repvgg", &["--verify"]);
+    let (code, err, report) = convert("int8_timm_repvgg", &["--verify", "--int8-output"]);
     assert_eq!(code, 0, "{err}");
     for b in report["blocks"].as_array().unwrap() {
         let v = b["int8"]["output_sqnr_db"].as_f64();
@@ -220,6 +220,11 @@ fn verify_adds_output_sqnr() {
             b["int8"]
         );
     }
+    assert_figures("int8_timm_repvgg", &report["blocks"]);
+    // Verification without --int8-output measures no output figure (it costs a GEMM).
+    let (code, err, report) = convert("int8_timm_repvgg", &["--verify"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(report["blocks"][0]["int8"].get("output_sqnr_db").is_none());
     assert_figures("int8_timm_repvgg", &report["blocks"]);
     // Without verification there is no output figure.
     let (_, _, report) = convert("int8_timm_repvgg", &[]);
@@ -239,6 +244,7 @@ fn verify_subcommand_reports_figures_of_any_deploy_file() {
         .arg(&out)
         .arg("--report")
         .arg(&rep)
+        .arg("--int8-output")
         .assert()
         .success();
     let report: Value = serde_json::from_str(&std::fs::read_to_string(rep).unwrap()).unwrap();
@@ -255,7 +261,7 @@ fn inspect_shows_the_figures() {
     let o = bin()
         .arg("inspect")
         .arg(case_dir("int8_skewed").join("model.safetensors"))
-        .arg("--json")
+        .args(["--json", "--int8"])
         .output()
         .unwrap();
     assert!(o.status.success());
@@ -264,10 +270,20 @@ fn inspect_shows_the_figures() {
     let o = bin()
         .arg("inspect")
         .arg(case_dir("int8_skewed").join("model.safetensors"))
+        .arg("--int8")
         .output()
         .unwrap();
     let text = String::from_utf8_lossy(&o.stdout);
     assert!(text.contains("INT8 SQNR per-tensor 15.1"), "{text}");
+    // Without --int8, inspect fuses nothing and shows no figures.
+    let o = bin()
+        .arg("inspect")
+        .arg(case_dir("int8_skewed").join("model.safetensors"))
+        .arg("--json")
+        .output()
+        .unwrap();
+    let i: Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert!(i["blocks"][0].get("int8").is_none(), "{}", i["blocks"][0]);
 }
 
 #[test]

@@ -24,7 +24,10 @@ pub fn inspect(input: &Path, settings: &Settings) -> Result<Inspection, Error> {
     let int8 = detection
         .blocks
         .iter()
-        .map(|b| fused_figures(ckpt, b, settings.cast.unwrap_or(b.dtype)))
+        .map(|b| match settings.check.int8 {
+            true => fused_figures(ckpt, b, settings.cast.unwrap_or(b.dtype)),
+            false => Ok(None),
+        })
         .collect::<Result<Vec<_>, Error>>()?;
     Ok(Inspection {
         input: input.display().to_string(),

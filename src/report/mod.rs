@@ -491,8 +491,10 @@ pub struct InspectBlock {
     pub block: BlockInfo,
     /// Tensors it consumes.
     pub tensors: Vec<String>,
-    /// INT8 readiness of the fused weight `convert` would write (null if it would not fit the
-    /// output dtype). Fusing for these reads the block's weights twice.
+    /// INT8 readiness of the fused weight `convert` would write, with `inspect --int8` (absent
+    /// without it, or where the weight would not fit the output dtype). Fusing for these reads
+    /// the block's weights twice.
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub int8: Option<Int8Report>,
 }
 

@@ -36,6 +36,10 @@ pub struct CheckOptions {
     pub atol: Option<f64>,
     /// Relative tolerance; `None` for the dtype's default.
     pub rtol: Option<f64>,
+    /// The INT8 figures that cost a computation of their own: in verification the output
+    /// SQNR with per-channel INT8 weights (an f32 GEMM per chunk, `--int8-output`); in
+    /// `inspect` the fused weights' figures (every block fused, `inspect --int8`).
+    pub int8: bool,
 }
 
 impl Default for CheckOptions {
@@ -46,6 +50,7 @@ impl Default for CheckOptions {
             batch: 1,
             atol: None,
             rtol: None,
+            int8: false,
         }
     }
 }
@@ -109,7 +114,7 @@ pub struct Checked {
 }
 
 /// A block run both ways: its deviation and INT8 output sums, or why it could not be run.
-type BlockOutcome = Result<(Deviation, Sqnr), String>;
+type BlockOutcome = Result<(Deviation, Option<Sqnr>), String>;
 
 /// Judges `deploy` against the blocks of `train`: every block run both ways on the verification
 /// input, every other tensor compared.
@@ -139,6 +144,7 @@ pub fn check_deploy(
                 train,
                 deploy,
                 block,
+                int8: opts.int8,
             };
             run.deviation(size, batch, opts.seed, i as u64)
         })
@@ -154,7 +160,7 @@ pub fn check_deploy(
         let dev = result.as_ref().map(|(d, _)| *d).map_err(String::clone);
         failures.extend(judge(block, &dev, opts.tolerance(dtype)));
         devs.push(dev.ok());
-        int8_output.push(result.ok().map(|(_, q)| q.db().into()));
+        int8_output.push(result.ok().and_then(|(_, q)| q.map(|q| q.db().into())));
     }
     failures.extend(check_passthrough(train, deploy, detection)?);
     let report = VerifyReport {
@@ -201,6 +207,8 @@ struct Run<'a> {
     train: &'a Checkpoint,
     deploy: &'a Checkpoint,
     block: &'a Block,
+    /// Whether to measure the INT8 output SQNR too.
+    int8: bool,
 }
 
 impl Run<'_> {
@@ -252,20 +260,22 @@ impl Run<'_> {
             &kernels(self.train, b),
         );
         let mut dev = Deviation::default();
-        let mut int8 = Sqnr::default();
-        for rows in b.row_chunks(VERIFY_CHUNK) {
+        let mut int8 = self.int8.then(Sqnr::default);
+        for rows in b.even_row_chunks(VERIFY_CHUNK) {
             let unfused = self.unfused(&x, rows.clone())?;
             let first = rows.start;
             let (out, weight) = self.fused(&x, fused, rows)?;
             dev = dev.merge(deviation::between(&unfused, &out, first, [h, w]));
-            let conv = ConvRows {
-                weight: &weight,
-                first_row: first,
-                in_per_group: b.in_per_group,
-                kernel: b.kernel,
-            };
-            let cols = x.cols(b.kernel, 1);
-            int8 = int8 + int8::output_sums(conv, &out, &cols, b.out_per_group());
+            if let Some(sums) = int8.as_mut() {
+                let conv = ConvRows {
+                    weight: &weight,
+                    first_row: first,
+                    in_per_group: b.in_per_group,
+                    kernel: b.kernel,
+                };
+                let cols = x.cols(b.kernel, 1);
+                *sums = *sums + int8::output_sums(conv, &out, &cols, b.out_per_group());
+            }
         }
         Ok(Ok((dev, int8)))
     }
@@ -339,6 +349,7 @@ pub fn unfused_rows(
         train,
         deploy: train,
         block,
+        int8: false,
     };
     run.unfused(x, rows)
 }
