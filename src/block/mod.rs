@@ -307,6 +307,9 @@ pub struct Block {
 struct Checker<'a> {
     ckpt: &'a Checkpoint,
     name: &'a str,
+    /// The block has one branch (a Conv→BN fold): its kernel is never placed beside another's,
+    /// so it may be even (ultralytics' HGStem 2×2).
+    single: bool,
 }
 
 impl<'a> Checker<'a> {
@@ -366,7 +369,8 @@ impl<'a> Checker<'a> {
             )));
         }
         let (kh, kw) = kernel_hw(w);
-        if kh % 2 == 0 || kw % 2 == 0 || (kh != kw && !asymmetric) {
+        let even = (kh % 2 == 0 || kw % 2 == 0) && !self.single;
+        if even || (kh != kw && !asymmetric) {
             let shape = if asymmetric { "kh×kw" } else { "a square" };
             return Err(self.err(format!(
                 "conv weight `{}` has a {kh}×{kw} kernel; expected {shape} kernel of odd size",
@@ -450,7 +454,11 @@ impl Block {
         post: Vec<Op>,
         deploy: [String; 2],
     ) -> Result<Block, BlockError> {
-        let c = Checker { ckpt, name };
+        let c = Checker {
+            ckpt,
+            name,
+            single: branches.len() == 1,
+        };
         let (main, kernel) = main_conv(&c, &branches)?;
         let mut branches = branches;
         // An average over "the block's kernel" (0 in the layout: DBB's avg branch).
