@@ -488,3 +488,32 @@ fn folds_are_reported_by_kind() {
         "RepConv is the ultralytics layout's block"
     );
 }
+
+/// The doctor: BNs at their initial statistics (16 of 17 in the fixture) and a file mixing
+/// fused and unfused blocks are refused (exit 2, nothing written), naming them; the legitimate
+/// forms beside each other (super-gradients' placeholder, RT-DETR's kept branches) are not.
+#[test]
+fn the_doctor_refuses_what_would_make_the_output_wrong() {
+    let json = case_json("doctor_bn_initial");
+    let (tmp, out) = run_on("doctor_bn_initial", &[]);
+    assert_eq!(out.status.code(), Some(2), "{}", describe(&out));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("16 of the 17 BN layers"), "{err}");
+    for name in json["expect"]["bn_at_initial_stats"].as_array().unwrap() {
+        assert!(err.contains(name.as_str().unwrap()), "{name}: {err}");
+    }
+    assert!(!err.contains("stem.conv_kxk.bn"), "{err}");
+    assert!(!tmp.path().join("out.safetensors").exists());
+    let json = case_json("doctor_mixed");
+    let (tmp, out) = run_on("doctor_mixed", &[]);
+    assert_eq!(out.status.code(), Some(2), "{}", describe(&out));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("mixes fused and unfused"), "{err}");
+    let expect = &json["expect"];
+    for key in ["fused_blocks", "unfused_blocks", "both_forms_in_one_block"] {
+        for name in expect[key].as_array().unwrap() {
+            assert!(err.contains(name.as_str().unwrap()), "{name}: {err}");
+        }
+    }
+    assert!(!tmp.path().join("out.safetensors").exists());
+}

@@ -63,7 +63,12 @@ pub(super) fn find_blocks(
             return Err(o.error);
         }
     }
-    check_ownership(ckpt, &blocks)?;
+    // While choosing a layout, a taken deploy name does not rule one out: the settled
+    // layout's pass (refusing half blocks) refuses it, and the doctor says what the file mixes.
+    if refuse_half {
+        check_deploy_names(ckpt, &blocks)?;
+    }
+    check_ownership(&blocks)?;
     blocks.sort_by_key(|b| ckpt.get(b.main_weight()).map_or(0, |t| t.start));
     found.blocks = blocks;
     Ok(found)
@@ -238,9 +243,8 @@ pub(super) fn refuse_half_block(
     })
 }
 
-/// Refuses a deploy name that is taken, and a tensor that two blocks both claim (blocks nest
-/// only if a layout's names are ambiguous).
-pub(super) fn check_ownership(ckpt: &Checkpoint, blocks: &[Block]) -> Result<(), LayoutError> {
+/// Refuses a deploy name that is taken by a tensor no block consumes.
+pub(super) fn check_deploy_names(ckpt: &Checkpoint, blocks: &[Block]) -> Result<(), LayoutError> {
     for block in blocks {
         for tensor in [&block.deploy_weight, &block.deploy_bias] {
             // UniRepLKNet writes its fused kernel under the name of a kernel it consumes.
@@ -252,6 +256,12 @@ pub(super) fn check_ownership(ckpt: &Checkpoint, blocks: &[Block]) -> Result<(),
             }
         }
     }
+    Ok(())
+}
+
+/// Refuses a tensor that two blocks both claim (blocks nest only if a layout's names are
+/// ambiguous).
+pub(super) fn check_ownership(blocks: &[Block]) -> Result<(), LayoutError> {
     let mut owner: BTreeMap<&str, &str> = BTreeMap::new();
     for block in blocks {
         let own: BTreeSet<&str> = block.consumed.iter().map(String::as_str).collect();

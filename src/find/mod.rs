@@ -8,6 +8,7 @@
 //! prefix, and keeps the prefixes that carry a k×k conv branch.
 
 mod assemble;
+mod doctor;
 mod fold;
 pub mod graph;
 mod names;
@@ -94,6 +95,10 @@ impl Detection {
             found?
         };
         check_identity_overrides(&detection, rules)?;
+        if let Some(e) = doctor::mixed_forms(ckpt, &detection, None) {
+            return Err(e);
+        }
+        doctor::refuse_initial_bns(ckpt, &detection)?;
         detection
             .blocks
             .sort_by_key(|b| ckpt.get(b.main_weight()).map_or(0, |t| t.start));
@@ -133,7 +138,7 @@ fn detect(
             let known: Vec<_> = layouts.iter().map(|l| l.name.as_str()).collect();
             return Err(LayoutError::Unknown(name.to_string(), known.join(", ")));
         };
-        let found = find_blocks(ckpt, names, layout, true, &ctx(layout))?;
+        let found = settled(ckpt, names, layout, rules)?;
         if found.blocks.is_empty() {
             return Err(LayoutError::NoBlocks {
                 hint: format!(" of layout {}{}", layout.name, deployed_hint(ckpt, layouts)),
@@ -180,8 +185,7 @@ fn detect(
         1 => {
             let (layout, _) = hits.remove(0);
             // Again, now refusing half blocks: the layout is settled.
-            let found = find_blocks(ckpt, names, layout, true, &ctx(layout))?;
-            Ok(detection(layout, found))
+            Ok(detection(layout, settled(ckpt, names, layout, rules)?))
         }
         _ => Err(mixed(&hits)),
     }
@@ -198,6 +202,34 @@ fn mixed(hits: &[(&Layout, BlocksFound)]) -> LayoutError {
         .collect();
     LayoutError::Mixed {
         found: found.join(", "),
+    }
+}
+
+/// The blocks of the settled `layout`, half blocks and taken deploy names refused; a taken
+/// deploy name in a file with blocks in deploy form already is what the doctor says it is.
+fn settled(
+    ckpt: &Checkpoint,
+    names: &Names,
+    layout: &Layout,
+    rules: &FindRules,
+) -> Result<BlocksFound, LayoutError> {
+    let ctx = Ctx {
+        eps: layout.bn_eps(rules.bn_eps).0,
+        identity: &rules.identity,
+    };
+    match find_blocks(ckpt, names, layout, true, &ctx) {
+        Err(LayoutError::DeployNameTaken { block, tensor }) => {
+            let first = find_blocks(ckpt, names, layout, false, &ctx)?;
+            let d = Detection {
+                layout: layout.clone(),
+                blocks: first.blocks,
+                skipped: Vec::new(),
+                bn_eps: layout.eps_info(rules.bn_eps),
+            };
+            Err(doctor::mixed_forms(ckpt, &d, Some(&block))
+                .unwrap_or(LayoutError::DeployNameTaken { block, tensor }))
+        }
+        found => found,
     }
 }
 

@@ -510,6 +510,28 @@ pub enum LayoutError {
         /// The layouts, comma-separated.
         found: String,
     },
+    /// BatchNorms still at the statistics `nn.BatchNorm2d()` starts with.
+    #[error(
+        "{count} of the {total} BN layers of the blocks are at their initial statistics (running_mean 0, running_var 1: eval mode or BN calibration forgotten?), so their fold would be wrong: {names}"
+    )]
+    InitialStatistics {
+        /// How many.
+        count: usize,
+        /// Of how many BNs in the blocks.
+        total: usize,
+        /// Their module names.
+        names: String,
+    },
+    /// Blocks of one layout in both fused and unfused form.
+    #[error(
+        "the file mixes fused and unfused {layout} blocks: {forms}; convert the original train checkpoint"
+    )]
+    MixedForms {
+        /// The layout.
+        layout: String,
+        /// Counts and examples of blocks in deploy and in train form, and a block with both.
+        forms: String,
+    },
     /// `--identity` named a block that has no branch decided by a rule.
     #[error(
         "--identity {prefix}: no block `{prefix}` with an identity decided by a rule (blocks where the layout's rule decides: {known})"
