@@ -122,7 +122,10 @@ struct FindArgs {
     /// apple-mobileone, mmpretrain-repvgg, mmpretrain-mobileone, yolov7, ultralytics,
     /// timm-fastvit, timm-repvit, timm-repghostnet, timm-ghostnetv3, timm-lcnetv2, replknet,
     /// unireplknet, acnet, dbb, timm-levit, timm-tinyvit, timm-efficientvit-msra, timm-shvit,
-    /// timm-iformer (README's layout table says which models use each).
+    /// timm-iformer, ultralytics-repvggdw, rtdetr-repvgg, sg-alpha-repvgg, sg-qarepvgg,
+    /// sg-qarepvgg-partial, yolov6-qarepvgg, yolov6-qarepvgg-v2, doctr-fast, apple-mobileclip,
+    /// and for --fold-bn ultralytics-fold, doctr-fold (README's layout table says which models
+    /// use each).
     #[arg(long, value_name = "NAME")]
     layout: Option<String>,
     /// Read layouts from this JSON file (one layout or an array; see README) instead of the
@@ -142,6 +145,24 @@ struct FindArgs {
     /// [default: dropped, and the report says so].
     #[arg(long)]
     keep_prefix: bool,
+    /// Whether block PREFIX has its tensorless identity (QARepVGG's identity and V2's
+    /// average), whatever the layout's rule (in == out) says: `PREFIX=on` or `PREFIX=off`;
+    /// repeatable.
+    #[arg(long, value_name = "PREFIX=on|off", value_parser = parse_identity)]
+    identity: Vec<(String, bool)>,
+    /// Also fold every Conv→BN pair outside the multi-branch blocks, as the framework's own
+    /// fuse does (ultralytics' fuse(), docTR's reparameterize()), under its fused names.
+    #[arg(long)]
+    fold_bn: bool,
+}
+
+/// `PREFIX=on|off` for `--identity`.
+fn parse_identity(s: &str) -> Result<(String, bool), String> {
+    match s.rsplit_once('=') {
+        Some((prefix, "on")) if !prefix.is_empty() => Ok((prefix.to_string(), true)),
+        Some((prefix, "off")) if !prefix.is_empty() => Ok((prefix.to_string(), false)),
+        _ => Err(format!("`{s}` is not PREFIX=on or PREFIX=off")),
+    }
 }
 
 /// How the fused and unfused blocks are compared.
@@ -228,6 +249,8 @@ fn settings(
             layout: find.layout.clone(),
             layout_file: find.layout_file.clone(),
             bn_eps: find.bn_eps,
+            identity: find.identity.iter().cloned().collect(),
+            fold_bn: find.fold_bn,
         },
         check: check.map_or_else(CheckOptions::default, |check| CheckOptions {
             seed: check.seed,

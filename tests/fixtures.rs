@@ -108,9 +108,11 @@ impl Case {
 }
 
 /// Folders of other suites, with their own tests and case formats: the re-parameterization
-/// families (tests/families.rs), PyTorch pickles (tests/torch.rs), INT8 figures
-/// (tests/int8.rs).
-const OTHER_SUITES: [&str; 6] = ["fam", "torch_", "int8_", "foldbn_", "doctor_", "onnx"];
+/// families (tests/families.rs, tests/families2.rs: `fam2_`, `foldbn_`, `doctor_`), PyTorch
+/// pickles (tests/torch.rs), INT8 figures (tests/int8.rs), ONNX graphs (tests/onnx_*.rs).
+const OTHER_SUITES: [&str; 7] = [
+    "fam_", "fam2_", "foldbn_", "doctor_", "torch_", "int8_", "onnx",
+];
 
 /// Every folder under fixtures/ with a train.safetensors, sorted by name (other suites'
 /// folders left out).

@@ -1,7 +1,7 @@
 //! Property: for any block — output channels, input channels per group, groups (in == out when
 //! there is an identity), kernel 1/3/5/7 with a 1×1 branch, several k×k branches (smaller ones
 //! dilated now and then), conv biases or not, any BN statistics with σ² ≥ 0, branch
-//! coefficients (a subtracted branch), a layer scale, an average-pool branch, a BN after the
+//! coefficients (a subtracted branch), a layer scale, a scalar (alpha), an average-pool branch, a BN after the
 //! sum, kh×kw branches (ACNet's k×1 and 1×k), a BN on the input of the 1×1 branch (a
 //! NormLinear), a DBB-style sequence (1×1 conv, BN, then a k×k conv or average over the map
 //! padded with what the BN makes of zero) — the fused conv applied to a random input equals the sum of the branches applied
@@ -42,6 +42,9 @@ struct BranchValues {
     bn: Option<BatchNorm>,
     /// A layer scale after the BN.
     scale: Option<Vec<f64>>,
+    /// One scalar on the whole branch after that (super-gradients' `alpha`: `Op::Scalar`,
+    /// loaded as the per-channel scale broadcast).
+    alpha: Option<f64>,
     /// A sequence's first stage: `weight` is then the second conv `[out, mpg, k, k]` (or
     /// `None` for an average, mid == out).
     seq: Option<SeqValues>,
@@ -234,9 +237,10 @@ fn conv_branch(
         proptest::option::weighted(0.2, values(out, -2.0..2.0)),
         select(vec![1.0, 1.0, -1.0, 0.5]),
         proptest::option::weighted(0.4, batch_norm(cpg)),
+        proptest::option::weighted(0.2, 0.25..1.75f64),
     )
         .prop_map(
-            move |(weight, conv_bias, bn, scale, coef, input_bn)| BranchValues {
+            move |(weight, conv_bias, bn, scale, coef, input_bn, alpha)| BranchValues {
                 kernel: kh,
                 kernel_w: kw,
                 input_bn: input_bn.filter(|_| allow_input_bn),
@@ -246,6 +250,7 @@ fn conv_branch(
                 conv_bias,
                 bn,
                 scale,
+                alpha,
                 seq: None,
                 coef,
             },
@@ -276,6 +281,7 @@ fn seq_branch(s: &Shape, kb: usize, mpg: usize, avg: bool) -> BoxedStrategy<Bran
             conv_bias: None,
             bn,
             scale: None,
+            alpha: None,
             seq: Some(SeqValues {
                 first,
                 bn: mid_bn,
@@ -299,6 +305,7 @@ fn skip_branch(out: usize, pool: Option<usize>) -> BoxedStrategy<BranchValues> {
             conv_bias: None,
             bn: Some(bn),
             scale: None,
+            alpha: None,
             seq: None,
             coef,
         })
@@ -538,7 +545,7 @@ fn unfused(c: &Case) -> (Vec<f64>, Vec<f64>) {
         };
         for o in 0..s.out() {
             let bias = b.conv_bias.as_ref().map_or(0.0, |c| c[o]);
-            let scale = b.scale.as_ref().map_or(1.0, |g| g[o]);
+            let scale = b.scale.as_ref().map_or(1.0, |g| g[o]) * b.alpha.unwrap_or(1.0);
             for p in 0..hw {
                 let i = o * hw + p;
                 let mut vm = (conv[i] + bias, conv_mag[i] + bias.abs());
@@ -590,6 +597,7 @@ fn channel_ops(b: &BranchValues, rows: &std::ops::Range<usize>) -> Vec<ChannelOp
     ops.extend(b.conv_bias.as_ref().map(|c| ChannelOp::Bias(cut(c))));
     ops.extend(b.bn.as_ref().map(|bn| ChannelOp::Bn(cut_bn(bn, rows))));
     ops.extend(b.scale.as_ref().map(|g| ChannelOp::Scale(cut(g))));
+    ops.extend(b.alpha.map(|a| ChannelOp::Scale(vec![a; rows.len()])));
     ops
 }
 

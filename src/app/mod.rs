@@ -20,7 +20,7 @@ use crate::Error;
 use crate::block::Block;
 use crate::checkpoint::{Checkpoint, ReadOptions};
 use crate::deviation::Deviation;
-use crate::find::{Detection, Layout};
+use crate::find::{Detection, FindRules, Layout};
 use crate::int8::Int8Report;
 use crate::progress::Hooks;
 use crate::report::{
@@ -38,6 +38,10 @@ pub struct FindOptions {
     pub layout_file: Option<PathBuf>,
     /// BN ε instead of the layout's default.
     pub bn_eps: Option<f64>,
+    /// `--identity`: block prefix → whether its tensorless identity exists, over the rule.
+    pub identity: std::collections::BTreeMap<String, bool>,
+    /// `--fold-bn`: also fold the Conv→BN pairs outside the blocks.
+    pub fold_bn: bool,
 }
 
 /// Everything the user can set.
@@ -161,7 +165,12 @@ fn find(ckpt: &Checkpoint, opts: &FindOptions) -> Result<(Detection, ChosenBy), 
         None => (Layout::builtin().map_err(wrap)?, ChosenBy::Detected),
     };
     let forced = opts.layout.as_deref();
-    let detection = Detection::find(ckpt, &layouts, forced, opts.bn_eps).map_err(wrap)?;
+    let rules = FindRules {
+        bn_eps: opts.bn_eps,
+        identity: opts.identity.clone(),
+        fold_bn: opts.fold_bn,
+    };
+    let detection = Detection::find_with(ckpt, &layouts, forced, &rules).map_err(wrap)?;
     Ok((detection, chosen_by))
 }
 

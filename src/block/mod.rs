@@ -73,7 +73,7 @@ pub struct BnTensors {
 /// One linear op of a branch, with the tensors it reads.
 ///
 /// A branch is a *source* op ([`Op::Conv`], [`Op::Identity`], [`Op::AvgPool`]) followed by
-/// per-output-channel ops ([`Op::Bn`], [`Op::Scale`]). Every such chain is, per output
+/// per-output-channel ops ([`Op::Bn`], [`Op::Scale`], [`Op::Scalar`]). Every such chain is, per output
 /// channel o, `α[o]·source(x)[o] + β[o]`, which is what makes it fusable row by row.
 #[derive(Debug, Clone, Serialize)]
 #[serde(rename_all = "snake_case")]
@@ -125,6 +125,12 @@ pub enum Op {
         /// The scale tensor, `[out]` or `[out, 1, 1]`.
         weight: String,
     },
+    /// One value multiplying every output channel (super-gradients' `alpha`): [`Op::Scale`]
+    /// with a 1-element tensor broadcast.
+    Scalar {
+        /// The tensor, `[1]` (or `[]`).
+        weight: String,
+    },
 }
 
 impl Op {
@@ -158,7 +164,7 @@ impl Op {
                     .chain(bn.num_batches_tracked.clone())
                     .collect()
             }
-            Op::Scale { weight } => vec![weight.clone()],
+            Op::Scale { weight } | Op::Scalar { weight } => vec![weight.clone()],
         }
     }
 
@@ -188,6 +194,7 @@ impl Op {
             Op::Bn(_) => "bn".into(),
             Op::InputBn(_) => "bn_in".into(),
             Op::Scale { .. } => "scale".into(),
+            Op::Scalar { .. } => "scalar".into(),
         }
     }
 }
@@ -288,12 +295,21 @@ pub struct Block {
     pub described: Vec<String>,
     /// The framework's name for this kind of block (`RepMixer`), when the layout gives one.
     pub kind: String,
+    /// The deploy form keeps the branch tensors beside the fused conv (RT-DETR): `consumed`
+    /// is read but passed through (see [`Block::dropped`]).
+    pub keeps_branches: bool,
+    /// What the block's form rests on that no tensor shows, and what decided it (QARepVGG's
+    /// identity: `identity: yes (rule in == out: 8 == 8)`, `identity: no (--identity)`).
+    pub assumed: Vec<String>,
 }
 
 /// What the checks need of a checkpoint while a block is being built.
 struct Checker<'a> {
     ckpt: &'a Checkpoint,
     name: &'a str,
+    /// The block has one branch (a Conv→BN fold): its kernel is never placed beside another's,
+    /// so it may be even (ultralytics' HGStem 2×2).
+    single: bool,
 }
 
 impl<'a> Checker<'a> {
@@ -353,7 +369,8 @@ impl<'a> Checker<'a> {
             )));
         }
         let (kh, kw) = kernel_hw(w);
-        if kh % 2 == 0 || kw % 2 == 0 || (kh != kw && !asymmetric) {
+        let even = (kh % 2 == 0 || kw % 2 == 0) && !self.single;
+        if even || (kh != kw && !asymmetric) {
             let shape = if asymmetric { "kh×kw" } else { "a square" };
             return Err(self.err(format!(
                 "conv weight `{}` has a {kh}×{kw} kernel; expected {shape} kernel of odd size",
@@ -384,6 +401,8 @@ fn main_conv<'a>(
 ) -> Result<(&'a TensorInfo, usize), BlockError> {
     let mut main: Option<&TensorInfo> = None;
     let mut kernel = 0;
+    // The largest extent in each direction, of the convs: the fused kernel is square.
+    let mut extents = (0, 0);
     for b in branches {
         if let Some(Op::ThenConv { weight }) = b.second() {
             kernel = kernel.max(c.conv(b, weight, (1, false))?.1);
@@ -399,6 +418,10 @@ fn main_conv<'a>(
                 let (w, extent) = c.conv(b, weight, (*dilation, *asymmetric))?;
                 main.get_or_insert(w);
                 kernel = kernel.max(extent);
+                let (kh, kw) = kernel_hw(w);
+                let d = dilation.max(&1);
+                extents.0 = extents.0.max((kh - 1) * d + 1);
+                extents.1 = extents.1.max((kw - 1) * d + 1);
             }
             Op::AvgPool { kernel: k } => kernel = kernel.max(*k),
             _ => {}
@@ -407,6 +430,12 @@ fn main_conv<'a>(
     let Some(main) = main else {
         return Err(c.err("it has no conv branch".to_string()));
     };
+    if extents.0 != extents.1 {
+        return Err(c.err(format!(
+            "its branches fuse into a {}×{} kernel (`{}` is {:?}); this build writes square fused kernels only, so it cannot write the framework's kh×kw deploy conv",
+            extents.0, extents.1, main.name, main.shape
+        )));
+    }
     if main.shape[0] == 0 || main.shape[1] == 0 {
         return Err(c.err(format!(
             "conv weight `{}` has shape {:?}, with no channels",
@@ -425,7 +454,11 @@ impl Block {
         post: Vec<Op>,
         deploy: [String; 2],
     ) -> Result<Block, BlockError> {
-        let c = Checker { ckpt, name };
+        let c = Checker {
+            ckpt,
+            name,
+            single: branches.len() == 1,
+        };
         let (main, kernel) = main_conv(&c, &branches)?;
         let mut branches = branches;
         // An average over "the block's kernel" (0 in the layout: DBB's avg branch).
@@ -463,6 +496,8 @@ impl Block {
         Ok(Block {
             described,
             kind: String::new(),
+            keeps_branches: false,
+            assumed: Vec::new(),
             name: name.to_string(),
             dtype: main.dtype,
             branches,
@@ -532,6 +567,16 @@ impl Block {
             .step_by(step)
             .map(|s| s..(s + step).min(self.out_channels))
             .collect()
+    }
+
+    /// The tensors the deploy file drops: every one the block consumes, or none where the
+    /// framework keeps the branches.
+    pub fn dropped(&self) -> &[String] {
+        if self.keeps_branches {
+            &[]
+        } else {
+            &self.consumed
+        }
     }
 
     /// The tensor whose position in the file orders the block: its main conv weight.
@@ -696,6 +741,15 @@ fn check_channel_ops(c: &Checker, ops: &[Op], out: usize) -> Result<(), BlockErr
                 }
             }
             Op::Scale { weight } => c.vector(weight, out, true)?,
+            Op::Scalar { weight } => {
+                let t = c.float(weight)?;
+                if t.shape.iter().product::<usize>() != 1 || t.shape.len() > 1 {
+                    return Err(c.err(format!(
+                        "tensor `{weight}` has shape {:?}; expected [1], one value for the branch",
+                        t.shape
+                    )));
+                }
+            }
             _ => {}
         }
     }

@@ -152,6 +152,11 @@ fn load_channel_op(
         | Op::ThenConv { .. }
         | Op::ThenAvgPool { .. } => None,
         Op::Scale { weight } => Some(ChannelOp::Scale(read(weight)?)),
+        // One value for every row: the per-channel scale, broadcast.
+        Op::Scalar { weight } => {
+            let one = read_finite(ckpt, block, weight, 0..1)?;
+            Some(ChannelOp::Scale(vec![one[0]; rows.len()]))
+        }
         Op::Bn(bn) => Some(ChannelOp::Bn(load_bn(ckpt, block, bn, rows)?)),
     })
 }

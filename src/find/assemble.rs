@@ -5,7 +5,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use super::names::*;
-use super::schema::{Kind, Layout, LayoutError, OpKind, OpSpec};
+use super::schema::{Kind, Layout, LayoutError, OpKind, OpSpec, Rule};
 use crate::block::{Block, BlockError, BnTensors, Branch, Op, Role};
 use crate::checkpoint::Checkpoint;
 use crate::report::Skipped;
@@ -19,12 +19,19 @@ pub(super) struct Orphan {
     tensors: Vec<String>,
 }
 
+/// What blocks are assembled with beyond the layout: the BN ε, and the blocks whose
+/// tensorless branches `--identity` turns on or off whatever the layout's rule says.
+pub(super) struct Ctx<'a> {
+    pub(super) eps: f64,
+    pub(super) identity: &'a BTreeMap<String, bool>,
+}
+
 pub(super) fn find_blocks(
     ckpt: &Checkpoint,
     names: &Names,
     layout: &Layout,
     refuse_half: bool,
-    eps: f64,
+    ctx: &Ctx,
 ) -> Result<BlocksFound, LayoutError> {
     let mut found = BlocksFound {
         blocks: Vec::new(),
@@ -40,7 +47,7 @@ pub(super) fn find_blocks(
             kind,
             refuse_half,
             (&mut found, &mut orphans),
-            eps,
+            ctx,
         )?;
         kinds_of.resize(kinds_of.len() + found.blocks.len() - before, k);
     }
@@ -56,7 +63,12 @@ pub(super) fn find_blocks(
             return Err(o.error);
         }
     }
-    check_ownership(ckpt, &blocks)?;
+    // While choosing a layout, a taken deploy name does not rule one out: the settled
+    // layout's pass (refusing half blocks) refuses it, and the doctor says what the file mixes.
+    if refuse_half {
+        check_deploy_names(ckpt, &blocks)?;
+    }
+    check_ownership(&blocks)?;
     blocks.sort_by_key(|b| ckpt.get(b.main_weight()).map_or(0, |t| t.start));
     found.blocks = blocks;
     Ok(found)
@@ -70,7 +82,7 @@ pub(super) fn find_kind(
     kind: &Kind,
     refuse_half: bool,
     (found, orphans): (&mut BlocksFound, &mut Vec<Orphan>),
-    eps: f64,
+    ctx: &Ctx,
 ) -> Result<(), LayoutError> {
     let several = layout.kinds.len() + usize::from(!layout.branches.is_empty()) > 1;
     let is_main = |f: &Found| {
@@ -120,8 +132,11 @@ pub(super) fn find_kind(
             }
             continue;
         }
-        match assemble(ckpt, kind, prefix, branches, eps) {
-            Ok(block) => found.blocks.push(block),
+        match assemble(ckpt, kind, prefix, branches, ctx) {
+            Ok(block) => match other_kernel(kind, &block) {
+                Some(skip) => found.skipped.push(skip),
+                None => found.blocks.push(block),
+            },
             Err(e) if layout.generic_names => found.skipped.push(Skipped {
                 name: prefix.clone(),
                 reason: e.what,
@@ -140,6 +155,18 @@ pub(super) fn find_kind(
         }
     }
     Ok(())
+}
+
+/// A kind with one main kernel size (RT-DETR's 3×3) does not take a block with another.
+fn other_kernel(kind: &Kind, block: &Block) -> Option<Skipped> {
+    let k = kind.kernel.filter(|&k| k != block.kernel)?;
+    Some(Skipped {
+        name: block.name.clone(),
+        reason: format!(
+            "a {0}×{0} main kernel; a {1} block has {k}×{k}",
+            block.kernel, kind.name
+        ),
+    })
 }
 
 /// Drops a block whose tensors all belong to a larger block of another kind (the mixer
@@ -216,9 +243,8 @@ pub(super) fn refuse_half_block(
     })
 }
 
-/// Refuses a deploy name that is taken, and a tensor that two blocks both claim (blocks nest
-/// only if a layout's names are ambiguous).
-pub(super) fn check_ownership(ckpt: &Checkpoint, blocks: &[Block]) -> Result<(), LayoutError> {
+/// Refuses a deploy name that is taken by a tensor no block consumes.
+pub(super) fn check_deploy_names(ckpt: &Checkpoint, blocks: &[Block]) -> Result<(), LayoutError> {
     for block in blocks {
         for tensor in [&block.deploy_weight, &block.deploy_bias] {
             // UniRepLKNet writes its fused kernel under the name of a kernel it consumes.
@@ -230,6 +256,12 @@ pub(super) fn check_ownership(ckpt: &Checkpoint, blocks: &[Block]) -> Result<(),
             }
         }
     }
+    Ok(())
+}
+
+/// Refuses a tensor that two blocks both claim (blocks nest only if a layout's names are
+/// ambiguous).
+pub(super) fn check_ownership(blocks: &[Block]) -> Result<(), LayoutError> {
     let mut owner: BTreeMap<&str, &str> = BTreeMap::new();
     for block in blocks {
         let own: BTreeSet<&str> = block.consumed.iter().map(String::as_str).collect();
@@ -262,21 +294,9 @@ pub(super) fn assemble(
     kind: &Kind,
     prefix: &str,
     found: &BTreeMap<String, Found>,
-    eps: f64,
+    ctx: &Ctx,
 ) -> Result<Block, BlockError> {
-    // Branches without tensors of their own (RepMixer's and RepViT's plain skip) are in every
-    // block of the kind.
-    let tensorless: Vec<(String, Found)> = (kind.branches.iter().enumerate())
-        .filter(|(_, spec)| slot_patterns(spec).is_empty() && !spec.op_specs().is_empty())
-        .filter(|(_, spec)| spec.op_specs().iter().all(|op| op_leaves(op).is_empty()))
-        .map(|(i, spec)| {
-            let found = Found {
-                spec: i,
-                ..Found::default()
-            };
-            (spec.label(), found)
-        })
-        .collect();
+    let (tensorless, assumed) = tensorless_branches(ckpt, kind, prefix, found, ctx);
     let mut order: Vec<(&String, &Found)> = found
         .iter()
         .chain(tensorless.iter().map(|(l, f)| (l, f)))
@@ -296,7 +316,7 @@ pub(super) fn assemble(
             base,
             label,
             identity: spec.role == Role::Identity,
-            eps,
+            eps: ctx.eps,
         };
         let ops = at.ops(ckpt, f, &spec.op_specs())?;
         branches.push(Branch {
@@ -311,7 +331,7 @@ pub(super) fn assemble(
         base: prefix.to_string(),
         label: "(post-ops)",
         identity: false,
-        eps,
+        eps: ctx.eps,
     };
     let post = at.ops(ckpt, &Found::default(), &kind.post)?;
     let deploy = [
@@ -320,7 +340,64 @@ pub(super) fn assemble(
     ];
     let mut block = Block::new(ckpt, prefix, branches, post, deploy)?;
     block.kind = kind.name.clone();
+    block.keeps_branches = kind.keeps_branches;
+    block.assumed = assumed;
+    // A placeholder the conversion overwrites (super-gradients' `rbr_reparam`) is consumed.
+    let placeholders = kind.overwrites.iter().map(|t| join(prefix, t));
+    block
+        .consumed
+        .extend(placeholders.filter(|t| ckpt.get(t).is_some()));
     Ok(block)
+}
+
+/// The branches of `kind` without tensors of their own (RepMixer's and RepViT's plain skip,
+/// QARepVGG's identity): in every block of the kind, or where the branch's rule (or
+/// `--identity`) says; with what decided each ruled one, for the report.
+fn tensorless_branches(
+    ckpt: &Checkpoint,
+    kind: &Kind,
+    prefix: &str,
+    found: &BTreeMap<String, Found>,
+    ctx: &Ctx,
+) -> (Vec<(String, Found)>, Vec<String>) {
+    let main_shape = found
+        .values()
+        .filter(|f| kind.branches[f.spec].role == Role::Kxk)
+        .find_map(|f| f.slots.get(&(0, Leaf::ConvWeight)))
+        .and_then(|w| ckpt.get(w))
+        .map(|t| t.shape.clone())
+        .unwrap_or_default();
+    let mut assumed = Vec::new();
+    let mut branches = Vec::new();
+    for (i, spec) in kind.branches.iter().enumerate() {
+        let ops = spec.op_specs();
+        if !slot_patterns(spec).is_empty() || ops.is_empty() {
+            continue;
+        }
+        if !ops.iter().all(|op| op_leaves(op).is_empty()) {
+            continue;
+        }
+        if let Some(rule) = spec.only_if {
+            let (present, why) = match (ctx.identity.get(prefix), rule) {
+                (Some(&on), _) => (on, "--identity".to_string()),
+                (None, Rule::InEqOut) => match main_shape[..] {
+                    [out, inp, ..] => (out == inp, format!("rule in == out: {inp} → {out}")),
+                    _ => (false, "rule in == out: no main kernel".to_string()),
+                },
+            };
+            let yes = if present { "yes" } else { "no" };
+            assumed.push(format!("{}: {yes} ({why})", spec.label()));
+            if !present {
+                continue;
+            }
+        }
+        let found = Found {
+            spec: i,
+            ..Found::default()
+        };
+        branches.push((spec.label(), found));
+    }
+    (branches, assumed)
 }
 
 /// Where an op's tensors are: the block prefix, the branch's own path and label.
@@ -419,6 +496,13 @@ impl Place<'_> {
             OpKind::ThenAvgPool(side) => Ok(Op::ThenAvgPool { kernel: *side }),
             OpKind::Identity => Ok(Op::Identity),
             OpKind::AvgPool(side) => Ok(Op::AvgPool { kernel: *side }),
+            OpKind::Scalar(scale) => match slot(Leaf::Scale) {
+                Some(weight) => Ok(Op::Scalar { weight }),
+                None => self.err(format!(
+                    "branch `{label}` has no scalar tensor `{}`",
+                    join(&self.base, scale)
+                )),
+            },
             OpKind::Scale(scale) => match slot(Leaf::Scale) {
                 Some(weight) => Ok(Op::Scale { weight }),
                 None => self.err(format!(

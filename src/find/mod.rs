@@ -8,11 +8,13 @@
 //! prefix, and keeps the prefixes that carry a k×k conv branch.
 
 mod assemble;
+mod doctor;
+mod fold;
 pub mod graph;
 mod names;
 pub mod schema;
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 
 pub use schema::{
     BranchSpec, DEFAULT_BN_EPS, DeployNames, Kind, Layout, LayoutError, OpKind, OpSpec,
@@ -21,8 +23,8 @@ pub use schema::{
 use crate::block::Block;
 use crate::checkpoint::Checkpoint;
 use crate::report::{EpsInfo, Skipped};
-use assemble::{depth, find_blocks};
-use names::{BlocksFound, split_names};
+use assemble::{Ctx, depth, find_blocks};
+use names::{BlocksFound, Names, split_names};
 
 /// The blocks of one layout found in a checkpoint, and what happens to every other tensor.
 #[derive(Debug)]
@@ -37,6 +39,20 @@ pub struct Detection {
     pub bn_eps: EpsInfo,
 }
 
+/// What detection is told beyond the layouts (the command line's `--bn-eps`, `--identity`,
+/// `--fold-bn`).
+#[derive(Debug, Clone, Default)]
+pub struct FindRules {
+    /// BN ε for every BN instead of the layout's.
+    pub bn_eps: Option<f64>,
+    /// Block prefix → whether its tensorless branches (QARepVGG's identity and average)
+    /// exist, whatever the layout's rule says.
+    pub identity: BTreeMap<String, bool>,
+    /// Also fold every Conv→BN pair that no block consumed, by the fold layout of the
+    /// detected one (or the fold layout that finds pairs, when no layout finds blocks).
+    pub fold_bn: bool,
+}
+
 impl Detection {
     /// Finds the blocks in `ckpt`.
     ///
@@ -49,87 +65,218 @@ impl Detection {
         forced: Option<&str>,
         eps: Option<f64>,
     ) -> Result<Detection, LayoutError> {
-        let names = split_names(ckpt);
-        if let Some(name) = forced {
-            let Some(layout) = layouts.iter().find(|l| l.name == name) else {
-                let known: Vec<_> = layouts.iter().map(|l| l.name.as_str()).collect();
-                return Err(LayoutError::Unknown(name.to_string(), known.join(", ")));
-            };
-            let found = find_blocks(ckpt, &names, layout, true, layout.bn_eps(eps).0)?;
-            if found.blocks.is_empty() {
-                return Err(LayoutError::NoBlocks {
-                    hint: format!(" of layout {}{}", layout.name, deployed_hint(ckpt, layouts)),
-                });
-            }
-            return Ok(Detection {
-                layout: layout.clone(),
-                blocks: found.blocks,
-                skipped: found.skipped,
-                bn_eps: layout.eps_info(eps),
-            });
-        }
-        let mut hits = Vec::new();
-        for layout in layouts {
-            if let Some(marker) = &layout.marker {
-                let leaf = format!(".{marker}");
-                if !ckpt.tensors().iter().any(|t| t.name.ends_with(&leaf)) {
-                    continue;
-                }
-            }
-            let found = match find_blocks(ckpt, &names, layout, false, layout.bn_eps(eps).0) {
-                // A fallback's common names may meet tensors they do not describe.
-                Err(_) if layout.fallback => continue,
-                found => found?,
-            };
-            if !found.blocks.is_empty() {
-                hits.push((layout, found));
-            }
-        }
-        let hits = settle(hits);
-        match hits.len() {
-            0 => Err(LayoutError::NoBlocks {
-                hint: deployed_hint(ckpt, layouts),
-            }),
-            1 => {
-                let (layout, _) = hits
-                    .into_iter()
-                    .next()
-                    .ok_or_else(|| LayoutError::NoBlocks {
-                        hint: String::new(),
-                    })?;
-                // Again, now refusing half blocks: the layout is settled.
-                let found = find_blocks(ckpt, &names, layout, true, layout.bn_eps(eps).0)?;
-                Ok(Detection {
-                    layout: layout.clone(),
-                    blocks: found.blocks,
-                    skipped: found.skipped,
-                    bn_eps: layout.eps_info(eps),
-                })
-            }
-            _ => Err(LayoutError::Mixed {
-                found: hits
-                    .iter()
-                    .map(|(l, f)| {
-                        format!(
-                            "{} ({} blocks, e.g. `{}`)",
-                            l.name,
-                            f.blocks.len(),
-                            f.blocks[0].name
-                        )
-                    })
-                    .collect::<Vec<_>>()
-                    .join(", "),
-            }),
-        }
+        let rules = FindRules {
+            bn_eps: eps,
+            ..FindRules::default()
+        };
+        Detection::find_with(ckpt, layouts, forced, &rules)
     }
 
-    /// Every tensor consumed by a fused block (its branches, `num_batches_tracked` included).
+    /// [`Detection::find`] with every rule of [`FindRules`]: `--identity` overrides (each must
+    /// name a block whose identity a rule decides), and with `fold_bn` the Conv→BN folds.
+    pub fn find_with(
+        ckpt: &Checkpoint,
+        layouts: &[Layout],
+        forced: Option<&str>,
+        rules: &FindRules,
+    ) -> Result<Detection, LayoutError> {
+        let names = split_names(ckpt);
+        let (main, folds): (Vec<Layout>, Vec<Layout>) =
+            layouts.iter().cloned().partition(|l| !l.fold);
+        let found = detect(ckpt, &names, &main, forced, rules);
+        let mut detection = if rules.fold_bn {
+            let found = match found {
+                // A file with Conv→BN pairs only (YOLO11): the folds are the blocks.
+                Err(LayoutError::NoBlocks { .. }) if forced.is_none() => None,
+                found => Some(found?),
+            };
+            fold::add_folds(ckpt, &names, &folds, found, rules)?
+        } else {
+            found?
+        };
+        check_identity_overrides(&detection, rules)?;
+        if let Some(e) = doctor::mixed_forms(ckpt, &detection, None) {
+            return Err(e);
+        }
+        doctor::refuse_initial_bns(ckpt, &detection)?;
+        detection
+            .blocks
+            .sort_by_key(|b| ckpt.get(b.main_weight()).map_or(0, |t| t.start));
+        Ok(detection)
+    }
+
+    /// Every tensor a fused block consumes and the deploy file drops (its branches,
+    /// `num_batches_tracked` included; not the branches a framework keeps).
     pub fn consumed(&self) -> BTreeSet<&str> {
         self.blocks
             .iter()
-            .flat_map(|b| b.consumed.iter().map(String::as_str))
+            .flat_map(|b| b.dropped().iter().map(String::as_str))
             .collect()
     }
+}
+
+/// The blocks of the one layout of `layouts` that finds them (or of `forced`).
+fn detect(
+    ckpt: &Checkpoint,
+    names: &Names,
+    layouts: &[Layout],
+    forced: Option<&str>,
+    rules: &FindRules,
+) -> Result<Detection, LayoutError> {
+    let ctx = |layout: &Layout| Ctx {
+        eps: layout.bn_eps(rules.bn_eps).0,
+        identity: &rules.identity,
+    };
+    let detection = |layout: &Layout, found: BlocksFound| Detection {
+        layout: layout.clone(),
+        blocks: found.blocks,
+        skipped: found.skipped,
+        bn_eps: layout.eps_info(rules.bn_eps),
+    };
+    if let Some(name) = forced {
+        let Some(layout) = layouts.iter().find(|l| l.name == name) else {
+            let known: Vec<_> = layouts.iter().map(|l| l.name.as_str()).collect();
+            return Err(LayoutError::Unknown(name.to_string(), known.join(", ")));
+        };
+        let found = settled(ckpt, names, layout, rules)?;
+        if found.blocks.is_empty() {
+            return Err(LayoutError::NoBlocks {
+                hint: format!(" of layout {}{}", layout.name, deployed_hint(ckpt, layouts)),
+            });
+        }
+        return Ok(detection(layout, found));
+    }
+    let mut hits = Vec::new();
+    let mut errors = Vec::new();
+    for layout in layouts {
+        if let Some(marker) = &layout.marker {
+            let leaf = format!(".{marker}");
+            if !ckpt.tensors().iter().any(|t| t.name.ends_with(&leaf)) {
+                continue;
+            }
+        }
+        match find_blocks(ckpt, names, layout, false, &ctx(layout)) {
+            // A fallback's common names may meet tensors they do not describe.
+            Err(_) if layout.fallback => {}
+            Err(e) => errors.push(e),
+            Ok(found) if !found.blocks.is_empty() => hits.push((layout, found)),
+            Ok(_) => {}
+        }
+    }
+    // A layout that fails on a block another layout's names explain (mmpretrain's
+    // `branch_3x3.norm` where super-gradients has `branch_3x3.bn`) is not what the file is.
+    let explained = |e: &LayoutError| {
+        let block = match e {
+            LayoutError::Block(b) => &b.block,
+            LayoutError::HalfBlock { block, .. } => block,
+            _ => return false,
+        };
+        (hits.iter()).any(|(_, f)| f.blocks.iter().any(|b| &b.name == block))
+    };
+    if let Some(e) = errors.into_iter().find(|e| !explained(e)) {
+        return Err(e);
+    }
+    refuse_same_names(&hits)?;
+    let mut hits = settle(hits);
+    match hits.len() {
+        0 => Err(LayoutError::NoBlocks {
+            hint: deployed_hint(ckpt, layouts),
+        }),
+        1 => {
+            let (layout, _) = hits.remove(0);
+            // Again, now refusing half blocks: the layout is settled.
+            Ok(detection(layout, settled(ckpt, names, layout, rules)?))
+        }
+        _ => Err(mixed(&hits)),
+    }
+}
+
+/// The error for blocks of several layouts in one file: each with a count and an example.
+fn mixed(hits: &[(&Layout, BlocksFound)]) -> LayoutError {
+    let found: Vec<String> = hits
+        .iter()
+        .map(|(l, f)| {
+            let example = f.blocks.first().map_or("", |b| b.name.as_str());
+            format!("{} ({} blocks, e.g. `{example}`)", l.name, f.blocks.len())
+        })
+        .collect();
+    LayoutError::Mixed {
+        found: found.join(", "),
+    }
+}
+
+/// The blocks of the settled `layout`, half blocks and taken deploy names refused; a taken
+/// deploy name in a file with blocks in deploy form already is what the doctor says it is.
+fn settled(
+    ckpt: &Checkpoint,
+    names: &Names,
+    layout: &Layout,
+    rules: &FindRules,
+) -> Result<BlocksFound, LayoutError> {
+    let ctx = Ctx {
+        eps: layout.bn_eps(rules.bn_eps).0,
+        identity: &rules.identity,
+    };
+    match find_blocks(ckpt, names, layout, true, &ctx) {
+        Err(LayoutError::DeployNameTaken { block, tensor }) => {
+            let first = find_blocks(ckpt, names, layout, false, &ctx)?;
+            let d = Detection {
+                layout: layout.clone(),
+                blocks: first.blocks,
+                skipped: Vec::new(),
+                bn_eps: layout.eps_info(rules.bn_eps),
+            };
+            Err(doctor::mixed_forms(ckpt, &d, Some(&block))
+                .unwrap_or(LayoutError::DeployNameTaken { block, tensor }))
+        }
+        found => found,
+    }
+}
+
+/// Two layouts that declare the same names (`same_names_as`) and both found blocks: the
+/// names cannot tell which fusion the framework does.
+fn refuse_same_names(hits: &[(&Layout, BlocksFound)]) -> Result<(), LayoutError> {
+    for (a, _) in hits {
+        let twins: Vec<&str> = hits
+            .iter()
+            .map(|(b, _)| b.name.as_str())
+            .filter(|b| a.same_names_as.iter().any(|n| n == b))
+            .collect();
+        if !twins.is_empty() {
+            let all: Vec<&str> = std::iter::once(a.name.as_str()).chain(twins).collect();
+            return Err(LayoutError::Ambiguous {
+                found: all.join(", "),
+            });
+        }
+    }
+    Ok(())
+}
+
+/// Every `--identity` prefix names a block whose tensorless branches a rule decides.
+fn check_identity_overrides(detection: &Detection, rules: &FindRules) -> Result<(), LayoutError> {
+    for prefix in rules.identity.keys() {
+        let ruled = |b: &&Block| !b.assumed.is_empty();
+        if !detection
+            .blocks
+            .iter()
+            .filter(ruled)
+            .any(|b| &b.name == prefix)
+        {
+            let known: Vec<&str> = (detection.blocks.iter().filter(ruled))
+                .map(|b| b.name.as_str())
+                .take(5)
+                .collect();
+            return Err(LayoutError::UnusedIdentity {
+                prefix: prefix.clone(),
+                known: if known.is_empty() {
+                    "none".to_string()
+                } else {
+                    known.join(", ")
+                },
+            });
+        }
+    }
+    Ok(())
 }
 
 /// Of the layouts that found blocks, the ones left to choose from: fallbacks only when
@@ -222,6 +369,7 @@ mod tests {
             ops: Vec::new(),
             coef: 1.0,
             required: false,
+            only_if: None,
         };
         let pats = slot_patterns(&spec);
         let (_, weight) = &pats[0];

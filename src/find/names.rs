@@ -71,7 +71,9 @@ pub(super) fn op_leaves(op: &OpSpec) -> Vec<(Leaf, String)> {
             .iter()
             .map(|(l, leaf)| (*l, under(bn, leaf)))
             .collect(),
-        OpKind::Scale(scale) => vec![(Leaf::Scale, scale.trim_start_matches('/').to_string())],
+        OpKind::Scale(scale) | OpKind::Scalar(scale) => {
+            vec![(Leaf::Scale, scale.trim_start_matches('/').to_string())]
+        }
         OpKind::Identity | OpKind::AvgPool(_) | OpKind::ThenAvgPool(_) => Vec::new(),
     }
 }

@@ -15,7 +15,7 @@ pub const DEFAULT_BN_EPS: f64 = 1e-5;
 /// One op of a branch in a layout file. Names are relative to the branch's path; a name
 /// starting with `/` is relative to the block (a tensor the block's branches share, like a
 /// layer scale). In the file, an object with exactly one of `conv`, `bn`, `bn_in`, `scale`,
-/// `identity`, `avgpool`, `then_conv`, `then_avgpool` (see [`OpKind`]), plus `optional`.
+/// `scalar`, `identity`, `avgpool`, `then_conv`, `then_avgpool` (see [`OpKind`]), plus `optional`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(try_from = "RawOpSpec", into = "RawOpSpec")]
 pub struct OpSpec {
@@ -46,6 +46,9 @@ pub enum OpKind {
     BnIn(String),
     /// A per-channel scale tensor (its full name under the path, e.g. `layer_scale.gamma`).
     Scale(String),
+    /// One scalar (a 1-element tensor) multiplying the branch (super-gradients' `alpha` on
+    /// the 1×1 branch of its RepVGG and QARepVGG blocks).
+    Scalar(String),
     /// The block's input itself.
     Identity,
     /// Average pooling with this window.
@@ -91,6 +94,7 @@ impl OpSpec {
             | OpKind::Bn(name)
             | OpKind::BnIn(name)
             | OpKind::Scale(name)
+            | OpKind::Scalar(name)
             | OpKind::ThenConv(name) => Some(name),
             OpKind::Identity | OpKind::AvgPool(_) | OpKind::ThenAvgPool(_) => None,
         }
@@ -118,6 +122,7 @@ impl TryFrom<RawOpSpec> for OpSpec {
         kinds.extend(r.bn.map(OpKind::Bn));
         kinds.extend(r.bn_in.map(OpKind::BnIn));
         kinds.extend(r.scale.map(OpKind::Scale));
+        kinds.extend(r.scalar.map(OpKind::Scalar));
         kinds.extend(r.identity.then_some(OpKind::Identity));
         kinds.extend(r.avgpool.map(OpKind::AvgPool));
         kinds.extend(r.then_conv.map(OpKind::ThenConv));
@@ -128,7 +133,7 @@ impl TryFrom<RawOpSpec> for OpSpec {
                 optional: r.optional,
             }),
             Err(_) => Err(
-                "each op has exactly one of conv, bn, bn_in, scale, identity, avgpool, then_conv, then_avgpool"
+                "each op has exactly one of conv, bn, bn_in, scale, scalar, identity, avgpool, then_conv, then_avgpool"
                     .into(),
             ),
         }
@@ -156,6 +161,7 @@ impl From<OpSpec> for RawOpSpec {
             OpKind::Bn(name) => r.bn = Some(name),
             OpKind::BnIn(name) => r.bn_in = Some(name),
             OpKind::Scale(name) => r.scale = Some(name),
+            OpKind::Scalar(name) => r.scalar = Some(name),
             OpKind::Identity => r.identity = true,
             OpKind::AvgPool(k) => r.avgpool = Some(k),
             OpKind::ThenConv(name) => r.then_conv = Some(name),
@@ -182,6 +188,9 @@ struct RawOpSpec {
     /// A per-channel scale tensor (its full name under the path, e.g. `layer_scale.gamma`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     scale: Option<String>,
+    /// A 1-element tensor multiplying the branch (super-gradients' `alpha`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    scalar: Option<String>,
     /// The block's input itself.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     identity: bool,
@@ -237,6 +246,22 @@ pub struct BranchSpec {
     /// Whether a block must have this branch to count as a block of this layout.
     #[serde(default)]
     pub required: bool,
+    /// For a branch without tensors (QARepVGG's identity and average): the rule that says
+    /// where a block has it, since no tensor does; absent, every block of the kind has it.
+    /// `--identity PREFIX=on|off` overrides the rule for one block.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub only_if: Option<Rule>,
+}
+
+/// Where a branch without tensors exists, decided from the shapes of the block's tensors.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Rule {
+    /// Exactly where the block's input and output channels are equal, the input read as the
+    /// main kernel's second dimension (groups are not stored: a grouped block counts as
+    /// in ≠ out). How YOLOv6 and YOLO-NAS build their nets, except for an in == out block at
+    /// stride 2 or with its residual turned off, which `--identity` corrects.
+    InEqOut,
 }
 
 impl Kind {
@@ -391,6 +416,19 @@ pub struct Layout {
     /// conv beside a BN, an unknown RepVGG fork's branches included. `--layout` forces it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub marker: Option<String>,
+    /// Layouts with the same tensor names whose fusions differ (YOLOv6's QARepVGGBlock and
+    /// QARepVGGBlockV2): where both find blocks, detection refuses to choose and `--layout`
+    /// decides.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub same_names_as: Vec<String>,
+    /// The layout's blocks are single Conv→BN folds, used only with `--fold-bn`
+    /// (`FindRules::fold_bn`), beside the blocks of the layout detected.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub fold: bool,
+    /// The fold layout (`fold: true`) whose pairs this framework's own fuse folds, for
+    /// `--fold-bn`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fold_with: Option<String>,
     /// The branches a block can have (the layout's first kind of block; may be empty when
     /// `kinds` lists them all).
     #[serde(default)]
@@ -429,6 +467,21 @@ pub struct Kind {
     pub post: Vec<OpSpec>,
     /// Where the fused conv goes.
     pub deploy: DeployNames,
+    /// The main kernel's side, when blocks of this kind have only one (RT-DETR's RepVggBlock
+    /// is 3×3; its `conv1`/`conv2` names also belong to the 1×1 convs of a CSPRepLayer): a
+    /// candidate with another is not a block of this kind, and is skipped.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kernel: Option<usize>,
+    /// Tensors under the block the framework's conversion overwrites without reading
+    /// (super-gradients' QARepVGG train file holds a placeholder `rbr_reparam`): consumed
+    /// when present, never read.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub overwrites: Vec<String>,
+    /// The framework's deploy form keeps the branch tensors beside the fused conv (RT-DETR's
+    /// `convert_to_deploy` adds `conv` and keeps `conv1`/`conv2`): they are read, and passed
+    /// through.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub keeps_branches: bool,
 }
 
 /// Errors in finding blocks or in a layout file.
@@ -449,6 +502,46 @@ pub enum LayoutError {
     /// `--layout` named no layout.
     #[error("unknown layout `{0}`; known layouts: {1}")]
     Unknown(String, String),
+    /// Layouts with the same tensor names but different fusions both found blocks.
+    #[error(
+        "the checkpoint's names fit layouts {found} alike, whose fusions differ (the names do not tell them apart); pass --layout with one of them"
+    )]
+    Ambiguous {
+        /// The layouts, comma-separated.
+        found: String,
+    },
+    /// BatchNorms still at the statistics `nn.BatchNorm2d()` starts with.
+    #[error(
+        "{count} of the {total} BN layers of the blocks are at their initial statistics (running_mean 0, running_var 1: eval mode or BN calibration forgotten?), so their fold would be wrong: {names}"
+    )]
+    InitialStatistics {
+        /// How many.
+        count: usize,
+        /// Of how many BNs in the blocks.
+        total: usize,
+        /// Their module names.
+        names: String,
+    },
+    /// Blocks of one layout in both fused and unfused form.
+    #[error(
+        "the file mixes fused and unfused {layout} blocks: {forms}; convert the original train checkpoint"
+    )]
+    MixedForms {
+        /// The layout.
+        layout: String,
+        /// Counts and examples of blocks in deploy and in train form, and a block with both.
+        forms: String,
+    },
+    /// `--identity` named a block that has no branch decided by a rule.
+    #[error(
+        "--identity {prefix}: no block `{prefix}` with an identity decided by a rule (blocks where the layout's rule decides: {known})"
+    )]
+    UnusedIdentity {
+        /// The block prefix given.
+        prefix: String,
+        /// Some blocks where it would apply.
+        known: String,
+    },
     /// The built-in layout table does not parse or check: a bug in this build.
     #[error(
         "the built-in layout table is broken (a bug in repvgg-fuse; nothing was written): {what}"
@@ -542,6 +635,9 @@ impl Layout {
                 weight: String::new(),
                 bias: String::new(),
             }),
+            kernel: None,
+            overwrites: Vec::new(),
+            keeps_branches: false,
         });
         top.into_iter().chain(self.kinds.iter().cloned()).collect()
     }

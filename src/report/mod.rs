@@ -209,6 +209,10 @@ pub struct BlockInfo {
     pub kernel: usize,
     /// Whether an identity branch was fused.
     pub identity: bool,
+    /// What the block's form rests on that no tensor shows, and what decided it: QARepVGG's
+    /// tensorless identity, `rbr_identity: yes (rule in == out: 8 → 8)` or `… (--identity)`.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub assumed: Vec<String>,
 }
 
 impl From<&Block> for BlockInfo {
@@ -224,6 +228,7 @@ impl From<&Block> for BlockInfo {
             groups: block.groups,
             kernel: block.kernel,
             identity: block.has_identity(),
+            assumed: block.assumed.clone(),
         }
     }
 }
