@@ -48,6 +48,14 @@ pub enum Error {
     /// An ONNX graph is unreadable or malformed, or cannot be written.
     #[error(transparent)]
     Onnx(#[from] onnx::OnnxError),
+    /// An ONNX graph too broken to look for blocks in (a cycle, a constant output, …).
+    #[error("{}: {error}", path.display())]
+    Topology {
+        /// The graph.
+        path: PathBuf,
+        /// What is wrong, naming the node or tensor.
+        error: find::graph::TopologyError,
+    },
     /// The blocks could not be found or are malformed.
     #[error("{}: {error}", path.display())]
     Layout {

@@ -67,21 +67,27 @@ pub fn convert(
     files.extend(report_path.as_deref());
     check_ci(&settings.ci, &files)?;
     let train = Train::open(input, settings)?;
-    let (ckpt, detection) = (&train.ckpt, &train.detection);
-    let plan = Plan::new(ckpt, detection, settings.cast);
-
+    let detection = &train.detection;
     // With --verify the full check replaces the probe.
     let probe_seed = (!verify).then_some(settings.check.seed);
-    let (tmp, streamed) = write(&train, &plan, probe_seed, output, hooks)?;
+    let staged = match &train.graph {
+        Some((sets, _)) => super::graph::stage(&train, sets, output, probe_seed, hooks)?,
+        None => stage_checkpoint(&train, settings, probe_seed, output, hooks)?,
+    };
     // INT8: pass one ran while fusing; pass two (per tensor, which needs each tensor's max)
     // reads the file just written, still in the page cache. The input is read once.
-    let deploy = Checkpoint::open(tmp.path())?;
-    let int8 = int8::tensor_pass(&deploy, &detection.blocks, &streamed.int8, hooks.cancel)?;
+    let deploy = &staged.deploy;
+    let int8 = int8::tensor_pass(
+        deploy,
+        &detection.blocks,
+        &staged.streamed.int8,
+        hooks.cancel,
+    )?;
     let dtype_of = |b: &crate::block::Block| format!("{:?}", settings.cast.unwrap_or(b.dtype));
-    let mut blocks = train.block_reports(dtype_of, streamed.probe, int8);
+    let mut blocks = train.block_reports(dtype_of, staged.streamed.probe.clone(), int8);
     let (probe, verify_report) = if verify {
         hooks.progress.stage("verifying");
-        let checked = train.check(&deploy, &settings.check, hooks)?;
+        let checked = train.check(deploy, &settings.check, hooks)?;
         set_checked(&mut blocks, &checked);
         (verify_probe(&checked.report), Some(checked.report))
     } else {
@@ -93,11 +99,6 @@ pub fn convert(
         };
         (probe, None)
     };
-    let written = Written {
-        tensors: plan.entries.len(),
-        parameters: plan.parameters(),
-        bytes: plan.file_len(),
-    };
     let parts = ReportParts {
         command: "convert",
         output: output.to_path_buf(),
@@ -105,13 +106,16 @@ pub fn convert(
         probe,
         blocks,
         verify: verify_report,
-        written,
+        written: staged.written.clone(),
     };
     let report = build_report(&train, parts);
     // A deploy file that failed verification is not put in place (the temp file goes with
     // `tmp`); the report is, since it says what failed.
-    let deploy_file = report.verified().then_some(tmp);
-    put_in_place(&report, deploy_file, report_path.as_deref(), &settings.ci)?;
+    let deploy_files = match report.verified() {
+        true => staged.files,
+        false => Vec::new(),
+    };
+    put_in_place(&report, deploy_files, report_path.as_deref(), &settings.ci)?;
     Ok(Outcome::new(report, report_path, settings))
 }
 
@@ -129,6 +133,31 @@ fn check_paths(input: &Path, output: &Path, report_path: Option<&Path>) -> Resul
         });
     }
     Ok(())
+}
+
+/// The safetensors deploy file of a checkpoint, written to a pending file beside `output`.
+fn stage_checkpoint(
+    train: &Train,
+    settings: &Settings,
+    probe_seed: Option<u64>,
+    output: &Path,
+    hooks: Hooks,
+) -> Result<super::graph::Staged, Error> {
+    let plan = Plan::new(&train.ckpt, &train.detection, settings.cast);
+    let (tmp, streamed) = write(train, &plan, probe_seed, output, hooks)?;
+    let deploy = Checkpoint::open(tmp.path())?;
+    let written = Written {
+        tensors: plan.entries.len(),
+        parameters: plan.parameters(),
+        bytes: plan.file_len(),
+        nodes: None,
+    };
+    Ok(super::graph::Staged::new(
+        vec![tmp],
+        streamed,
+        deploy,
+        written,
+    ))
 }
 
 /// Writes the deploy file to a pending file beside `output`; returns it and each block's probe

@@ -3,6 +3,7 @@
 //! share is here: the options, finding the blocks, and building the report.
 
 mod convert;
+mod graph;
 mod inspect;
 mod output;
 mod verify;
@@ -20,6 +21,8 @@ use crate::Error;
 use crate::block::Block;
 use crate::checkpoint::{Checkpoint, ReadOptions};
 use crate::deviation::Deviation;
+use crate::find::graph::blocks::graph_blocks;
+use crate::find::graph::{BranchSet, find_branch_sets};
 use crate::find::{Detection, FindRules, Layout};
 use crate::int8::Int8Report;
 use crate::progress::Hooks;
@@ -109,12 +112,30 @@ struct Train {
     detection: Detection,
     chosen_by: ChosenBy,
     eps: EpsInfo,
+    /// For an ONNX graph: the branch set each block replaces, and the graph's node count.
+    graph: Option<(Vec<BranchSet>, usize)>,
 }
 
 impl Train {
     /// Opens `path` and finds its blocks.
     fn open(path: &std::path::Path, settings: &Settings) -> Result<Train, Error> {
         let ckpt = Checkpoint::open_with(path, &settings.read)?;
+        if let Some(model) = ckpt.onnx() {
+            let view = crate::onnx::graph_view(model);
+            let finding = find_branch_sets(&view).map_err(|error| Error::Topology {
+                path: path.to_path_buf(),
+                error,
+            })?;
+            let found = graph_blocks(&ckpt, &view, &finding);
+            let detection = found.detection();
+            return Ok(Train {
+                eps: eps_info(&detection),
+                detection,
+                chosen_by: ChosenBy::Detected,
+                graph: Some((found.sets, view.nodes.len())),
+                ckpt,
+            });
+        }
         let (detection, chosen_by) = find(&ckpt, &settings.find)?;
         let eps = eps_info(&detection);
         Ok(Train {
@@ -122,6 +143,7 @@ impl Train {
             detection,
             chosen_by,
             eps,
+            graph: None,
         })
     }
 
@@ -201,10 +223,13 @@ fn skipped(detection: &Detection) -> Vec<Skipped> {
 }
 
 /// What the written (or judged) file holds: tensors, parameters, bytes.
+#[derive(Debug, Clone)]
 struct Written {
     tensors: usize,
     parameters: usize,
     bytes: u64,
+    /// Nodes of a graph written.
+    nodes: Option<usize>,
 }
 
 /// The parts of a report that only the use case knows.
@@ -231,6 +256,8 @@ fn build_report(train: &Train, parts: ReportParts) -> Report {
         parameters_out: parts.written.parameters,
         bytes_in: std::fs::metadata(ckpt.path()).map_or(0, |m| m.len()),
         bytes_out: parts.written.bytes,
+        nodes_in: train.graph.as_ref().map(|(_, n)| *n),
+        nodes_out: parts.written.nodes,
         ..Summary::default()
     };
     summary.set_worst(&parts.blocks);

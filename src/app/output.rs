@@ -96,9 +96,9 @@ pub(crate) fn write_atomic<T>(
 }
 
 /// Writes `model` with `edit` applied to `out` (and its side file, for external data) through
-/// `write_atomic`: both finished before either is put in place (the side file first, so a
-/// model in place always finds its data); on error nothing is left and an existing output is
-/// untouched. `fill` writes each new tensor's bytes (see [`OnnxModel::write_deploy`]).
+/// `write_atomic`, and puts both in place (the side file first, so a model in place always
+/// finds its data); on error nothing is left and an existing output is untouched. `fill`
+/// writes each new tensor's bytes (see [`OnnxModel::write_deploy`]).
 pub fn write_graph(
     model: &OnnxModel,
     edit: &GraphEdit,
@@ -106,39 +106,80 @@ pub fn write_graph(
     placement: DataPlacement,
     fill: &mut dyn FnMut(usize, &mut dyn std::io::Write) -> std::io::Result<()>,
 ) -> Result<WriteSummary, Error> {
-    let mut files = Vec::new();
-    let summary = match model.side_target(out, placement) {
-        Some(side) => {
-            let (side_file, (model_file, summary)) =
-                write_atomic(&side, "the side file", |side_file| {
-                    write_atomic(out, "the finished graph", |model_file| {
-                        let files = OutFiles {
-                            model: model_file,
-                            side: Some(side_file),
-                        };
-                        Ok(model.write_deploy(edit, out, files, fill)?)
-                    })
-                })?;
-            if summary.side_bytes > 0 {
-                files.push(side_file);
-            }
-            files.push(model_file);
-            summary
-        }
-        None => {
-            let (model_file, summary) = write_atomic(out, "the finished graph", |model_file| {
-                let files = OutFiles {
-                    model: model_file,
-                    side: None,
-                };
-                Ok(model.write_deploy(edit, out, files, fill)?)
-            })?;
-            files.push(model_file);
-            summary
-        }
-    };
+    let (files, summary) = stage_graph(model, edit, out, placement, fill)?;
     commit(files)?;
     Ok(summary)
+}
+
+/// Like [`write_graph`], leaving the finished files pending (side file first).
+pub(crate) fn stage_graph(
+    model: &OnnxModel,
+    edit: &GraphEdit,
+    out: &Path,
+    placement: DataPlacement,
+    fill: &mut dyn FnMut(usize, &mut dyn std::io::Write) -> std::io::Result<()>,
+) -> Result<(Vec<Pending>, WriteSummary), Error> {
+    let Some(side) = model.side_target(out, placement) else {
+        let (model_file, summary) = write_atomic(out, "the finished graph", |model_file| {
+            let files = OutFiles {
+                model: model_file,
+                side: None,
+            };
+            Ok(model.write_deploy(edit, out, files, fill)?)
+        })?;
+        return Ok((vec![model_file], summary));
+    };
+    let (side_file, (model_file, summary)) = write_atomic(&side, "the side file", |side_file| {
+        write_atomic(out, "the finished graph", |model_file| {
+            let files = OutFiles {
+                model: model_file,
+                side: Some(side_file),
+            };
+            Ok(model.write_deploy(edit, out, files, fill)?)
+        })
+    })?;
+    let files = if summary.side_bytes > 0 {
+        vec![side_file, model_file]
+    } else {
+        vec![model_file]
+    };
+    Ok((files, summary))
+}
+
+/// A path the pending graph `files` (side file first) can be opened at before they are in
+/// place: the model's temp file itself, or, with a side file, both hard-linked under their
+/// final names into a private folder beside `out` (removed with the returned guard), so that
+/// the model's relative `location` finds the new side file, not an old one.
+pub(crate) fn readable_graph(
+    files: &[Pending],
+    out: &Path,
+) -> Result<(PathBuf, Option<tempfile::TempDir>), Error> {
+    let [side, model] = files else {
+        let model = files
+            .last()
+            .ok_or_else(|| Error::internal("no graph file was written"))?;
+        return Ok((model.path().to_path_buf(), None));
+    };
+    let dir = match out.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    let linked = tempfile::Builder::new()
+        .prefix(".repvgg-fuse-check.")
+        .tempdir_in(&dir)
+        .map_err(Error::write(
+            out,
+            "cannot create a folder to check the graph in",
+        ))?;
+    let name = |p: &Pending| p.target.file_name().map(|n| linked.path().join(n));
+    let (Some(model_at), Some(side_at)) = (name(model), name(side)) else {
+        return Err(Error::internal("a graph output without a file name"));
+    };
+    for (from, to) in [(model.path(), &model_at), (side.path(), &side_at)] {
+        std::fs::hard_link(from, to)
+            .map_err(Error::write(out, "cannot link the graph to check it"))?;
+    }
+    Ok((model_at, Some(linked)))
 }
 
 /// Puts finished files in place, in order.
@@ -321,11 +362,11 @@ pub(crate) fn stage_ci(report: &Report, ci: &CiOutputs) -> Result<Vec<Pending>, 
 /// failure writing one puts none in place.
 pub(crate) fn put_in_place(
     report: &Report,
-    first: Option<Pending>,
+    first: Vec<Pending>,
     report_path: Option<&Path>,
     ci: &CiOutputs,
 ) -> Result<(), Error> {
-    let mut files: Vec<Pending> = first.into_iter().collect();
+    let mut files = first;
     if let Some(path) = report_path {
         files.push(stage_report(report, path)?);
     }

@@ -47,6 +47,9 @@ pub fn verify_files(
         tensors: deploy.tensors().len(),
         parameters: deploy.tensors().iter().map(|t| t.numel()).sum(),
         bytes: std::fs::metadata(deploy_path).map_or(0, |m| m.len()),
+        nodes: deploy
+            .onnx()
+            .map(|m| crate::onnx::graph_view(m).nodes.len()),
     };
     let parts = ReportParts {
         command: "verify",
@@ -59,6 +62,6 @@ pub fn verify_files(
     };
     let mut r = build_report(&train, parts);
     r.warnings.extend(warnings(&deploy));
-    put_in_place(&r, None, report, &settings.ci)?;
+    put_in_place(&r, Vec::new(), report, &settings.ci)?;
     Ok(Outcome::new(r, report.map(Path::to_path_buf), settings))
 }

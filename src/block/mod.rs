@@ -342,8 +342,12 @@ impl<'a> Checker<'a> {
         allow_trailing_ones: bool,
     ) -> Result<(), BlockError> {
         let t = self.float(tensor)?;
-        let ok = t.shape.first() == Some(&len)
-            && (t.shape.len() == 1 || allow_trailing_ones && t.shape[1..].iter().all(|&d| d == 1));
+        // `[len]`, or with ones around it where allowed (`[len, 1, 1]`, an ONNX `[1, len, 1, 1]`).
+        let squeezed: Vec<usize> = t.shape.iter().copied().filter(|&d| d != 1).collect();
+        let ok = t.shape == [len]
+            || allow_trailing_ones
+                && t.shape.iter().product::<usize>() == len
+                && squeezed.len() <= 1;
         if ok {
             Ok(())
         } else {

@@ -28,6 +28,7 @@ use serde::Deserialize;
 use serde::de::{Deserializer, MapAccess, Visitor};
 
 use crate::dtype::{decode, dtype_bytes, float_width};
+use crate::onnx::OnnxModel;
 
 /// Largest header we accept: the bound of the safetensors reference implementation
 /// (`safetensors::tensor::MAX_HEADER_SIZE`, 100,000,000 bytes).
@@ -52,6 +53,10 @@ pub enum CheckpointError {
         /// What is wrong, naming the tensor where there is one.
         what: String,
     },
+    /// The file is an ONNX graph that cannot be read (the error names the file and the
+    /// tensor or node).
+    #[error(transparent)]
+    Onnx(#[from] Box<crate::onnx::OnnxError>),
     /// The file is a PyTorch checkpoint that cannot be read; `what` says how.
     #[error("{path}: cannot read this PyTorch checkpoint ({format}): {what}")]
     Torch {
@@ -125,6 +130,8 @@ pub struct Checkpoint {
     index: HashMap<String, usize>,
     metadata: Option<BTreeMap<String, String>>,
     source: Option<SourceInfo>,
+    /// An ONNX graph, read whole: its constant tensors are the tensors here, read through it.
+    onnx: Option<Box<OnnxModel>>,
 }
 
 impl Checkpoint {
@@ -143,7 +150,7 @@ impl Checkpoint {
         };
         let file = File::open(path).map_err(io_err)?;
         let meta = file.metadata().map_err(io_err)?;
-        let mut head = [0u8; 16];
+        let mut head = [0u8; 64];
         let n = if meta.is_dir() {
             0
         } else {
@@ -158,8 +165,37 @@ impl Checkpoint {
             Some(format) if !safetensors => {
                 Self::open_torch(path, file, meta.len(), format, options)
             }
+            None if !safetensors && crate::onnx::looks_like_onnx(&head[..n]) => {
+                Self::open_onnx(path, file)
+            }
             _ => Self::open_safetensors(path, file),
         }
+    }
+
+    /// An ONNX graph: its initializers, `Constant` outputs and `Identity` aliases of them, as
+    /// tensors (numeric ones; strings and sub-byte types are not tensors here).
+    fn open_onnx(path: &Path, file: File) -> Result<Self, CheckpointError> {
+        let model = OnnxModel::open(path).map_err(Box::new)?;
+        let tensors = model
+            .tensors()
+            .iter()
+            .map(|e| TensorInfo {
+                name: e.name.clone(),
+                dtype: e.dtype,
+                shape: e.shape.clone(),
+                start: 0,
+                len: e.bytes.len(),
+                strides: None,
+            })
+            .collect();
+        let mut ckpt = Self::assemble(path, file, tensors, None, None);
+        ckpt.onnx = Some(Box::new(model));
+        Ok(ckpt)
+    }
+
+    /// The ONNX graph this was read from, if it was one.
+    pub fn onnx(&self) -> Option<&OnnxModel> {
+        self.onnx.as_deref()
     }
 
     fn open_torch(
@@ -276,6 +312,7 @@ impl Checkpoint {
             index,
             metadata,
             source,
+            onnx: None,
         }
     }
 
@@ -344,6 +381,18 @@ impl Checkpoint {
             });
         }
         buf.resize(len as usize, 0);
+        if let Some(model) = &self.onnx {
+            let entry = model.tensor(&tensor.name).ok_or_else(|| {
+                CheckpointError::Onnx(Box::new(crate::onnx::OnnxError::BadTensor {
+                    path: self.path.clone(),
+                    tensor: tensor.name.clone(),
+                    what: "not in the graph's tensor table (a bug in repvgg-fuse)".into(),
+                }))
+            })?;
+            return model
+                .read_range(entry, offset, buf)
+                .map_err(|e| CheckpointError::Onnx(Box::new(e)));
+        }
         let read = match &tensor.strides {
             None => self.file.read_exact_at(buf, tensor.start + offset),
             Some(strides) => gather(&self.file, tensor, strides, offset, buf),
@@ -358,6 +407,12 @@ impl Checkpoint {
     /// tensor is copied straight from the file (by the kernel where it can); a strided view is
     /// gathered a piece at a time.
     pub fn copy_tensor_to(&self, tensor: &TensorInfo, out: &mut impl Write) -> io::Result<()> {
+        if self.onnx.is_some() {
+            let bytes = self
+                .read_bytes(tensor, 0, tensor.len)
+                .map_err(|e| io::Error::other(e.to_string()))?;
+            return out.write_all(&bytes);
+        }
         if tensor.strides.is_none() {
             let mut file = &self.file;
             file.seek(SeekFrom::Start(tensor.start))?;

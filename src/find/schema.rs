@@ -389,7 +389,7 @@ pub struct DeployNames {
 }
 
 /// A framework's naming of re-parameterizable blocks.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Layout {
     /// Short id, as given to `--layout`.

@@ -313,6 +313,12 @@ pub struct Summary {
     pub bytes_out: u64,
     /// INT8 readiness of the model: the blocks that lose most ([`crate::int8`]).
     pub int8: Option<Int8Summary>,
+    /// Nodes of an ONNX graph read (absent for a checkpoint).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub nodes_in: Option<usize>,
+    /// Nodes of the ONNX graph written or judged (absent for a checkpoint).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub nodes_out: Option<usize>,
 }
 
 impl Summary {

@@ -28,6 +28,7 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 
+pub mod blocks;
 mod channels;
 mod exact;
 mod ops;

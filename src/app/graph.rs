@@ -1,0 +1,238 @@
+//! Converting an ONNX graph: each branch set the finder found replaced by one `Conv` (or
+//! `Gemm`) whose weight and bias the one fusion routine computes, everything else written as it
+//! was read; then the same INT8 figures, verification and report as for a checkpoint.
+
+use std::path::Path;
+
+use rayon::prelude::*;
+
+use super::output::{Pending, readable_graph, stage_graph};
+use super::{Train, Written};
+use crate::Error;
+use crate::block::Block;
+use crate::checkpoint::Checkpoint;
+use crate::conv::Input;
+use crate::deviation::Deviation;
+use crate::find::graph::BranchSet;
+use crate::fuse::block::fuse_block_rows;
+use crate::fuse::rows::FusedRows;
+use crate::int8::ChannelStats;
+use crate::onnx::{DataPlacement, GraphEdit, NewAttr, NewNode, NewTensor};
+use crate::progress::Hooks;
+use crate::write::safetensors::Streamed;
+
+/// Weights fused at a time by one thread (as for checkpoints).
+const FUSE_CHUNK: usize = 1 << 16;
+
+/// A deploy graph written to pending files, with what writing it learnt.
+pub(super) struct Staged {
+    /// The pending files (side file first).
+    pub files: Vec<Pending>,
+    /// Each block's probe deviation and INT8 pass one.
+    pub streamed: Streamed,
+    /// The written graph, opened as a tensor source.
+    pub deploy: Checkpoint,
+    /// What it holds.
+    pub written: Written,
+    /// Where the pending files are linked under their final names, while `deploy` reads them.
+    _linked: Option<tempfile::TempDir>,
+}
+
+impl Staged {
+    /// A staged deploy file that needs no links to be read (a checkpoint's).
+    pub fn new(
+        files: Vec<Pending>,
+        streamed: Streamed,
+        deploy: Checkpoint,
+        written: Written,
+    ) -> Staged {
+        Staged {
+            files,
+            streamed,
+            deploy,
+            written,
+            _linked: None,
+        }
+    }
+}
+
+/// Writes the deploy graph of `train` beside `output` (not in place yet).
+pub(super) fn stage(
+    train: &Train,
+    sets: &[BranchSet],
+    output: &Path,
+    probe_seed: Option<u64>,
+    hooks: Hooks,
+) -> Result<Staged, Error> {
+    let model = train
+        .ckpt
+        .onnx()
+        .ok_or_else(|| Error::internal("a graph conversion of a file that is not a graph"))?;
+    let blocks = &train.detection.blocks;
+    let names: std::collections::BTreeSet<String> = crate::onnx::graph_view(model)
+        .nodes
+        .into_iter()
+        .map(|n| n.name)
+        .collect();
+    let edit = edit(blocks, sets, names);
+    let mut streamed = Streamed {
+        probe: vec![Deviation::default(); blocks.len()],
+        int8: vec![None; blocks.len()],
+    };
+    let mut bias: Vec<u8> = Vec::new();
+    // The fusion's own error (a block's values, a cancel), kept whole: the writer only
+    // passes an I/O error through.
+    let mut failure: Option<Error> = None;
+    let mut fill = |i: usize, w: &mut dyn std::io::Write| -> std::io::Result<()> {
+        let b = i / 2;
+        if i % 2 == 1 {
+            return w.write_all(&bias);
+        }
+        let fused = hooks
+            .cancel
+            .check()
+            .and_then(|()| fuse_block(&train.ckpt, &blocks[b], b, probe_seed));
+        let (rows, dev, stats) = match fused {
+            Ok(f) => f,
+            Err(e) => {
+                failure = Some(e);
+                return Err(std::io::Error::other("the fusion failed"));
+            }
+        };
+        streamed.probe[b] = dev;
+        streamed.int8[b] = Some(stats);
+        bias.clear();
+        for r in rows {
+            w.write_all(&r.weight)?;
+            hooks.progress.advance(r.weight.len() as u64);
+            bias.extend(r.bias);
+        }
+        Ok(())
+    };
+    let staged = stage_graph(model, &edit, output, DataPlacement::AsInput, &mut fill);
+    let (files, summary) = match (staged, failure) {
+        (Ok(staged), _) => staged,
+        (Err(_), Some(e)) => return Err(e),
+        (Err(e), None) => return Err(e),
+    };
+    let (path, linked) = readable_graph(&files, output)?;
+    let deploy = Checkpoint::open(&path)?;
+    let written = Written {
+        tensors: deploy.tensors().len(),
+        parameters: deploy.tensors().iter().map(|t| t.numel()).sum(),
+        bytes: summary.model_bytes + summary.side_bytes,
+        nodes: Some(summary.nodes_after),
+    };
+    Ok(Staged {
+        files,
+        streamed,
+        deploy,
+        written,
+        _linked: linked,
+    })
+}
+
+/// Block `b` fused whole (its chunks in parallel), with its probe deviation and INT8 pass one.
+fn fuse_block(
+    ckpt: &Checkpoint,
+    block: &Block,
+    b: usize,
+    probe_seed: Option<u64>,
+) -> Result<(Vec<FusedRows>, Deviation, ChannelStats), Error> {
+    let probe = probe_seed.map(|seed| {
+        let c = block.in_channels().unwrap_or(block.in_per_group);
+        Input::random(1, c, block.kernel, block.kernel, seed, b as u64)
+    });
+    let chunks: Vec<(FusedRows, ChannelStats)> = block
+        .row_chunks(FUSE_CHUNK)
+        .par_iter()
+        .map(|rows| {
+            let f = fuse_block_rows(ckpt, block, rows.clone(), block.dtype, probe.as_ref())?;
+            let mut s = ChannelStats::new(block.row_len(), rows.start);
+            s.push_bytes(block.dtype, &f.weight);
+            Ok::<_, Error>((f, s))
+        })
+        .collect::<Result<_, _>>()?;
+    let mut dev = Deviation::default();
+    let mut stats = ChannelStats::new(block.row_len(), 0);
+    let mut rows = Vec::with_capacity(chunks.len());
+    for (f, s) in chunks {
+        dev = dev.merge(f.deviation);
+        stats = stats.merge(s);
+        rows.push(f);
+    }
+    Ok((rows, dev, stats))
+}
+
+/// The edit: each set's nodes removed, one node in their place reading the set's input and
+/// writing its output, with the block's fused weight and bias.
+fn edit(
+    blocks: &[Block],
+    sets: &[BranchSet],
+    mut names: std::collections::BTreeSet<String>,
+) -> GraphEdit {
+    let mut edit = GraphEdit::default();
+    for (block, set) in blocks.iter().zip(sets) {
+        edit.remove.extend(set.nodes.iter().copied());
+        let at = set.nodes.first().copied().unwrap_or_default();
+        let (op_type, attrs) = if block.linear {
+            ("Gemm", vec![("transB".to_string(), NewAttr::Int(1))])
+        } else {
+            ("Conv", conv_attrs(block, set))
+        };
+        // The block's scope and the op, as exporters name nodes; numbered where taken.
+        let mut name = format!("{}/{op_type}", block.name);
+        let mut n = 1;
+        while names.contains(&name) {
+            name = format!("{}/{op_type}_{n}", block.name);
+            n += 1;
+        }
+        names.insert(name.clone());
+        edit.insert.push(NewNode {
+            at,
+            name,
+            op_type: op_type.into(),
+            domain: String::new(),
+            inputs: vec![
+                set.input.clone(),
+                block.deploy_weight.clone(),
+                block.deploy_bias.clone(),
+            ],
+            outputs: vec![set.output.clone()],
+            attrs,
+        });
+        edit.tensors.push(NewTensor {
+            name: block.deploy_weight.clone(),
+            dtype: block.dtype,
+            shape: block.deploy_shape(),
+        });
+        edit.tensors.push(NewTensor {
+            name: block.deploy_bias.clone(),
+            dtype: block.dtype,
+            shape: vec![block.out_channels],
+        });
+    }
+    edit
+}
+
+/// The merged conv's attributes: the block's k×k kernel, the set's stride and groups, and its
+/// pads widened where the set's kernel is narrower than k×k (ACNet without a square branch).
+fn conv_attrs(block: &Block, set: &BranchSet) -> Vec<(String, NewAttr)> {
+    let k = block.kernel;
+    let (dh, dw) = ((k - set.kernel.0.min(k)) / 2, (k - set.kernel.1.min(k)) / 2);
+    let [t, l, b, r] = set.pads;
+    let pads = [t + dh, l + dw, b + dh, r + dw].map(|p| p as i64).to_vec();
+    vec![
+        ("dilations".into(), NewAttr::Ints(vec![1, 1])),
+        ("group".into(), NewAttr::Int(set.group as i64)),
+        (
+            "kernel_shape".into(),
+            NewAttr::Ints(vec![k as i64, k as i64]),
+        ),
+        ("pads".into(), NewAttr::Ints(pads)),
+        (
+            "strides".into(),
+            NewAttr::Ints(vec![set.stride.0 as i64, set.stride.1 as i64]),
+        ),
+    ]
+}

@@ -1,0 +1,377 @@
+//! Branch sets as blocks of the one block model: each [`BranchSet`] the topology finder found
+//! becomes a [`Block`] whose ops name the graph's constant tensors, so that the one fusion
+//! routine does the math (f64, rounded once) and `verify` runs it op by op, as for a
+//! checkpoint. A set the block model cannot express yet is left as it is, with the reason.
+
+use std::collections::BTreeSet;
+
+use super::{BranchSet, Finding, GBranch, GOp, Graph};
+use crate::block::{Block, BnTensors, Branch, Op, Role};
+use crate::checkpoint::Checkpoint;
+use crate::report::{EpsInfo, Skipped};
+
+/// The blocks of a graph, each with the set it replaces.
+#[derive(Debug)]
+pub struct GraphBlocks {
+    /// The blocks, in the graph's order.
+    pub blocks: Vec<Block>,
+    /// The set each block replaces (same order).
+    pub sets: Vec<BranchSet>,
+    /// Candidates left as they are, and why (the finder's and the block model's).
+    pub skipped: Vec<Skipped>,
+    /// The BN ε, for the report: every BN carries its node's own.
+    pub eps: EpsInfo,
+}
+
+/// The blocks of the sets in `finding`, their tensors read from `ckpt` (the graph's tensor
+/// table).
+pub fn graph_blocks(ckpt: &Checkpoint, graph: &Graph, finding: &Finding) -> GraphBlocks {
+    let mut out = GraphBlocks {
+        blocks: Vec::new(),
+        sets: Vec::new(),
+        skipped: finding
+            .rejected
+            .iter()
+            .map(|r| Skipped {
+                name: r.nodes.join(", "),
+                reason: r.reason.clone(),
+            })
+            .collect(),
+        eps: EpsInfo {
+            value: crate::find::DEFAULT_BN_EPS,
+            source: "each BatchNormalization node's own epsilon".into(),
+        },
+    };
+    let mut taken: BTreeSet<String> = ckpt.tensors().iter().map(|t| t.name.clone()).collect();
+    for set in &finding.sets {
+        let name = block_name(graph, set);
+        match block_of(ckpt, graph, set, &name, &mut taken) {
+            Ok(block) => {
+                out.blocks.push(block);
+                out.sets.push(set.clone());
+            }
+            Err(reason) => out.skipped.push(Skipped { name, reason }),
+        }
+    }
+    let first_eps = finding
+        .sets
+        .iter()
+        .flat_map(all_ops)
+        .find_map(|op| match op {
+            GOp::Bn { eps, .. } => Some(*eps),
+            _ => None,
+        });
+    if let Some(eps) = first_eps {
+        out.eps.value = eps;
+    }
+    out
+}
+
+/// Every op of a set, branches then post-ops.
+fn all_ops(set: &BranchSet) -> impl Iterator<Item = &GOp> {
+    set.branches
+        .iter()
+        .flat_map(|b| b.ops.iter())
+        .chain(&set.post)
+}
+
+/// A block's name: the longest `/`-bounded prefix its nodes' names share (the exporter's
+/// module scope, e.g. `/stages.0/stages.0.1`), else its first node's name.
+pub fn block_name(graph: &Graph, set: &BranchSet) -> String {
+    let names: Vec<&str> = set
+        .nodes
+        .iter()
+        .filter_map(|&i| graph.nodes.get(i))
+        .map(|n| n.name.as_str())
+        .collect();
+    let Some(first) = names.first() else {
+        return set.output.clone();
+    };
+    let mut prefix: &str = first;
+    for n in &names[1..] {
+        while !n.starts_with(prefix) || !boundary(n, prefix.len()) {
+            match prefix.rfind('/') {
+                Some(at) => prefix = &prefix[..at],
+                None => {
+                    prefix = "";
+                    break;
+                }
+            }
+        }
+    }
+    match prefix.trim_end_matches('/') {
+        "" => first.to_string(),
+        p => p.to_string(),
+    }
+}
+
+/// Whether `name` ends or has a `/` at byte `at`.
+fn boundary(name: &str, at: usize) -> bool {
+    name.len() == at || name.as_bytes().get(at) == Some(&b'/')
+}
+
+/// The block of one set, or why the block model cannot express it yet.
+fn block_of(
+    ckpt: &Checkpoint,
+    graph: &Graph,
+    set: &BranchSet,
+    name: &str,
+    taken: &mut BTreeSet<String>,
+) -> Result<Block, String> {
+    let (post, post_coef) = post_ops(graph, &set.post)?;
+    let mut branches = Vec::with_capacity(set.branches.len());
+    for (i, b) in set.branches.iter().enumerate() {
+        let (ops, coef) = branch_ops(graph, b)?;
+        branches.push(Branch {
+            label: format!("branch {i}"),
+            role: role(&ops),
+            coef: b.coef * coef * post_coef,
+            ops,
+        });
+    }
+    let deploy = [unique(taken, name, "weight"), unique(taken, name, "bias")];
+    let mut block = Block::new(ckpt, name, branches, post, deploy).map_err(|e| e.what)?;
+    block.kind = if set.linear { "Gemm" } else { "Conv" }.into();
+    // The set's other constants (a scalar the coefficients took, an `Add` of zero) go with
+    // its nodes, unless a node outside the set reads them too.
+    let outside: BTreeSet<&str> = (graph.nodes.iter())
+        .filter(|n| !set.nodes.contains(&n.index))
+        .flat_map(|n| n.inputs.iter().map(String::as_str))
+        .collect();
+    for &i in &set.nodes {
+        for input in &graph.nodes[i].inputs {
+            let constant = ckpt.get(input).is_some();
+            if constant && !outside.contains(input.as_str()) && !block.consumed.contains(input) {
+                block.consumed.push(input.clone());
+            }
+        }
+    }
+    Ok(block)
+}
+
+/// `{block}.{leaf}`, or with a number where the graph has that name already.
+fn unique(taken: &mut BTreeSet<String>, block: &str, leaf: &str) -> String {
+    let mut name = format!("{block}.{leaf}");
+    let mut n = 1;
+    while taken.contains(&name) {
+        name = format!("{block}.{leaf}.{n}");
+        n += 1;
+    }
+    taken.insert(name.clone());
+    name
+}
+
+/// The part a branch plays, from its source.
+fn role(ops: &[Op]) -> Role {
+    match ops.iter().find(|op| op.is_source()) {
+        Some(Op::Identity | Op::AvgPool { .. }) => Role::Identity,
+        _ => Role::Kxk,
+    }
+}
+
+/// A branch's ops, and the factor its scalar constants make of its coefficient.
+fn branch_ops(graph: &Graph, b: &GBranch) -> Result<(Vec<Op>, f64), String> {
+    let mut ops = Vec::with_capacity(b.ops.len());
+    let mut coef = 1.0;
+    let mut sourced = false;
+    for op in &b.ops {
+        match source_op(op)? {
+            Some(source) if sourced => {
+                return Err(format!(
+                    "a second source ({}) after the first: sequences are not merged from graphs yet",
+                    describe(&source)
+                ));
+            }
+            Some(source) => {
+                sourced = true;
+                ops.push(source);
+            }
+            None => {
+                if let Some(channel) = channel_op(graph, op, sourced, &mut coef)? {
+                    ops.push(channel);
+                }
+            }
+        }
+    }
+    Ok((ops, coef))
+}
+
+/// The source op `op` is, if it is one.
+fn source_op(op: &GOp) -> Result<Option<Op>, String> {
+    Ok(Some(match op {
+        GOp::Conv {
+            weight,
+            bias,
+            dilation,
+            ..
+        } => {
+            if dilation.0 != dilation.1 {
+                return Err(format!(
+                    "conv `{weight}` has dilation {dilation:?}, not the same both ways"
+                ));
+            }
+            conv(weight, bias.clone(), dilation.0)
+        }
+        GOp::Gemm {
+            weight,
+            bias,
+            trans_b,
+            alpha,
+            beta,
+            ..
+        } => {
+            if !*trans_b || *alpha != 1.0 || (bias.is_some() && *beta != 1.0) {
+                return Err(format!(
+                    "Gemm with `{weight}` has transB {trans_b}, alpha {alpha}, beta {beta}; only transB 1, alpha 1, beta 1 (PyTorch's Linear) is merged yet"
+                ));
+            }
+            conv(weight, bias.clone(), 1)
+        }
+        GOp::MatMul { weight, .. } => {
+            return Err(format!(
+                "MatMul by `{weight}` ([in, out]) is not merged yet; only Gemm (a Linear) is"
+            ));
+        }
+        GOp::Identity => Op::Identity,
+        GOp::AvgPool { kernel, .. } if kernel.0 == kernel.1 => Op::AvgPool { kernel: kernel.0 },
+        GOp::AvgPool { kernel, .. } => {
+            return Err(format!("an AveragePool of {kernel:?} is not square"));
+        }
+        GOp::Pad { .. } => return Err("a Pad in a branch is not merged yet".into()),
+        _ => return Ok(None),
+    }))
+}
+
+/// A conv (or Linear) source.
+fn conv(weight: &str, bias: Option<String>, dilation: usize) -> Op {
+    Op::Conv {
+        weight: weight.to_string(),
+        bias,
+        dilation,
+        // The finder checked the geometry; kh×kw kernels (ACNet's) centre like square ones.
+        asymmetric: true,
+        plus_identity: false,
+    }
+}
+
+/// A per-channel op; scalar multiplies and divides go to `coef`, an `Add` of zero vanishes.
+fn channel_op(
+    graph: &Graph,
+    op: &GOp,
+    sourced: bool,
+    coef: &mut f64,
+) -> Result<Option<Op>, String> {
+    let scalar = |t: &str| scalar_value(graph, t);
+    Ok(Some(match op {
+        GOp::Bn {
+            scale,
+            bias,
+            mean,
+            var,
+            eps,
+            ..
+        } => {
+            let bn = BnTensors {
+                weight: scale.clone(),
+                bias: bias.clone(),
+                running_mean: mean.clone(),
+                running_var: var.clone(),
+                num_batches_tracked: None,
+                eps: *eps,
+            };
+            if sourced { Op::Bn(bn) } else { Op::InputBn(bn) }
+        }
+        GOp::Mul { tensor, .. } => match scalar(tensor) {
+            Some(v) => {
+                *coef *= v;
+                return Ok(None);
+            }
+            None => Op::Scale {
+                weight: tensor.clone(),
+            },
+        },
+        GOp::Div { tensor, .. } => match scalar(tensor) {
+            Some(v) if v != 0.0 => {
+                *coef /= v;
+                return Ok(None);
+            }
+            _ => return Err(format!("a Div by `{tensor}` per channel is not merged yet")),
+        },
+        GOp::Add { tensor, .. } | GOp::Sub { tensor, .. } if scalar(tensor) == Some(0.0) => {
+            return Ok(None);
+        }
+        GOp::Add { tensor, .. } | GOp::Sub { tensor, .. } => {
+            return Err(format!("adding the constant `{tensor}` is not merged yet"));
+        }
+        other => return Err(format!("{} is not a per-channel op", describe_g(other))),
+    }))
+}
+
+/// Post-ops: per-channel ops, and the factor scalars make of every branch.
+fn post_ops(graph: &Graph, post: &[GOp]) -> Result<(Vec<Op>, f64), String> {
+    let mut coef = 1.0;
+    let mut ops = Vec::new();
+    for op in post {
+        ops.extend(channel_op(graph, op, true, &mut coef)?);
+    }
+    Ok((ops, coef))
+}
+
+/// A constant's value when it holds exactly one number.
+fn scalar_value(graph: &Graph, tensor: &str) -> Option<f64> {
+    let c = graph.constants.get(tensor)?;
+    match c.values.as_deref() {
+        Some([v]) => Some(*v),
+        _ => None,
+    }
+}
+
+/// A short name of a block op, for messages.
+fn describe(op: &Op) -> &'static str {
+    match op {
+        Op::Conv { .. } => "a conv",
+        Op::Identity => "the input",
+        Op::AvgPool { .. } => "an average pool",
+        _ => "an op",
+    }
+}
+
+/// A short name of a graph op, for messages.
+fn describe_g(op: &GOp) -> &'static str {
+    match op {
+        GOp::Conv { .. } => "Conv",
+        GOp::Gemm { .. } => "Gemm",
+        GOp::MatMul { .. } => "MatMul",
+        GOp::Bn { .. } => "BatchNormalization",
+        GOp::Identity => "the input",
+        GOp::AvgPool { .. } => "AveragePool",
+        GOp::Pad { .. } => "Pad",
+        GOp::Mul { .. } => "Mul",
+        GOp::Add { .. } => "Add",
+        GOp::Sub { .. } => "Sub",
+        GOp::Div { .. } => "Div",
+    }
+}
+
+impl GraphBlocks {
+    /// The blocks as a [`crate::find::Detection`], as a checkpoint's would be: its "layout"
+    /// says they were found by topology, and it lists what was left alone.
+    pub fn detection(&self) -> crate::find::Detection {
+        crate::find::Detection {
+            layout: graph_layout(),
+            blocks: self.blocks.clone(),
+            skipped: self.skipped.clone(),
+            bn_eps: self.eps.clone(),
+        }
+    }
+}
+
+/// The pseudo-layout of blocks found in a graph.
+fn graph_layout() -> crate::find::Layout {
+    crate::find::Layout {
+        name: "onnx-graph".into(),
+        description: "parallel linear branches found in the ONNX graph by topology".into(),
+        bn_eps_reason: Some("each BatchNormalization node's own epsilon".into()),
+        ..crate::find::Layout::default()
+    }
+}
