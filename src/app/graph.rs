@@ -6,7 +6,7 @@ use std::path::Path;
 
 use rayon::prelude::*;
 
-use super::output::{Pending, readable_graph, stage_graph};
+use super::output::{Linked, Pending, readable_graph, stage_graph};
 use super::{Train, Written};
 use crate::Error;
 use crate::block::Block;
@@ -35,7 +35,7 @@ pub(super) struct Staged {
     /// What it holds.
     pub written: Written,
     /// Where the pending files are linked under their final names, while `deploy` reads them.
-    _linked: Option<tempfile::TempDir>,
+    _linked: Option<Linked>,
 }
 
 impl Staged {

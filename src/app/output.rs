@@ -146,6 +146,9 @@ pub(crate) fn stage_graph(
     Ok((files, summary))
 }
 
+/// The private folder [`readable_graph`] links a pending graph into; removed when dropped.
+pub(crate) struct Linked(#[allow(dead_code)] tempfile::TempDir);
+
 /// A path the pending graph `files` (side file first) can be opened at before they are in
 /// place: the model's temp file itself, or, with a side file, both hard-linked under their
 /// final names into a private folder beside `out` (removed with the returned guard), so that
@@ -153,7 +156,7 @@ pub(crate) fn stage_graph(
 pub(crate) fn readable_graph(
     files: &[Pending],
     out: &Path,
-) -> Result<(PathBuf, Option<tempfile::TempDir>), Error> {
+) -> Result<(PathBuf, Option<Linked>), Error> {
     let [side, model] = files else {
         let model = files
             .last()
@@ -179,7 +182,7 @@ pub(crate) fn readable_graph(
         std::fs::hard_link(from, to)
             .map_err(Error::write(out, "cannot link the graph to check it"))?;
     }
-    Ok((model_at, Some(linked)))
+    Ok((model_at, Some(Linked(linked))))
 }
 
 /// Puts finished files in place, in order.
