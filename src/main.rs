@@ -36,6 +36,22 @@ enum Command {
     Verify(VerifyArgs),
     /// Show the layout and blocks found, and what the deploy file would hold.
     Inspect(InspectArgs),
+    /// Gate an exported ONNX graph: exit 1 if it still holds parallel branches that one conv
+    /// would compute exactly (each named by its nodes, with what merging would save), 0 if
+    /// none, 2 on bad input.
+    Lint(LintArgs),
+}
+
+#[derive(Args, Debug)]
+struct LintArgs {
+    /// The ONNX graph.
+    graph: PathBuf,
+    /// Also write the JSON findings here; `-` writes them to stdout.
+    #[arg(long, value_name = "PATH")]
+    report: Option<PathBuf>,
+    /// No lines on passing; only the findings.
+    #[arg(short, long)]
+    quiet: bool,
 }
 
 #[derive(Args, Debug)]
@@ -364,6 +380,7 @@ fn run(started: RunStart, cancel: &Cancel) -> Result<ExitCode> {
     let cli = Cli::parse();
     match cli.command {
         Some(Command::Verify(args)) => run_verify(args, started, cancel),
+        Some(Command::Lint(args)) => run_lint(&args),
         Some(Command::Inspect(args)) => {
             let mut s = settings(&args.find, None, args.dtype, CiOutputs::default());
             s.check.int8 = args.int8;
@@ -429,6 +446,24 @@ fn run_verify(args: VerifyArgs, started: RunStart, cancel: &Cancel) -> Result<Ex
 /// `-` as a path: stdout.
 fn is_stdout(path: &Path) -> bool {
     path.as_os_str() == "-"
+}
+
+fn run_lint(args: &LintArgs) -> Result<ExitCode> {
+    let to_stdout = args.report.as_deref().is_some_and(is_stdout);
+    let file = args.report.as_deref().filter(|p| !is_stdout(p));
+    let found = repvgg_fuse::app::lint_file(&args.graph, file, &Settings::default())?;
+    let text = repvgg_fuse::report::lint::text(&found);
+    if to_stdout {
+        eprint!("{text}");
+        print(&format!("{}\n", serde_json::to_string_pretty(&found)?));
+    } else if !(args.quiet && found.passed()) {
+        print(&text);
+    }
+    Ok(if found.passed() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    })
 }
 
 fn print_warnings(warnings: &[Warning]) {

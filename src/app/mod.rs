@@ -5,6 +5,7 @@
 mod convert;
 mod graph;
 mod inspect;
+mod lint;
 mod output;
 mod verify;
 
@@ -14,6 +15,7 @@ use safetensors::Dtype;
 
 pub use convert::{ReportTo, convert};
 pub use inspect::{InspectBlock, Inspection, OutputTensor, inspect};
+pub use lint::{Lint, Unmerged, lint, lint_file};
 pub use output::{CiOutputs, RunStart, default_report_path, write_graph};
 pub use verify::verify_files;
 

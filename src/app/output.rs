@@ -320,6 +320,11 @@ pub(crate) fn check_ci(ci: &CiOutputs, files: &[&Path]) -> Result<(), Error> {
 
 /// The report, as a pending file at `path`.
 pub(crate) fn stage_report(report: &Report, path: &Path) -> Result<Pending, Error> {
+    stage_json(report, path)
+}
+
+/// Any JSON report, as a pending file at `path`.
+pub(crate) fn stage_json(report: &impl serde::Serialize, path: &Path) -> Result<Pending, Error> {
     let text = serde_json::to_string_pretty(report)
         .map_err(|e| Error::internal(format!("the report does not serialize: {e}")))?;
     let (pending, ()) = write_atomic(path, "the report", |file| {

@@ -5,6 +5,7 @@
 
 pub mod github;
 pub mod junit;
+pub mod lint;
 pub mod markdown;
 pub mod text;
 
