@@ -67,6 +67,12 @@ pub fn convert(
     files.extend(report_path.as_deref());
     check_ci(&settings.ci, &files)?;
     let train = Train::open(input, settings)?;
+    if train.graph.is_some() && settings.cast.is_some() {
+        return Err(Error::Usage(format!(
+            "{}: --dtype casts checkpoints; an ONNX graph keeps its own dtypes (convert it with onnxconverter-common first)",
+            input.display()
+        )));
+    }
     let detection = &train.detection;
     // With --verify the full check replaces the probe.
     let probe_seed = (!verify).then_some(settings.check.seed);
