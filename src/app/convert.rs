@@ -82,17 +82,23 @@ pub fn convert(
     };
     // INT8: pass one ran while fusing; pass two (per tensor, which needs each tensor's max)
     // reads the file just written, still in the page cache. The input is read once.
-    let deploy = &staged.deploy;
-    let int8 = int8::tensor_pass(
-        deploy,
-        &detection.blocks,
-        &staged.streamed.int8,
-        hooks.cancel,
-    )?;
+    // A graph's pass two ran on the rows in memory.
+    let int8 = match (&staged.int8, &staged.deploy) {
+        (Some(figures), _) => figures.clone(),
+        (None, Some(deploy)) => int8::tensor_pass(
+            deploy,
+            &detection.blocks,
+            &staged.streamed.int8,
+            hooks.cancel,
+        )?,
+        (None, None) => return Err(Error::internal("a deploy file neither read nor measured")),
+    };
     let dtype_of = |b: &crate::block::Block| format!("{:?}", settings.cast.unwrap_or(b.dtype));
     let mut blocks = train.block_reports(dtype_of, staged.streamed.probe.clone(), int8);
     let (probe, verify_report) = if verify {
         hooks.progress.stage("verifying");
+        let deploy = (staged.deploy.as_ref())
+            .ok_or_else(|| Error::internal("a verified deploy file that was not opened"))?;
         let checked = train.check(deploy, &settings.check, hooks)?;
         set_checked(&mut blocks, &checked);
         (verify_probe(&checked.report), Some(checked.report))

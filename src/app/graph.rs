@@ -16,7 +16,7 @@ use crate::deviation::Deviation;
 use crate::find::graph::BranchSet;
 use crate::fuse::block::fuse_block_rows;
 use crate::fuse::rows::FusedRows;
-use crate::int8::ChannelStats;
+use crate::int8::{ChannelStats, Int8Report, TensorStats, figures};
 use crate::onnx::{DataPlacement, GraphEdit, NewAttr, NewNode, NewTensor};
 use crate::progress::Hooks;
 use crate::write::safetensors::Streamed;
@@ -30,8 +30,10 @@ pub(super) struct Staged {
     pub files: Vec<Pending>,
     /// Each block's probe deviation and INT8 pass one.
     pub streamed: Streamed,
-    /// The written graph, opened as a tensor source.
-    pub deploy: Checkpoint,
+    /// The written file, opened as a tensor source (a graph's only when it is verified).
+    pub deploy: Option<Checkpoint>,
+    /// The INT8 figures, where writing already had every fused weight whole (a graph's).
+    pub int8: Option<Vec<Option<Int8Report>>>,
     /// What it holds.
     pub written: Written,
     /// Where the pending files are linked under their final names, while `deploy` reads them.
@@ -49,7 +51,8 @@ impl Staged {
         Staged {
             files,
             streamed,
-            deploy,
+            deploy: Some(deploy),
+            int8: None,
             written,
             _linked: None,
         }
@@ -64,6 +67,7 @@ pub(super) fn stage(
     probe_seed: Option<u64>,
     hooks: Hooks,
 ) -> Result<Staged, Error> {
+    let verify = probe_seed.is_none();
     let model = train
         .ckpt
         .onnx()
@@ -79,6 +83,7 @@ pub(super) fn stage(
         probe: vec![Deviation::default(); blocks.len()],
         int8: vec![None; blocks.len()],
     };
+    let mut int8 = vec![None; blocks.len()];
     let mut bias: Vec<u8> = Vec::new();
     // The fusion's own error (a block's values, a cancel), kept whole: the writer only
     // passes an I/O error through.
@@ -100,6 +105,17 @@ pub(super) fn stage(
             }
         };
         streamed.probe[b] = dev;
+        // INT8 pass two on the rows still in memory (a checkpoint's re-reads the file).
+        let block = &blocks[b];
+        let mut tensor = TensorStats::new(stats.max_abs(), block.row_len(), 0);
+        let mut first = 0;
+        for r in &rows {
+            let mut t = TensorStats::new(stats.max_abs(), block.row_len(), first);
+            t.push_bytes(block.dtype, &r.weight);
+            tensor = tensor.merge(t);
+            first += r.bias.len() / block.dtype.bitsize().div_ceil(8).max(1);
+        }
+        int8[b] = Some(figures(&stats, &tensor));
         streamed.int8[b] = Some(stats);
         bias.clear();
         for r in rows {
@@ -115,18 +131,38 @@ pub(super) fn stage(
         (Err(_), Some(e)) => return Err(e),
         (Err(e), None) => return Err(e),
     };
-    let (path, linked) = readable_graph(&files, output)?;
-    let deploy = Checkpoint::open(&path)?;
+    // The written graph's tensors, counted from the input's and the edit.
+    let dropped: std::collections::BTreeSet<&str> = (summary.initializers_dropped.iter())
+        .map(String::as_str)
+        .chain(train.detection.consumed())
+        .collect();
+    let kept = train
+        .ckpt
+        .tensors()
+        .iter()
+        .filter(|t| !dropped.contains(t.name.as_str()));
+    let new: usize = edit
+        .tensors
+        .iter()
+        .map(|t| t.shape.iter().product::<usize>())
+        .sum();
     let written = Written {
-        tensors: deploy.tensors().len(),
-        parameters: deploy.tensors().iter().map(|t| t.numel()).sum(),
+        tensors: kept.clone().count() + edit.tensors.len(),
+        parameters: kept.map(|t| t.numel()).sum::<usize>() + new,
         bytes: summary.model_bytes + summary.side_bytes,
         nodes: Some(summary.nodes_after),
+    };
+    let (deploy, linked) = if verify {
+        let (path, linked) = readable_graph(&files, output)?;
+        (Some(Checkpoint::open(&path)?), linked)
+    } else {
+        (None, None)
     };
     Ok(Staged {
         files,
         streamed,
         deploy,
+        int8: Some(int8),
         written,
         _linked: linked,
     })
