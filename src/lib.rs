@@ -22,6 +22,7 @@ pub mod deploy;
 pub mod deviation;
 pub mod int8;
 pub mod layout;
+pub mod onnx;
 pub mod ops;
 pub mod progress;
 pub mod report;
