@@ -308,6 +308,72 @@ fn external_data_outside_the_folder_is_refused() {
     }
 }
 
+/// The whole chain of `err`, as the binary prints it.
+fn chain(err: RunError) -> String {
+    format!("{:#}", anyhow::Error::from(err))
+}
+
+#[test]
+fn an_external_location_leaving_the_folder_is_refused() {
+    for name in ["bad_location_parent", "bad_location_absolute"] {
+        let err = Graph::load(
+            &fixture(&format!("{name}.onnx")),
+            &[],
+            Optimization::Optimized,
+        )
+        .unwrap_err();
+        assert!(matches!(err, RunError::Load { .. }), "{name}: {err:?}");
+        let text = chain(err);
+        assert!(
+            text.contains(&format!("{name}.onnx"))
+                && text.contains("must be a relative path inside the model directory"),
+            "{name}: {text}"
+        );
+    }
+}
+
+#[test]
+fn external_data_shorter_than_its_offsets_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::copy(fixture("external.onnx"), dir.path().join("external.onnx")).unwrap();
+    let data = std::fs::read(fixture("external.onnx.data")).unwrap();
+    std::fs::write(
+        dir.path().join("external.onnx.data"),
+        &data[..data.len() - 4],
+    )
+    .unwrap();
+    let err = Graph::load(
+        &dir.path().join("external.onnx"),
+        &[],
+        Optimization::Optimized,
+    )
+    .unwrap_err();
+    let text = chain(err);
+    assert!(text.contains("out of bounds"), "{text}");
+}
+
+#[test]
+fn raw_data_of_the_wrong_length_is_refused_naming_the_tensor() {
+    let err = Graph::load(&fixture("bad_raw_data.onnx"), &[], Optimization::Optimized).unwrap_err();
+    assert!(
+        matches!(&err, RunError::RawData { tensor, len: 288, expected: 576, .. } if tensor == "w3"),
+        "{err:?}"
+    );
+}
+
+#[test]
+fn malformed_weights_are_an_error_not_a_panic() {
+    for name in ["bad_raw_data", "bad_conv_channels"] {
+        let path = fixture(&format!("{name}.onnx"));
+        let result = Graph::load(&path, &[], Optimization::Optimized)
+            .and_then(|g| g.random_inputs(0).and_then(|x| g.run(&x)));
+        let err = result.expect_err(name);
+        let text = chain(err);
+        eprintln!("{name}: {text}");
+        assert!(text.contains(&format!("{name}.onnx")), "{text}");
+    }
+}
+
 #[test]
 fn input_specs_parse() {
     assert_eq!(

@@ -76,6 +76,20 @@ pub enum RunError {
         /// The panic's message.
         message: String,
     },
+    /// An initializer's `raw_data` length disagrees with its dims and element type.
+    #[error("{}: initializer `{tensor}` has {len} bytes of raw_data, its shape {shape:?} needs {expected}", path.display())]
+    RawData {
+        /// The graph file.
+        path: PathBuf,
+        /// The initializer.
+        tensor: String,
+        /// Its dims.
+        shape: Vec<i64>,
+        /// Its raw_data length.
+        len: usize,
+        /// The length its dims and element type need.
+        expected: u128,
+    },
     /// A nodes' input is not produced by any node, initializer or graph input.
     #[error("{}: node inputs {names:?} are produced by nothing in the graph", path.display())]
     Unresolved {
@@ -354,6 +368,7 @@ impl Graph {
             path: path.to_path_buf(),
             source: "the ModelProto has no graph".into(),
         })?;
+        check_raw_data(path, graph)?;
         let mut inputs = graph_inputs(path, graph)?;
         apply_specs(path, &mut inputs, specs)?;
         let outputs: Vec<String> = graph.output.iter().map(|o| o.name.clone()).collect();
@@ -647,6 +662,34 @@ fn split_gemm(node: &pb::NodeProto) -> Option<Vec<pb::NodeProto>> {
         out.clone(),
     ));
     Some(parts)
+}
+
+/// Refuses an inline initializer whose `raw_data` length disagrees with its dims (tract's own
+/// message does not name the tensor).
+fn check_raw_data(path: &Path, graph: &pb::GraphProto) -> Result<(), RunError> {
+    for t in graph.initializer.iter().filter(|t| !t.raw_data.is_empty()) {
+        let width: u128 = match DataType::try_from(t.data_type) {
+            Ok(DataType::Uint8 | DataType::Int8 | DataType::Bool) => 1,
+            Ok(DataType::Uint16 | DataType::Int16 | DataType::Float16 | DataType::Bfloat16) => 2,
+            Ok(DataType::Uint32 | DataType::Int32 | DataType::Float) => 4,
+            Ok(DataType::Uint64 | DataType::Int64 | DataType::Double) => 8,
+            _ => continue,
+        };
+        let count = t.dims.iter().try_fold(1u128, |n, &d| {
+            u128::try_from(d).ok().and_then(|d| n.checked_mul(d))
+        });
+        let expected = count.and_then(|c| c.checked_mul(width));
+        if expected != Some(t.raw_data.len() as u128) {
+            return Err(RunError::RawData {
+                path: path.to_path_buf(),
+                tensor: t.name.clone(),
+                shape: t.dims.clone(),
+                len: t.raw_data.len(),
+                expected: expected.unwrap_or(u128::MAX),
+            });
+        }
+    }
+    Ok(())
 }
 
 /// The graph's inputs that are not initializers, with their dtype and declared dims.
