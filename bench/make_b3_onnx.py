@@ -6,7 +6,9 @@
 Writes OUT_DIR/train.onnx (timm `repvgg_b3`, pretrained=False, every BatchNorm given random
 non-trivial statistics as in bench/make_b3.py) and OUT_DIR/deploy.onnx (the same weights after
 `timm.utils.reparameterize_model`), both with `torch.onnx.export(dynamo=False, opset_version=17)`
-at 1x3x224x224, weights inline, input `x`, output `y`. Also OUT_DIR/input.npy (seeded standard
+at 1x3x224x224, weights inline, input `x`, output `y`; OUT_DIR/deploy_f16.onnx, the deploy graph
+through onnxconverter-common `convert_float_to_float16(keep_io_types=True)` (which clamps
+weights below 1e-7 in magnitude to ±1e-7, it warns). Also OUT_DIR/input.npy (seeded standard
 normal input) and prints onnxruntime's max |train - deploy| on it.
 """
 import argparse
@@ -60,6 +62,12 @@ def main() -> int:
     with torch.no_grad():
         export(model, x, train)
         export(reparameterize_model(model), x, deploy)
+    import onnx
+    from onnxconverter_common import float16
+    t0 = time.perf_counter()
+    m16 = float16.convert_float_to_float16(onnx.load(deploy), keep_io_types=True)
+    onnx.save(m16, os.path.join(args.out_dir, "deploy_f16.onnx"))
+    print(f"deploy_f16.onnx in {time.perf_counter() - t0:.1f} s")
     so = ort.SessionOptions()
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     y = [ort.InferenceSession(p, so, providers=["CPUExecutionProvider"]).run(None, {"x": x.numpy()})[0]

@@ -12,8 +12,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 DIR=${1:-/tmp/repvgg_b3_onnx}
 PY=${PYTHON:-/work/venv/py/bin/python}
-[ -f "$DIR/train.onnx" ] && [ -f "$DIR/deploy.onnx" ] || "$PY" bench/make_b3_onnx.py "$DIR"
-ls -l "$DIR"/train.onnx "$DIR"/deploy.onnx
+[ -f "$DIR/train.onnx" ] && [ -f "$DIR/deploy.onnx" ] && [ -f "$DIR/deploy_f16.onnx" ] ||
+  "$PY" bench/make_b3_onnx.py "$DIR"
+ls -l "$DIR"/train.onnx "$DIR"/deploy.onnx "$DIR"/deploy_f16.onnx
 
 # Build the test binary once; its path is the one cargo reports for the `onnx_run` test.
 BIN=$(cargo test --release --test onnx_run --no-run --message-format=json 2>/dev/null |
@@ -39,6 +40,11 @@ for opt in optimized decluttered typed; do
     "$BIN" --ignored --exact bench_whole_graph_check --nocapture --test-threads 1
 done
 
+# tract's f16 path: the deploy graph converted to f16 inside (f32 input and output)
+measure "tract optimized, f16 deploy" env ONNX_RUN_BENCH_TRAIN="$DIR/train.onnx" \
+  ONNX_RUN_BENCH_DEPLOY="$DIR/deploy_f16.onnx" ONNX_RUN_BENCH_OPT=optimized \
+  "$BIN" --ignored --exact bench_whole_graph_check --nocapture --test-threads 1
+
 ORT=$(cat <<'EOF'
 import sys, time
 import numpy as np
@@ -62,3 +68,4 @@ for level in ORT_DISABLE_ALL ORT_ENABLE_ALL; do
     measure "onnxruntime $level threads=$threads" "$PY" -c "$ORT" "$DIR/train.onnx" "$DIR/deploy.onnx" $threads $level
   done
 done
+measure "onnxruntime ORT_DISABLE_ALL 1, f16 deploy" "$PY" -c "$ORT" "$DIR/train.onnx" "$DIR/deploy_f16.onnx" 1 ORT_DISABLE_ALL
