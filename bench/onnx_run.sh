@@ -30,7 +30,7 @@ measure() { # label, command...
   /usr/bin/time -f "%e %M" -o "$log.time" "$@" >"$log" 2>&1 || { cat "$log"; exit 1; }
   read -r secs kb <"$log.time"
   printf '%-34s wall %6.2f s  peak RSS %5d MB  | %s\n' "$label" "$secs" $((kb / 1024)) \
-    "$(grep -E '^(tract|ort)' "$log" | tail -1)"
+    "$(grep -oE '(tract [A-Z]|ort ORT).*' "$log" | tail -1)"
   rm -f "$log" "$log.time"
 }
 
