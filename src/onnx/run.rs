@@ -88,7 +88,7 @@ pub enum RunError {
         /// Its raw_data length.
         len: usize,
         /// The length its dims and element type need.
-        expected: u128,
+        expected: u64,
     },
     /// A nodes' input is not produced by any node, initializer or graph input.
     #[error("{}: node inputs {names:?} are produced by nothing in the graph", path.display())]
@@ -125,7 +125,7 @@ pub enum RunError {
         inputs: Vec<String>,
     },
     /// An input has a symbolic dim and no shape was given for it.
-    #[error("{}: input `{input}` has symbolic dim `{dim}` (shape {graph}); give its shape, e.g. --input-shape {input}:{example}", path.display())]
+    #[error("{}: input `{input}` has symbolic dim `{dim}` (shape {graph}); give its shape, e.g. --input-shape {input}:{}", path.display(), example_shape(graph))]
     MissingShape {
         /// The graph file.
         path: PathBuf,
@@ -133,10 +133,8 @@ pub enum RunError {
         input: String,
         /// The symbolic dim's name (`?` when the graph leaves it unnamed).
         dim: String,
-        /// The graph's shape of the input.
+        /// The graph's shape of the input, e.g. `[batch,3,16,16]`.
         graph: String,
-        /// A shape to give, with 1 for each symbolic dim.
-        example: String,
     },
     /// A given shape (spec or tensor) disagrees with the graph's static shape of the input.
     #[error("{}: input `{input}` has shape {graph} in the graph, given {given:?}", path.display())]
@@ -415,6 +413,12 @@ impl Graph {
     /// Seeded random inputs, one per graph input: uniform in [-1, 1) (ChaCha8, `seed`, stream =
     /// input position), rounded to the input's dtype.
     pub fn random_inputs(&self, seed: u64) -> Result<Vec<Tensor64>, RunError> {
+        guarded(&self.path, "draw inputs for", || {
+            self.random_unguarded(seed)
+        })
+    }
+
+    fn random_unguarded(&self, seed: u64) -> Result<Vec<Tensor64>, RunError> {
         self.inputs
             .iter()
             .enumerate()
@@ -668,24 +672,24 @@ fn split_gemm(node: &pb::NodeProto) -> Option<Vec<pb::NodeProto>> {
 /// message does not name the tensor).
 fn check_raw_data(path: &Path, graph: &pb::GraphProto) -> Result<(), RunError> {
     for t in graph.initializer.iter().filter(|t| !t.raw_data.is_empty()) {
-        let width: u128 = match DataType::try_from(t.data_type) {
+        let width: u64 = match DataType::try_from(t.data_type) {
             Ok(DataType::Uint8 | DataType::Int8 | DataType::Bool) => 1,
             Ok(DataType::Uint16 | DataType::Int16 | DataType::Float16 | DataType::Bfloat16) => 2,
             Ok(DataType::Uint32 | DataType::Int32 | DataType::Float) => 4,
             Ok(DataType::Uint64 | DataType::Int64 | DataType::Double) => 8,
             _ => continue,
         };
-        let count = t.dims.iter().try_fold(1u128, |n, &d| {
-            u128::try_from(d).ok().and_then(|d| n.checked_mul(d))
+        let count = t.dims.iter().try_fold(1u64, |n, &d| {
+            u64::try_from(d).ok().and_then(|d| n.checked_mul(d))
         });
         let expected = count.and_then(|c| c.checked_mul(width));
-        if expected != Some(t.raw_data.len() as u128) {
+        if expected != Some(t.raw_data.len() as u64) {
             return Err(RunError::RawData {
                 path: path.to_path_buf(),
                 tensor: t.name.clone(),
                 shape: t.dims.clone(),
                 len: t.raw_data.len(),
-                expected: expected.unwrap_or(u128::MAX),
+                expected: expected.unwrap_or(u64::MAX),
             });
         }
     }
@@ -824,34 +828,33 @@ fn fix_shape(
                 input: input.name.clone(),
                 dim: "(rank)".to_string(),
                 graph,
-                example: "1x3x224x224".to_string(),
             });
         }
         None => {
             if let Some(dim) = input.dims.iter().flatten().next() {
-                let example: Vec<String> = input
-                    .dims
-                    .iter()
-                    .zip(&input.sizes)
-                    .map(|(d, s)| {
-                        if d.is_some() {
-                            "1".to_string()
-                        } else {
-                            s.to_string()
-                        }
-                    })
-                    .collect();
                 return Err(RunError::MissingShape {
                     path: path.to_path_buf(),
                     input: input.name.clone(),
                     dim: dim.clone(),
                     graph,
-                    example: example.join("x"),
                 });
             }
         }
     }
     Ok(())
+}
+
+/// `[batch,3,16,16]` → `1x3x16x16`: the graph's shape with 1 for each symbolic dim (for a
+/// graph input without a shape, an example image shape).
+fn example_shape(graph: &str) -> String {
+    let Some(dims) = graph.strip_prefix('[').and_then(|g| g.strip_suffix(']')) else {
+        return "1x3x224x224".to_string();
+    };
+    let dims: Vec<&str> = dims
+        .split(',')
+        .map(|d| if d.parse::<usize>().is_ok() { d } else { "1" })
+        .collect();
+    dims.join("x")
 }
 
 /// The safetensors name of a tract element type, for the numeric ones.
