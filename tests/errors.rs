@@ -73,7 +73,7 @@ fn safetensors(tensors: &[T]) -> Vec<u8> {
         data.extend_from_slice(&t.data);
     }
     let mut text = serde_json::Value::Object(header).to_string();
-    while text.len() % 8 != 0 {
+    while !text.len().is_multiple_of(8) {
         text.push(' ');
     }
     raw(&text, &data)

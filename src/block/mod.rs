@@ -467,10 +467,10 @@ impl Block {
         let mut branches = branches;
         // An average over "the block's kernel" (0 in the layout: DBB's avg branch).
         for op in branches.iter_mut().flat_map(|b| b.ops.iter_mut()) {
-            if let Op::AvgPool { kernel: k } | Op::ThenAvgPool { kernel: k } = op {
-                if *k == 0 {
-                    *k = kernel;
-                }
+            if let Op::AvgPool { kernel: k } | Op::ThenAvgPool { kernel: k } = op
+                && *k == 0
+            {
+                *k = kernel;
             }
         }
         let (out_channels, in_per_group) = (main.shape[0], main.shape[1]);
@@ -677,7 +677,7 @@ fn check_sequence(
         Some(Op::ThenConv { weight }) => {
             let k2 = c.float(weight)?;
             let mpg = k2.shape.get(1).copied().unwrap_or(0);
-            if k2.shape[0] != out || mpg == 0 || mid % mpg != 0 || out % (mid / mpg) != 0 {
+            if k2.shape[0] != out || mpg == 0 || mid % mpg != 0 || !out.is_multiple_of(mid / mpg) {
                 return err(format!(
                     "`{weight}` has shape {:?}; expected [{out}, mid/groups, k, k] after {mid} channels",
                     k2.shape

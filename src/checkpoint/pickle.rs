@@ -770,7 +770,7 @@ fn object(class: Value, args: Value) -> Value {
 }
 
 fn pairs(items: Vec<Value>) -> Result<Vec<(Value, Value)>> {
-    if items.len() % 2 != 0 {
+    if !items.len().is_multiple_of(2) {
         return err("an odd number of values for a dict's keys and values");
     }
     let mut out = Vec::with_capacity(items.len() / 2);

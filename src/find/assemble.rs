@@ -100,14 +100,15 @@ pub(super) fn find_kind(
                 .collect()
         };
         if !branches.values().any(is_main) {
-            if refuse_half && !layout.generic_names {
-                if let Err(error) = refuse_half_block(layout, kind, prefix, branches) {
-                    orphans.push(Orphan {
-                        error,
-                        prefix: None,
-                        tensors: tensors(),
-                    });
-                }
+            if refuse_half
+                && !layout.generic_names
+                && let Err(error) = refuse_half_block(layout, kind, prefix, branches)
+            {
+                orphans.push(Orphan {
+                    error,
+                    prefix: None,
+                    tensors: tensors(),
+                });
             }
             continue;
         }

@@ -68,10 +68,10 @@ pub(super) fn fused_prefixes(ckpt: &Checkpoint, layout: &Layout, blocks: &[Block
             continue;
         }
         for t in ckpt.tensors() {
-            if let Some(prefix) = t.name.strip_suffix(&suffix) {
-                if !known.contains(t.name.as_str()) {
-                    fused.insert(prefix.to_string());
-                }
+            if let Some(prefix) = t.name.strip_suffix(&suffix)
+                && !known.contains(t.name.as_str())
+            {
+                fused.insert(prefix.to_string());
             }
         }
     }

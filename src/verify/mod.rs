@@ -3,6 +3,8 @@
 //! seeded random input, and every other tensor compared with the train file's.
 
 pub mod forward;
+#[cfg(feature = "graph-run")]
+pub mod graph;
 
 use std::collections::BTreeSet;
 

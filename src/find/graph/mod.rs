@@ -274,15 +274,16 @@ pub fn find_branch_sets(g: &Graph) -> Result<Finding, TopologyError> {
         }
     }
     for (i, node) in g.nodes.iter().enumerate() {
-        if node.is("BatchNormalization") && !taken.contains(&i) {
-            if let Some(outcome) = v.single(i, &taken) {
-                match outcome {
-                    Ok(set) => {
-                        taken.extend(set.nodes.iter().copied());
-                        finding.sets.push(set);
-                    }
-                    Err(r) => finding.rejected.push(r),
+        if node.is("BatchNormalization")
+            && !taken.contains(&i)
+            && let Some(outcome) = v.single(i, &taken)
+        {
+            match outcome {
+                Ok(set) => {
+                    taken.extend(set.nodes.iter().copied());
+                    finding.sets.push(set);
                 }
+                Err(r) => finding.rejected.push(r),
             }
         }
     }

@@ -198,12 +198,13 @@ impl View<'_> {
                     Some(GOp::Conv { .. } | GOp::Gemm { .. } | GOp::MatMul { .. })
                 )
         };
-        if let Some((_, Kind::Step(src))) = self.producer_kind(&bn_step.input) {
-            if source_ok(&src) && self.single_use(&bn_step.input) {
-                let input = src.input.clone();
-                let out = self.node(bn).outputs.first().cloned().unwrap_or_default();
-                return Some(self.validate(&[], &input, &[(1.0, vec![src, bn_step])], &out));
-            }
+        if let Some((_, Kind::Step(src))) = self.producer_kind(&bn_step.input)
+            && source_ok(&src)
+            && self.single_use(&bn_step.input)
+        {
+            let input = src.input.clone();
+            let out = self.node(bn).outputs.first().cloned().unwrap_or_default();
+            return Some(self.validate(&[], &input, &[(1.0, vec![src, bn_step])], &out));
         }
         let out = self.node(bn).outputs.first()?;
         if !self.single_use(out) {
