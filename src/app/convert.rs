@@ -67,12 +67,7 @@ pub fn convert(
     files.extend(report_path.as_deref());
     check_ci(&settings.ci, &files)?;
     let train = Train::open(input, settings)?;
-    if train.graph.is_some() && settings.cast.is_some() {
-        return Err(Error::Usage(format!(
-            "{}: --dtype casts checkpoints; an ONNX graph keeps its own dtypes (convert it with onnxconverter-common first)",
-            input.display()
-        )));
-    }
+    refuse_cast_of_graph(&train, input, settings)?;
     let detection = &train.detection;
     // With --verify the full check replaces the probe.
     let probe_seed = (!verify).then_some(settings.check.seed);
@@ -129,6 +124,17 @@ pub fn convert(
     };
     put_in_place(&report, deploy_files, report_path.as_deref(), &settings.ci)?;
     Ok(Outcome::new(report, report_path, settings))
+}
+
+/// `--dtype` casts checkpoints; a graph keeps its dtypes.
+fn refuse_cast_of_graph(train: &Train, input: &Path, settings: &Settings) -> Result<(), Error> {
+    if train.graph.is_some() && settings.cast.is_some() {
+        return Err(Error::Usage(format!(
+            "{}: --dtype casts checkpoints; an ONNX graph keeps its own dtypes (convert it with onnxconverter-common first)",
+            input.display()
+        )));
+    }
+    Ok(())
 }
 
 /// Refuses an output or report that would overwrite the input, or each other.

@@ -105,17 +105,7 @@ pub(super) fn stage(
             }
         };
         streamed.probe[b] = dev;
-        // INT8 pass two on the rows still in memory (a checkpoint's re-reads the file).
-        let block = &blocks[b];
-        let mut tensor = TensorStats::new(stats.max_abs(), block.row_len(), 0);
-        let mut first = 0;
-        for r in &rows {
-            let mut t = TensorStats::new(stats.max_abs(), block.row_len(), first);
-            t.push_bytes(block.dtype, &r.weight);
-            tensor = tensor.merge(t);
-            first += r.bias.len() / block.dtype.bitsize().div_ceil(8).max(1);
-        }
-        int8[b] = Some(figures(&stats, &tensor));
+        int8[b] = Some(in_memory_int8(&blocks[b], &rows, &stats));
         streamed.int8[b] = Some(stats);
         bias.clear();
         for r in rows {
@@ -131,27 +121,7 @@ pub(super) fn stage(
         (Err(_), Some(e)) => return Err(e),
         (Err(e), None) => return Err(e),
     };
-    // The written graph's tensors, counted from the input's and the edit.
-    let dropped: std::collections::BTreeSet<&str> = (summary.initializers_dropped.iter())
-        .map(String::as_str)
-        .chain(train.detection.consumed())
-        .collect();
-    let kept = train
-        .ckpt
-        .tensors()
-        .iter()
-        .filter(|t| !dropped.contains(t.name.as_str()));
-    let new: usize = edit
-        .tensors
-        .iter()
-        .map(|t| t.shape.iter().product::<usize>())
-        .sum();
-    let written = Written {
-        tensors: kept.clone().count() + edit.tensors.len(),
-        parameters: kept.map(|t| t.numel()).sum::<usize>() + new,
-        bytes: summary.model_bytes + summary.side_bytes,
-        nodes: Some(summary.nodes_after),
-    };
+    let written = written(train, &edit, &summary);
     let (deploy, linked) = if verify {
         let (path, linked) = readable_graph(&files, output)?;
         (Some(Checkpoint::open(&path)?), linked)
@@ -166,6 +136,37 @@ pub(super) fn stage(
         written,
         _linked: linked,
     })
+}
+
+/// INT8 pass two on a block's fused rows still in memory (a checkpoint's re-reads the file).
+fn in_memory_int8(block: &Block, rows: &[FusedRows], stats: &ChannelStats) -> Int8Report {
+    let mut tensor = TensorStats::new(stats.max_abs(), block.row_len(), 0);
+    let mut first = 0;
+    for r in rows {
+        let mut t = TensorStats::new(stats.max_abs(), block.row_len(), first);
+        t.push_bytes(block.dtype, &r.weight);
+        tensor = tensor.merge(t);
+        first += r.bias.len() / block.dtype.bitsize().div_ceil(8).max(1);
+    }
+    figures(stats, &tensor)
+}
+
+/// The written graph's tensors, counted from the input's and the edit.
+fn written(train: &Train, edit: &GraphEdit, summary: &crate::onnx::WriteSummary) -> Written {
+    let dropped: std::collections::BTreeSet<&str> = (summary.initializers_dropped.iter())
+        .map(String::as_str)
+        .chain(train.detection.consumed())
+        .collect();
+    let kept = (train.ckpt.tensors().iter()).filter(|t| !dropped.contains(t.name.as_str()));
+    let new: usize = (edit.tensors.iter())
+        .map(|t| t.shape.iter().product::<usize>())
+        .sum();
+    Written {
+        tensors: kept.clone().count() + edit.tensors.len(),
+        parameters: kept.map(|t| t.numel()).sum::<usize>() + new,
+        bytes: summary.model_bytes + summary.side_bytes,
+        nodes: Some(summary.nodes_after),
+    }
 }
 
 /// Block `b` fused whole (its chunks in parallel), with its probe deviation and INT8 pass one.

@@ -120,10 +120,7 @@ pub(super) fn find_kind(
         if let Some((_, spec)) = missing_required {
             let why = format!("no `{}` branch", spec.path);
             if layout.generic_names || !refuse_half {
-                found.skipped.push(Skipped {
-                    name: prefix.clone(),
-                    reason: why,
-                });
+                found.skipped.push(skipped(prefix, why));
             } else {
                 orphans.push(Orphan {
                     error: BlockError::new(prefix, why).into(),
@@ -138,24 +135,26 @@ pub(super) fn find_kind(
                 Some(skip) => found.skipped.push(skip),
                 None => found.blocks.push(block),
             },
-            Err(e) if layout.generic_names => found.skipped.push(Skipped {
-                name: prefix.clone(),
-                reason: e.what,
-            }),
+            Err(e) if layout.generic_names => found.skipped.push(skipped(prefix, e.what)),
             // Another kind may be what the block is (DBB's four forms share most names).
             Err(e) if several && refuse_half => orphans.push(Orphan {
                 error: e.into(),
                 prefix: Some(prefix.clone()),
                 tensors: tensors(),
             }),
-            Err(e) if several => found.skipped.push(Skipped {
-                name: prefix.clone(),
-                reason: e.what,
-            }),
+            Err(e) if several => found.skipped.push(skipped(prefix, e.what)),
             Err(e) => return Err(e.into()),
         }
     }
     Ok(())
+}
+
+/// A candidate at `prefix` left alone, and why.
+fn skipped(prefix: &str, reason: String) -> Skipped {
+    Skipped {
+        name: prefix.to_string(),
+        reason,
+    }
 }
 
 /// A kind with one main kernel size (RT-DETR's 3×3) does not take a block with another.
