@@ -56,6 +56,10 @@ pub enum Error {
         /// What is wrong, naming the node or tensor.
         error: find::graph::TopologyError,
     },
+    /// A whole ONNX graph could not be loaded, run or compared.
+    #[cfg(feature = "graph-run")]
+    #[error(transparent)]
+    GraphRun(#[from] verify::graph::RunError),
     /// The blocks could not be found or are malformed.
     #[error("{}: {error}", path.display())]
     Layout {

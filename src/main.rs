@@ -204,6 +204,11 @@ struct CheckArgs {
     /// (`blocks[i].int8.per_channel_sqnr_db`; the deploy file is still written).
     #[arg(long, value_name = "X", value_parser = finite)]
     int8_min_db: Option<f64>,
+    /// ONNX graphs: the shape to run a graph input at in verification, `NxCxHxW` (a graph of
+    /// one input) or `name:NxCxHxW`; needed where the graph's input has symbolic dims
+    /// (repeatable).
+    #[arg(long, value_name = "SHAPE")]
+    input_shape: Vec<String>,
     /// In verification, also measure each block's output SQNR with per-channel INT8 weights
     /// against its float output (`blocks[i].int8.output_sqnr_db`; an f32 GEMM per block).
     #[arg(long)]
@@ -275,6 +280,7 @@ fn settings(
             atol: check.atol,
             rtol: check.rtol,
             int8: check.int8_output,
+            input_shapes: check.input_shape.clone(),
         }),
         cast: dtype.map(Dtype::from),
         read: ReadOptions {

@@ -91,11 +91,18 @@ fn name(dir: &Path) -> String {
 
 /// Converts `dir`'s train graph with `--verify` into `out`; returns the report.
 fn convert(dir: &Path, out: &Path) -> Value {
+    // The shape both graphs run at whole: the fixture's own (a symbolic batch needs one).
+    let case = case_json(dir);
+    let input = case["inputs"][0]["name"].as_str().expect("an input name");
+    let dims: Vec<String> = (case["io_input_shape"].as_array().expect("a shape").iter())
+        .map(|d| d.to_string())
+        .collect();
     let o = common::bin()
         .arg(dir.join("train.onnx"))
         .arg("-o")
         .arg(out)
-        .args(["--verify", "-q"])
+        .args(["--verify", "-q", "--input-shape"])
+        .arg(format!("{input}:{}", dims.join("x")))
         .output()
         .expect("runs");
     assert_eq!(
@@ -130,6 +137,20 @@ fn every_train_graph_merges_to_the_framework_deploy_op_counts_and_verifies() {
         let blocks = report["blocks"].as_array().expect("blocks").len();
         assert!(blocks > 0, "{case}: no block merged");
         assert_eq!(report["verify"]["passed"], true, "{case}");
+        // Both graphs run whole (tract) agree as closely as the framework's own deploy export
+        // does with its train export under onnxruntime (case.json), give or take rounding.
+        assert_eq!(report["graph"]["passed"], true, "{case}");
+        let whole = report["graph"]["outputs"][0]["max_rel_deviation"]
+            .as_f64()
+            .expect("a figure");
+        let theirs = case_json(&dir)["deviation"]["output"]["train_vs_deploy"]["max_abs_over_max"]
+            .as_f64()
+            .unwrap_or(0.0);
+        let floor = if case.contains("f16") { 2e-3 } else { 1e-6 };
+        assert!(
+            whole <= 4.0 * theirs + floor,
+            "{case}: ours {whole:e}, the framework's {theirs:e}"
+        );
         assert_eq!(
             report["summary"]["nodes_out"].as_u64(),
             Some(OnnxModel::open(&out).expect("opens").graph().node.len() as u64),
@@ -295,4 +316,45 @@ fn lint_refuses_a_checkpoint_and_a_broken_graph_with_exit_2() {
     assert_eq!(o.status.code(), Some(2));
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(err.contains("cut.onnx"), "{err}");
+}
+
+#[test]
+fn verify_judges_the_framework_deploy_graph_by_running_both_whole() {
+    for dir in cases() {
+        let case = name(&dir);
+        let case_json = case_json(&dir);
+        let input = case_json["inputs"][0]["name"]
+            .as_str()
+            .expect("an input name");
+        let dims: Vec<String> = (case_json["io_input_shape"]
+            .as_array()
+            .expect("a shape")
+            .iter())
+        .map(|d| d.to_string())
+        .collect();
+        let o = common::bin()
+            .arg("verify")
+            .arg(dir.join("train.onnx"))
+            .arg(dir.join("deploy.onnx"))
+            .args(["--report", "-", "--input-shape"])
+            .arg(format!("{input}:{}", dims.join("x")))
+            .output()
+            .expect("runs");
+        assert_eq!(o.status.code(), Some(0), "{case}: {}", common::stderr(&o));
+        let r: Value = serde_json::from_slice(&o.stdout).expect("json on stdout");
+        assert_eq!(r["graph"]["passed"], true, "{case}");
+    }
+    // Another model's deploy graph, with the same input and output: caught by its outputs.
+    let o = common::bin()
+        .arg("verify")
+        .arg(fixtures_dir().join("onnx_repvgg_ts17/train.onnx"))
+        .arg(fixtures_dir().join("onnx_mobileone_ts17/deploy.onnx"))
+        .output()
+        .expect("runs");
+    assert_eq!(o.status.code(), Some(1), "{}", common::stderr(&o));
+    assert!(
+        common::stderr(&o).contains("graph output"),
+        "{}",
+        common::stderr(&o)
+    );
 }

@@ -8,7 +8,8 @@ use super::output::{
     Pending, check_ci, check_not_input, default_report_path, put_in_place, same_file, write_atomic,
 };
 use super::{
-    Outcome, ReportParts, Settings, Train, Written, build_report, set_checked, verify_probe,
+    Outcome, ReportParts, Settings, Train, Written, add_graph_check, build_report, graph_check,
+    set_checked, verify_probe,
 };
 use crate::Error;
 use crate::checkpoint::Checkpoint;
@@ -106,6 +107,8 @@ pub fn convert(
         };
         (probe, None)
     };
+    let mut verify_report = verify_report;
+    let graph = whole_graph(&train, &staged, verify_report.as_mut(), settings)?;
     let parts = ReportParts {
         command: "convert",
         output: output.to_path_buf(),
@@ -115,7 +118,8 @@ pub fn convert(
         verify: verify_report,
         written: staged.written.clone(),
     };
-    let report = build_report(&train, parts);
+    let mut report = build_report(&train, parts);
+    report.graph = graph;
     // A deploy file that failed verification is not put in place (the temp file goes with
     // `tmp`); the report is, since it says what failed.
     let deploy_files = match report.verified() {
@@ -124,6 +128,21 @@ pub fn convert(
     };
     put_in_place(&report, deploy_files, report_path.as_deref(), &settings.ci)?;
     Ok(Outcome::new(report, report_path, settings))
+}
+
+/// A graph verified is also run whole, both forms on the same input: the check, its failures
+/// added to the verification.
+fn whole_graph(
+    train: &Train,
+    staged: &super::graph::Staged,
+    verify: Option<&mut crate::report::VerifyReport>,
+    settings: &Settings,
+) -> Result<Option<crate::report::GraphCheck>, Error> {
+    let (Some(verify), Some(deploy_path)) = (verify, &staged.path) else {
+        return Ok(None);
+    };
+    let found = graph_check(train, deploy_path, &settings.check)?;
+    Ok(add_graph_check(verify, found))
 }
 
 /// `--dtype` casts checkpoints; a graph keeps its dtypes.

@@ -32,6 +32,8 @@ pub(super) struct Staged {
     pub streamed: Streamed,
     /// The written file, opened as a tensor source (a graph's only when it is verified).
     pub deploy: Option<Checkpoint>,
+    /// Where the written graph can be read under its final names while pending (to verify).
+    pub path: Option<std::path::PathBuf>,
     /// The INT8 figures, where writing already had every fused weight whole (a graph's).
     pub int8: Option<Vec<Option<Int8Report>>>,
     /// What it holds.
@@ -52,6 +54,7 @@ impl Staged {
             files,
             streamed,
             deploy: Some(deploy),
+            path: None,
             int8: None,
             written,
             _linked: None,
@@ -122,16 +125,17 @@ pub(super) fn stage(
         (Err(e), None) => return Err(e),
     };
     let written = written(train, &edit, &summary);
-    let (deploy, linked) = if verify {
+    let (deploy, path, linked) = if verify {
         let (path, linked) = readable_graph(&files, output)?;
-        (Some(Checkpoint::open(&path)?), linked)
+        (Some(Checkpoint::open(&path)?), Some(path), linked)
     } else {
-        (None, None)
+        (None, None, None)
     };
     Ok(Staged {
         files,
         streamed,
         deploy,
+        path,
         int8: Some(int8),
         written,
         _linked: linked,

@@ -276,6 +276,7 @@ fn build_report(train: &Train, parts: ReportParts) -> Report {
         source: ckpt.source().cloned(),
         summary,
         verify: parts.verify,
+        graph: None,
         warnings: warnings(ckpt),
     }
 }
@@ -297,6 +298,48 @@ fn set_checked(blocks: &mut [BlockReport], checked: &Checked) {
             int8.output_sqnr_db = Some(*out);
         }
     }
+}
+
+/// For ONNX graphs: both graphs run whole on the same seeded input (without the `graph-run`
+/// feature, no whole-graph run: `None`).
+#[cfg(feature = "graph-run")]
+fn graph_check(
+    train: &Train,
+    deploy: &std::path::Path,
+    opts: &CheckOptions,
+) -> Result<Option<(crate::report::GraphCheck, Vec<crate::report::Failure>)>, Error> {
+    let tolerance = (opts.atol, opts.rtol);
+    let weights = (train.detection.blocks.first()).map_or(Dtype::F32, |b| b.dtype);
+    let found = crate::verify::graph::check_graphs(
+        train.ckpt.path(),
+        deploy,
+        &opts.input_shapes,
+        opts.seed,
+        tolerance,
+        weights,
+    )?;
+    Ok(Some(found))
+}
+
+/// Without the `graph-run` feature there is no whole-graph run.
+#[cfg(not(feature = "graph-run"))]
+fn graph_check(
+    _train: &Train,
+    _deploy: &std::path::Path,
+    _opts: &CheckOptions,
+) -> Result<Option<(crate::report::GraphCheck, Vec<crate::report::Failure>)>, Error> {
+    Ok(None)
+}
+
+/// Puts a whole-graph check into the verification: its failures, and the verdict.
+fn add_graph_check(
+    verify: &mut VerifyReport,
+    found: Option<(crate::report::GraphCheck, Vec<crate::report::Failure>)>,
+) -> Option<crate::report::GraphCheck> {
+    let (check, failures) = found?;
+    verify.passed &= check.passed;
+    verify.failures.extend(failures);
+    Some(check)
 }
 
 /// The probe record of a verification.

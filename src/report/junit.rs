@@ -63,7 +63,9 @@ pub fn junit(report: &Report, run: &RunInfo) -> String {
         case(&report.layout.name, &block.block.name, failure);
     }
     if let Some(v) = &report.verify {
-        for kind in FailureKind::DEPLOY_CHECKS {
+        // A graph's outputs, run whole, are one more check of the deploy file.
+        let graph = report.graph.is_some().then_some(FailureKind::Output);
+        for kind in FailureKind::DEPLOY_CHECKS.into_iter().chain(graph) {
             let bad: Vec<&Failure> = v.failures.iter().filter(|f| f.kind == kind).collect();
             let failure = (!bad.is_empty()).then(|| CaseFailure {
                 kind: kind_name(kind),
@@ -156,6 +158,7 @@ fn kind_name(kind: FailureKind) -> &'static str {
         FailureKind::Missing => "missing-tensors",
         FailureKind::Extra => "extra-tensors",
         FailureKind::Altered => "altered-tensors",
+        FailureKind::Output => "graph-output",
     }
 }
 

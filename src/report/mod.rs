@@ -43,6 +43,9 @@ pub struct Report {
     /// The verification, when one ran.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub verify: Option<VerifyReport>,
+    /// For ONNX graphs: both graphs run whole (with verification).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub graph: Option<GraphCheck>,
     /// Where the tensors of a PyTorch checkpoint came from (absent for safetensors input).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub source: Option<crate::checkpoint::SourceInfo>,
@@ -357,6 +360,36 @@ impl Summary {
     }
 }
 
+/// Both ONNX graphs run whole on the same seeded input, every output compared.
+#[derive(Debug, Clone, Serialize)]
+pub struct GraphCheck {
+    /// The shape each graph input was run at, `name:NxCxHxW`.
+    pub inputs: Vec<String>,
+    /// Seed of the input.
+    pub seed: u64,
+    /// Absolute tolerance.
+    pub atol: f64,
+    /// Relative tolerance, against max |train output|.
+    pub rtol: f64,
+    /// Every output, compared.
+    pub outputs: Vec<OutputCheck>,
+    /// Whether every output is within tolerance.
+    pub passed: bool,
+}
+
+/// One graph output, train against deploy.
+#[derive(Debug, Clone, Serialize)]
+pub struct OutputCheck {
+    /// The output's name.
+    pub name: String,
+    /// max |train − deploy|.
+    pub max_abs_deviation: f64,
+    /// That over max |train|.
+    pub max_rel_deviation: f64,
+    /// max |train|.
+    pub max_abs_output: f64,
+}
+
 /// The outcome of a verification.
 #[derive(Debug, Clone, Serialize)]
 pub struct VerifyReport {
@@ -417,6 +450,8 @@ pub enum FailureKind {
     Extra,
     /// A pass-through tensor with another shape or other values than in the train file.
     Altered,
+    /// An output of the whole deploy graph over tolerance against the train graph's.
+    Output,
 }
 
 impl FailureKind {
@@ -434,6 +469,7 @@ impl FailureKind {
             FailureKind::Missing => "missing tensors",
             FailureKind::Extra => "extra tensors",
             FailureKind::Altered => "altered tensors",
+            FailureKind::Output => "graph outputs",
         }
     }
 
@@ -444,6 +480,7 @@ impl FailureKind {
             FailureKind::Missing => "missing from the deploy file",
             FailureKind::Extra => "in the deploy file but not expected there",
             FailureKind::Altered => "changed from the train file",
+            FailureKind::Output => "of the deploy graph off the train graph's",
         }
     }
 }

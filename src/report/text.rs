@@ -42,7 +42,9 @@ pub fn summary(r: &Report, report_path: Option<&Path>) -> String {
         s.tensors_in,
         s.tensors_out
     );
-    if let Some(worst) = &s.worst_block {
+    // A graph judged only whole has no block figures to tell.
+    let graph_only = r.verify.as_ref().is_some_and(|v| v.input_size == [0, 0]);
+    if let Some(worst) = s.worst_block.as_ref().filter(|_| !graph_only) {
         let input = match r.probe.input_size {
             Some([h, w]) => format!("{}×{h}×{w} random input", r.probe.batch),
             None => "probe input".to_string(),
@@ -61,7 +63,29 @@ pub fn summary(r: &Report, report_path: Option<&Path>) -> String {
     if r.converting() {
         written(&mut text, r, report_path);
     }
-    if let Some(v) = r.verify.as_ref().filter(|v| v.passed) {
+    if let Some(g) = &r.graph {
+        let worst = (g.outputs.iter()).fold(0.0f64, |m, o| m.max(o.max_rel_deviation));
+        say!(
+            text,
+            "graph: both graphs run whole on {} (seed {}): {} outputs, worst {:.3e} of the output's max (tolerance atol {:e} + rtol {:e}){}",
+            g.inputs.join(", "),
+            g.seed,
+            g.outputs.len(),
+            worst,
+            g.atol,
+            g.rtol,
+            if g.passed { "" } else { ": FAILED" }
+        );
+    }
+    let by_blocks = r.verify.as_ref().is_some_and(|v| v.input_size != [0, 0]);
+    if let Some(v) = r.verify.as_ref().filter(|v| v.passed && !by_blocks) {
+        say!(
+            text,
+            "verify: passed: the deploy graph computes the train graph's outputs (its merged weights are named its own way, so its blocks were not run one by one; seed {})",
+            v.seed
+        );
+    }
+    if let Some(v) = r.verify.as_ref().filter(|v| v.passed && by_blocks) {
         say!(
             text,
             "verify: passed: every block within atol {:e} + rtol {:e} on {}×{}×{} input; every other tensor identical",

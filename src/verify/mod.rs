@@ -36,6 +36,8 @@ pub struct CheckOptions {
     pub batch: usize,
     /// Absolute tolerance; `None` for the dtype's default.
     pub atol: Option<f64>,
+    /// Shapes to run whole ONNX graphs at (`name:NxCxHxW`), for their symbolic dims.
+    pub input_shapes: Vec<String>,
     /// Relative tolerance; `None` for the dtype's default.
     pub rtol: Option<f64>,
     /// The INT8 figures that cost a computation of their own: in verification the output
@@ -52,6 +54,7 @@ impl Default for CheckOptions {
             batch: 1,
             atol: None,
             rtol: None,
+            input_shapes: Vec::new(),
             int8: false,
         }
     }

@@ -691,3 +691,81 @@ fn deviation(train: &Tensor64, deploy: &Tensor64) -> OutputDeviation {
         max_abs_output,
     }
 }
+
+/// Default tolerance `(atol, rtol)` for a whole graph's outputs in `dtype`: rounding compounds
+/// through every layer, so it is looser than a block's (the framework's own deploy export of
+/// the fixtures is 1e-7 to 4e-7 of the output's max off the train graph in f32).
+pub fn default_graph_tolerance(dtype: Dtype) -> (f64, f64) {
+    match dtype {
+        Dtype::F64 => (0.0, 1e-10),
+        Dtype::F16 | Dtype::BF16 => (0.0, 2e-2),
+        _ => (0.0, 1e-4),
+    }
+}
+
+/// Runs the `train` and `deploy` graphs whole on the same seeded input (shapes from `specs`,
+/// `name:NxCxHxW` or `NxCxHxW`, for symbolic dims) and compares every output within
+/// `(atol, rtol)` (`None`: the default of the coarser of the outputs' dtype and `weights`, the
+/// dtype the graph computes in — an f16 graph with f32 inputs and outputs is still f16 inside);
+/// returns the check and a failure per output over tolerance.
+pub fn check_graphs(
+    train: &Path,
+    deploy: &Path,
+    specs: &[String],
+    seed: u64,
+    (atol, rtol): (Option<f64>, Option<f64>),
+    weights: Dtype,
+) -> Result<(crate::report::GraphCheck, Vec<crate::report::Failure>), RunError> {
+    let specs = specs
+        .iter()
+        .map(|s| InputSpec::parse(s))
+        .collect::<Result<Vec<_>, _>>()?;
+    let (inputs, train_out) = run_graph(train, &specs, seed, Optimization::default())?;
+    let deploy_out = run_graph_with(deploy, &inputs, Optimization::default())?;
+    let devs = compare(&train_out, &deploy_out)?;
+    let out = devs.first().map_or(Dtype::F32, |d| d.dtype);
+    let coarser = |a: Dtype, b: Dtype| if a.bitsize() <= b.bitsize() { a } else { b };
+    let (a, r) = default_graph_tolerance(coarser(out, weights));
+    let (atol, rtol) = (atol.unwrap_or(a), rtol.unwrap_or(r));
+    let mut failures = Vec::new();
+    let outputs = devs
+        .iter()
+        .map(|d| {
+            if !d.within(atol, rtol) {
+                failures.push(crate::report::Failure {
+                    name: d.name.clone(),
+                    reason: format!(
+                        "graph output: deviation {:.3e} (relative {:.3e}) is over the tolerance {atol:.1e} + {rtol:.1e} × {:.3e}",
+                        d.max_abs, d.max_rel, d.max_abs_output
+                    ),
+                    max_abs_deviation: Some(d.max_abs),
+                    max_rel_deviation: Some(d.max_rel),
+                    kind: crate::report::FailureKind::Output,
+                    tolerance: Some([atol, rtol]),
+                    worst_element: None,
+                });
+            }
+            crate::report::OutputCheck {
+                name: d.name.clone(),
+                max_abs_deviation: d.max_abs,
+                max_rel_deviation: d.max_rel,
+                max_abs_output: d.max_abs_output,
+            }
+        })
+        .collect();
+    let check = crate::report::GraphCheck {
+        inputs: inputs
+            .iter()
+            .map(|t| {
+                let dims: Vec<String> = t.shape.iter().map(usize::to_string).collect();
+                format!("{}:{}", t.name, dims.join("x"))
+            })
+            .collect(),
+        seed,
+        atol,
+        rtol,
+        passed: failures.is_empty(),
+        outputs,
+    };
+    Ok((check, failures))
+}
