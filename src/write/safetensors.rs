@@ -215,11 +215,13 @@ impl Producer<'_> {
         let mut bias = Vec::new();
         let mut dev = Deviation::default();
         let mut int8 = ChannelStats::new(block.row_len(), 0);
+        // The block's max|w| over the windows so far: INT8 pass two's guess of the tensor's.
+        let mut max_so_far = 0.0f64;
         for window in block
             .row_chunks(FUSE_CHUNK)
             .chunks(4 * rayon::current_num_threads().max(1))
         {
-            let chunks: Vec<(FusedRows, ChannelStats)> = window
+            let mut chunks: Vec<(FusedRows, ChannelStats)> = window
                 .par_iter()
                 .map(|rows| {
                     let out = self.buffers.take();
@@ -231,6 +233,23 @@ impl Producer<'_> {
                     Ok::<_, Error>((c, s))
                 })
                 .collect::<Result<_, _>>()?;
+            // Pass two ahead, at the max so far: right for every chunk from the tensor's max
+            // on, which then need not be read back from the written file.
+            max_so_far = chunks
+                .iter()
+                .fold(max_so_far, |m, (_, s)| m.max(s.max_abs()));
+            let guess = max_so_far;
+            let ahead = |(c, s): &mut (FusedRows, ChannelStats), rows: &std::ops::Range<usize>| {
+                s.speculate(dtype, &c.weight, rows.clone(), guess)
+            };
+            if chunks.len() > 1 {
+                chunks
+                    .par_iter_mut()
+                    .zip(window)
+                    .for_each(|(c, r)| ahead(c, r));
+            } else {
+                chunks.iter_mut().zip(window).for_each(|(c, r)| ahead(c, r));
+            }
             for (c, s) in chunks {
                 int8 = int8.merge(s);
                 dev = dev.merge(c.deviation);
