@@ -31,9 +31,12 @@
 //! [`TensorStats::merge`] put them together in order. [`figures`] turns both passes into an
 //! [`Int8Report`].
 //!
-//! The converter runs both passes on the deploy file it has just written ([`scan_deploy`]),
-//! while that file is still in the page cache: the input is read once, and no block's fused
-//! weight is ever whole in memory (B3's largest is 70 MB).
+//! The converter runs pass one on each chunk as it fuses it, and pass two ahead on the same
+//! chunk with the block's max|w| so far as the guess ([`ChannelStats::speculate`]);
+//! [`tensor_pass`] then reads back from the file just written (still in the page cache) only
+//! the chunks whose guess was not the tensor's max. The input is read once, and no block's
+//! fused weight is ever whole in memory (B3's largest is 70 MB). `inspect` and other deploy
+//! files go through [`scan_deploy`], both passes on the file.
 
 use std::ops::Range;
 
@@ -342,6 +345,10 @@ pub struct ChannelStats {
     max_abs: f64,
     /// The smallest non-zero channel max|w|.
     min_channel_max: Option<f64>,
+    /// Pass two measured ahead, at a guess of the tensor's max|w| ([`ChannelStats::speculate`]):
+    /// (rows, the max|w| guessed, bits, and pass two's stats of those rows under it), in row
+    /// order.
+    ahead: Vec<(Range<usize>, u64, TensorStats)>,
 }
 
 impl ChannelStats {
@@ -354,7 +361,31 @@ impl ChannelStats {
             worst: None,
             max_abs: 0.0,
             min_channel_max: None,
+            ahead: Vec::new(),
         }
+    }
+
+    /// Measures pass two of rows `rows` (given as little-endian `dtype` bytes, as written)
+    /// ahead, with `max_abs` as the tensor's max|w|: [`tensor_pass`] takes these stats instead
+    /// of reading the rows again when the tensor's max|w| turns out to be exactly `max_abs`.
+    ///
+    /// The converter guesses the max over the chunks fused so far: the guess is right for
+    /// every chunk from the one holding the tensor's max on, so only the chunks before it are
+    /// read again.
+    pub fn speculate(&mut self, dtype: Dtype, bytes: &[u8], rows: Range<usize>, max_abs: f64) {
+        let mut t = TensorStats::new(max_abs, self.row_len, rows.start);
+        t.push_bytes(dtype, bytes);
+        self.ahead.push((rows, max_abs.to_bits(), t));
+    }
+
+    /// Pass two of exactly `rows` measured ahead with exactly `max_abs`, if it was.
+    fn ahead_of(&self, rows: &Range<usize>, max_abs: f64) -> Option<TensorStats> {
+        let i = self
+            .ahead
+            .binary_search_by_key(&rows.start, |(r, ..)| r.start)
+            .ok()?;
+        let (r, bits, t) = &self.ahead[i];
+        (r == rows && *bits == max_abs.to_bits() && !max_abs.is_nan()).then_some(*t)
     }
 
     /// Adds whole rows (a multiple of `row_len` values; a ragged tail counts as a row).
@@ -419,6 +450,11 @@ impl ChannelStats {
             min_channel_max: match (self.min_channel_max, later.min_channel_max) {
                 (Some(a), Some(b)) => Some(a.min(b)),
                 (a, b) => a.or(b),
+            },
+            ahead: {
+                let mut ahead = self.ahead;
+                ahead.extend(later.ahead);
+                ahead
             },
         }
     }
@@ -731,7 +767,8 @@ pub fn channel_pass(
 /// (`None`: no figures for that block), and the figures of both.
 ///
 /// The converter runs pass one while fusing, on each chunk as it is written, and this one on
-/// the written file.
+/// the written file, which it reads only for the chunks it did not measure ahead
+/// ([`ChannelStats::speculate`]) with the tensor's max|w|.
 pub fn tensor_pass(
     deploy: &Checkpoint,
     blocks: &[Block],
@@ -747,6 +784,10 @@ pub fn tensor_pass(
         .par_iter()
         .map(|&(i, t, row_len, ref rows)| {
             cancel.check()?;
+            let ahead = channels[i].as_ref().and_then(|c| c.ahead_of(rows, max(i)));
+            if let Some(s) = ahead.filter(|s| s.row_len == row_len) {
+                return Ok(s);
+            }
             with_rows(deploy, t, row_len, rows, |bytes| {
                 let mut s = TensorStats::new(max(i), row_len, rows.start);
                 s.push_bytes(t.dtype, bytes);
@@ -931,6 +972,36 @@ mod tests {
         // Per channel, the second row on its own is exact.
         let r = tensor_figures(&[1.0, 0.3, 0.3, 0.1], 2);
         assert!(r.per_channel_sqnr_db.unwrap() > r.per_tensor_sqnr_db.unwrap());
+    }
+
+    #[test]
+    fn pass_two_measured_ahead_is_used_only_with_the_tensors_max() {
+        // The second half twice as wide: the tensor's max is in the second chunk.
+        let v: Vec<f32> = (0..96)
+            .map(|i| (((i * 37) % 23) as f32 / 7.0 - 1.5) * if i < 48 { 1.0 } else { 2.0 })
+            .collect();
+        let bytes: Vec<u8> = v.iter().flat_map(|x| x.to_le_bytes()).collect();
+        // Two chunks of 4 rows of 12; the first measured ahead at a max below the tensor's.
+        let (first, second) = (0..4, 4..8);
+        let mut a = ChannelStats::new(12, 0);
+        a.push_bytes(Dtype::F32, &bytes[..192]);
+        a.speculate(Dtype::F32, &bytes[..192], first.clone(), a.max_abs());
+        let mut b = ChannelStats::new(12, 4);
+        b.push_bytes(Dtype::F32, &bytes[192..]);
+        let max = a.max_abs().max(b.max_abs());
+        assert!(
+            a.max_abs() < max,
+            "the test needs the max in the second chunk"
+        );
+        b.speculate(Dtype::F32, &bytes[192..], second.clone(), max);
+        let c = a.merge(b);
+        assert_eq!(c.max_abs(), max);
+        assert_eq!(c.ahead_of(&first, max), None);
+        let mut want = TensorStats::new(max, 12, 4);
+        want.push_bytes(Dtype::F32, &bytes[192..]);
+        assert_eq!(c.ahead_of(&second, max), Some(want));
+        assert_eq!(c.ahead_of(&(4..7), max), None);
+        assert_eq!(c.ahead_of(&second, f64::NAN), None);
     }
 
     #[test]

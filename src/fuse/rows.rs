@@ -216,6 +216,44 @@ fn fuse_rows_avx2(out: Vec<u8>, job: &FuseJob) -> Result<FusedRows, RowError> {
 #[inline(always)]
 fn fuse_rows_any(weight: Vec<u8>, job: &FuseJob) -> Result<FusedRows, RowError> {
     let FuseJob {
+        rows, grid, dtype, ..
+    } = *job;
+    let depth = grid.row_len();
+    let mut out = FusedRows {
+        weight,
+        ..FusedRows::default()
+    };
+    let need = rows.len() * depth * dtype_bytes(dtype);
+    out.weight.clear();
+    if out.weight.capacity() < need {
+        // A fresh buffer, not `reserve`: growing a recycled one copies its old capacity's
+        // bytes (stale data) to the new allocation.
+        out.weight = Vec::with_capacity(need);
+    }
+    // Taken out of the thread-local and put back, not used inside `with`: a closure there
+    // is compiled without this function's AVX2, and the row loop ran scalar.
+    let mut scratch = SCRATCH.with(|s| std::mem::take(&mut *s.borrow_mut()));
+    // Its contents do not matter: the first term of a row overwrites it or zeroes it.
+    scratch.fused.resize(depth, 0.0);
+    let done = fuse_each_row(&mut out, &mut scratch, job);
+    SCRATCH.with(|s| *s.borrow_mut() = scratch);
+    done.map(|()| out)
+}
+
+thread_local! {
+    /// Each fusing thread's row scratch, kept across chunks (a fresh one per chunk cost a
+    /// zeroed allocation of a row for every chunk).
+    static SCRATCH: std::cell::RefCell<RowScratch> = std::cell::RefCell::new(RowScratch::default());
+}
+
+/// The row loop of [`fuse_rows`]: each row of `job` fused, encoded into `out`, probed.
+#[inline(always)]
+fn fuse_each_row(
+    out: &mut FusedRows,
+    scratch: &mut RowScratch,
+    job: &FuseJob,
+) -> Result<(), RowError> {
+    let FuseJob {
         rows,
         grid,
         terms,
@@ -224,34 +262,30 @@ fn fuse_rows_any(weight: Vec<u8>, job: &FuseJob) -> Result<FusedRows, RowError> 
         probe,
     } = *job;
     let depth = grid.row_len();
-    let mut out = FusedRows {
-        weight,
-        ..FusedRows::default()
-    };
-    out.weight.clear();
-    out.weight.reserve(rows.len() * depth * dtype_bytes(dtype));
-    let mut scratch = RowScratch {
-        fused: vec![0.0; depth],
-        ..RowScratch::default()
-    };
     for (r, o) in rows.clone().enumerate() {
         // The input group this row reads, `[in/groups, k, k]`: at the centre output, grid
         // tap (i, y, x) meets exactly x[g·in/groups + i, y, x].
         let g = o / grid.out_per_group;
         let patch = probe.map(|x| &x.data[g * depth..(g + 1) * depth]);
-        let (mut unfused, mut bias) = fuse_row(&mut scratch, (r, o), grid, terms, patch)?;
+        let (mut unfused, mut bias) = fuse_row(scratch, (r, o), grid, terms, patch)?;
         if let Some(p) = post_shift {
             bias += p[r];
             unfused += p[r];
         }
-        encode_row(&mut out, &scratch.fused, bias, r, dtype)?;
+        let fast = dtype == Dtype::F32 && encode_row_f32(out, &scratch.fused, bias);
+        if !fast {
+            encode_row(out, &scratch.fused, bias, r, dtype)?;
+        }
         if let Some(patch) = patch {
-            out.deviation =
-                out.deviation
-                    .merge(probe_row(&mut scratch, &out, dtype, patch, unfused));
+            let dev = if fast {
+                probe_row_f32(&scratch.fused, bias, patch, unfused)
+            } else {
+                probe_row(scratch, out, dtype, patch, unfused)
+            };
+            out.deviation = out.deviation.merge(dev);
         }
     }
-    Ok(out)
+    Ok(())
 }
 
 /// Sums the terms' row `r` (output channel `o`) into `scratch.fused`; returns the unfused
@@ -468,6 +502,36 @@ fn encode_row(
     encode(dtype, &[bias], &mut out.bias).map_err(|_| bias_overflow)
 }
 
+/// Values of at least this magnitude round to ±∞ in F32 (2^128 − 2^103: half an ulp above
+/// `f32::MAX`, where the tie goes to the even infinity).
+const F32_OVERFLOW: f64 = 340_282_356_779_733_661_637_539_395_458_142_568_448.0;
+
+/// [`encode_row`] for F32 in one pass over the row, when every value (and the bias) is finite
+/// and fits; returns false, having written nothing, otherwise ([`encode_row`] then says what
+/// is wrong).
+#[inline(always)]
+fn encode_row_f32(out: &mut FusedRows, fused: &[f64], bias: f64) -> bool {
+    let mut fits = bias.abs() < F32_OVERFLOW;
+    // `<` is false for NaN: one compare covers NaN, ±∞ and what overflows F32.
+    for v in fused {
+        fits &= v.abs() < F32_OVERFLOW;
+    }
+    if fits {
+        out.weight
+            .extend(fused.iter().flat_map(|&v| (v as f32).to_le_bytes()));
+        out.bias.extend((bias as f32).to_le_bytes());
+    }
+    fits
+}
+
+/// [`probe_row`] for a row [`encode_row_f32`] wrote: the values as written are the fused ones
+/// rounded to F32, so they are not decoded back from the bytes.
+#[inline(always)]
+fn probe_row_f32(fused: &[f64], bias: f64, patch: &[f64], unfused: f64) -> Deviation {
+    let fused_out = dot_by(fused, patch, |v| f64::from(v as f32)) + f64::from(bias as f32);
+    Deviation::of((fused_out - unfused).abs(), unfused.abs())
+}
+
 /// The last row of `out` as written, run on `patch` at the centre, against `unfused`.
 #[inline(always)]
 fn probe_row(
@@ -493,17 +557,23 @@ fn probe_row(
 /// `Σ a[i]·b[i]`, in four interleaved sums so the adds do not wait on each other.
 #[inline(always)]
 fn dot(a: &[f64], b: &[f64]) -> f64 {
+    dot_by(a, b, |v| v)
+}
+
+/// [`dot`] of `f(a[i])` and `b[i]`, summed in the same order.
+#[inline(always)]
+fn dot_by(a: &[f64], b: &[f64], f: impl Fn(f64) -> f64) -> f64 {
     let mut acc = [0.0f64; 4];
     let mut a4 = a.chunks_exact(4);
     let mut b4 = b.chunks_exact(4);
     for (a, b) in (&mut a4).zip(&mut b4) {
         for j in 0..4 {
-            acc[j] += a[j] * b[j];
+            acc[j] += f(a[j]) * b[j];
         }
     }
     let mut tail = 0.0;
     for (a, b) in a4.remainder().iter().zip(b4.remainder()) {
-        tail += a * b;
+        tail += f(*a) * b;
     }
     (acc[0] + acc[1]) + (acc[2] + acc[3]) + tail
 }
