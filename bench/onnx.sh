@@ -30,7 +30,7 @@ if [[ ! -f "$B3/train.onnx" ]]; then
     "$PY" "$SCRIPT_DIR/make_b3_train_onnx.py" "$B3" >&2 || die "make_b3_train_onnx.py failed"
 fi
 train="$B3/train.onnx"
-size_mb=$(awk -v b="$(stat -c %s "$train")" 'BEGIN{printf "%.1f", b/1048576}')
+size_mb=$(awk -v b="$(stat -c %s "$train")" 'BEGIN{printf "%.1f", b/1e6}')
 
 report() { # name, measure_pairs line
     read -r ratio rmin rmax bs cs bm cm cpu <<<"$2"
