@@ -262,22 +262,10 @@ pub(crate) fn check_not_input(input: &Path, output: &Path, what: &str) -> Result
     Ok(())
 }
 
-/// Whether `a` and `b` name the same file: the same inode when both exist (any path, symlink
-/// or hard link), else the same canonical folder and file name.
-pub(crate) fn same_file(a: &Path, b: &Path) -> bool {
-    use std::os::unix::fs::MetadataExt;
-    if let (Ok(x), Ok(y)) = (std::fs::metadata(a), std::fs::metadata(b)) {
-        return x.dev() == y.dev() && x.ino() == y.ino();
-    }
-    let place = |p: &Path| {
-        let dir = match p.parent() {
-            Some(d) if !d.as_os_str().is_empty() => d,
-            _ => Path::new("."),
-        };
-        Some((std::fs::canonicalize(dir).ok()?, p.file_name()?.to_owned()))
-    };
-    a == b || matches!((place(a), place(b)), (Some(x), Some(y)) if x == y)
-}
+/// Whether `a` and `b` name the same file (one answer for every writer: see
+/// [`crate::onnx::write::same_file`]).
+pub(crate) use crate::onnx::write::same_file;
+
 
 /// Refuses a path for `what` (`the JUnit file`) that is a directory, that would overwrite one
 /// of `files` (the inputs and the other outputs, by any path), or whose folder does not exist.

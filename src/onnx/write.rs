@@ -709,9 +709,9 @@ pub fn side_path(out: &Path) -> PathBuf {
     out.with_file_name(name)
 }
 
-/// Whether `a` and `b` name the same file: the same inode when both exist, else the same
-/// canonical folder and file name.
-fn same_file(a: &Path, b: &Path) -> bool {
+/// Whether `a` and `b` name the same file: the same inode when both exist (any path, symlink
+/// or hard link), else the same canonical folder and file name.
+pub fn same_file(a: &Path, b: &Path) -> bool {
     use std::os::unix::fs::MetadataExt;
     if let (Ok(x), Ok(y)) = (std::fs::metadata(a), std::fs::metadata(b)) {
         return x.dev() == y.dev() && x.ino() == y.ino();
