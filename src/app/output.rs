@@ -266,7 +266,6 @@ pub(crate) fn check_not_input(input: &Path, output: &Path, what: &str) -> Result
 /// [`crate::onnx::write::same_file`]).
 pub(crate) use crate::onnx::write::same_file;
 
-
 /// Refuses a path for `what` (`the JUnit file`) that is a directory, that would overwrite one
 /// of `files` (the inputs and the other outputs, by any path), or whose folder does not exist.
 /// Called before the run, so that a bad path writes nothing.
