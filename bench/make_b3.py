@@ -19,21 +19,10 @@ import timm
 from safetensors.torch import save_file
 
 
-def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("out")
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--model", default="repvgg_b3", help="timm repvgg_* model name (default repvgg_b3)")
-    ap.add_argument("--pth", action="store_true",
-                    help="write the state dict with torch.save (zip format) instead of safetensors")
-    args = ap.parse_args()
-
-    t0 = time.perf_counter()
-    torch.manual_seed(args.seed)
-    model = timm.create_model(args.model, pretrained=False)
-    model.eval()
-
-    g = torch.Generator().manual_seed(args.seed + 1)
+def randomize_bn(model, seed):
+    """Sets every BatchNorm2d's statistics and affine parameters from `seed`; returns how many.
+    bench/make_b3_train_onnx.py uses it too, so both benchmarks convert one model."""
+    g = torch.Generator().manual_seed(seed + 1)
     n_bn = 0
     with torch.no_grad():
         for m in model.modules():
@@ -48,6 +37,24 @@ def main() -> int:
                 m.running_var.copy_(torch.exp(torch.empty(c).uniform_(-3.0, 1.6, generator=g)))
                 m.num_batches_tracked.fill_(1000 + n_bn)
                 n_bn += 1
+    return n_bn
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("out")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--model", default="repvgg_b3", help="timm repvgg_* model name (default repvgg_b3)")
+    ap.add_argument("--pth", action="store_true",
+                    help="write the state dict with torch.save (zip format) instead of safetensors")
+    args = ap.parse_args()
+
+    t0 = time.perf_counter()
+    torch.manual_seed(args.seed)
+    model = timm.create_model(args.model, pretrained=False)
+    model.eval()
+
+    n_bn = randomize_bn(model, args.seed)
 
     sd = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
     tmp = args.out + ".tmp"

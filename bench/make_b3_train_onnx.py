@@ -32,23 +32,8 @@ import timm
 import torch
 from timm.utils.model import reparameterize_model
 
-
-def randomize_bn(model, seed):
-    """bench/make_b3.py's BN statistics (kept in step with it so both benchmarks use one model)."""
-    g = torch.Generator().manual_seed(seed + 1)
-    n_bn = 0
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, torch.nn.BatchNorm2d):
-                c = m.num_features
-                sign = torch.where(torch.rand(c, generator=g) < 0.1, -1.0, 1.0)
-                m.weight.copy_(sign * (0.25 + 1.25 * torch.rand(c, generator=g)))
-                m.bias.copy_(0.2 * torch.randn(c, generator=g))
-                m.running_mean.copy_(0.3 * torch.randn(c, generator=g))
-                m.running_var.copy_(torch.exp(torch.empty(c).uniform_(-3.0, 1.6, generator=g)))
-                m.num_batches_tracked.fill_(1000 + n_bn)
-                n_bn += 1
-    return n_bn
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from make_b3 import randomize_bn  # noqa: E402  (one model for both benchmarks)
 
 
 def export(model, path, external):
