@@ -11,18 +11,14 @@ use super::{Train, Written};
 use crate::Error;
 use crate::block::Block;
 use crate::checkpoint::Checkpoint;
-use crate::conv::Input;
 use crate::deviation::Deviation;
 use crate::find::graph::BranchSet;
-use crate::fuse::block::fuse_block_rows;
+use crate::fuse::block::{FUSE_CHUNK, fuse_block_rows, probe_input};
 use crate::fuse::rows::FusedRows;
 use crate::int8::{ChannelStats, Int8Report, TensorStats, figures};
 use crate::onnx::{DataPlacement, GraphEdit, NewAttr, NewNode, NewTensor};
 use crate::progress::Hooks;
 use crate::write::safetensors::Streamed;
-
-/// Weights fused at a time by one thread (as for checkpoints).
-const FUSE_CHUNK: usize = 1 << 16;
 
 /// A deploy graph written to pending files, with what writing it learnt.
 pub(super) struct Staged {
@@ -180,10 +176,7 @@ fn fuse_block(
     b: usize,
     probe_seed: Option<u64>,
 ) -> Result<(Vec<FusedRows>, Deviation, ChannelStats), Error> {
-    let probe = probe_seed.map(|seed| {
-        let c = block.in_channels().unwrap_or(block.in_per_group);
-        Input::random(1, c, block.kernel, block.kernel, seed, b as u64)
-    });
+    let probe = probe_seed.map(|seed| probe_input(block, b, seed));
     let chunks: Vec<(FusedRows, ChannelStats)> = block
         .row_chunks(FUSE_CHUNK)
         .par_iter()

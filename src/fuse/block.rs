@@ -19,6 +19,17 @@ thread_local! {
     static RAW: std::cell::RefCell<Vec<Vec<u8>>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
+/// Weights fused at a time by one thread when converting: small enough that the bytes just
+/// read are still in the core's cache when they are decoded (64 Ki elements, 256 KB of F32).
+pub const FUSE_CHUNK: usize = 1 << 16;
+
+/// The probe input of block `b` (its own k×k input, stream `b` of `seed`): each row of the
+/// fused kernel meets it at the centre output exactly once.
+pub fn probe_input(block: &Block, b: usize, seed: u64) -> Input {
+    let c = block.in_channels().unwrap_or(block.in_per_group);
+    Input::random(1, c, block.kernel, block.kernel, seed, b as u64)
+}
+
 /// Fuses output channels `rows` of `block` straight from the file's bytes, encoded in `dtype`
 /// into `out`, with the probe deviation of the rows as written.
 pub(crate) fn fuse_chunk(

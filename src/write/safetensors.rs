@@ -9,19 +9,14 @@ use safetensors::Dtype;
 
 use crate::Error;
 use crate::checkpoint::Checkpoint;
-use crate::conv::Input;
 use crate::deviation::Deviation;
 use crate::dtype::encode;
 use crate::find::Detection;
-use crate::fuse::block::fuse_chunk;
+use crate::fuse::block::{FUSE_CHUNK, fuse_chunk, probe_input};
 use crate::fuse::rows::FusedRows;
 use crate::int8::ChannelStats;
 use crate::progress::{Cancel, Hooks};
 use crate::write::plan::{Plan, Source, copy_tensor};
-
-/// Weights fused at a time by one thread when converting: small enough that the bytes just
-/// read are still in the core's cache when they are decoded (64 Ki elements, 256 KB of F32).
-const FUSE_CHUNK: usize = 1 << 16;
 
 /// Byte buffers passed from the fusing threads to the writer and back, so that a few buffers
 /// carry the whole file: fresh ones would cost a page fault per 4 KiB, and the faults of two
@@ -247,10 +242,7 @@ impl Producer<'_> {
     /// weight not yet queued.
     fn fuse_small(&self, b: usize, dtype: Dtype) -> Result<Fused, Error> {
         let block = &self.detection.blocks[b];
-        let probe = self.probe_seed.map(|seed| {
-            let c = block.in_channels().unwrap_or(block.in_per_group);
-            Input::random(1, c, block.kernel, block.kernel, seed, b as u64)
-        });
+        let probe = self.probe_seed.map(|seed| probe_input(block, b, seed));
         let rows = 0..block.out_channels;
         let out = self.buffers.take();
         let c = fuse_chunk(self.ckpt, block, rows.clone(), (dtype, probe.as_ref()), out)?;
@@ -299,10 +291,7 @@ impl Producer<'_> {
         dtype: Dtype,
     ) -> Result<(Vec<u8>, Deviation, ChannelStats), WriteError> {
         let block = &self.detection.blocks[b];
-        let probe = self.probe_seed.map(|seed| {
-            let c = block.in_channels().unwrap_or(block.in_per_group);
-            Input::random(1, c, block.kernel, block.kernel, seed, b as u64)
-        });
+        let probe = self.probe_seed.map(|seed| probe_input(block, b, seed));
         let mut bias = Vec::new();
         let mut dev = Deviation::default();
         let mut int8 = ChannelStats::new(block.row_len(), 0);
