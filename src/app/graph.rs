@@ -72,12 +72,11 @@ pub(super) fn stage(
         .onnx()
         .ok_or_else(|| Error::internal("a graph conversion of a file that is not a graph"))?;
     let blocks = &train.detection.blocks;
-    let names: std::collections::BTreeSet<String> = crate::onnx::graph_view(model)
-        .nodes
-        .into_iter()
-        .map(|n| n.name)
-        .collect();
-    let edit = edit(blocks, sets, names);
+    let names = train
+        .graph
+        .iter()
+        .flat_map(|(_, names)| names.iter().cloned());
+    let edit = edit(blocks, sets, names.collect());
     let mut streamed = Streamed {
         probe: vec![Deviation::default(); blocks.len()],
         int8: vec![None; blocks.len()],

@@ -27,20 +27,13 @@ pub fn lint_file(path: &Path, report: Option<&Path>, settings: &Settings) -> Res
 /// Lints the ONNX graph at `path`.
 pub fn lint(path: &Path, settings: &Settings) -> Result<Lint, Error> {
     let train = Train::open(path, settings)?;
-    let Some((sets, nodes)) = &train.graph else {
+    let Some((sets, names)) = &train.graph else {
         return Err(Error::Usage(format!(
             "{}: lint reads ONNX graphs; this is a checkpoint (convert it, or `inspect` it)",
             path.display()
         )));
     };
-    let model = train.ckpt.onnx();
-    let names = model.map(crate::onnx::graph_view).map(|g| g.nodes);
-    let node_name = |i: usize| {
-        names
-            .as_ref()
-            .and_then(|n| n.get(i))
-            .map_or(format!("#{i}"), |n| n.name.clone())
-    };
+    let node_name = |i: usize| names.get(i).map_or(format!("#{i}"), String::clone);
     let mut unmerged = Vec::new();
     let mut removed = 0;
     for (block, set) in train.detection.blocks.iter().zip(sets) {
@@ -61,8 +54,8 @@ pub fn lint(path: &Path, settings: &Settings) -> Result<Lint, Error> {
         macs_per_position_saved: unmerged.iter().map(|u| u.macs_per_position_saved).sum(),
         unmerged,
         skipped: train.detection.skipped.clone(),
-        nodes: *nodes,
-        nodes_after_merge: nodes - removed,
+        nodes: names.len(),
+        nodes_after_merge: names.len() - removed,
     })
 }
 

@@ -114,8 +114,9 @@ struct Train {
     detection: Detection,
     chosen_by: ChosenBy,
     eps: EpsInfo,
-    /// For an ONNX graph: the branch set each block replaces, and the graph's node count.
-    graph: Option<(Vec<BranchSet>, usize)>,
+    /// For an ONNX graph: the branch set each block replaces, and its nodes' names (in node
+    /// order), as the finder's view of it had them.
+    graph: Option<(Vec<BranchSet>, Vec<String>)>,
 }
 
 impl Train {
@@ -134,7 +135,7 @@ impl Train {
                 eps: eps_info(&detection),
                 detection,
                 chosen_by: ChosenBy::Detected,
-                graph: Some((found.sets, view.nodes.len())),
+                graph: Some((found.sets, view.nodes.into_iter().map(|n| n.name).collect())),
                 ckpt,
             });
         }
@@ -258,7 +259,7 @@ fn build_report(train: &Train, parts: ReportParts) -> Report {
         parameters_out: parts.written.parameters,
         bytes_in: std::fs::metadata(ckpt.path()).map_or(0, |m| m.len()),
         bytes_out: parts.written.bytes,
-        nodes_in: train.graph.as_ref().map(|(_, n)| *n),
+        nodes_in: train.graph.as_ref().map(|(_, names)| names.len()),
         nodes_out: parts.written.nodes,
         ..Summary::default()
     };
