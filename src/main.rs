@@ -154,7 +154,7 @@ struct FindArgs {
     /// In a PyTorch checkpoint, read the weights from this entry (dotted for nesting, e.g.
     /// `state_dict_ema` or `model.ema`) [default: a top-level dict of tensors, or the one entry
     /// among state_dict, model, ema, model_ema, state_dict_ema, module, net, params that holds
-    /// tensors].
+    /// tensors; of a raw/EMA pair, the one the framework's loader reads, with a warning].
     #[arg(long, value_name = "NAME")]
     key: Option<String>,
     /// Keep a `module.` prefix (DataParallel) that every name of a PyTorch checkpoint carries

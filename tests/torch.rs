@@ -572,23 +572,48 @@ fn dotted_key_reaches_a_nested_dict() {
     assert_eq!(r["source"]["key"], "ckpt.weights");
 }
 
-#[test]
-fn two_candidates_need_key() {
+/// A checkpoint with two weight entries `first` and `second`, naming the same storages.
+fn two_entries(first: &str, second: &str) -> Case {
     let mut p = Pickle::new();
-    p.op(b"}(").str("model");
+    p.op(b"}(").str(first);
     let mut st = state_dict(&mut p, &block());
-    p.str("ema");
-    // The ema dict names the same storages (keys 0..), as a real EMA copy would have its own.
+    p.str(second);
+    // The second dict names the same storages (keys 0..), as a real EMA copy would have its own.
     let st2 = state_dict(&mut p, &block());
     st.truncate(st2.len());
     p.op(b"u");
-    let case = Case::new(&torch_zip(&p.stop(), &st));
+    Case::new(&torch_zip(&p.stop(), &st))
+}
+
+#[test]
+fn two_candidates_need_key() {
+    let case = two_entries("model", "net");
     case.refused(
         &[],
-        &["2 entries could be the weights", "model, ema", "--key"],
+        &["2 entries could be the weights", "model, net", "--key"],
     );
-    let r = case.converts(&["--key", "ema"]);
-    assert_eq!(r["source"]["key"], "ema");
+    let r = case.converts(&["--key", "net"]);
+    assert_eq!(r["source"]["key"], "net");
+}
+
+/// A raw/EMA pair is read as the framework's loader reads it, with a warning (the fixtures
+/// doctor_ema_* hold real ones; tests/doctor_ema.rs).
+#[test]
+fn raw_and_ema_pairs_pick_the_framework_loaders_entry() {
+    for (first, second, read) in [
+        ("model", "ema", "ema"),
+        ("ema", "model", "ema"),
+        ("state_dict", "state_dict_ema", "state_dict"),
+        ("model_ema", "state_dict", "state_dict"),
+    ] {
+        let r = two_entries(first, second).converts(&[]);
+        assert_eq!(r["source"]["key"], read, "{first} + {second}");
+        let warned = r["warnings"].as_array().unwrap();
+        assert!(
+            warned.iter().any(|w| w["kind"] == "raw_and_ema"),
+            "{first} + {second}: {warned:?}"
+        );
+    }
 }
 
 #[test]

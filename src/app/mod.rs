@@ -199,13 +199,25 @@ fn find(ckpt: &Checkpoint, opts: &FindOptions) -> Result<(Detection, ChosenBy), 
     Ok((detection, chosen_by))
 }
 
-/// What the user should know about `ckpt`: a pickle naming globals a checkpoint does not need.
+/// What the user should know about `ckpt`: a pickle naming globals a checkpoint does not need;
+/// raw and EMA weights in one file, and which were read.
 fn warnings(ckpt: &Checkpoint) -> Vec<Warning> {
-    ckpt.source()
-        .filter(|s| !s.suspicious_globals.is_empty())
-        .map(|s| Warning::suspicious_globals(ckpt.path(), &s.suspicious_globals))
-        .into_iter()
-        .collect()
+    let Some(source) = ckpt.source() else {
+        return Vec::new();
+    };
+    let globals = (!source.suspicious_globals.is_empty())
+        .then(|| Warning::suspicious_globals(ckpt.path(), &source.suspicious_globals));
+    let ema = source.other_weights.as_ref().map(|other| {
+        let used = source.key.as_deref().unwrap_or_default();
+        Warning::raw_and_ema(
+            ckpt.path(),
+            used,
+            &other.key,
+            other.used_is_ema,
+            &other.convention,
+        )
+    });
+    globals.into_iter().chain(ema).collect()
 }
 
 fn eps_info(detection: &Detection) -> EpsInfo {

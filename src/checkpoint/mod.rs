@@ -93,6 +93,21 @@ pub struct SourceInfo {
     /// Globals the pickle names that a checkpoint does not need (never imported nor called;
     /// see [`torch::suspicious`]). `(called)` marks those `pickle.load` would have called.
     pub suspicious_globals: Vec<String>,
+    /// When the file holds both raw and EMA weights and no `--key` chose: the entry not read.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub other_weights: Option<OtherWeights>,
+}
+
+/// The other entry of a raw/EMA pair, not read: [`SourceInfo::key`] is the one the framework's
+/// own loader reads.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct OtherWeights {
+    /// The entry not read (`ema`, `state_dict_ema`, `model`, ...).
+    pub key: String,
+    /// Whether the entry read is the EMA one.
+    pub used_is_ema: bool,
+    /// Whose loader convention chose, in words.
+    pub convention: String,
 }
 
 /// One tensor's entry in the header.

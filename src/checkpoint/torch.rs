@@ -17,7 +17,7 @@ use safetensors::Dtype;
 
 use super::pickle::{self, Global, StorageRef, TensorRef, Use, Value};
 use super::zip;
-use super::{ReadOptions, SourceInfo, TensorInfo};
+use super::{OtherWeights, ReadOptions, SourceInfo, TensorInfo};
 use crate::dtype::dtype_bytes;
 
 /// Entries that may hold the model's weights, in a checkpoint that is not a state dict itself.
@@ -93,7 +93,12 @@ pub fn open(
     } else {
         open_legacy(file, file_len)?
     };
-    let (chosen, key, skipped) = select(&unpickled.root, options)?;
+    let Selected {
+        value: chosen,
+        key,
+        skipped,
+        other_weights,
+    } = select(&unpickled.root, options)?;
     let mut named = Vec::new();
     flatten(&chosen, "", 0, &mut named, &mut WALK_BUDGET.clone())?;
     if named.is_empty() {
@@ -134,6 +139,7 @@ pub fn open(
             module_prefix_dropped: drop_prefix,
             skipped,
             suspicious_globals: suspicious,
+            other_weights,
         },
     })
 }
@@ -331,7 +337,50 @@ fn top_keys(v: &Value) -> Vec<String> {
 }
 
 /// The entry `--key` names (dotted for deeper nesting, through modules' `_modules`).
-fn select_key(root: &Value, key: &str) -> Result<(Value, Option<String>, Vec<String>), String> {
+/// What [`select`] picked: the value to read, the key it was found under, the other top-level
+/// entries, and the other weights of a raw/EMA pair when the pick was between the two.
+struct Selected {
+    value: Value,
+    key: Option<String>,
+    skipped: Vec<String>,
+    other_weights: Option<OtherWeights>,
+}
+
+/// A raw/EMA pair of candidate entries, and which of the two the framework's own loader reads:
+/// ultralytics' `(ckpt.get('ema') or ckpt['model'])` takes `ema` beside `model`; timm's
+/// `load_checkpoint` takes `state_dict` unless asked for `state_dict_ema` (or `model_ema`).
+fn raw_and_ema(found: &[String]) -> Option<(usize, OtherWeights)> {
+    if found.len() != 2 {
+        return None;
+    }
+    let pair = |raw: &str, ema: &str| {
+        let raw_at = found.iter().position(|k| k == raw)?;
+        let ema_at = found.iter().position(|k| k == ema)?;
+        Some((raw_at, ema_at))
+    };
+    if let Some((raw_at, ema_at)) = pair("model", "ema") {
+        let other = OtherWeights {
+            key: found[raw_at].clone(),
+            used_is_ema: true,
+            convention: "ultralytics loads `ema` when present".to_string(),
+        };
+        return Some((ema_at, other));
+    }
+    for ema in ["state_dict_ema", "model_ema"] {
+        if let Some((raw_at, ema_at)) = pair("state_dict", ema) {
+            let other = OtherWeights {
+                key: found[ema_at].clone(),
+                used_is_ema: false,
+                convention: "timm's load_checkpoint reads `state_dict` unless use_ema=True"
+                    .to_string(),
+            };
+            return Some((raw_at, other));
+        }
+    }
+    None
+}
+
+fn select_key(root: &Value, key: &str) -> Result<Selected, String> {
     let mut cur = root.clone();
     let mut walked = String::new();
     for part in key.split('.') {
@@ -366,19 +415,27 @@ fn select_key(root: &Value, key: &str) -> Result<(Value, Option<String>, Vec<Str
         .into_iter()
         .filter(|k| Some(k.as_str()) != key.split('.').next())
         .collect();
-    Ok((cur, Some(key.to_string()), skipped))
+    Ok(Selected {
+        value: cur,
+        key: Some(key.to_string()),
+        skipped,
+        other_weights: None,
+    })
 }
 
 /// The value to read (with the key it was found under) and the other top-level entries.
-fn select(
-    root: &Value,
-    options: &ReadOptions,
-) -> Result<(Value, Option<String>, Vec<String>), String> {
+fn select(root: &Value, options: &ReadOptions) -> Result<Selected, String> {
     if let Some(key) = &options.key {
         return select_key(root, key);
     }
+    let whole = || Selected {
+        value: root.clone(),
+        key: None,
+        skipped: Vec::new(),
+        other_weights: None,
+    };
     if module_state(root).is_some() {
-        return Ok((root.clone(), None, Vec::new()));
+        return Ok(whole());
     }
     let Value::Dict(d) = root else {
         return Err(format!(
@@ -398,16 +455,24 @@ fn select(
     let direct = entries
         .iter()
         .any(|(_, v)| matches!(v, Value::Tensor(_) | Value::Unsupported(_)));
+    let pick = |at: usize, other_weights: Option<OtherWeights>| {
+        let skipped = top_keys(root)
+            .into_iter()
+            .filter(|k| *k != found[at])
+            .collect();
+        Ok(Selected {
+            value: dict_get(root, &found[at]).unwrap_or(Value::None),
+            key: Some(found[at].clone()),
+            skipped,
+            other_weights,
+        })
+    };
+    if let Some((at, other)) = raw_and_ema(&found) {
+        return pick(at, Some(other));
+    }
     match found.len() {
-        1 => {
-            let value = dict_get(root, &found[0]).unwrap_or(Value::None);
-            let skipped = top_keys(root)
-                .into_iter()
-                .filter(|k| *k != found[0])
-                .collect();
-            Ok((value, Some(found[0].clone()), skipped))
-        }
-        0 if direct => Ok((root.clone(), None, Vec::new())),
+        1 => pick(0, None),
+        0 if direct => Ok(whole()),
         0 => Err(format!(
             "no state dict found: the top-level entries ({}) include none of {} holding tensors or a module; name the one to read with --key",
             list(&top_keys(root)),

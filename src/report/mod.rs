@@ -80,9 +80,34 @@ pub struct Warning {
 pub enum WarningKind {
     /// A PyTorch pickle names globals a checkpoint does not need (nothing was imported or run).
     SuspiciousGlobals,
+    /// A checkpoint holds raw and EMA weights; the warning says which one was read.
+    RawAndEma,
 }
 
 impl Warning {
+    /// The warning on a checkpoint in `path` holding two sets of weights: `used` was read (the
+    /// EMA one if `used_is_ema`), `other` was not, by `convention`.
+    pub fn raw_and_ema(
+        path: &std::path::Path,
+        used: &str,
+        other: &str,
+        used_is_ema: bool,
+        convention: &str,
+    ) -> Warning {
+        let (used_kind, other_kind) = if used_is_ema {
+            ("EMA", "raw")
+        } else {
+            ("raw", "EMA")
+        };
+        Warning {
+            kind: WarningKind::RawAndEma,
+            message: format!(
+                "{}: the checkpoint holds raw and EMA weights; read the {used_kind} weights `{used}` ({convention}); pass --key {other} for the {other_kind} weights",
+                path.display()
+            ),
+        }
+    }
+
     /// The warning on a pickle in `path` that names `globals` a checkpoint does not need.
     pub fn suspicious_globals(path: &std::path::Path, globals: &[String]) -> Warning {
         Warning {
