@@ -92,10 +92,11 @@ pub enum Op {
         /// The stored weight is the kernel minus the identity (DBB's IdentityBasedConv1x1).
         plus_identity: bool,
     },
-    /// A second conv `[out, mid/groups, k, k]` on what the ops before it made (`mid`
-    /// channels: a 1×1 conv, then per-channel ops over its outputs), with that map padded by
-    /// what the ops make of zero (DBB's BNAndPad): so it is the composition of the two on the
-    /// zero-padded input, exactly.
+    /// A second conv `[out, mid/groups, kh, kw]` on what the ops before it made (`mid`
+    /// channels: a first conv, then per-channel ops over its outputs), with that map padded by
+    /// what the ops make of zero (DBB's BNAndPad; zero where there are no ops): so it is the
+    /// composition of the two on the zero-padded input, exactly, when along each axis one of
+    /// the two convs is 1 wide (DBB's 1×1 → k×k, RepNeXt's 1×k → k×1, an outer product).
     ThenConv {
         /// The second kernel.
         weight: String,
@@ -373,7 +374,9 @@ impl<'a> Checker<'a> {
             )));
         }
         let (kh, kw) = kernel_hw(w);
-        let even = (kh % 2 == 0 || kw % 2 == 0) && !self.single;
+        // Odd once dilated: RepNeXt's 2×2 conv at dilation 2 covers a 3×3 (its corners).
+        let odd = |k: usize| ((k - 1) * dilation.max(1)) % 2 == 0;
+        let even = (!odd(kh) || !odd(kw)) && !self.single;
         if even || (kh != kw && !asymmetric) {
             let shape = if asymmetric { "kh×kw" } else { "a square" };
             return Err(self.err(format!(
@@ -409,7 +412,9 @@ fn main_conv<'a>(
     let mut extents = (0, 0);
     for b in branches {
         if let Some(Op::ThenConv { weight }) = b.second() {
-            kernel = kernel.max(c.conv(b, weight, (1, false))?.1);
+            let side = sequence_extent(c, b, weight)?;
+            kernel = kernel.max(side);
+            extents = (extents.0.max(side), extents.1.max(side));
             continue;
         }
         match b.source() {
@@ -644,6 +649,31 @@ fn check_branches(
     Ok(groups)
 }
 
+/// The side of a sequence branch's composed kernel: a first conv kh₁×kw₁ then a second
+/// kh₂×kw₂ compose into one (kh₁ + kh₂ − 1)×(kw₁ + kw₂ − 1) conv, which must be square and
+/// odd (RepNeXt's 1×k → k×1 is k×k; DBB's 1×1 → k×k is k×k).
+fn sequence_extent(c: &Checker, b: &Branch, second: &str) -> Result<usize, BlockError> {
+    let (w2, _) = c.conv(b, second, (1, true))?;
+    let first = match b.source() {
+        Op::Conv { weight, .. } => c.conv(b, weight, (1, true))?.0,
+        _ => {
+            return Err(c.err(format!(
+                "branch `{}`: a sequence starts with a conv",
+                b.label
+            )));
+        }
+    };
+    let ((kh1, kw1), (kh2, kw2)) = (kernel_hw(first), kernel_hw(w2));
+    let (h, w) = (kh1 + kh2 - 1, kw1 + kw2 - 1);
+    if h != w || h % 2 == 0 || h > MAX_KERNEL {
+        return Err(c.err(format!(
+            "branch `{}`: `{}` ({kh1}×{kw1}) then `{second}` ({kh2}×{kw2}) compose into a {h}×{w} kernel; expected a square one of odd size",
+            b.label, first.name
+        )));
+    }
+    Ok(h)
+}
+
 /// A sequence branch (DBB's 1×1 → k×k): its first conv `[mid, in/groups, 1, 1]`, the
 /// per-channel ops over `mid`, the second conv `[out, mid/groups, k, k]` (or an average, mid ==
 /// out), the per-channel ops over `out`. Returns the groups the second conv settles.
@@ -663,11 +693,23 @@ fn check_sequence(
         return err("a sequence starts with a 1×1 conv".into());
     };
     let w1 = c.float(weight)?;
-    if w1.shape.len() != 4 || kernel_hw(w1) != (1, 1) || w1.shape[1] != in_per_group {
+    if w1.shape.len() != 4 || w1.shape[1] != in_per_group {
         return err(format!(
-            "`{weight}` has shape {:?}; expected [mid, {in_per_group}, 1, 1]",
+            "`{weight}` has shape {:?}; expected [mid, {in_per_group}, kh, kw]",
             w1.shape
         ));
+    }
+    // One conv computes the two exactly when along each axis one of them has extent 1: the
+    // other's padding then meets only what the ops make of zero (see `Op::ThenConv`).
+    if let Some(Op::ThenConv { weight: w2 }) = b.second() {
+        let ((kh1, kw1), (kh2, kw2)) = (kernel_hw(w1), kernel_hw(c.float(w2)?));
+        if (kh1 > 1 && kh2 > 1) || (kw1 > 1 && kw2 > 1) || *plus_identity && (kh1, kw1) != (1, 1) {
+            return err(format!(
+                "`{weight}` ({kh1}×{kw1}) then `{w2}` ({kh2}×{kw2}): a sequence needs one of the two convs 1 wide along each axis"
+            ));
+        }
+    } else if kernel_hw(w1) != (1, 1) {
+        return err(format!("`{weight}` before an average must be 1×1"));
     }
     let mid = w1.shape[0];
     let split = b.split();

@@ -139,9 +139,11 @@ impl ChannelValues {
 
 /// A sequence branch's rows as one kernel `[rows, in/groups, side, side]` and the bias its
 /// first stage's shift makes through the second (`through`), for output channels `rows`:
-/// `K[o, i] = Σ_m K2[o, m]·s[m]·W1[m, i]` over the mid channels m of o's group,
-/// `through[o] = Σ_m Σ_taps K2[o, m]·t[m]`. `second` holds the second conv's rows (`[rows, mid/groups, side,
-/// side]`), or is `None` for an average (mid == out) of side `side`.
+/// `K[o, i](u + q) = Σ_m K2[o, m](q)·s[m]·W1[m, i](u)` over the mid channels m of o's group
+/// and the taps u of the first kernel (`seq.first_hw`), q of the second (`seq.second_hw`),
+/// `through[o] = Σ_m Σ_q K2[o, m](q)·t[m]`. `second` holds the second conv's rows (`[rows,
+/// mid/groups, kh, kw]`), or is `None` for an average (mid == out); `side` is the composed
+/// kernel's, `kh₁ + kh₂ − 1` (checked square in `Block::new`).
 pub fn compose_rows(
     seq: &Sequence,
     mid_affine: &Affine,
@@ -151,19 +153,21 @@ pub fn compose_rows(
     grid: Grid,
 ) -> (Vec<f64>, Vec<f64>) {
     let (ipg, taps) = (grid.in_per_group, side * side);
+    let (first_hw, second_hw) = (seq.first_hw, seq.second_hw);
+    let (t1, t2) = (first_hw.0 * first_hw.1, second_hw.0 * second_hw.1);
     let mpg = match second {
-        Some(k2) => k2.len() / (rows.len() * taps).max(1),
+        Some(k2) => k2.len() / (rows.len() * t2).max(1),
         None => grid.out_per_group,
     };
     let mut values = vec![0.0; rows.len() * ipg * taps];
     let mut through = vec![0.0; rows.len()];
-    let avg = vec![1.0 / taps as f64; taps];
+    let avg = vec![1.0 / t2 as f64; t2];
     for (r, o) in rows.enumerate() {
         let g = o / grid.out_per_group;
         let out = &mut values[r * ipg * taps..(r + 1) * ipg * taps];
         for ml in 0..mpg {
             let k2 = match second {
-                Some(k2) => &k2[(r * mpg + ml) * taps..(r * mpg + ml + 1) * taps],
+                Some(k2) => &k2[(r * mpg + ml) * t2..(r * mpg + ml + 1) * t2],
                 None if ml == o % mpg => &avg[..],
                 None => continue,
             };
@@ -171,9 +175,14 @@ pub fn compose_rows(
             let (s, t) = (mid_affine.scale[m], mid_affine.shift[m]);
             through[r] += t * k2.iter().sum::<f64>();
             for i in 0..ipg {
-                let w = s * seq.first[m * ipg + i];
+                let w1 = &seq.first[(m * ipg + i) * t1..(m * ipg + i + 1) * t1];
                 let dst = &mut out[i * taps..(i + 1) * taps];
-                dst.iter_mut().zip(k2).for_each(|(d, k)| *d += k * w);
+                for (u, w1) in w1.iter().enumerate() {
+                    let (w, at) = (s * w1, (u / first_hw.1) * side + u % first_hw.1);
+                    for (q, k) in k2.iter().enumerate() {
+                        dst[at + (q / second_hw.1) * side + q % second_hw.1] += k * w;
+                    }
+                }
             }
         }
     }
@@ -204,9 +213,11 @@ pub fn compose_branch(
             ),
         ));
     }
-    let (second, side) = match (branch.second(), raw) {
-        (Some(Op::ThenAvgPool { kernel }), _) => (None, *kernel),
-        (_, Some((dtype, bytes, side))) => {
+    // The composed kernel's side (the stages' kernels were read with the sequence).
+    let side = seq.first_hw.0 + seq.second_hw.0 - 1;
+    let second = match (branch.second(), raw) {
+        (Some(Op::ThenAvgPool { .. }), _) => None,
+        (_, Some((dtype, bytes, _))) => {
             let w = crate::dtype::decode(dtype, bytes);
             if let Some(i) = first_non_finite(&w) {
                 let name = branch.conv_weight().unwrap_or_default();
@@ -218,7 +229,7 @@ pub fn compose_branch(
                     ),
                 ));
             }
-            (Some(w), side)
+            Some(w)
         }
         _ => return Ok(None),
     };

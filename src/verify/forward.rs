@@ -49,9 +49,10 @@ pub fn forward_unfused(
     out
 }
 
-/// A sequence branch, as DBB runs it: the 1×1 conv on the input, its per-channel ops (a BN),
-/// the map padded by what those ops make of zero (BNAndPad), then the second conv (or the
-/// average) without padding; for output channels `rows`.
+/// A sequence branch, as DBB and RepNeXt run it: the first conv on the (zero-padded) input,
+/// its per-channel ops (a BN), the map padded by what those ops make of zero (BNAndPad), then
+/// the second conv (or the average) without padding; for output channels `rows`. A kh×kw
+/// kernel runs as the square one it is centred in.
 fn forward_sequence(
     block: &Block,
     branch: &Branch,
@@ -62,23 +63,26 @@ fn forward_sequence(
 ) -> Array2<f64> {
     let groups = block.groups.unwrap_or(1).max(1);
     let ipg = block.in_per_group;
-    let cols1 = x.cols(1, 1);
-    let mut mid = conv_rows(&cols1, &seq.first, 0..seq.mid, ipg, 1, seq.mid / groups);
+    let (kh1, kw1) = seq.first_hw;
+    let side1 = kh1.max(kw1);
+    let first = centred(&seq.first, ipg, (kh1, kw1));
+    let cols1 = x.cols(side1, 1);
+    let mut mid = conv_rows(&cols1, &first, 0..seq.mid, ipg, side1, seq.mid / groups);
     let mut pad = Array2::<f64>::zeros((seq.mid, 1));
     for op in &seq.ops {
         forward_channel_op(op, &mut mid);
         forward_channel_op(op, &mut pad);
     }
-    let side = match (branch.second(), second) {
-        (Some(Op::ThenAvgPool { kernel }), _) => *kernel,
-        (_, Some((_, (kh, _)))) => kh,
-        _ => 1,
+    let (side, second) = match (branch.second(), second) {
+        (Some(Op::ThenAvgPool { kernel }), _) => (*kernel, None),
+        (_, Some((k2, (kh, kw)))) => (kh.max(kw), Some(centred(k2, 1, (kh, kw)))),
+        _ => (1, None),
     };
     let pad: Vec<f64> = pad.column(0).to_vec();
     let padded = pad_with(&mid, &pad, &x.input, side / 2);
     let cols = crate::conv::im2col(&padded, side, 1);
-    let full = match second {
-        Some((k2, _)) => {
+    let full = match &second {
+        Some(k2) => {
             let mpg = k2.len() / (rows.len() * side * side).max(1);
             conv_rows(&cols, k2, rows.clone(), mpg, side, block.out_per_group())
         }
