@@ -244,3 +244,62 @@ pub fn compose_branch(
     );
     Ok(Some((k, through, side)))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::block::values::ChannelOp;
+
+    /// A depthwise 1×3 then 3×1 (RepNeXt's stride-2 conv_3_w → conv_3_h) composes into their
+    /// outer product, `K[y][x] = h[y]·w[x]`, scaled by what lies between; the shift between
+    /// goes through the second conv's taps.
+    #[test]
+    fn a_row_then_a_column_compose_into_their_outer_product() {
+        let seq = Sequence {
+            // Two channels, 1×3 each.
+            first: vec![1.0, 2.0, 3.0, -1.0, 0.5, 0.0],
+            mid: 2,
+            ops: vec![
+                ChannelOp::Scale(vec![2.0, 1.0]),
+                ChannelOp::Bias(vec![0.0, 0.25]),
+            ],
+            first_hw: (1, 3),
+            second_hw: (3, 1),
+        };
+        let second = [4.0, 5.0, 6.0, 1.0, -2.0, 3.0];
+        let grid = Grid {
+            in_per_group: 1,
+            k: 3,
+            out_per_group: 1,
+        };
+        let (k, through) = compose_rows(&seq, &seq.affine(), Some(&second), 3, 0..2, grid);
+        let want: Vec<f64> = (0..2)
+            .flat_map(|c| {
+                let (w, h, s) = (&seq.first[c * 3..], &second[c * 3..], [2.0, 1.0][c]);
+                (0..9).map(move |t| h[t / 3] * s * w[t % 3])
+            })
+            .collect();
+        assert_eq!(k, want);
+        assert_eq!(through, vec![0.0, 0.25 * (1.0 - 2.0 + 3.0)]);
+    }
+
+    /// The 1×1 → k×k case (DBB) is what it was: the second kernel times the first's weight.
+    #[test]
+    fn a_pointwise_then_a_square_conv_scales_the_square_one() {
+        let seq = Sequence {
+            first: vec![3.0],
+            mid: 1,
+            ops: Vec::new(),
+            first_hw: (1, 1),
+            second_hw: (3, 3),
+        };
+        let second: Vec<f64> = (1..=9).map(f64::from).collect();
+        let grid = Grid {
+            in_per_group: 1,
+            k: 3,
+            out_per_group: 1,
+        };
+        let (k, _) = compose_rows(&seq, &seq.affine(), Some(&second), 3, 0..1, grid);
+        assert_eq!(k, second.iter().map(|v| 3.0 * v).collect::<Vec<_>>());
+    }
+}
