@@ -16,7 +16,10 @@ use serde_json::Value;
 use tempfile::TempDir;
 
 /// The fixtures and the layout each must be detected as.
-const CASES: &[(&str, &str)] = &[("fam2_repnext", "repnext")];
+const CASES: &[(&str, &str)] = &[
+    ("fam2_repnext", "repnext"),
+    ("fam2_repmlpnet", "mmpretrain-repmlp"),
+];
 
 /// A converted case: the temp folder, the output, the report.
 struct Converted {
@@ -203,4 +206,49 @@ fn verify_accepts_the_framework_deploy_and_refuses_a_transposed_sequence() {
         said.contains("stages.1.downsample.token_mixer.conv_s"),
         "{said}"
     );
+}
+
+/// Each RepMLP block folds its repconvs into fc3 as FCs, every BN one per shareset.
+#[test]
+fn the_report_names_each_repmlp_block_and_its_ops() {
+    let r = convert("fam2_repmlpnet").report;
+    let ops = [
+        "conv1x1+bn_per_group",
+        "conv1x1_as_fc+bn_per_group",
+        "conv3x3_as_fc+bn_per_group",
+    ];
+    for stage in 0..4 {
+        let name = format!("stages.{stage}.0.repmlp_block");
+        let want = ("RepMLPBlock".to_string(), ops.map(String::from).to_vec());
+        assert_eq!(kind_ops(&r, &name), want, "{name}");
+    }
+    assert_eq!(r["blocks"].as_array().unwrap().len(), 4);
+}
+
+/// A deploy fc3 whose conv was embedded without its zero padding at the patch border (the
+/// 3×3 wrapping round the 4×4 patch) is refused by `verify`: it runs the conv on the patch.
+#[test]
+fn verify_refuses_a_conv_embedded_without_its_border() {
+    let case = "fam2_repmlpnet";
+    let conv = convert(case);
+    let mut theirs = read_st(&fixture(case).join("deploy.safetensors"));
+    let train = read_st(&fixture(case).join("train.safetensors"));
+    let p = "stages.1.0.repmlp_block";
+    // Output (g, y=0, x=0) reads input (g, 3, 3) through tap (0, 0) when the patch wraps.
+    let k = to_f64(&train[&format!("{p}.repconv3.conv.weight")]);
+    let t = theirs.get_mut(&format!("{p}.fc3.weight")).unwrap();
+    let mut w = to_f64(t);
+    w[15] += k[0];
+    t.data = w.iter().flat_map(|v| (*v as f32).to_le_bytes()).collect();
+    let wrong = conv.dir.path().join("wrong.safetensors");
+    write_st(&wrong, &theirs, None);
+    let out = bin()
+        .arg("verify")
+        .arg(fixture(case).join("train.safetensors"))
+        .arg(&wrong)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1), "{}", describe(&out));
+    let said = String::from_utf8_lossy(&out.stdout) + String::from_utf8_lossy(&out.stderr);
+    assert!(said.contains(p), "{said}");
 }

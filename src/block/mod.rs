@@ -111,6 +111,17 @@ pub enum Op {
     /// LeViT's and RepViT's classifiers): folds into the weights, scaled per input channel,
     /// and into the bias, through the weights.
     InputBn(BnTensors),
+    /// A k×k conv `[groups, 1, k, k]` over each group's h×w patch (h = w = √(in/groups)),
+    /// zero-padded at the patch border, as the Linear it equals over the group's h·w inputs
+    /// (RepMLP's `repconv{k}` beside its FC `fc3`): output `g·hw + y·w + x` reads input
+    /// `g·hw + yy·w + xx` with weight `K[g, 0, yy − y + k/2, xx − x + k/2]`.
+    ConvFc {
+        /// The conv kernel.
+        weight: String,
+    },
+    /// A BatchNorm with one channel per group, which every output channel of the group
+    /// shares (RepMLP's BNs over its sharesets, applied at every position of the patch).
+    GroupBn(BnTensors),
     /// The block's input itself: output channel o reads input channel o (in == out).
     Identity,
     /// Average pooling `kernel`×`kernel`, stride 1, zero padding counted in the mean
@@ -147,7 +158,10 @@ impl Op {
 
     /// Whether the op starts a branch (reads the block's input).
     pub fn is_source(&self) -> bool {
-        matches!(self, Op::Conv { .. } | Op::Identity | Op::AvgPool { .. })
+        matches!(
+            self,
+            Op::Conv { .. } | Op::ConvFc { .. } | Op::Identity | Op::AvgPool { .. }
+        )
     }
 
     /// Every tensor the op reads.
@@ -157,8 +171,8 @@ impl Op {
                 .chain(bias.clone())
                 .collect(),
             Op::Identity | Op::AvgPool { .. } | Op::ThenAvgPool { .. } => Vec::new(),
-            Op::ThenConv { weight } => vec![weight.clone()],
-            Op::Bn(bn) | Op::InputBn(bn) => {
+            Op::ThenConv { weight } | Op::ConvFc { weight } => vec![weight.clone()],
+            Op::Bn(bn) | Op::InputBn(bn) | Op::GroupBn(bn) => {
                 [&bn.weight, &bn.bias, &bn.running_mean, &bn.running_var]
                     .into_iter()
                     .cloned()
@@ -192,6 +206,11 @@ impl Op {
                 format!("conv{kh}x{kw}")
             }
             Op::ThenAvgPool { kernel } => format!("avgpool{kernel}x{kernel}"),
+            Op::ConvFc { weight } => {
+                let (kh, kw) = ckpt.get(weight).map_or((0, 0), kernel_hw);
+                format!("conv{kh}x{kw}_as_fc")
+            }
+            Op::GroupBn(_) => "bn_per_group".into(),
             Op::Bn(_) => "bn".into(),
             Op::InputBn(_) => "bn_in".into(),
             Op::Scale { .. } => "scale".into(),
@@ -629,6 +648,14 @@ fn check_branches(
                     )));
             }
         }
+        if let Op::ConvFc { weight } = b.source() {
+            settle(check_conv_fc(c, weight, (out_channels, in_per_group))?, b)?;
+        }
+        for op in &b.ops {
+            if let Op::GroupBn(bn) = op {
+                settle(check_group_bn(c, bn, out_channels)?, b)?;
+            }
+        }
         if matches!(b.source(), Op::Identity | Op::AvgPool { .. }) {
             // The identity maps input channel o to output channel o: in == out.
             if out_channels % in_per_group != 0 {
@@ -736,6 +763,40 @@ fn check_sequence(
         return err(format!(
             "`{weight}` plus the identity needs its {mid} outputs to equal its inputs"
         ));
+    }
+    Ok(groups)
+}
+
+/// A conv-as-FC kernel `[groups, 1, k, k]` (k odd) over patches of `in/groups` = h·w
+/// positions, h = w, for `groups`·h·w outputs; returns the groups.
+fn check_conv_fc(
+    c: &Checker,
+    weight: &str,
+    (out, ipg): (usize, usize),
+) -> Result<usize, BlockError> {
+    let w = c.float(weight)?;
+    let side = (1..=ipg).find(|s| s * s >= ipg).unwrap_or(0);
+    match w.shape[..] {
+        [g, 1, k, kw] if k == kw && k % 2 == 1 && g * ipg == out && side * side == ipg => Ok(g),
+        _ => Err(c.err(format!(
+            "conv `{weight}` has shape {:?}; expected [groups, 1, k, k] (k odd) with groups·{ipg} = {out} outputs, over square patches of {ipg} positions",
+            w.shape
+        ))),
+    }
+}
+
+/// A BN with one channel per group (`[groups]`, dividing the `out` channels); returns the
+/// groups.
+fn check_group_bn(c: &Checker, bn: &BnTensors, out: usize) -> Result<usize, BlockError> {
+    let groups = c.float(&bn.weight)?.shape.first().copied().unwrap_or(0);
+    if groups == 0 || !out.is_multiple_of(groups) {
+        return Err(c.err(format!(
+            "BN `{}` has {groups} channels; expected one per group, dividing {out} output channels",
+            bn.weight
+        )));
+    }
+    for t in [&bn.weight, &bn.bias, &bn.running_mean, &bn.running_var] {
+        c.vector(t, groups, false)?;
     }
     Ok(groups)
 }

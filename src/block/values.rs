@@ -79,6 +79,8 @@ pub struct ChannelValues {
     pub inputs: Vec<Option<BatchNorm>>,
     /// Per branch: the first stage of a sequence (DBB's 1×1 → k×k), if it is one.
     pub sequences: Vec<Option<Sequence>>,
+    /// Per branch: the kernel of a conv run as an FC (`Op::ConvFc`), whole, with its side.
+    pub conv_fc: Vec<Option<(Vec<f64>, usize)>>,
 }
 
 /// The first stage of a sequence branch, whole: its conv and the per-channel ops on its
@@ -127,7 +129,19 @@ impl ChannelValues {
                     .transpose()
             })
             .collect::<Result<_, BlockError>>()?;
+        let conv_fc = block
+            .branches
+            .iter()
+            .map(|b| match b.source() {
+                Op::ConvFc { weight } => {
+                    let (n, k) = ckpt.get(weight).map_or((0, 0), |t| (t.numel(), t.shape[2]));
+                    Ok(Some((read_finite(ckpt, block, weight, 0..n)?, k)))
+                }
+                _ => Ok(None),
+            })
+            .collect::<Result<_, BlockError>>()?;
         Ok(ChannelValues {
+            conv_fc,
             branches,
             post: load(&block.post)?,
             rows,
@@ -149,7 +163,25 @@ fn load_channel_op(
         Op::Conv {
             bias: Some(bias), ..
         } => Some(ChannelOp::Bias(read(bias)?)),
+        Op::GroupBn(bn) => {
+            // Channel o reads the BN channel of its group.
+            let opg = block.out_per_group().max(1);
+            let last = rows.end.saturating_sub(1).max(rows.start);
+            let groups = rows.start / opg..last / opg + 1;
+            let per_group = load_bn(ckpt, block, bn, groups.clone())?;
+            let each = |v: &[f64]| -> Vec<f64> {
+                rows.clone().map(|o| v[o / opg - groups.start]).collect()
+            };
+            Some(ChannelOp::Bn(BatchNorm {
+                gamma: each(&per_group.gamma),
+                beta: each(&per_group.beta),
+                mean: each(&per_group.mean),
+                var: each(&per_group.var),
+                eps: per_group.eps,
+            }))
+        }
         Op::Conv { .. }
+        | Op::ConvFc { .. }
         | Op::Identity
         | Op::AvgPool { .. }
         | Op::InputBn(_)

@@ -189,6 +189,29 @@ pub fn compose_rows(
     (values, through)
 }
 
+/// A conv `[groups, 1, k, k]` (`kernel`) over each group's h×w patch as the rows `rows` of
+/// the FC it equals (RepMLP's conv → FC): `[rows, in/groups]` with h = w = √(in/groups) and
+/// `FC[g·hw + y·w + x, yy·w + xx] = K[g, 0, yy − y + k/2, xx − x + k/2]`, 0 where that tap
+/// is outside the kernel (the conv's zero padding at the patch border).
+pub fn conv_fc_rows(kernel: &[f64], k: usize, rows: Range<usize>, grid: Grid) -> Vec<f64> {
+    let hw = grid.in_per_group;
+    let side = (1..=hw).find(|s| s * s >= hw).unwrap_or(1);
+    let c = (k / 2) as isize;
+    let mut out = vec![0.0; rows.len() * hw];
+    for (r, o) in rows.enumerate() {
+        let (g, pos) = (o / grid.out_per_group.max(1), o % grid.out_per_group.max(1));
+        let (y, x) = ((pos / side) as isize, (pos % side) as isize);
+        let taps = &kernel[g * k * k..(g + 1) * k * k];
+        for (j, dst) in out[r * hw..(r + 1) * hw].iter_mut().enumerate() {
+            let (dy, dx) = ((j / side) as isize - y + c, (j % side) as isize - x + c);
+            if (0..k as isize).contains(&dy) && (0..k as isize).contains(&dx) {
+                *dst = taps[dy as usize * k + dx as usize];
+            }
+        }
+    }
+    out
+}
+
 /// Branch `b` of `block` composed for output channels `rows`, if it is a sequence:
 /// `(kernel rows, through, side)` (see [`compose_rows`]); `raw` holds the second conv's rows
 /// as stored (`None` for an average).
@@ -198,6 +221,10 @@ pub fn compose_branch(
     b: usize,
     raw: Option<(Dtype, &[u8], usize)>,
 ) -> Result<Option<Composed>, BlockError> {
+    if let Some(Some((kernel, k))) = values.conv_fc.get(b) {
+        let rows = conv_fc_rows(kernel, *k, values.rows.clone(), Grid::of(block));
+        return Ok(Some((rows, vec![0.0; values.rows.len()], 1)));
+    }
     let (Some(Some(seq)), Some(branch)) = (values.sequences.get(b), block.branches.get(b)) else {
         return Ok(None);
     };
@@ -281,6 +308,25 @@ mod tests {
             .collect();
         assert_eq!(k, want);
         assert_eq!(through, vec![0.0, 0.25 * (1.0 - 2.0 + 3.0)]);
+    }
+
+    /// A 3×3 conv over a 2×2 patch as an FC: output (y, x) reads input (yy, xx) through tap
+    /// (yy − y + 1, xx − x + 1); the second group reads its own kernel.
+    #[test]
+    fn a_conv_over_a_patch_is_the_fc_of_its_taps() {
+        let kernel: Vec<f64> = (0..18).map(f64::from).collect();
+        let grid = Grid {
+            in_per_group: 4,
+            k: 1,
+            out_per_group: 4,
+        };
+        let fc = conv_fc_rows(&kernel, 3, 0..8, grid);
+        // Row (0, 0): inputs (0,0) (0,1) (1,0) (1,1) meet taps (1,1) (1,2) (2,1) (2,2).
+        assert_eq!(&fc[0..4], &[4.0, 5.0, 7.0, 8.0]);
+        // Row (1, 1): taps (0,0) (0,1) (1,0) (1,1).
+        assert_eq!(&fc[12..16], &[0.0, 1.0, 3.0, 4.0]);
+        // Group 1, row (0, 1): taps (1,0) (1,1) (2,0) (2,1) of the second kernel.
+        assert_eq!(&fc[20..24], &[12.0, 13.0, 15.0, 16.0]);
     }
 
     /// The 1×1 → k×k case (DBB) is what it was: the second kernel times the first's weight.

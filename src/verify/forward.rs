@@ -31,9 +31,11 @@ pub fn forward_unfused(
         .iter()
         .zip(&values.branches)
         .zip(&values.inputs);
-    for ((((branch, (coef, ops)), input), w), seq) in branches.zip(sources).zip(&values.sequences) {
+    let extra = values.sequences.iter().zip(&values.conv_fc);
+    for ((((branch, (coef, ops)), input), w), (seq, fc)) in branches.zip(sources).zip(extra) {
         let w = w.as_ref().map(|(w, hw)| (w.as_slice(), *hw));
         let mut y = match (input, seq) {
+            _ if fc.is_some() => forward_conv_fc(block, fc.as_ref(), x, rows.clone()),
             (_, Some(seq)) => forward_sequence(block, branch, seq, w, x, rows.clone()),
             (Some(bn), None) => forward_input_bn(block, bn, w, x, rows.clone()),
             (None, None) => forward_source(block, branch, w, x, rows.clone()),
@@ -106,6 +108,39 @@ fn forward_sequence(
                 let from = (img * hp + yy + p) * wp + xx + p;
                 y.column_mut((img * h + yy) * w + xx)
                     .assign(&full.column(from));
+            }
+        }
+    }
+    y
+}
+
+/// A conv over each group's patch, as RepMLP runs it: at every position of the input, each
+/// group's `in/groups` = h·w values are an h×w image (h = w), convolved with that group's
+/// k×k kernel `fc.0` (side `fc.1`) with zero padding; output `g·hw + y·w + x` is the result at
+/// (y, x) of group g's image. For output channels `rows`.
+fn forward_conv_fc(
+    block: &Block,
+    fc: Option<&(Vec<f64>, usize)>,
+    x: &BlockInput,
+    rows: Range<usize>,
+) -> Array2<f64> {
+    let hw = block.in_per_group;
+    let side = (1..=hw).find(|s| s * s >= hw).unwrap_or(1);
+    let ((kernel, k), opg) = (fc.map_or((&[][..], 0), |(w, k)| (&w[..], *k)), hw.max(1));
+    let cols = x.cols(1, 1);
+    let mut y = Array2::<f64>::zeros((rows.len(), cols.ncols()));
+    for (r, o) in rows.enumerate() {
+        let (g, oy, ox) = (o / opg, o % opg / side, o % opg % side);
+        for dy in 0..k {
+            for dx in 0..k {
+                // The input pixel this tap meets, inside the patch (else the zero padding).
+                let (iy, ix) = ((oy + dy).wrapping_sub(k / 2), (ox + dx).wrapping_sub(k / 2));
+                if iy >= side || ix >= side {
+                    continue;
+                }
+                let tap = kernel[(g * k + dy) * k + dx];
+                let input = cols.row(g * hw + iy * side + ix);
+                y.row_mut(r).scaled_add(tap, &input);
             }
         }
     }
