@@ -394,7 +394,7 @@ impl<'a> Checker<'a> {
         }
         let (kh, kw) = kernel_hw(w);
         // Odd once dilated: RepNeXt's 2×2 conv at dilation 2 covers a 3×3 (its corners).
-        let odd = |k: usize| ((k - 1) * dilation.max(1)) % 2 == 0;
+        let odd = |k: usize| k > 0 && ((k - 1) * dilation.max(1)).is_multiple_of(2);
         let even = (!odd(kh) || !odd(kw)) && !self.single;
         if even || (kh != kw && !asymmetric) {
             let shape = if asymmetric { "kh×kw" } else { "a square" };
