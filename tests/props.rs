@@ -668,6 +668,8 @@ fn shipped_rows(
                 first: q.first.clone(),
                 mid: q.bn.var.len(),
                 ops: vec![ChannelOp::Bn(q.bn.clone())],
+                first_hw: (1, 1),
+                second_hw: (b.kernel, b.kernel),
             };
             let second = raw.as_ref().map(|r| decode(c.stored, r));
             let mid = seq.affine();

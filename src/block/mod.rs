@@ -92,10 +92,11 @@ pub enum Op {
         /// The stored weight is the kernel minus the identity (DBB's IdentityBasedConv1x1).
         plus_identity: bool,
     },
-    /// A second conv `[out, mid/groups, k, k]` on what the ops before it made (`mid`
-    /// channels: a 1×1 conv, then per-channel ops over its outputs), with that map padded by
-    /// what the ops make of zero (DBB's BNAndPad): so it is the composition of the two on the
-    /// zero-padded input, exactly.
+    /// A second conv `[out, mid/groups, kh, kw]` on what the ops before it made (`mid`
+    /// channels: a first conv, then per-channel ops over its outputs), with that map padded by
+    /// what the ops make of zero (DBB's BNAndPad; zero where there are no ops): so it is the
+    /// composition of the two on the zero-padded input, exactly, when along each axis one of
+    /// the two convs is 1 wide (DBB's 1×1 → k×k, RepNeXt's 1×k → k×1, an outer product).
     ThenConv {
         /// The second kernel.
         weight: String,
@@ -110,6 +111,17 @@ pub enum Op {
     /// LeViT's and RepViT's classifiers): folds into the weights, scaled per input channel,
     /// and into the bias, through the weights.
     InputBn(BnTensors),
+    /// A k×k conv `[groups, 1, k, k]` over each group's h×w patch (h = w = √(in/groups)),
+    /// zero-padded at the patch border, as the Linear it equals over the group's h·w inputs
+    /// (RepMLP's `repconv{k}` beside its FC `fc3`): output `g·hw + y·w + x` reads input
+    /// `g·hw + yy·w + xx` with weight `K[g, 0, yy − y + k/2, xx − x + k/2]`.
+    ConvFc {
+        /// The conv kernel.
+        weight: String,
+    },
+    /// A BatchNorm with one channel per group, which every output channel of the group
+    /// shares (RepMLP's BNs over its sharesets, applied at every position of the patch).
+    GroupBn(BnTensors),
     /// The block's input itself: output channel o reads input channel o (in == out).
     Identity,
     /// Average pooling `kernel`×`kernel`, stride 1, zero padding counted in the mean
@@ -146,7 +158,10 @@ impl Op {
 
     /// Whether the op starts a branch (reads the block's input).
     pub fn is_source(&self) -> bool {
-        matches!(self, Op::Conv { .. } | Op::Identity | Op::AvgPool { .. })
+        matches!(
+            self,
+            Op::Conv { .. } | Op::ConvFc { .. } | Op::Identity | Op::AvgPool { .. }
+        )
     }
 
     /// Every tensor the op reads.
@@ -156,8 +171,8 @@ impl Op {
                 .chain(bias.clone())
                 .collect(),
             Op::Identity | Op::AvgPool { .. } | Op::ThenAvgPool { .. } => Vec::new(),
-            Op::ThenConv { weight } => vec![weight.clone()],
-            Op::Bn(bn) | Op::InputBn(bn) => {
+            Op::ThenConv { weight } | Op::ConvFc { weight } => vec![weight.clone()],
+            Op::Bn(bn) | Op::InputBn(bn) | Op::GroupBn(bn) => {
                 [&bn.weight, &bn.bias, &bn.running_mean, &bn.running_var]
                     .into_iter()
                     .cloned()
@@ -191,6 +206,11 @@ impl Op {
                 format!("conv{kh}x{kw}")
             }
             Op::ThenAvgPool { kernel } => format!("avgpool{kernel}x{kernel}"),
+            Op::ConvFc { weight } => {
+                let (kh, kw) = ckpt.get(weight).map_or((0, 0), kernel_hw);
+                format!("conv{kh}x{kw}_as_fc")
+            }
+            Op::GroupBn(_) => "bn_per_group".into(),
             Op::Bn(_) => "bn".into(),
             Op::InputBn(_) => "bn_in".into(),
             Op::Scale { .. } => "scale".into(),
@@ -373,7 +393,9 @@ impl<'a> Checker<'a> {
             )));
         }
         let (kh, kw) = kernel_hw(w);
-        let even = (kh % 2 == 0 || kw % 2 == 0) && !self.single;
+        // Odd once dilated: RepNeXt's 2×2 conv at dilation 2 covers a 3×3 (its corners).
+        let odd = |k: usize| k > 0 && ((k - 1) * dilation.max(1)).is_multiple_of(2);
+        let even = (!odd(kh) || !odd(kw)) && !self.single;
         if even || (kh != kw && !asymmetric) {
             let shape = if asymmetric { "kh×kw" } else { "a square" };
             return Err(self.err(format!(
@@ -409,7 +431,9 @@ fn main_conv<'a>(
     let mut extents = (0, 0);
     for b in branches {
         if let Some(Op::ThenConv { weight }) = b.second() {
-            kernel = kernel.max(c.conv(b, weight, (1, false))?.1);
+            let side = sequence_extent(c, b, weight)?;
+            kernel = kernel.max(side);
+            extents = (extents.0.max(side), extents.1.max(side));
             continue;
         }
         match b.source() {
@@ -624,6 +648,14 @@ fn check_branches(
                     )));
             }
         }
+        if let Op::ConvFc { weight } = b.source() {
+            settle(check_conv_fc(c, weight, (out_channels, in_per_group))?, b)?;
+        }
+        for op in &b.ops {
+            if let Op::GroupBn(bn) = op {
+                settle(check_group_bn(c, bn, out_channels)?, b)?;
+            }
+        }
         if matches!(b.source(), Op::Identity | Op::AvgPool { .. }) {
             // The identity maps input channel o to output channel o: in == out.
             if out_channels % in_per_group != 0 {
@@ -642,6 +674,31 @@ fn check_branches(
         }
     }
     Ok(groups)
+}
+
+/// The side of a sequence branch's composed kernel: a first conv kh₁×kw₁ then a second
+/// kh₂×kw₂ compose into one (kh₁ + kh₂ − 1)×(kw₁ + kw₂ − 1) conv, which must be square and
+/// odd (RepNeXt's 1×k → k×1 is k×k; DBB's 1×1 → k×k is k×k).
+fn sequence_extent(c: &Checker, b: &Branch, second: &str) -> Result<usize, BlockError> {
+    let (w2, _) = c.conv(b, second, (1, true))?;
+    let first = match b.source() {
+        Op::Conv { weight, .. } => c.conv(b, weight, (1, true))?.0,
+        _ => {
+            return Err(c.err(format!(
+                "branch `{}`: a sequence starts with a conv",
+                b.label
+            )));
+        }
+    };
+    let ((kh1, kw1), (kh2, kw2)) = (kernel_hw(first), kernel_hw(w2));
+    let (h, w) = (kh1 + kh2 - 1, kw1 + kw2 - 1);
+    if h != w || h % 2 == 0 || h > MAX_KERNEL {
+        return Err(c.err(format!(
+            "branch `{}`: `{}` ({kh1}×{kw1}) then `{second}` ({kh2}×{kw2}) compose into a {h}×{w} kernel; expected a square one of odd size",
+            b.label, first.name
+        )));
+    }
+    Ok(h)
 }
 
 /// A sequence branch (DBB's 1×1 → k×k): its first conv `[mid, in/groups, 1, 1]`, the
@@ -663,11 +720,23 @@ fn check_sequence(
         return err("a sequence starts with a 1×1 conv".into());
     };
     let w1 = c.float(weight)?;
-    if w1.shape.len() != 4 || kernel_hw(w1) != (1, 1) || w1.shape[1] != in_per_group {
+    if w1.shape.len() != 4 || w1.shape[1] != in_per_group {
         return err(format!(
-            "`{weight}` has shape {:?}; expected [mid, {in_per_group}, 1, 1]",
+            "`{weight}` has shape {:?}; expected [mid, {in_per_group}, kh, kw]",
             w1.shape
         ));
+    }
+    // One conv computes the two exactly when along each axis one of them has extent 1: the
+    // other's padding then meets only what the ops make of zero (see `Op::ThenConv`).
+    if let Some(Op::ThenConv { weight: w2 }) = b.second() {
+        let ((kh1, kw1), (kh2, kw2)) = (kernel_hw(w1), kernel_hw(c.float(w2)?));
+        if (kh1 > 1 && kh2 > 1) || (kw1 > 1 && kw2 > 1) || *plus_identity && (kh1, kw1) != (1, 1) {
+            return err(format!(
+                "`{weight}` ({kh1}×{kw1}) then `{w2}` ({kh2}×{kw2}): a sequence needs one of the two convs 1 wide along each axis"
+            ));
+        }
+    } else if kernel_hw(w1) != (1, 1) {
+        return err(format!("`{weight}` before an average must be 1×1"));
     }
     let mid = w1.shape[0];
     let split = b.split();
@@ -694,6 +763,40 @@ fn check_sequence(
         return err(format!(
             "`{weight}` plus the identity needs its {mid} outputs to equal its inputs"
         ));
+    }
+    Ok(groups)
+}
+
+/// A conv-as-FC kernel `[groups, 1, k, k]` (k odd) over patches of `in/groups` = h·w
+/// positions, h = w, for `groups`·h·w outputs; returns the groups.
+fn check_conv_fc(
+    c: &Checker,
+    weight: &str,
+    (out, ipg): (usize, usize),
+) -> Result<usize, BlockError> {
+    let w = c.float(weight)?;
+    let side = (1..=ipg).find(|s| s * s >= ipg).unwrap_or(0);
+    match w.shape[..] {
+        [g, 1, k, kw] if k == kw && k % 2 == 1 && g * ipg == out && side * side == ipg => Ok(g),
+        _ => Err(c.err(format!(
+            "conv `{weight}` has shape {:?}; expected [groups, 1, k, k] (k odd) with groups·{ipg} = {out} outputs, over square patches of {ipg} positions",
+            w.shape
+        ))),
+    }
+}
+
+/// A BN with one channel per group (`[groups]`, dividing the `out` channels); returns the
+/// groups.
+fn check_group_bn(c: &Checker, bn: &BnTensors, out: usize) -> Result<usize, BlockError> {
+    let groups = c.float(&bn.weight)?.shape.first().copied().unwrap_or(0);
+    if groups == 0 || !out.is_multiple_of(groups) {
+        return Err(c.err(format!(
+            "BN `{}` has {groups} channels; expected one per group, dividing {out} output channels",
+            bn.weight
+        )));
+    }
+    for t in [&bn.weight, &bn.bias, &bn.running_mean, &bn.running_var] {
+        c.vector(t, groups, false)?;
     }
     Ok(groups)
 }

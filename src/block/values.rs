@@ -5,7 +5,7 @@
 
 use std::ops::Range;
 
-use crate::block::{Block, BlockError, BnTensors, Branch, Op};
+use crate::block::{Block, BlockError, BnTensors, Branch, Op, kernel_hw};
 use crate::checkpoint::{Checkpoint, TensorInfo};
 
 /// A BatchNorm's parameters for a range of channels.
@@ -79,18 +79,24 @@ pub struct ChannelValues {
     pub inputs: Vec<Option<BatchNorm>>,
     /// Per branch: the first stage of a sequence (DBB's 1×1 → k×k), if it is one.
     pub sequences: Vec<Option<Sequence>>,
+    /// Per branch: the kernel of a conv run as an FC (`Op::ConvFc`), whole, with its side.
+    pub conv_fc: Vec<Option<(Vec<f64>, usize)>>,
 }
 
-/// The first stage of a sequence branch, whole: its 1×1 conv and the per-channel ops on its
-/// `mid` outputs.
+/// The first stage of a sequence branch, whole: its conv and the per-channel ops on its
+/// `mid` outputs; and the kernels of both stages.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Sequence {
-    /// The first conv `[mid, in/groups]`, the identity added where stored without it.
+    /// The first conv `[mid, in/groups, kh, kw]`, the identity added where stored without it.
     pub first: Vec<f64>,
     /// Its output channels.
     pub mid: usize,
     /// The per-channel ops on them (the conv's bias, a BN), every mid channel.
     pub ops: Vec<ChannelOp>,
+    /// The first conv's kernel `(kh, kw)`: `(1, 1)` in DBB, `(1, k)` in RepNeXt.
+    pub first_hw: (usize, usize),
+    /// The second stage's kernel `(kh, kw)` (an average's window).
+    pub second_hw: (usize, usize),
 }
 
 impl ChannelValues {
@@ -123,7 +129,19 @@ impl ChannelValues {
                     .transpose()
             })
             .collect::<Result<_, BlockError>>()?;
+        let conv_fc = block
+            .branches
+            .iter()
+            .map(|b| match b.source() {
+                Op::ConvFc { weight } => {
+                    let (n, k) = ckpt.get(weight).map_or((0, 0), |t| (t.numel(), t.shape[2]));
+                    Ok(Some((read_finite(ckpt, block, weight, 0..n)?, k)))
+                }
+                _ => Ok(None),
+            })
+            .collect::<Result<_, BlockError>>()?;
         Ok(ChannelValues {
+            conv_fc,
             branches,
             post: load(&block.post)?,
             rows,
@@ -145,7 +163,25 @@ fn load_channel_op(
         Op::Conv {
             bias: Some(bias), ..
         } => Some(ChannelOp::Bias(read(bias)?)),
+        Op::GroupBn(bn) => {
+            // Channel o reads the BN channel of its group.
+            let opg = block.out_per_group().max(1);
+            let last = rows.end.saturating_sub(1).max(rows.start);
+            let groups = rows.start / opg..last / opg + 1;
+            let per_group = load_bn(ckpt, block, bn, groups.clone())?;
+            let each = |v: &[f64]| -> Vec<f64> {
+                rows.clone().map(|o| v[o / opg - groups.start]).collect()
+            };
+            Some(ChannelOp::Bn(BatchNorm {
+                gamma: each(&per_group.gamma),
+                beta: each(&per_group.beta),
+                mean: each(&per_group.mean),
+                var: each(&per_group.var),
+                eps: per_group.eps,
+            }))
+        }
         Op::Conv { .. }
+        | Op::ConvFc { .. }
         | Op::Identity
         | Op::AvgPool { .. }
         | Op::InputBn(_)
@@ -180,17 +216,31 @@ fn load_sequence(
     };
     let ipg = block.in_per_group;
     let mid = ckpt.get(weight).map_or(0, |t| t.shape[0]);
-    let mut first = read_finite(ckpt, block, weight, 0..mid * ipg)?;
+    let first_hw = ckpt.get(weight).map_or((1, 1), kernel_hw);
+    let taps = first_hw.0 * first_hw.1;
+    let mut first = read_finite(ckpt, block, weight, 0..mid * ipg * taps)?;
     if *plus_identity {
+        // Checked 1×1 (`Block::new`): one tap per input channel.
         for m in 0..mid {
             first[m * ipg + m % ipg] += 1.0;
         }
     }
+    let second_hw = match branch.second() {
+        Some(Op::ThenConv { weight }) => ckpt.get(weight).map_or((1, 1), kernel_hw),
+        Some(Op::ThenAvgPool { kernel }) => (*kernel, *kernel),
+        _ => (1, 1),
+    };
     let mut ops = Vec::new();
     for op in &branch.ops[..branch.split() - 1] {
         ops.extend(load_channel_op(ckpt, block, op, 0..mid)?);
     }
-    Ok(Some(Sequence { first, mid, ops }))
+    Ok(Some(Sequence {
+        first,
+        mid,
+        ops,
+        first_hw,
+        second_hw,
+    }))
 }
 
 /// A BN's values for channels `rows`, refusing NaN, ±∞ and negative variances.

@@ -493,6 +493,18 @@ impl Place<'_> {
                     join(&self.base, &format!("{conv}.weight"))
                 )),
             },
+            OpKind::ConvFc(conv) => match slot(Leaf::ConvWeight) {
+                Some(weight) => Ok(Op::ConvFc { weight }),
+                None => self.err(format!(
+                    "branch `{label}` has {} but no conv weight `{}`",
+                    describe_slots(f),
+                    join(&self.base, &format!("{conv}.weight"))
+                )),
+            },
+            OpKind::GroupBn(path) => match self.bn(slots, f, i, path)? {
+                Op::Bn(bn) => Ok(Op::GroupBn(bn)),
+                other => Ok(other),
+            },
             OpKind::ThenAvgPool(side) => Ok(Op::ThenAvgPool { kernel: *side }),
             OpKind::Identity => Ok(Op::Identity),
             OpKind::AvgPool(side) => Ok(Op::AvgPool { kernel: *side }),

@@ -63,11 +63,12 @@ pub(super) fn op_leaves(op: &OpSpec) -> Vec<(Leaf, String)> {
     };
     match &op.kind {
         OpKind::ThenConv(conv) => vec![(Leaf::ConvWeight2, under(conv, "weight"))],
+        OpKind::ConvFc(conv) => vec![(Leaf::ConvWeight, under(conv, "weight"))],
         OpKind::Conv { name: conv, .. } => vec![
             (Leaf::ConvWeight, under(conv, "weight")),
             (Leaf::ConvBias, under(conv, "bias")),
         ],
-        OpKind::Bn(bn) | OpKind::BnIn(bn) => BN_LEAVES
+        OpKind::Bn(bn) | OpKind::BnIn(bn) | OpKind::GroupBn(bn) => BN_LEAVES
             .iter()
             .map(|(l, leaf)| (*l, under(bn, leaf)))
             .collect(),

@@ -58,6 +58,12 @@ pub enum OpKind {
     ThenConv(String),
     /// A k×k average of what the ops before it made, padded likewise; 0: the block's kernel.
     ThenAvgPool(usize),
+    /// A conv submodule `[groups, 1, k, k]` over each group's h×w patch, run as the FC it
+    /// equals (RepMLP's `repconv{k}.conv`): `{name}.weight`.
+    ConvFc(String),
+    /// A BN submodule with one channel per group, shared by the group's outputs (RepMLP's
+    /// `fc3_bn` and `repconv{k}.bn` over its sharesets).
+    GroupBn(String),
 }
 
 impl OpSpec {
@@ -78,7 +84,7 @@ impl OpSpec {
     fn is_source(&self) -> bool {
         matches!(
             self.kind,
-            OpKind::Conv { .. } | OpKind::Identity | OpKind::AvgPool(_)
+            OpKind::Conv { .. } | OpKind::ConvFc(_) | OpKind::Identity | OpKind::AvgPool(_)
         )
     }
 
@@ -95,7 +101,9 @@ impl OpSpec {
             | OpKind::BnIn(name)
             | OpKind::Scale(name)
             | OpKind::Scalar(name)
-            | OpKind::ThenConv(name) => Some(name),
+            | OpKind::ThenConv(name)
+            | OpKind::ConvFc(name)
+            | OpKind::GroupBn(name) => Some(name),
             OpKind::Identity | OpKind::AvgPool(_) | OpKind::ThenAvgPool(_) => None,
         }
     }
@@ -127,13 +135,15 @@ impl TryFrom<RawOpSpec> for OpSpec {
         kinds.extend(r.avgpool.map(OpKind::AvgPool));
         kinds.extend(r.then_conv.map(OpKind::ThenConv));
         kinds.extend(r.then_avgpool.map(OpKind::ThenAvgPool));
+        kinds.extend(r.conv_as_fc.map(OpKind::ConvFc));
+        kinds.extend(r.bn_per_group.map(OpKind::GroupBn));
         match <[OpKind; 1]>::try_from(kinds) {
             Ok([kind]) => Ok(OpSpec {
                 kind,
                 optional: r.optional,
             }),
             Err(_) => Err(
-                "each op has exactly one of conv, bn, bn_in, scale, scalar, identity, avgpool, then_conv, then_avgpool"
+                "each op has exactly one of conv, bn, bn_in, scale, scalar, identity, avgpool, then_conv, then_avgpool, conv_as_fc, bn_per_group"
                     .into(),
             ),
         }
@@ -166,6 +176,8 @@ impl From<OpSpec> for RawOpSpec {
             OpKind::AvgPool(k) => r.avgpool = Some(k),
             OpKind::ThenConv(name) => r.then_conv = Some(name),
             OpKind::ThenAvgPool(k) => r.then_avgpool = Some(k),
+            OpKind::ConvFc(name) => r.conv_as_fc = Some(name),
+            OpKind::GroupBn(name) => r.bn_per_group = Some(name),
         }
         r
     }
@@ -213,6 +225,12 @@ struct RawOpSpec {
     /// A k×k average of what the ops before it made, padded likewise; 0: the block's kernel.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     then_avgpool: Option<usize>,
+    /// A conv submodule over each group's patch, run as the FC it equals (RepMLP).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    conv_as_fc: Option<String>,
+    /// A BN submodule with one channel per group (RepMLP's BNs over its sharesets).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    bn_per_group: Option<String>,
     /// The op may be absent (FastViT's `layer_scale.gamma` when layer scale is off): a block
     /// without its tensors runs without the op. Without it, a missing tensor is an error.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
@@ -291,10 +309,12 @@ impl Kind {
                 match (i == first, op.is_source()) {
                     (true, true) | (false, false) => {}
                     (true, false) => {
-                        return err("the first op must be conv, identity or avgpool");
+                        return err("the first op must be conv, conv_as_fc, identity or avgpool");
                     }
                     (false, true) => {
-                        return err("only the first op may be conv, identity or avgpool");
+                        return err(
+                            "only the first op may be conv, conv_as_fc, identity or avgpool",
+                        );
                     }
                 }
             }

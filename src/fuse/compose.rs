@@ -139,9 +139,11 @@ impl ChannelValues {
 
 /// A sequence branch's rows as one kernel `[rows, in/groups, side, side]` and the bias its
 /// first stage's shift makes through the second (`through`), for output channels `rows`:
-/// `K[o, i] = Σ_m K2[o, m]·s[m]·W1[m, i]` over the mid channels m of o's group,
-/// `through[o] = Σ_m Σ_taps K2[o, m]·t[m]`. `second` holds the second conv's rows (`[rows, mid/groups, side,
-/// side]`), or is `None` for an average (mid == out) of side `side`.
+/// `K[o, i](u + q) = Σ_m K2[o, m](q)·s[m]·W1[m, i](u)` over the mid channels m of o's group
+/// and the taps u of the first kernel (`seq.first_hw`), q of the second (`seq.second_hw`),
+/// `through[o] = Σ_m Σ_q K2[o, m](q)·t[m]`. `second` holds the second conv's rows (`[rows,
+/// mid/groups, kh, kw]`), or is `None` for an average (mid == out); `side` is the composed
+/// kernel's, `kh₁ + kh₂ − 1` (checked square in `Block::new`).
 pub fn compose_rows(
     seq: &Sequence,
     mid_affine: &Affine,
@@ -151,19 +153,21 @@ pub fn compose_rows(
     grid: Grid,
 ) -> (Vec<f64>, Vec<f64>) {
     let (ipg, taps) = (grid.in_per_group, side * side);
+    let (first_hw, second_hw) = (seq.first_hw, seq.second_hw);
+    let (t1, t2) = (first_hw.0 * first_hw.1, second_hw.0 * second_hw.1);
     let mpg = match second {
-        Some(k2) => k2.len() / (rows.len() * taps).max(1),
+        Some(k2) => k2.len() / (rows.len() * t2).max(1),
         None => grid.out_per_group,
     };
     let mut values = vec![0.0; rows.len() * ipg * taps];
     let mut through = vec![0.0; rows.len()];
-    let avg = vec![1.0 / taps as f64; taps];
+    let avg = vec![1.0 / t2 as f64; t2];
     for (r, o) in rows.enumerate() {
         let g = o / grid.out_per_group;
         let out = &mut values[r * ipg * taps..(r + 1) * ipg * taps];
         for ml in 0..mpg {
             let k2 = match second {
-                Some(k2) => &k2[(r * mpg + ml) * taps..(r * mpg + ml + 1) * taps],
+                Some(k2) => &k2[(r * mpg + ml) * t2..(r * mpg + ml + 1) * t2],
                 None if ml == o % mpg => &avg[..],
                 None => continue,
             };
@@ -171,13 +175,41 @@ pub fn compose_rows(
             let (s, t) = (mid_affine.scale[m], mid_affine.shift[m]);
             through[r] += t * k2.iter().sum::<f64>();
             for i in 0..ipg {
-                let w = s * seq.first[m * ipg + i];
+                let w1 = &seq.first[(m * ipg + i) * t1..(m * ipg + i + 1) * t1];
                 let dst = &mut out[i * taps..(i + 1) * taps];
-                dst.iter_mut().zip(k2).for_each(|(d, k)| *d += k * w);
+                for (u, w1) in w1.iter().enumerate() {
+                    let (w, at) = (s * w1, (u / first_hw.1) * side + u % first_hw.1);
+                    for (q, k) in k2.iter().enumerate() {
+                        dst[at + (q / second_hw.1) * side + q % second_hw.1] += k * w;
+                    }
+                }
             }
         }
     }
     (values, through)
+}
+
+/// A conv `[groups, 1, k, k]` (`kernel`) over each group's h×w patch as the rows `rows` of
+/// the FC it equals (RepMLP's conv → FC): `[rows, in/groups]` with h = w = √(in/groups) and
+/// `FC[g·hw + y·w + x, yy·w + xx] = K[g, 0, yy − y + k/2, xx − x + k/2]`, 0 where that tap
+/// is outside the kernel (the conv's zero padding at the patch border).
+pub fn conv_fc_rows(kernel: &[f64], k: usize, rows: Range<usize>, grid: Grid) -> Vec<f64> {
+    let hw = grid.in_per_group;
+    let side = (1..=hw).find(|s| s * s >= hw).unwrap_or(1);
+    let c = (k / 2) as isize;
+    let mut out = vec![0.0; rows.len() * hw];
+    for (r, o) in rows.enumerate() {
+        let (g, pos) = (o / grid.out_per_group.max(1), o % grid.out_per_group.max(1));
+        let (y, x) = ((pos / side) as isize, (pos % side) as isize);
+        let taps = &kernel[g * k * k..(g + 1) * k * k];
+        for (j, dst) in out[r * hw..(r + 1) * hw].iter_mut().enumerate() {
+            let (dy, dx) = ((j / side) as isize - y + c, (j % side) as isize - x + c);
+            if (0..k as isize).contains(&dy) && (0..k as isize).contains(&dx) {
+                *dst = taps[dy as usize * k + dx as usize];
+            }
+        }
+    }
+    out
 }
 
 /// Branch `b` of `block` composed for output channels `rows`, if it is a sequence:
@@ -189,6 +221,10 @@ pub fn compose_branch(
     b: usize,
     raw: Option<(Dtype, &[u8], usize)>,
 ) -> Result<Option<Composed>, BlockError> {
+    if let Some(Some((kernel, k))) = values.conv_fc.get(b) {
+        let rows = conv_fc_rows(kernel, *k, values.rows.clone(), Grid::of(block));
+        return Ok(Some((rows, vec![0.0; values.rows.len()], 1)));
+    }
     let (Some(Some(seq)), Some(branch)) = (values.sequences.get(b), block.branches.get(b)) else {
         return Ok(None);
     };
@@ -204,9 +240,11 @@ pub fn compose_branch(
             ),
         ));
     }
-    let (second, side) = match (branch.second(), raw) {
-        (Some(Op::ThenAvgPool { kernel }), _) => (None, *kernel),
-        (_, Some((dtype, bytes, side))) => {
+    // The composed kernel's side (the stages' kernels were read with the sequence).
+    let side = seq.first_hw.0 + seq.second_hw.0 - 1;
+    let second = match (branch.second(), raw) {
+        (Some(Op::ThenAvgPool { .. }), _) => None,
+        (_, Some((dtype, bytes, _))) => {
             let w = crate::dtype::decode(dtype, bytes);
             if let Some(i) = first_non_finite(&w) {
                 let name = branch.conv_weight().unwrap_or_default();
@@ -218,7 +256,7 @@ pub fn compose_branch(
                     ),
                 ));
             }
-            (Some(w), side)
+            Some(w)
         }
         _ => return Ok(None),
     };
@@ -232,4 +270,82 @@ pub fn compose_branch(
         Grid::of(block),
     );
     Ok(Some((k, through, side)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::block::values::ChannelOp;
+
+    /// A depthwise 1×3 then 3×1 (RepNeXt's stride-2 conv_3_w → conv_3_h) composes into their
+    /// outer product, `K[y][x] = h[y]·w[x]`, scaled by what lies between; the shift between
+    /// goes through the second conv's taps.
+    #[test]
+    fn a_row_then_a_column_compose_into_their_outer_product() {
+        let seq = Sequence {
+            // Two channels, 1×3 each.
+            first: vec![1.0, 2.0, 3.0, -1.0, 0.5, 0.0],
+            mid: 2,
+            ops: vec![
+                ChannelOp::Scale(vec![2.0, 1.0]),
+                ChannelOp::Bias(vec![0.0, 0.25]),
+            ],
+            first_hw: (1, 3),
+            second_hw: (3, 1),
+        };
+        let second = [4.0, 5.0, 6.0, 1.0, -2.0, 3.0];
+        let grid = Grid {
+            in_per_group: 1,
+            k: 3,
+            out_per_group: 1,
+        };
+        let (k, through) = compose_rows(&seq, &seq.affine(), Some(&second), 3, 0..2, grid);
+        let want: Vec<f64> = (0..2)
+            .flat_map(|c| {
+                let (w, h, s) = (&seq.first[c * 3..], &second[c * 3..], [2.0, 1.0][c]);
+                (0..9).map(move |t| h[t / 3] * s * w[t % 3])
+            })
+            .collect();
+        assert_eq!(k, want);
+        assert_eq!(through, vec![0.0, 0.25 * (1.0 - 2.0 + 3.0)]);
+    }
+
+    /// A 3×3 conv over a 2×2 patch as an FC: output (y, x) reads input (yy, xx) through tap
+    /// (yy − y + 1, xx − x + 1); the second group reads its own kernel.
+    #[test]
+    fn a_conv_over_a_patch_is_the_fc_of_its_taps() {
+        let kernel: Vec<f64> = (0..18).map(f64::from).collect();
+        let grid = Grid {
+            in_per_group: 4,
+            k: 1,
+            out_per_group: 4,
+        };
+        let fc = conv_fc_rows(&kernel, 3, 0..8, grid);
+        // Row (0, 0): inputs (0,0) (0,1) (1,0) (1,1) meet taps (1,1) (1,2) (2,1) (2,2).
+        assert_eq!(&fc[0..4], &[4.0, 5.0, 7.0, 8.0]);
+        // Row (1, 1): taps (0,0) (0,1) (1,0) (1,1).
+        assert_eq!(&fc[12..16], &[0.0, 1.0, 3.0, 4.0]);
+        // Group 1, row (0, 1): taps (1,0) (1,1) (2,0) (2,1) of the second kernel.
+        assert_eq!(&fc[20..24], &[12.0, 13.0, 15.0, 16.0]);
+    }
+
+    /// The 1×1 → k×k case (DBB) is what it was: the second kernel times the first's weight.
+    #[test]
+    fn a_pointwise_then_a_square_conv_scales_the_square_one() {
+        let seq = Sequence {
+            first: vec![3.0],
+            mid: 1,
+            ops: Vec::new(),
+            first_hw: (1, 1),
+            second_hw: (3, 3),
+        };
+        let second: Vec<f64> = (1..=9).map(f64::from).collect();
+        let grid = Grid {
+            in_per_group: 1,
+            k: 3,
+            out_per_group: 1,
+        };
+        let (k, _) = compose_rows(&seq, &seq.affine(), Some(&second), 3, 0..1, grid);
+        assert_eq!(k, second.iter().map(|v| 3.0 * v).collect::<Vec<_>>());
+    }
 }

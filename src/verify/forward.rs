@@ -31,9 +31,11 @@ pub fn forward_unfused(
         .iter()
         .zip(&values.branches)
         .zip(&values.inputs);
-    for ((((branch, (coef, ops)), input), w), seq) in branches.zip(sources).zip(&values.sequences) {
+    let extra = values.sequences.iter().zip(&values.conv_fc);
+    for ((((branch, (coef, ops)), input), w), (seq, fc)) in branches.zip(sources).zip(extra) {
         let w = w.as_ref().map(|(w, hw)| (w.as_slice(), *hw));
         let mut y = match (input, seq) {
+            _ if fc.is_some() => forward_conv_fc(block, fc.as_ref(), x, rows.clone()),
             (_, Some(seq)) => forward_sequence(block, branch, seq, w, x, rows.clone()),
             (Some(bn), None) => forward_input_bn(block, bn, w, x, rows.clone()),
             (None, None) => forward_source(block, branch, w, x, rows.clone()),
@@ -49,9 +51,10 @@ pub fn forward_unfused(
     out
 }
 
-/// A sequence branch, as DBB runs it: the 1×1 conv on the input, its per-channel ops (a BN),
-/// the map padded by what those ops make of zero (BNAndPad), then the second conv (or the
-/// average) without padding; for output channels `rows`.
+/// A sequence branch, as DBB and RepNeXt run it: the first conv on the (zero-padded) input,
+/// its per-channel ops (a BN), the map padded by what those ops make of zero (BNAndPad), then
+/// the second conv (or the average) without padding; for output channels `rows`. A kh×kw
+/// kernel runs as the square one it is centred in.
 fn forward_sequence(
     block: &Block,
     branch: &Branch,
@@ -62,23 +65,26 @@ fn forward_sequence(
 ) -> Array2<f64> {
     let groups = block.groups.unwrap_or(1).max(1);
     let ipg = block.in_per_group;
-    let cols1 = x.cols(1, 1);
-    let mut mid = conv_rows(&cols1, &seq.first, 0..seq.mid, ipg, 1, seq.mid / groups);
+    let (kh1, kw1) = seq.first_hw;
+    let side1 = kh1.max(kw1);
+    let first = centred(&seq.first, ipg, (kh1, kw1));
+    let cols1 = x.cols(side1, 1);
+    let mut mid = conv_rows(&cols1, &first, 0..seq.mid, ipg, side1, seq.mid / groups);
     let mut pad = Array2::<f64>::zeros((seq.mid, 1));
     for op in &seq.ops {
         forward_channel_op(op, &mut mid);
         forward_channel_op(op, &mut pad);
     }
-    let side = match (branch.second(), second) {
-        (Some(Op::ThenAvgPool { kernel }), _) => *kernel,
-        (_, Some((_, (kh, _)))) => kh,
-        _ => 1,
+    let (side, second) = match (branch.second(), second) {
+        (Some(Op::ThenAvgPool { kernel }), _) => (*kernel, None),
+        (_, Some((k2, (kh, kw)))) => (kh.max(kw), Some(centred(k2, 1, (kh, kw)))),
+        _ => (1, None),
     };
     let pad: Vec<f64> = pad.column(0).to_vec();
     let padded = pad_with(&mid, &pad, &x.input, side / 2);
     let cols = crate::conv::im2col(&padded, side, 1);
-    let full = match second {
-        Some((k2, _)) => {
+    let full = match &second {
+        Some(k2) => {
             let mpg = k2.len() / (rows.len() * side * side).max(1);
             conv_rows(&cols, k2, rows.clone(), mpg, side, block.out_per_group())
         }
@@ -102,6 +108,39 @@ fn forward_sequence(
                 let from = (img * hp + yy + p) * wp + xx + p;
                 y.column_mut((img * h + yy) * w + xx)
                     .assign(&full.column(from));
+            }
+        }
+    }
+    y
+}
+
+/// A conv over each group's patch, as RepMLP runs it: at every position of the input, each
+/// group's `in/groups` = h·w values are an h×w image (h = w), convolved with that group's
+/// k×k kernel `fc.0` (side `fc.1`) with zero padding; output `g·hw + y·w + x` is the result at
+/// (y, x) of group g's image. For output channels `rows`.
+fn forward_conv_fc(
+    block: &Block,
+    fc: Option<&(Vec<f64>, usize)>,
+    x: &BlockInput,
+    rows: Range<usize>,
+) -> Array2<f64> {
+    let hw = block.in_per_group;
+    let side = (1..=hw).find(|s| s * s >= hw).unwrap_or(1);
+    let ((kernel, k), opg) = (fc.map_or((&[][..], 0), |(w, k)| (&w[..], *k)), hw.max(1));
+    let cols = x.cols(1, 1);
+    let mut y = Array2::<f64>::zeros((rows.len(), cols.ncols()));
+    for (r, o) in rows.enumerate() {
+        let (g, oy, ox) = (o / opg, o % opg / side, o % opg % side);
+        for dy in 0..k {
+            for dx in 0..k {
+                // The input pixel this tap meets, inside the patch (else the zero padding).
+                let (iy, ix) = ((oy + dy).wrapping_sub(k / 2), (ox + dx).wrapping_sub(k / 2));
+                if iy >= side || ix >= side {
+                    continue;
+                }
+                let tap = kernel[(g * k + dy) * k + dx];
+                let input = cols.row(g * hw + iy * side + ix);
+                y.row_mut(r).scaled_add(tap, &input);
             }
         }
     }

@@ -124,3 +124,20 @@ pub fn describe(out: &Output) -> String {
 pub fn stderr(out: &Output) -> String {
     String::from_utf8_lossy(&out.stderr).into_owned()
 }
+
+/// The folder of fixture `case` under `fixtures/`.
+pub fn fixture(case: &str) -> std::path::PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("fixtures")
+        .join(case)
+}
+
+/// How many ulps of `dtype` (F32 or F64) lie between `a` and `b`, each rounded to `dtype`.
+pub fn ulps_apart(a: f64, b: f64, dtype: Dtype) -> i64 {
+    let bits = |v: f64| match dtype {
+        Dtype::F32 => ordered(u64::from((v as f32).to_bits()), 32),
+        Dtype::F64 => ordered(v.to_bits(), 64),
+        d => panic!("no ulps for {d:?}"),
+    };
+    (bits(a) - bits(b)).abs()
+}
