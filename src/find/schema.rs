@@ -15,7 +15,8 @@ pub const DEFAULT_BN_EPS: f64 = 1e-5;
 /// One op of a branch in a layout file. Names are relative to the branch's path; a name
 /// starting with `/` is relative to the block (a tensor the block's branches share, like a
 /// layer scale). In the file, an object with exactly one of `conv`, `bn`, `bn_in`, `scale`,
-/// `scalar`, `identity`, `avgpool`, `then_conv`, `then_avgpool` (see [`OpKind`]), plus `optional`.
+/// `scalar`, `identity`, `avgpool`, `then_conv`, `then_avgpool`, `affine`, `orepa` (see
+/// [`OpKind`]), plus `optional`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(try_from = "RawOpSpec", into = "RawOpSpec")]
 pub struct OpSpec {
@@ -58,6 +59,12 @@ pub enum OpKind {
     ThenConv(String),
     /// A k×k average of what the ops before it made, padded likewise; 0: the block's kernel.
     ThenAvgPool(usize),
+    /// A per-channel affine submodule: `{name}.weight` (`[C]` or `[C, 1, 1, 1]`) and
+    /// `{name}.bias`, `w·y + b` (a norm's affine, a depthwise 1×1 conv with bias).
+    Affine(String),
+    /// A source whose kernel OREPA computes from the module's stored tensors
+    /// (`{name}.weight_orepa_*`, `.id_tensor`, `.vector`).
+    Orepa(String),
 }
 
 impl OpSpec {
@@ -78,7 +85,7 @@ impl OpSpec {
     fn is_source(&self) -> bool {
         matches!(
             self.kind,
-            OpKind::Conv { .. } | OpKind::Identity | OpKind::AvgPool(_)
+            OpKind::Conv { .. } | OpKind::Identity | OpKind::AvgPool(_) | OpKind::Orepa(_)
         )
     }
 
@@ -95,7 +102,9 @@ impl OpSpec {
             | OpKind::BnIn(name)
             | OpKind::Scale(name)
             | OpKind::Scalar(name)
-            | OpKind::ThenConv(name) => Some(name),
+            | OpKind::ThenConv(name)
+            | OpKind::Affine(name)
+            | OpKind::Orepa(name) => Some(name),
             OpKind::Identity | OpKind::AvgPool(_) | OpKind::ThenAvgPool(_) => None,
         }
     }
@@ -127,13 +136,15 @@ impl TryFrom<RawOpSpec> for OpSpec {
         kinds.extend(r.avgpool.map(OpKind::AvgPool));
         kinds.extend(r.then_conv.map(OpKind::ThenConv));
         kinds.extend(r.then_avgpool.map(OpKind::ThenAvgPool));
+        kinds.extend(r.affine.map(OpKind::Affine));
+        kinds.extend(r.orepa.map(OpKind::Orepa));
         match <[OpKind; 1]>::try_from(kinds) {
             Ok([kind]) => Ok(OpSpec {
                 kind,
                 optional: r.optional,
             }),
             Err(_) => Err(
-                "each op has exactly one of conv, bn, bn_in, scale, scalar, identity, avgpool, then_conv, then_avgpool"
+                "each op has exactly one of conv, bn, bn_in, scale, scalar, identity, avgpool, then_conv, then_avgpool, affine, orepa"
                     .into(),
             ),
         }
@@ -166,6 +177,8 @@ impl From<OpSpec> for RawOpSpec {
             OpKind::AvgPool(k) => r.avgpool = Some(k),
             OpKind::ThenConv(name) => r.then_conv = Some(name),
             OpKind::ThenAvgPool(k) => r.then_avgpool = Some(k),
+            OpKind::Affine(name) => r.affine = Some(name),
+            OpKind::Orepa(name) => r.orepa = Some(name),
         }
         r
     }
@@ -213,6 +226,13 @@ struct RawOpSpec {
     /// A k×k average of what the ops before it made, padded likewise; 0: the block's kernel.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     then_avgpool: Option<usize>,
+    /// A per-channel affine submodule (`.weight`, `.bias`): a norm's affine, a depthwise 1×1
+    /// conv with bias.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    affine: Option<String>,
+    /// OREPA's computed kernel, from the stored tensors under this module.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    orepa: Option<String>,
     /// The op may be absent (FastViT's `layer_scale.gamma` when layer scale is off): a block
     /// without its tensors runs without the op. Without it, a missing tensor is an error.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
@@ -291,10 +311,10 @@ impl Kind {
                 match (i == first, op.is_source()) {
                     (true, true) | (false, false) => {}
                     (true, false) => {
-                        return err("the first op must be conv, identity or avgpool");
+                        return err("the first op must be conv, identity, avgpool or orepa");
                     }
                     (false, true) => {
-                        return err("only the first op may be conv, identity or avgpool");
+                        return err("only the first op may be conv, identity, avgpool or orepa");
                     }
                 }
             }

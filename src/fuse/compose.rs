@@ -6,7 +6,7 @@ use std::ops::Range;
 
 use safetensors::Dtype;
 
-use crate::block::values::{ChannelOp, ChannelValues, Sequence, first_non_finite};
+use crate::block::values::{ChannelOp, ChannelValues, OrepaValues, Sequence, first_non_finite};
 use crate::block::{Block, BlockError, Op};
 use crate::fuse::rows::Grid;
 
@@ -54,6 +54,10 @@ impl Affine {
                 self.shift.iter_mut().zip(&s).for_each(|(b, s)| *b += s);
             }
             ChannelOp::Scale(g) => self.times(g),
+            ChannelOp::Affine { scale, shift } => {
+                self.times(scale);
+                self.shift.iter_mut().zip(shift).for_each(|(b, s)| *b += s);
+            }
         }
     }
 
@@ -189,6 +193,9 @@ pub fn compose_branch(
     b: usize,
     raw: Option<(Dtype, &[u8], usize)>,
 ) -> Result<Option<Composed>, BlockError> {
+    if let Some(Some(orepa)) = values.generated.get(b) {
+        return orepa_branch(orepa, values.rows.clone(), block).map(Some);
+    }
     let (Some(Some(seq)), Some(branch)) = (values.sequences.get(b), block.branches.get(b)) else {
         return Ok(None);
     };
@@ -232,4 +239,68 @@ pub fn compose_branch(
         Grid::of(block),
     );
     Ok(Some((k, through, side)))
+}
+
+/// OREPA's kernel for output channels `rows` as a [`Composed`] branch (no bias of its own),
+/// refused where the sum overflows f64.
+fn orepa_branch(
+    v: &OrepaValues,
+    rows: Range<usize>,
+    block: &Block,
+) -> Result<Composed, BlockError> {
+    let n = rows.len();
+    let k = orepa_rows(v, rows, Grid::of(block));
+    if let Some(i) = first_non_finite(&k) {
+        return Err(BlockError::new(
+            &block.name,
+            format!(
+                "OREPA's computed kernel is {} at element {i} of the rows: the values overflow f64",
+                k[i]
+            ),
+        ));
+    }
+    Ok((k, vec![0.0; n], v.k))
+}
+
+/// OREPA's `weight_gen()` for output channels `rows`, `[rows, in/groups, k, k]`: per row o
+/// (group g, row o' within it), `Σ_j vector[j, o]·K_j[o]` of origin, `avg_conv ⊗ avg_avg`,
+/// `pfir_conv ⊗ prior[o]`, `Σ_t conv2[o, t]·first[g·T/G + t]`, the 1×1 at the centre, and
+/// `Σ_e dw[(g·I/G + i)·E + e]·pw[o'·G + g, i·E + e]` (upstream's `dwsc2full` interleaving).
+pub fn orepa_rows(v: &OrepaValues, rows: Range<usize>, grid: Grid) -> Vec<f64> {
+    let (ipg, k, groups) = (grid.in_per_group, v.k, v.groups);
+    let (kk, n) = (k * k, rows.len());
+    let tpg = v.conv2.len() / (n * kk).max(1);
+    let expand = v.dw.len() / (kk * ipg * groups).max(1);
+    let centre = (k / 2) * k + k / 2;
+    let mut out = vec![0.0; n * ipg * kk];
+    for (r, o) in rows.enumerate() {
+        let (g, within) = (o / grid.out_per_group, o % grid.out_per_group);
+        let vj = |j: usize| v.vector[j][r];
+        let pw_row = &v.pw[(within * groups + g) * expand * ipg..][..expand * ipg];
+        for i in 0..ipg {
+            let ri = r * ipg + i;
+            let dst = &mut out[ri * kk..(ri + 1) * kk];
+            for (tap, d) in dst.iter_mut().enumerate() {
+                let mut seq = 0.0;
+                for t in 0..tpg {
+                    seq += v.conv2[(r * tpg + t) * kk + tap] * v.first[(g * tpg + t) * ipg + i];
+                }
+                let mut sep = 0.0;
+                for e in 0..expand {
+                    sep += v.dw[((g * ipg + i) * expand + e) * kk + tap] * pw_row[i * expand + e];
+                }
+                *d = vj(0) * v.origin[ri * kk + tap]
+                    + vj(1) * v.avg_conv[ri] * v.avg_avg[tap]
+                    + vj(2) * v.pfir_conv[ri] * v.prior[r * kk + tap]
+                    + vj(3) * seq
+                    + if tap == centre {
+                        vj(4) * v.one[ri]
+                    } else {
+                        0.0
+                    }
+                    + vj(5) * sep;
+            }
+        }
+    }
+    out
 }
