@@ -368,6 +368,7 @@ impl BranchSpec {
             Some(OpKind::Conv { name, .. } | OpKind::Bn(name) | OpKind::Scale(name)) => {
                 name.clone()
             }
+            Some(OpKind::Orepa(_)) => "orepa".to_string(),
             _ => "input".to_string(),
         }
     }
