@@ -72,7 +72,10 @@ fn convert(dir: &str, train: &Path) -> (tempfile::TempDir, Tensors, Value) {
 /// The largest distance in F32 ulps between the two tensors' values.
 fn worst_f32_ulps(ours: &[f64], exact: &[f64]) -> i64 {
     let bits = |v: f64| ordered(u64::from((v as f32).to_bits()), 32);
-    let each = ours.iter().zip(exact).map(|(a, b)| (bits(*a) - bits(*b)).abs());
+    let each = ours
+        .iter()
+        .zip(exact)
+        .map(|(a, b)| (bits(*a) - bits(*b)).abs());
     each.max().unwrap_or(i64::MAX)
 }
 
@@ -89,20 +92,40 @@ fn riformer_and_orepa_match_the_framework_deploy_file() {
         let fused = produced(f.dir);
         for (name, t) in &ours {
             let r = &theirs[name];
-            assert_eq!((t.dtype, &t.shape), (r.dtype, &r.shape), "{}: `{name}`", f.dir);
+            assert_eq!(
+                (t.dtype, &t.shape),
+                (r.dtype, &r.shape),
+                "{}: `{name}`",
+                f.dir
+            );
             if fused.contains(name) {
                 assert_eq!(t.dtype, Dtype::F32, "{}: `{name}`", f.dir);
                 let ulps = worst_f32_ulps(&to_f64(t), &to_f64(&exact[name]));
-                assert!(ulps <= 1, "{}: `{name}` is {ulps} ulp off the f64 fusion", f.dir);
+                assert!(
+                    ulps <= 1,
+                    "{}: `{name}` is {ulps} ulp off the f64 fusion",
+                    f.dir
+                );
             } else {
                 assert_eq!(Some(t), train.get(name), "{}: pass-through `{name}`", f.dir);
             }
         }
         assert_eq!(report["layout"]["name"], f.layout, "{}", f.dir);
         let blocks = report["blocks"].as_array().expect("report blocks[]");
-        assert_eq!(blocks.len() * 2, fused.len(), "{}: one block per fused pair", f.dir);
+        assert_eq!(
+            blocks.len() * 2,
+            fused.len(),
+            "{}: one block per fused pair",
+            f.dir
+        );
         for b in blocks {
-            assert_eq!(b["ops"], serde_json::json!(f.ops), "{}: {}", f.dir, b["name"]);
+            assert_eq!(
+                b["ops"],
+                serde_json::json!(f.ops),
+                "{}: {}",
+                f.dir,
+                b["name"]
+            );
         }
     }
 }
@@ -129,7 +152,12 @@ fn verify_passes_the_framework_deploy_and_catches_a_changed_value() {
         let out = run(bin().arg("verify").arg(&train).arg(&bad));
         assert_eq!(out.status.code(), Some(1), "{}: {}", f.dir, describe(&out));
         let block = name.rsplitn(3, '.').nth(2).expect("block prefix");
-        assert!(stderr(&out).contains(block), "{}: {}", f.dir, describe(&out));
+        assert!(
+            stderr(&out).contains(block),
+            "{}: {}",
+            f.dir,
+            describe(&out)
+        );
     }
 }
 
@@ -141,7 +169,11 @@ fn malformed_riformer_and_orepa_blocks_are_refused_naming_the_tensor() {
         // OREPA's per-branch weights must be [6, out], not [out, 6].
         ("fam2_orepa", "blocks.0.vector", Some(vec![8, 6])),
         // Its prior must be [out, k, k] (read as stored, never rebuilt).
-        ("fam2_orepa", "blocks.3.weight_orepa_prior", Some(vec![8, 9])),
+        (
+            "fam2_orepa",
+            "blocks.3.weight_orepa_prior",
+            Some(vec![8, 9]),
+        ),
         // A RIFormer mixer without its bias is half an affine.
         ("fam2_riformer", "network.0.0.token_mixer.affine.bias", None),
     ];

@@ -523,11 +523,19 @@ impl Place<'_> {
             OpKind::Bn(path) => self.bn(slots, f, i, path),
             OpKind::Affine(path) => match (slot(Leaf::BnWeight), slot(Leaf::BnBias)) {
                 (Some(weight), Some(bias)) => Ok(Op::Affine { weight, bias }),
-                _ => self.err(format!(
-                    "branch `{label}` has {} but not both `{}.weight` and `.bias` of its affine",
-                    describe_slots(f),
-                    join(&self.base, path)
-                )),
+                _ => {
+                    let root = if path.starts_with('/') {
+                        self.prefix
+                    } else {
+                        &self.base
+                    };
+                    self.err(format!(
+                        "branch `{label}` has {} but not both `{}` and `{}` of its affine",
+                        describe_slots(f),
+                        join(root, &join(path, "weight")),
+                        join(root, &join(path, "bias"))
+                    ))
+                }
             },
             OpKind::Orepa(path) => self.orepa(slots, f, i, path),
         }

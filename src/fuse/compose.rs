@@ -304,3 +304,63 @@ pub fn orepa_rows(v: &OrepaValues, rows: Range<usize>, grid: Grid) -> Vec<f64> {
     }
     out
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// RIFormer's fold (mmpretrain's `fuse_affine`): norm1 = (γ, β), the mixer
+    /// `affine(y) − y` with affine (a, c), is γ(a − 1), β(a − 1) + c. With γ = 2, β = 0.5,
+    /// a = 3, c = −1: 4 and 0; with γ = −1, β = 2, a = 0.5, c = 0.25: 0.5 and −0.75.
+    #[test]
+    fn riformer_affine_minus_norm_is_gamma_a_minus_one() {
+        let norm = ChannelOp::Affine {
+            scale: vec![2.0, -1.0],
+            shift: vec![0.5, 2.0],
+        };
+        let mixer = ChannelOp::Affine {
+            scale: vec![3.0, 0.5],
+            shift: vec![-1.0, 0.25],
+        };
+        let main = Affine::chain(2, &[norm.clone(), mixer], 1.0);
+        let skip = Affine::chain(2, &[norm], -1.0);
+        let sum =
+            |a: &[f64], b: &[f64]| -> Vec<f64> { a.iter().zip(b).map(|(x, y)| x + y).collect() };
+        assert_eq!(sum(&main.scale, &skip.scale), [4.0, 0.5]);
+        assert_eq!(sum(&main.shift, &skip.shift), [0.0, -0.75]);
+    }
+
+    /// OREPA with 4 outputs, 2 inputs, 2 groups, a 1×1 kernel: `dwsc2full` gives output
+    /// `c·(O/G) + o'` pointwise row `o'·G + c` (upstream's `view(O/G, G, I/G, E)`), and the
+    /// grouped `conv2 ∘ first` reads its own group's internal channel.
+    #[test]
+    fn orepa_separable_rows_interleave_across_groups() {
+        let grid = Grid {
+            in_per_group: 1,
+            k: 1,
+            out_per_group: 2,
+        };
+        let zeros = vec![0.0; 4];
+        let mut v = OrepaValues {
+            k: 1,
+            groups: 2,
+            origin: zeros.clone(),
+            avg_conv: zeros.clone(),
+            avg_avg: vec![1.0],
+            pfir_conv: zeros.clone(),
+            prior: zeros.clone(),
+            one: zeros.clone(),
+            first: vec![5.0, 7.0],
+            conv2: vec![1.0, 2.0, 3.0, 4.0],
+            dw: vec![1.0, 2.0, 3.0, 4.0],
+            // Pointwise row r is 10^r in both columns.
+            pw: vec![1.0, 1.0, 10.0, 10.0, 100.0, 100.0, 1000.0, 1000.0],
+            vector: vec![zeros.clone(); 6],
+        };
+        v.vector[5] = vec![1.0; 4];
+        assert_eq!(orepa_rows(&v, 0..4, grid), [3.0, 300.0, 70.0, 7000.0]);
+        v.vector[5] = zeros.clone();
+        v.vector[3] = vec![1.0; 4];
+        assert_eq!(orepa_rows(&v, 0..4, grid), [5.0, 10.0, 21.0, 28.0]);
+    }
+}
