@@ -931,6 +931,7 @@ fn per_channel_main<'a>(
         .flat_map(|b| &b.ops)
         .find_map(|op| match op {
             Op::Affine { weight, .. } | Op::Scale { weight } => Some(weight),
+            Op::Bn(bn) => Some(&bn.weight),
             _ => None,
         });
     match first {

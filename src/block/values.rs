@@ -64,7 +64,7 @@ pub enum ChannelOp {
     /// Multiply by a per-channel scale.
     Scale(Vec<f64>),
     /// `w·y + b` per channel (a norm's affine, a depthwise 1×1 conv with bias).
-    Affine {
+    ScaleShift {
         /// w.
         scale: Vec<f64>,
         /// b.
@@ -202,7 +202,7 @@ fn load_channel_op(
         | Op::ThenConv { .. }
         | Op::ThenAvgPool { .. } => None,
         Op::Scale { weight } => Some(ChannelOp::Scale(read(weight)?)),
-        Op::Affine { weight, bias } => Some(ChannelOp::Affine {
+        Op::Affine { weight, bias } => Some(ChannelOp::ScaleShift {
             scale: read(weight)?,
             shift: read(bias)?,
         }),

@@ -54,7 +54,7 @@ impl Affine {
                 self.shift.iter_mut().zip(&s).for_each(|(b, s)| *b += s);
             }
             ChannelOp::Scale(g) => self.times(g),
-            ChannelOp::Affine { scale, shift } => {
+            ChannelOp::ScaleShift { scale, shift } => {
                 self.times(scale);
                 self.shift.iter_mut().zip(shift).for_each(|(b, s)| *b += s);
             }
@@ -314,11 +314,11 @@ mod tests {
     /// a = 3, c = −1: 4 and 0; with γ = −1, β = 2, a = 0.5, c = 0.25: 0.5 and −0.75.
     #[test]
     fn riformer_affine_minus_norm_is_gamma_a_minus_one() {
-        let norm = ChannelOp::Affine {
+        let norm = ChannelOp::ScaleShift {
             scale: vec![2.0, -1.0],
             shift: vec![0.5, 2.0],
         };
-        let mixer = ChannelOp::Affine {
+        let mixer = ChannelOp::ScaleShift {
             scale: vec![3.0, 0.5],
             shift: vec![-1.0, 0.25],
         };

@@ -280,7 +280,7 @@ fn forward_channel_op(op: &ChannelOp, y: &mut Array2<f64>) {
         match op {
             ChannelOp::Bias(c) => row += c[r],
             ChannelOp::Scale(g) => row *= g[r],
-            ChannelOp::Affine { scale, shift } => {
+            ChannelOp::ScaleShift { scale, shift } => {
                 Zip::from(&mut row).for_each(|v| *v = scale[r] * *v + shift[r]);
             }
             ChannelOp::Bn(bn) => {
