@@ -140,7 +140,7 @@ struct FindArgs {
     /// unireplknet, acnet, dbb, timm-levit, timm-tinyvit, timm-efficientvit-msra, timm-shvit,
     /// timm-iformer, ultralytics-repvggdw, rtdetr-repvgg, sg-alpha-repvgg, sg-qarepvgg,
     /// sg-qarepvgg-partial, yolov6-qarepvgg, yolov6-qarepvgg-v2, doctr-fast, apple-mobileclip,
-    /// repnext, mmpretrain-repmlp, and for --fold-bn ultralytics-fold, doctr-fold (README's layout table says which models
+    /// repnext, mmpretrain-repmlp, mmpretrain-riformer, orepa, and for --fold-bn ultralytics-fold, doctr-fold (README's layout table says which models
     /// use each).
     #[arg(long, value_name = "NAME")]
     layout: Option<String>,

@@ -143,6 +143,118 @@ pub enum Op {
         /// The tensor, `[1]` (or `[]`).
         weight: String,
     },
+    /// A per-output-channel `w·y + b`: a norm's affine (GroupNorm, LayerNorm) or, the same
+    /// thing, a depthwise 1×1 conv with bias (RIFormer's `norm1` and `token_mixer.affine`).
+    Affine {
+        /// w, `[out]` or `[out, 1, 1, 1]`.
+        weight: String,
+        /// b, `[out]`.
+        bias: String,
+    },
+    /// A kernel computed from stored tensors: OREPA's `weight_gen()` (JUGGHM/OREPA_CVPR2022),
+    /// the per-channel weighted sum of six kernels, each made from stored tensors.
+    Orepa(Box<OrepaTensors>),
+}
+
+/// The stored tensors OREPA's kernel is computed from (`blocks.py`, class `OREPA`), with
+/// `O` outputs, `I` inputs, `G` groups, `T` internal channels, `E` depthwise expansion:
+/// `K = Σ_j vector[j, o]·K_j` over `origin`, `avg_conv ⊗ avg_avg`, `pfir_conv ⊗ prior`,
+/// `conv2 ∘ (idconv1 + id_tensor)` per group, the 1×1 padded, and `dwsc2full(dw, pw)`.
+#[derive(Debug, Clone, Serialize)]
+pub struct OrepaTensors {
+    /// `weight_orepa_origin` `[O, I/G, k, k]`: the main kernel, which settles the block's shape.
+    pub origin: String,
+    /// `weight_orepa_avg_conv` `[O, I/G, 1, 1]`.
+    pub avg_conv: String,
+    /// `weight_orepa_avg_avg` `[k, k]` (a buffer: 1/k² when built).
+    pub avg_avg: String,
+    /// `weight_orepa_pfir_conv` `[O, I/G, 1, 1]`.
+    pub pfir_conv: String,
+    /// `weight_orepa_prior` `[O, k, k]` (a buffer, read as stored: upstream leaves it partly
+    /// uninitialised for k > 3).
+    pub prior: String,
+    /// `weight_orepa_1x1` `[O, I/G, 1, 1]`.
+    pub one: String,
+    /// `weight_orepa_1x1_kxk_idconv1` `[T, I/G, 1, 1]`, the kernel minus `id_tensor`.
+    pub idconv1: String,
+    /// `id_tensor` `[T, I/G, 1, 1]` (a buffer, read as stored).
+    pub id_tensor: String,
+    /// `weight_orepa_1x1_kxk_conv2` `[O, T/G, k, k]`.
+    pub conv2: String,
+    /// `weight_orepa_gconv_dw` `[E·I, 1, k, k]`: channel m filters input m / E.
+    pub dw: String,
+    /// `weight_orepa_gconv_pw` `[O, E·I/G, 1, 1]`: output `c·(O/G) + o'` reads row `o'·G + c`.
+    pub pw: String,
+    /// `vector` `[6, O]`: the six kernels' weights per output channel.
+    pub vector: String,
+}
+
+impl OrepaTensors {
+    /// The tensors in the order of [`OrepaTensors::LEAVES`].
+    pub fn names(&self) -> [&String; 12] {
+        [
+            &self.origin,
+            &self.avg_conv,
+            &self.avg_avg,
+            &self.pfir_conv,
+            &self.prior,
+            &self.one,
+            &self.idconv1,
+            &self.id_tensor,
+            &self.conv2,
+            &self.dw,
+            &self.pw,
+            &self.vector,
+        ]
+    }
+
+    /// The tensors' names under the OREPA module, as upstream registers them.
+    pub const LEAVES: [&'static str; 12] = [
+        "weight_orepa_origin",
+        "weight_orepa_avg_conv",
+        "weight_orepa_avg_avg",
+        "weight_orepa_pfir_conv",
+        "weight_orepa_prior",
+        "weight_orepa_1x1",
+        "weight_orepa_1x1_kxk_idconv1",
+        "id_tensor",
+        "weight_orepa_1x1_kxk_conv2",
+        "weight_orepa_gconv_dw",
+        "weight_orepa_gconv_pw",
+        "vector",
+    ];
+
+    /// Tensors from the names in [`OrepaTensors::LEAVES`] order.
+    pub fn from_names(n: [String; 12]) -> OrepaTensors {
+        let [
+            origin,
+            avg_conv,
+            avg_avg,
+            pfir_conv,
+            prior,
+            one,
+            idconv1,
+            id_tensor,
+            conv2,
+            dw,
+            pw,
+            vector,
+        ] = n;
+        OrepaTensors {
+            origin,
+            avg_conv,
+            avg_avg,
+            pfir_conv,
+            prior,
+            one,
+            idconv1,
+            id_tensor,
+            conv2,
+            dw,
+            pw,
+            vector,
+        }
+    }
 }
 
 impl Op {
@@ -160,7 +272,7 @@ impl Op {
     pub fn is_source(&self) -> bool {
         matches!(
             self,
-            Op::Conv { .. } | Op::ConvFc { .. } | Op::Identity | Op::AvgPool { .. }
+            Op::Conv { .. } | Op::ConvFc { .. } | Op::Identity | Op::AvgPool { .. } | Op::Orepa(_)
         )
     }
 
@@ -180,6 +292,8 @@ impl Op {
                     .collect()
             }
             Op::Scale { weight } | Op::Scalar { weight } => vec![weight.clone()],
+            Op::Affine { weight, bias } => vec![weight.clone(), bias.clone()],
+            Op::Orepa(t) => t.names().into_iter().cloned().collect(),
         }
     }
 
@@ -215,6 +329,11 @@ impl Op {
             Op::InputBn(_) => "bn_in".into(),
             Op::Scale { .. } => "scale".into(),
             Op::Scalar { .. } => "scalar".into(),
+            Op::Affine { .. } => "affine".into(),
+            Op::Orepa(t) => {
+                let (kh, kw) = ckpt.get(&t.origin).map_or((0, 0), kernel_hw);
+                format!("orepa{kh}x{kw}")
+            }
         }
     }
 }
@@ -452,6 +571,13 @@ fn main_conv<'a>(
                 extents.1 = extents.1.max((kw - 1) * d + 1);
             }
             Op::AvgPool { kernel: k } => kernel = kernel.max(*k),
+            // OREPA's kernel is as large as its main (origin) kernel.
+            Op::Orepa(t) => {
+                let (w, extent) = c.conv(b, &t.origin, (1, false))?;
+                main.get_or_insert(w);
+                kernel = kernel.max(extent);
+                extents = (extents.0.max(extent), extents.1.max(extent));
+            }
             _ => {}
         }
     }
@@ -487,7 +613,11 @@ impl Block {
             name,
             single: branches.len() == 1,
         };
-        let (main, kernel) = main_conv(&c, &branches)?;
+        let channel_main = per_channel_main(&c, &branches)?;
+        let (main, kernel) = match channel_main {
+            Some(t) => (t, 1),
+            None => main_conv(&c, &branches)?,
+        };
         let mut branches = branches;
         // An average over "the block's kernel" (0 in the layout: DBB's avg branch).
         for op in branches.iter_mut().flat_map(|b| b.ops.iter_mut()) {
@@ -497,7 +627,10 @@ impl Block {
                 *k = kernel;
             }
         }
-        let (out_channels, in_per_group) = (main.shape[0], main.shape[1]);
+        let (out_channels, in_per_group) = match channel_main {
+            Some(t) => (t.numel(), 1),
+            None => (main.shape[0], main.shape[1]),
+        };
         let groups = check_branches(&c, &branches, main, (out_channels, in_per_group))?;
         check_channel_ops(&c, &post, out_channels)?;
         let consumed = branches
@@ -541,9 +674,21 @@ impl Block {
         })
     }
 
-    /// The deploy weight's shape: `[out, in/groups, k, k]`, or a Linear's `[out, in]`.
+    /// Whether every branch reads the input as it is (identities, no kernel): the block is a
+    /// per-channel affine, a depthwise 1×1 conv whose deploy weight is one value per channel
+    /// (RIFormer's `norm_reparam`, a GroupNorm's affine).
+    pub fn per_channel(&self) -> bool {
+        self.branches
+            .iter()
+            .all(|b| matches!(b.source(), Op::Identity))
+    }
+
+    /// The deploy weight's shape: `[out, in/groups, k, k]`, a Linear's `[out, in]`, or a
+    /// per-channel block's `[out]`.
     pub fn deploy_shape(&self) -> Vec<usize> {
-        if self.linear {
+        if self.per_channel() {
+            vec![self.out_channels]
+        } else if self.linear {
             vec![self.out_channels, self.in_per_group]
         } else {
             vec![
@@ -612,6 +757,8 @@ impl Block {
         self.branches
             .iter()
             .find_map(Branch::conv_weight)
+            // A kernel computed from tensors (OREPA), or none (a per-channel block): its first.
+            .or_else(|| self.consumed.first().map(String::as_str))
             .unwrap_or_default()
     }
 }
@@ -665,6 +812,9 @@ fn check_branches(
                     )));
             }
             settle(out_channels / in_per_group, b)?;
+        }
+        if let Op::Orepa(t) = b.source() {
+            settle(check_orepa(c, t, out_channels, in_per_group)?, b)?;
         }
         check_channel_ops(c, &b.ops, out_channels)?;
         if let Some(bn) = b.input_bn() {
@@ -848,6 +998,10 @@ fn check_channel_ops(c: &Checker, ops: &[Op], out: usize) -> Result<(), BlockErr
                 }
             }
             Op::Scale { weight } => c.vector(weight, out, true)?,
+            Op::Affine { weight, bias } => {
+                c.vector(weight, out, true)?;
+                c.vector(bias, out, false)?;
+            }
             Op::Scalar { weight } => {
                 let t = c.float(weight)?;
                 if t.shape.iter().product::<usize>() != 1 || t.shape.len() > 1 {
@@ -861,4 +1015,75 @@ fn check_channel_ops(c: &Checker, ops: &[Op], out: usize) -> Result<(), BlockErr
         }
     }
     Ok(())
+}
+
+/// The tensor that settles a per-channel block's channels (its first per-channel op's), when
+/// every branch reads the input as it is; `None` for a block with a kernel.
+fn per_channel_main<'a>(
+    c: &Checker<'a>,
+    branches: &[Branch],
+) -> Result<Option<&'a TensorInfo>, BlockError> {
+    if branches.is_empty() || !branches.iter().all(|b| matches!(b.source(), Op::Identity)) {
+        return Ok(None);
+    }
+    let first = branches
+        .iter()
+        .flat_map(|b| &b.ops)
+        .find_map(|op| match op {
+            Op::Affine { weight, .. } | Op::Scale { weight } => Some(weight),
+            Op::Bn(bn) => Some(&bn.weight),
+            _ => None,
+        });
+    match first {
+        Some(weight) => c.float(weight).map(Some),
+        None => Err(c.err(
+            "it has no conv branch, and no per-channel tensor that would give its channels"
+                .to_string(),
+        )),
+    }
+}
+
+/// Checks OREPA's tensors against its main kernel `[out, in/groups, k, k]`; returns the
+/// groups they settle (`T / conv2`'s second dimension).
+fn check_orepa(c: &Checker, t: &OrepaTensors, out: usize, ipg: usize) -> Result<usize, BlockError> {
+    let k = c.get(&t.origin).map(kernel_hw)?.0;
+    let shape = |name: &str, want: &[usize]| -> Result<(), BlockError> {
+        let info = c.float(name)?;
+        if info.shape == want {
+            return Ok(());
+        }
+        Err(c.err(format!(
+            "OREPA tensor `{name}` has shape {:?}; expected {want:?} beside `{}`",
+            info.shape, t.origin
+        )))
+    };
+    for name in [&t.avg_conv, &t.pfir_conv, &t.one] {
+        shape(name, &[out, ipg, 1, 1])?;
+    }
+    shape(&t.avg_avg, &[k, k])?;
+    shape(&t.prior, &[out, k, k])?;
+    shape(&t.vector, &[6, out])?;
+    let mid = c.float(&t.idconv1)?.shape.first().copied().unwrap_or(0);
+    shape(&t.idconv1, &[mid, ipg, 1, 1])?;
+    shape(&t.id_tensor, &[mid, ipg, 1, 1])?;
+    let mpg = c.float(&t.conv2)?.shape.get(1).copied().unwrap_or(0);
+    shape(&t.conv2, &[out, mpg, k, k])?;
+    if mpg == 0 || mid % mpg != 0 || !out.is_multiple_of(mid / mpg) {
+        return Err(c.err(format!(
+            "OREPA tensor `{}` has {mpg} channels per group after {mid} internal channels; expected a divisor giving groups that divide {out}",
+            t.conv2
+        )));
+    }
+    let groups = mid / mpg;
+    let dw = c.float(&t.dw)?.shape.first().copied().unwrap_or(0);
+    let inputs = ipg * groups;
+    if dw == 0 || dw % inputs != 0 {
+        return Err(c.err(format!(
+            "OREPA tensor `{}` has {dw} channels; expected a multiple of the {inputs} inputs",
+            t.dw
+        )));
+    }
+    shape(&t.dw, &[dw, 1, k, k])?;
+    shape(&t.pw, &[out, dw / groups, 1, 1])?;
+    Ok(groups)
 }

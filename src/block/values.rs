@@ -5,7 +5,7 @@
 
 use std::ops::Range;
 
-use crate::block::{Block, BlockError, BnTensors, Branch, Op, kernel_hw};
+use crate::block::{Block, BlockError, BnTensors, Branch, Op, OrepaTensors, kernel_hw};
 use crate::checkpoint::{Checkpoint, TensorInfo};
 
 /// A BatchNorm's parameters for a range of channels.
@@ -63,6 +63,13 @@ pub enum ChannelOp {
     Bn(BatchNorm),
     /// Multiply by a per-channel scale.
     Scale(Vec<f64>),
+    /// `w·y + b` per channel (a norm's affine, a depthwise 1×1 conv with bias).
+    ScaleShift {
+        /// w.
+        scale: Vec<f64>,
+        /// b.
+        shift: Vec<f64>,
+    },
 }
 
 /// The per-channel values of a block for output channels `rows`: each branch's ops after its
@@ -81,6 +88,40 @@ pub struct ChannelValues {
     pub sequences: Vec<Option<Sequence>>,
     /// Per branch: the kernel of a conv run as an FC (`Op::ConvFc`), whole, with its side.
     pub conv_fc: Vec<Option<(Vec<f64>, usize)>>,
+    /// Per branch: the stored tensors of a computed kernel (OREPA), if it has one.
+    pub generated: Vec<Option<OrepaValues>>,
+}
+
+/// OREPA's stored tensors for output channels `rows` (whole where they are not per output
+/// channel), as [`OrepaTensors`] names them; each flat, in its stored order.
+#[derive(Debug, Clone, PartialEq)]
+pub struct OrepaValues {
+    /// Kernel side k.
+    pub k: usize,
+    /// Groups G.
+    pub groups: usize,
+    /// `origin` rows `[rows, I/G, k, k]`.
+    pub origin: Vec<f64>,
+    /// `avg_conv` rows `[rows, I/G]`.
+    pub avg_conv: Vec<f64>,
+    /// `avg_avg` `[k, k]`.
+    pub avg_avg: Vec<f64>,
+    /// `pfir_conv` rows `[rows, I/G]`.
+    pub pfir_conv: Vec<f64>,
+    /// `prior` rows `[rows, k, k]`.
+    pub prior: Vec<f64>,
+    /// The 1×1 rows `[rows, I/G]`.
+    pub one: Vec<f64>,
+    /// `idconv1 + id_tensor`, whole: `[T, I/G]`.
+    pub first: Vec<f64>,
+    /// `conv2` rows `[rows, T/G, k, k]`.
+    pub conv2: Vec<f64>,
+    /// `dw`, whole: `[E·I, k, k]`.
+    pub dw: Vec<f64>,
+    /// `pw`, whole: `[O, E·I/G]` (rows are interleaved across groups).
+    pub pw: Vec<f64>,
+    /// `vector[j, rows]` for j = 0..6: `[6, rows]`.
+    pub vector: Vec<Vec<f64>>,
 }
 
 /// The first stage of a sequence branch, whole: its conv and the per-channel ops on its
@@ -140,6 +181,14 @@ impl ChannelValues {
                 _ => Ok(None),
             })
             .collect::<Result<_, BlockError>>()?;
+        let generated = block
+            .branches
+            .iter()
+            .map(|b| match b.source() {
+                Op::Orepa(t) => load_orepa(ckpt, block, t, rows.clone()).map(Some),
+                _ => Ok(None),
+            })
+            .collect::<Result<_, BlockError>>()?;
         Ok(ChannelValues {
             conv_fc,
             branches,
@@ -147,6 +196,7 @@ impl ChannelValues {
             rows,
             inputs,
             sequences,
+            generated,
         })
     }
 }
@@ -188,6 +238,11 @@ fn load_channel_op(
         | Op::ThenConv { .. }
         | Op::ThenAvgPool { .. } => None,
         Op::Scale { weight } => Some(ChannelOp::Scale(read(weight)?)),
+        Op::Affine { weight, bias } => Some(ChannelOp::ScaleShift {
+            scale: read(weight)?,
+            shift: read(bias)?,
+        }),
+        Op::Orepa(_) => None,
         // One value for every row: the per-channel scale, broadcast.
         Op::Scalar { weight } => {
             let one = read_finite(ckpt, block, weight, 0..1)?;
@@ -241,6 +296,51 @@ fn load_sequence(
         first_hw,
         second_hw,
     }))
+}
+
+/// OREPA's tensors for output channels `rows` (block checked: shapes agree).
+fn load_orepa(
+    ckpt: &Checkpoint,
+    block: &Block,
+    t: &OrepaTensors,
+    rows: Range<usize>,
+) -> Result<OrepaValues, BlockError> {
+    let numel = |name: &str| ckpt.get(name).map_or(0, TensorInfo::numel);
+    let whole = |name: &str| read_finite(ckpt, block, name, 0..numel(name));
+    let per_row = |name: &str| {
+        let n = numel(name) / block.out_channels.max(1);
+        read_rows(ckpt, block, name, rows.clone(), n)
+    };
+    let k = ckpt.get(&t.origin).map_or(1, |i| super::kernel_hw(i).0);
+    let mut first = whole(&t.idconv1)?;
+    let id = whole(&t.id_tensor)?;
+    first.iter_mut().zip(&id).for_each(|(w, i)| *w += i);
+    let out = block.out_channels;
+    let vector = (0..6)
+        .map(|j| {
+            read_finite(
+                ckpt,
+                block,
+                &t.vector,
+                j * out + rows.start..j * out + rows.end,
+            )
+        })
+        .collect::<Result<_, _>>()?;
+    Ok(OrepaValues {
+        k,
+        groups: block.groups.unwrap_or(1).max(1),
+        origin: per_row(&t.origin)?,
+        avg_conv: per_row(&t.avg_conv)?,
+        avg_avg: whole(&t.avg_avg)?,
+        pfir_conv: per_row(&t.pfir_conv)?,
+        prior: per_row(&t.prior)?,
+        one: per_row(&t.one)?,
+        first,
+        conv2: per_row(&t.conv2)?,
+        dw: whole(&t.dw)?,
+        pw: whole(&t.pw)?,
+        vector,
+    })
 }
 
 /// A BN's values for channels `rows`, refusing NaN, ±∞ and negative variances.

@@ -86,8 +86,14 @@ pub(super) fn find_kind(
 ) -> Result<(), LayoutError> {
     let several = layout.kinds.len() + usize::from(!layout.branches.is_empty()) > 1;
     let is_main = |f: &Found| {
-        kind.branches[f.spec].role == Role::Kxk
-            && f.slots.keys().any(|(_, leaf)| *leaf == Leaf::ConvWeight)
+        let spec = &kind.branches[f.spec];
+        // A main branch that reads the input as it is (RIFormer's mixer) has no kernel: any
+        // of its own tensors makes it present; OREPA's kernel, its origin.
+        let plain = spec.op_specs().first().map(|op| &op.kind) == Some(&OpKind::Identity);
+        spec.role == Role::Kxk
+            && f.slots
+                .keys()
+                .any(|(_, leaf)| plain || matches!(leaf, Leaf::ConvWeight | Leaf::Orepa(0)))
     };
     for (prefix, branches) in &candidates(names, kind) {
         if !kind.applies_at(prefix) {
@@ -527,7 +533,55 @@ impl Place<'_> {
                 other => Ok(other),
             },
             OpKind::Bn(path) => self.bn(slots, f, i, path),
+            OpKind::Affine(path) => match (slot(Leaf::BnWeight), slot(Leaf::BnBias)) {
+                (Some(weight), Some(bias)) => Ok(Op::Affine { weight, bias }),
+                _ => {
+                    let root = if path.starts_with('/') {
+                        self.prefix
+                    } else {
+                        &self.base
+                    };
+                    self.err(format!(
+                        "branch `{label}` has {} but not both `{}` and `{}` of its affine",
+                        describe_slots(f),
+                        join(root, &join(path, "weight")),
+                        join(root, &join(path, "bias"))
+                    ))
+                }
+            },
+            OpKind::Orepa(path) => self.orepa(slots, f, i, path),
         }
+    }
+
+    /// An OREPA source: all its stored tensors, or an error naming the first missing one.
+    fn orepa(
+        &self,
+        slots: &BTreeMap<Slot, String>,
+        f: &Found,
+        i: usize,
+        path: &str,
+    ) -> Result<Op, BlockError> {
+        let leaves = crate::block::OrepaTensors::LEAVES;
+        let mut names = Vec::with_capacity(leaves.len());
+        for (j, leaf) in leaves.iter().enumerate() {
+            match slots.get(&(i, Leaf::Orepa(j))) {
+                Some(name) => names.push(name.clone()),
+                None => {
+                    return self.err(format!(
+                        "branch `{}` has {} but no OREPA tensor `{}`",
+                        self.label,
+                        describe_slots(f),
+                        join(&self.base, &join(path, leaf))
+                    ));
+                }
+            }
+        }
+        let names: [String; 12] = names
+            .try_into()
+            .map_err(|_| BlockError::new(self.prefix, "OREPA: twelve tensors expected"))?;
+        Ok(Op::Orepa(Box::new(crate::block::OrepaTensors::from_names(
+            names,
+        ))))
     }
 
     /// A BN op: all four tensors, or an error that says which are missing.

@@ -19,6 +19,8 @@ pub(super) enum Leaf {
     BnVar,
     BnCount,
     Scale,
+    /// One of OREPA's stored tensors, by its index in `OrepaTensors::LEAVES`.
+    Orepa(usize),
 }
 
 pub(super) const BN_LEAVES: [(Leaf, &str); 5] = [
@@ -76,6 +78,15 @@ pub(super) fn op_leaves(op: &OpSpec) -> Vec<(Leaf, String)> {
             vec![(Leaf::Scale, scale.trim_start_matches('/').to_string())]
         }
         OpKind::Identity | OpKind::AvgPool(_) | OpKind::ThenAvgPool(_) => Vec::new(),
+        OpKind::Affine(name) => vec![
+            (Leaf::BnWeight, under(name, "weight")),
+            (Leaf::BnBias, under(name, "bias")),
+        ],
+        OpKind::Orepa(name) => crate::block::OrepaTensors::LEAVES
+            .iter()
+            .enumerate()
+            .map(|(j, leaf)| (Leaf::Orepa(j), under(name, leaf)))
+            .collect(),
     }
 }
 

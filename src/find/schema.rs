@@ -15,7 +15,8 @@ pub const DEFAULT_BN_EPS: f64 = 1e-5;
 /// One op of a branch in a layout file. Names are relative to the branch's path; a name
 /// starting with `/` is relative to the block (a tensor the block's branches share, like a
 /// layer scale). In the file, an object with exactly one of `conv`, `bn`, `bn_in`, `scale`,
-/// `scalar`, `identity`, `avgpool`, `then_conv`, `then_avgpool` (see [`OpKind`]), plus `optional`.
+/// `scalar`, `identity`, `avgpool`, `then_conv`, `then_avgpool`, `affine`, `orepa` (see
+/// [`OpKind`]), plus `optional`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(try_from = "RawOpSpec", into = "RawOpSpec")]
 pub struct OpSpec {
@@ -64,6 +65,12 @@ pub enum OpKind {
     /// A BN submodule with one channel per group, shared by the group's outputs (RepMLP's
     /// `fc3_bn` and `repconv{k}.bn` over its sharesets).
     GroupBn(String),
+    /// A per-channel affine submodule: `{name}.weight` (`[C]` or `[C, 1, 1, 1]`) and
+    /// `{name}.bias`, `w·y + b` (a norm's affine, a depthwise 1×1 conv with bias).
+    Affine(String),
+    /// A source whose kernel OREPA computes from the module's stored tensors
+    /// (`{name}.weight_orepa_*`, `.id_tensor`, `.vector`).
+    Orepa(String),
 }
 
 impl OpSpec {
@@ -84,7 +91,11 @@ impl OpSpec {
     fn is_source(&self) -> bool {
         matches!(
             self.kind,
-            OpKind::Conv { .. } | OpKind::ConvFc(_) | OpKind::Identity | OpKind::AvgPool(_)
+            OpKind::Conv { .. }
+                | OpKind::ConvFc(_)
+                | OpKind::Identity
+                | OpKind::AvgPool(_)
+                | OpKind::Orepa(_)
         )
     }
 
@@ -103,7 +114,9 @@ impl OpSpec {
             | OpKind::Scalar(name)
             | OpKind::ThenConv(name)
             | OpKind::ConvFc(name)
-            | OpKind::GroupBn(name) => Some(name),
+            | OpKind::GroupBn(name)
+            | OpKind::Affine(name)
+            | OpKind::Orepa(name) => Some(name),
             OpKind::Identity | OpKind::AvgPool(_) | OpKind::ThenAvgPool(_) => None,
         }
     }
@@ -137,13 +150,15 @@ impl TryFrom<RawOpSpec> for OpSpec {
         kinds.extend(r.then_avgpool.map(OpKind::ThenAvgPool));
         kinds.extend(r.conv_as_fc.map(OpKind::ConvFc));
         kinds.extend(r.bn_per_group.map(OpKind::GroupBn));
+        kinds.extend(r.affine.map(OpKind::Affine));
+        kinds.extend(r.orepa.map(OpKind::Orepa));
         match <[OpKind; 1]>::try_from(kinds) {
             Ok([kind]) => Ok(OpSpec {
                 kind,
                 optional: r.optional,
             }),
             Err(_) => Err(
-                "each op has exactly one of conv, bn, bn_in, scale, scalar, identity, avgpool, then_conv, then_avgpool, conv_as_fc, bn_per_group"
+                "each op has exactly one of conv, bn, bn_in, scale, scalar, identity, avgpool, then_conv, then_avgpool, conv_as_fc, bn_per_group, affine, orepa"
                     .into(),
             ),
         }
@@ -178,6 +193,8 @@ impl From<OpSpec> for RawOpSpec {
             OpKind::ThenAvgPool(k) => r.then_avgpool = Some(k),
             OpKind::ConvFc(name) => r.conv_as_fc = Some(name),
             OpKind::GroupBn(name) => r.bn_per_group = Some(name),
+            OpKind::Affine(name) => r.affine = Some(name),
+            OpKind::Orepa(name) => r.orepa = Some(name),
         }
         r
     }
@@ -231,6 +248,13 @@ struct RawOpSpec {
     /// A BN submodule with one channel per group (RepMLP's BNs over its sharesets).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     bn_per_group: Option<String>,
+    /// A per-channel affine submodule (`.weight`, `.bias`): a norm's affine, a depthwise 1×1
+    /// conv with bias.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    affine: Option<String>,
+    /// OREPA's computed kernel, from the stored tensors under this module.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    orepa: Option<String>,
     /// The op may be absent (FastViT's `layer_scale.gamma` when layer scale is off): a block
     /// without its tensors runs without the op. Without it, a missing tensor is an error.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
@@ -309,11 +333,13 @@ impl Kind {
                 match (i == first, op.is_source()) {
                     (true, true) | (false, false) => {}
                     (true, false) => {
-                        return err("the first op must be conv, conv_as_fc, identity or avgpool");
+                        return err(
+                            "the first op must be conv, conv_as_fc, identity, avgpool or orepa",
+                        );
                     }
                     (false, true) => {
                         return err(
-                            "only the first op may be conv, conv_as_fc, identity or avgpool",
+                            "only the first op may be conv, conv_as_fc, identity, avgpool or orepa",
                         );
                     }
                 }
@@ -368,6 +394,7 @@ impl BranchSpec {
             Some(OpKind::Conv { name, .. } | OpKind::Bn(name) | OpKind::Scale(name)) => {
                 name.clone()
             }
+            Some(OpKind::Orepa(_)) => "orepa".to_string(),
             _ => "input".to_string(),
         }
     }

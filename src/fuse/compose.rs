@@ -6,7 +6,7 @@ use std::ops::Range;
 
 use safetensors::Dtype;
 
-use crate::block::values::{ChannelOp, ChannelValues, Sequence, first_non_finite};
+use crate::block::values::{ChannelOp, ChannelValues, OrepaValues, Sequence, first_non_finite};
 use crate::block::{Block, BlockError, Op};
 use crate::fuse::rows::Grid;
 
@@ -54,6 +54,10 @@ impl Affine {
                 self.shift.iter_mut().zip(&s).for_each(|(b, s)| *b += s);
             }
             ChannelOp::Scale(g) => self.times(g),
+            ChannelOp::ScaleShift { scale, shift } => {
+                self.times(scale);
+                self.shift.iter_mut().zip(shift).for_each(|(b, s)| *b += s);
+            }
         }
     }
 
@@ -225,6 +229,9 @@ pub fn compose_branch(
         let rows = conv_fc_rows(kernel, *k, values.rows.clone(), Grid::of(block));
         return Ok(Some((rows, vec![0.0; values.rows.len()], 1)));
     }
+    if let Some(Some(orepa)) = values.generated.get(b) {
+        return orepa_branch(orepa, values.rows.clone(), block).map(Some);
+    }
     let (Some(Some(seq)), Some(branch)) = (values.sequences.get(b), block.branches.get(b)) else {
         return Ok(None);
     };
@@ -272,10 +279,129 @@ pub fn compose_branch(
     Ok(Some((k, through, side)))
 }
 
+/// OREPA's kernel for output channels `rows` as a [`Composed`] branch (no bias of its own),
+/// refused where the sum overflows f64.
+fn orepa_branch(
+    v: &OrepaValues,
+    rows: Range<usize>,
+    block: &Block,
+) -> Result<Composed, BlockError> {
+    let n = rows.len();
+    let k = orepa_rows(v, rows, Grid::of(block));
+    if let Some(i) = first_non_finite(&k) {
+        return Err(BlockError::new(
+            &block.name,
+            format!(
+                "OREPA's computed kernel is {} at element {i} of the rows: the values overflow f64",
+                k[i]
+            ),
+        ));
+    }
+    Ok((k, vec![0.0; n], v.k))
+}
+
+/// OREPA's `weight_gen()` for output channels `rows`, `[rows, in/groups, k, k]`: per row o
+/// (group g, row o' within it), `Σ_j vector[j, o]·K_j[o]` of origin, `avg_conv ⊗ avg_avg`,
+/// `pfir_conv ⊗ prior[o]`, `Σ_t conv2[o, t]·first[g·T/G + t]`, the 1×1 at the centre, and
+/// `Σ_e dw[(g·I/G + i)·E + e]·pw[o'·G + g, i·E + e]` (upstream's `dwsc2full` interleaving).
+pub fn orepa_rows(v: &OrepaValues, rows: Range<usize>, grid: Grid) -> Vec<f64> {
+    let (ipg, k, groups) = (grid.in_per_group, v.k, v.groups);
+    let (kk, n) = (k * k, rows.len());
+    let tpg = v.conv2.len() / (n * kk).max(1);
+    let expand = v.dw.len() / (kk * ipg * groups).max(1);
+    let centre = (k / 2) * k + k / 2;
+    let mut out = vec![0.0; n * ipg * kk];
+    for (r, o) in rows.enumerate() {
+        let (g, within) = (o / grid.out_per_group, o % grid.out_per_group);
+        let vj = |j: usize| v.vector[j][r];
+        let pw_row = &v.pw[(within * groups + g) * expand * ipg..][..expand * ipg];
+        for i in 0..ipg {
+            let ri = r * ipg + i;
+            let dst = &mut out[ri * kk..(ri + 1) * kk];
+            for (tap, d) in dst.iter_mut().enumerate() {
+                let mut seq = 0.0;
+                for t in 0..tpg {
+                    seq += v.conv2[(r * tpg + t) * kk + tap] * v.first[(g * tpg + t) * ipg + i];
+                }
+                let mut sep = 0.0;
+                for e in 0..expand {
+                    sep += v.dw[((g * ipg + i) * expand + e) * kk + tap] * pw_row[i * expand + e];
+                }
+                *d = vj(0) * v.origin[ri * kk + tap]
+                    + vj(1) * v.avg_conv[ri] * v.avg_avg[tap]
+                    + vj(2) * v.pfir_conv[ri] * v.prior[r * kk + tap]
+                    + vj(3) * seq
+                    + if tap == centre {
+                        vj(4) * v.one[ri]
+                    } else {
+                        0.0
+                    }
+                    + vj(5) * sep;
+            }
+        }
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::block::values::ChannelOp;
+
+    /// RIFormer's fold (mmpretrain's `fuse_affine`): norm1 = (γ, β), the mixer
+    /// `affine(y) − y` with affine (a, c), is γ(a − 1), β(a − 1) + c. With γ = 2, β = 0.5,
+    /// a = 3, c = −1: 4 and 0; with γ = −1, β = 2, a = 0.5, c = 0.25: 0.5 and −0.75.
+    #[test]
+    fn riformer_affine_minus_norm_is_gamma_a_minus_one() {
+        let norm = ChannelOp::ScaleShift {
+            scale: vec![2.0, -1.0],
+            shift: vec![0.5, 2.0],
+        };
+        let mixer = ChannelOp::ScaleShift {
+            scale: vec![3.0, 0.5],
+            shift: vec![-1.0, 0.25],
+        };
+        let main = Affine::chain(2, &[norm.clone(), mixer], 1.0);
+        let skip = Affine::chain(2, &[norm], -1.0);
+        let sum =
+            |a: &[f64], b: &[f64]| -> Vec<f64> { a.iter().zip(b).map(|(x, y)| x + y).collect() };
+        assert_eq!(sum(&main.scale, &skip.scale), [4.0, 0.5]);
+        assert_eq!(sum(&main.shift, &skip.shift), [0.0, -0.75]);
+    }
+
+    /// OREPA with 4 outputs, 2 inputs, 2 groups, a 1×1 kernel: `dwsc2full` gives output
+    /// `c·(O/G) + o'` pointwise row `o'·G + c` (upstream's `view(O/G, G, I/G, E)`), and the
+    /// grouped `conv2 ∘ first` reads its own group's internal channel.
+    #[test]
+    fn orepa_separable_rows_interleave_across_groups() {
+        let grid = Grid {
+            in_per_group: 1,
+            k: 1,
+            out_per_group: 2,
+        };
+        let zeros = vec![0.0; 4];
+        let mut v = OrepaValues {
+            k: 1,
+            groups: 2,
+            origin: zeros.clone(),
+            avg_conv: zeros.clone(),
+            avg_avg: vec![1.0],
+            pfir_conv: zeros.clone(),
+            prior: zeros.clone(),
+            one: zeros.clone(),
+            first: vec![5.0, 7.0],
+            conv2: vec![1.0, 2.0, 3.0, 4.0],
+            dw: vec![1.0, 2.0, 3.0, 4.0],
+            // Pointwise row r is 10^r in both columns.
+            pw: vec![1.0, 1.0, 10.0, 10.0, 100.0, 100.0, 1000.0, 1000.0],
+            vector: vec![zeros.clone(); 6],
+        };
+        v.vector[5] = vec![1.0; 4];
+        assert_eq!(orepa_rows(&v, 0..4, grid), [3.0, 300.0, 70.0, 7000.0]);
+        v.vector[5] = zeros.clone();
+        v.vector[3] = vec![1.0; 4];
+        assert_eq!(orepa_rows(&v, 0..4, grid), [5.0, 10.0, 21.0, 28.0]);
+    }
 
     /// A depthwise 1×3 then 3×1 (RepNeXt's stride-2 conv_3_w → conv_3_h) composes into their
     /// outer product, `K[y][x] = h[y]·w[x]`, scaled by what lies between; the shift between

@@ -6,7 +6,7 @@ use std::ops::Range;
 
 use ndarray::{Array2, Zip, s};
 
-use crate::block::values::{BatchNorm, ChannelOp, ChannelValues, Sequence};
+use crate::block::values::{BatchNorm, ChannelOp, ChannelValues, OrepaValues, Sequence};
 use crate::block::{Block, Branch, Op};
 use crate::conv::{BlockInput, conv_rows};
 
@@ -31,14 +31,21 @@ pub fn forward_unfused(
         .iter()
         .zip(&values.branches)
         .zip(&values.inputs);
-    let extra = values.sequences.iter().zip(&values.conv_fc);
-    for ((((branch, (coef, ops)), input), w), (seq, fc)) in branches.zip(sources).zip(extra) {
+    let extra = values
+        .sequences
+        .iter()
+        .zip(&values.conv_fc)
+        .zip(&values.generated);
+    for ((((branch, (coef, ops)), input), w), ((seq, fc), computed)) in
+        branches.zip(sources).zip(extra)
+    {
         let w = w.as_ref().map(|(w, hw)| (w.as_slice(), *hw));
-        let mut y = match (input, seq) {
+        let mut y = match (input, seq, computed) {
+            (_, _, Some(v)) => forward_orepa(block, v, x, rows.clone()),
             _ if fc.is_some() => forward_conv_fc(block, fc.as_ref(), x, rows.clone()),
-            (_, Some(seq)) => forward_sequence(block, branch, seq, w, x, rows.clone()),
-            (Some(bn), None) => forward_input_bn(block, bn, w, x, rows.clone()),
-            (None, None) => forward_source(block, branch, w, x, rows.clone()),
+            (_, Some(seq), None) => forward_sequence(block, branch, seq, w, x, rows.clone()),
+            (Some(bn), None, None) => forward_input_bn(block, bn, w, x, rows.clone()),
+            (None, None, None) => forward_source(block, branch, w, x, rows.clone()),
         };
         for op in ops {
             forward_channel_op(op, &mut y);
@@ -145,6 +152,65 @@ fn forward_conv_fc(
         }
     }
     y
+}
+
+/// OREPA's six branches run on `x` through their feature maps, as convolutions (not as the
+/// kernel `weight_gen()` composes), each times `vector[j]`, summed; for output channels `rows`.
+/// The 1×1 ⊗ k×k branches are a 1×1 conv then each row's own k×k filter; `conv2 ∘ first` is
+/// the internal map then conv2; the separable one the depthwise map then the pointwise rows.
+fn forward_orepa(
+    block: &Block,
+    v: &OrepaValues,
+    x: &BlockInput,
+    rows: Range<usize>,
+) -> Array2<f64> {
+    let (ipg, opg, k, groups) = (block.in_per_group, block.out_per_group(), v.k, v.groups);
+    let kk = k * k;
+    let (cols1, colsk) = (x.cols(1, 1), x.cols(k, 1));
+    let conv1 = |w: &[f64]| conv_rows(&cols1, w, rows.clone(), ipg, 1, opg);
+    // Row r of `map` filtered by its own k×k filter (zero padded).
+    let filtered = |map: &Array2<f64>, filters: &[f64]| {
+        let images = pad_with(map, &[], &x.input, 0);
+        conv_rows(
+            &crate::conv::im2col(&images, k, 1),
+            filters,
+            0..map.nrows(),
+            1,
+            k,
+            1,
+        )
+    };
+    let n = rows.len();
+    let avg: Vec<f64> = (0..n).flat_map(|_| v.avg_avg.iter().copied()).collect();
+    let mid_t = v.first.len() / ipg.max(1);
+    let mid = conv_rows(&cols1, &v.first, 0..mid_t, ipg, 1, mid_t / groups);
+    let mid = crate::conv::im2col(&pad_with(&mid, &[], &x.input, 0), k, 1);
+    let expand = v.dw.len() / (kk * ipg * groups).max(1);
+    let dw = conv_rows(&colsk, &v.dw, 0..expand * ipg * groups, 1, k, expand);
+    let pw: Vec<f64> = rows
+        .clone()
+        .flat_map(|o| {
+            let row = (o % opg) * groups + o / opg;
+            v.pw[row * expand * ipg..(row + 1) * expand * ipg]
+                .iter()
+                .copied()
+        })
+        .collect();
+    let branches = [
+        conv_rows(&colsk, &v.origin, rows.clone(), ipg, k, opg),
+        filtered(&conv1(&v.avg_conv), &avg),
+        filtered(&conv1(&v.pfir_conv), &v.prior),
+        conv_rows(&mid, &v.conv2, rows.clone(), mid_t / groups, k, opg),
+        conv1(&v.one),
+        conv_rows(&dw, &pw, rows.clone(), expand * ipg, 1, opg),
+    ];
+    let mut out = Array2::<f64>::zeros((n, x.input.positions()));
+    for (j, y) in branches.iter().enumerate() {
+        for (r, (mut o, y)) in out.rows_mut().into_iter().zip(y.rows()).enumerate() {
+            o.scaled_add(v.vector[j][r], &y);
+        }
+    }
+    out
 }
 
 /// `map` (`[c, n·h·w]` over `like`'s images) as images padded by `p` on every side, channel m's
@@ -258,6 +324,9 @@ fn forward_channel_op(op: &ChannelOp, y: &mut Array2<f64>) {
         match op {
             ChannelOp::Bias(c) => row += c[r],
             ChannelOp::Scale(g) => row *= g[r],
+            ChannelOp::ScaleShift { scale, shift } => {
+                Zip::from(&mut row).for_each(|v| *v = scale[r] * *v + shift[r]);
+            }
             ChannelOp::Bn(bn) => {
                 let (t, s) = bn_row(bn, r);
                 Zip::from(&mut row).for_each(|v| *v = t * *v + s);
