@@ -49,9 +49,6 @@ pub fn inspect(input: &Path, settings: &Settings) -> Result<Inspection, Error> {
         })
         .collect();
     let nodes_in = train.graph.as_ref().map(|(_, names)| names.len());
-    let merged: usize = (train.graph.iter().flat_map(|(sets, _)| sets))
-        .map(|s| s.nodes.len().saturating_sub(1))
-        .sum();
     Ok(Inspection {
         input: input.display().to_string(),
         layout: layout_info(&train),
@@ -67,7 +64,7 @@ pub fn inspect(input: &Path, settings: &Settings) -> Result<Inspection, Error> {
         output: output_tensors(ckpt, &plan),
         warnings: warnings(ckpt),
         nodes_in,
-        nodes_out: nodes_in.map(|n| n.saturating_sub(merged)),
+        nodes_out: super::lint::nodes_after_merge(&train)?,
     })
 }
 

@@ -10,7 +10,8 @@ use super::{Settings, Train};
 use crate::Error;
 use crate::block::Block;
 use crate::checkpoint::Checkpoint;
-use crate::onnx::OnnxModel;
+use crate::find::graph::BranchSet;
+use crate::onnx::{GraphEdit, OnnxModel};
 use crate::report::junit::lint_junit;
 pub use crate::report::lint::{Lint, Unmerged};
 use crate::report::markdown::lint_summary;
@@ -57,11 +58,9 @@ pub fn lint(path: &Path, settings: &Settings) -> Result<Lint, Error> {
     };
     let shapes = crate::onnx::shapes::static_shapes(model);
     let mut unmerged = Vec::new();
-    let mut removed = 0;
     let blocks = train.detection.blocks.iter().zip(sets);
     for ((block, set), nodes) in blocks.zip(graph_nodes(&train)) {
         let (params, macs) = saved(&train.ckpt, block);
-        removed += set.nodes.len().saturating_sub(1);
         let positions = shapes
             .get(&set.output)
             .and_then(|dims| crate::onnx::shapes::numel(dims))
@@ -88,7 +87,7 @@ pub fn lint(path: &Path, settings: &Settings) -> Result<Lint, Error> {
         unmerged,
         skipped: train.detection.skipped.clone(),
         nodes: names.len(),
-        nodes_after_merge: names.len() - removed,
+        nodes_after_merge: nodes_after_merge(&train)?.unwrap_or(names.len()),
     })
 }
 
@@ -99,8 +98,7 @@ pub(super) fn graph_nodes(train: &Train) -> Vec<GraphNodes> {
     let Some((sets, names)) = &train.graph else {
         return Vec::new();
     };
-    let taken: BTreeSet<String> = names.iter().cloned().collect();
-    let edit = super::graph::edit(&train.detection.blocks, sets, taken);
+    let edit = merge_edit(train, sets, names);
     let name = |i: usize| names.get(i).map_or(format!("#{i}"), String::clone);
     (sets.iter().zip(&edit.insert))
         .map(|(set, new)| GraphNodes {
@@ -109,6 +107,22 @@ pub(super) fn graph_nodes(train: &Train) -> Vec<GraphNodes> {
             merged_op: new.op_type.clone(),
         })
         .collect()
+}
+
+/// The edit `convert` makes to a graph: every set replaced by its one node.
+fn merge_edit(train: &Train, sets: &[BranchSet], names: &[String]) -> GraphEdit {
+    let taken: BTreeSet<String> = names.iter().cloned().collect();
+    super::graph::edit(&train.detection.blocks, sets, taken)
+}
+
+/// How many nodes the deploy graph of `train` would have (every set merged, the constants only
+/// they read dropped, as the graph writer does); `None` for a checkpoint.
+pub(super) fn nodes_after_merge(train: &Train) -> Result<Option<usize>, Error> {
+    let (Some((sets, names)), Some(model)) = (&train.graph, train.ckpt.onnx()) else {
+        return Ok(None);
+    };
+    let summary = model.plan_summary(&merge_edit(train, sets, names))?;
+    Ok(Some(summary.nodes_after))
 }
 
 /// The graph's inputs (not its initializers) as `name:1x3x32x32`, a symbolic dim by its name.
@@ -137,7 +151,9 @@ fn input_shapes(model: &OnnxModel, shapes: &HashMap<String, Vec<usize>>) -> Vec<
 /// weights of its convs (a conv weight's elements are its multiply-adds per output position).
 fn saved(ckpt: &Checkpoint, block: &Block) -> (usize, usize) {
     let numel = |t: &str| ckpt.get(t).map_or(0, |t| t.numel());
-    let params: usize = block.consumed.iter().map(|t| numel(t)).sum();
+    // A tensor several ops read (FastViT's layer scale, in every branch) is counted once.
+    let consumed: BTreeSet<&str> = block.consumed.iter().map(String::as_str).collect();
+    let params: usize = consumed.into_iter().map(numel).sum();
     let macs: usize = (block.branches.iter())
         .flat_map(|b| &b.ops)
         .map(|op| match op {

@@ -24,7 +24,8 @@ pub struct Lint {
     pub skipped: Vec<Skipped>,
     /// Nodes in the graph.
     pub nodes: usize,
-    /// Nodes after merging every set.
+    /// Nodes after merging every set (and dropping the `Constant` nodes only they read), as
+    /// `convert` would write the graph.
     pub nodes_after_merge: usize,
     /// Parameters merging would save, in all.
     pub parameters_saved: usize,
