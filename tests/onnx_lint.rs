@@ -83,9 +83,9 @@ fn lint_saves_the_parameters_and_flops_onnx_counts_for_every_exported_set() {
             compared += 1;
         }
     }
-    // 140 sets in all, of which DBB's 4 and the f16 stem are left alone; FastViT's final conv
+    // 153 sets in all, of which DBB's 4 and the f16 stem are left alone; FastViT's final conv
     // (twice) comes after attention reshapes whose target shape is computed at run time.
-    assert!(compared >= 130, "only {compared} sets compared");
+    assert!(compared >= 148, "only {compared} sets compared");
     assert!(unknown <= 2, "{unknown} sets without FLOPs");
 }
 

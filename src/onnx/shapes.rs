@@ -350,7 +350,7 @@ fn axes_op(model: &OnnxModel, node: &NodeProto, x: &[usize]) -> Option<Vec<usize
 fn axis(a: i64, rank: usize) -> Option<usize> {
     let rank = i64::try_from(rank).ok()?;
     let a = if a < 0 { a + rank } else { a };
-    (0..rank).contains(&a).then(|| a as usize)
+    (0..rank).contains(&a).then_some(a as usize)
 }
 
 /// The values of a small integer constant (a `Reshape`'s shape, `axes`).
