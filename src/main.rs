@@ -49,6 +49,12 @@ struct LintArgs {
     /// Also write the JSON findings here; `-` writes them to stdout.
     #[arg(long, value_name = "PATH")]
     report: Option<PathBuf>,
+    /// Write the findings as JUnit XML here: a failing testcase per mergeable branch set (its
+    /// nodes, what merging saves), a skipped one per candidate left alone, one passing
+    /// testcase when no set is left. (A Markdown summary goes to `$GITHUB_STEP_SUMMARY`, and
+    /// `::error` lines to stderr under `GITHUB_ACTIONS=true`, as for `verify`.)
+    #[arg(long, value_name = "PATH")]
+    junit: Option<PathBuf>,
     /// No lines on passing; only the findings.
     #[arg(short, long)]
     quiet: bool,
@@ -386,7 +392,7 @@ fn run(started: RunStart, cancel: &Cancel) -> Result<ExitCode> {
     let cli = Cli::parse();
     match cli.command {
         Some(Command::Verify(args)) => run_verify(args, started, cancel),
-        Some(Command::Lint(args)) => run_lint(&args),
+        Some(Command::Lint(args)) => run_lint(&args, started),
         Some(Command::Inspect(args)) => {
             let mut s = settings(&args.find, None, args.dtype, CiOutputs::default());
             s.check.int8 = args.int8;
@@ -454,16 +460,28 @@ fn is_stdout(path: &Path) -> bool {
     path.as_os_str() == "-"
 }
 
-fn run_lint(args: &LintArgs) -> Result<ExitCode> {
+fn run_lint(args: &LintArgs, started: RunStart) -> Result<ExitCode> {
     let to_stdout = args.report.as_deref().is_some_and(is_stdout);
     let file = args.report.as_deref().filter(|p| !is_stdout(p));
-    let found = repvgg_fuse::app::lint_file(&args.graph, file, &Settings::default())?;
+    let ci = CiArgs {
+        junit: args.junit.clone(),
+    };
+    let s = Settings {
+        ci: ci_outputs(&ci, true, started)?,
+        ..Settings::default()
+    };
+    let found = repvgg_fuse::app::lint_file(&args.graph, file, &s)?;
     let text = repvgg_fuse::report::lint::text(&found);
     if to_stdout {
         eprint!("{text}");
         print(&format!("{}\n", serde_json::to_string_pretty(&found)?));
     } else if !(args.quiet && found.passed()) {
         print(&text);
+    }
+    if github_actions() {
+        for line in github::lint_errors(&found) {
+            eprintln!("{line}");
+        }
     }
     Ok(if found.passed() {
         ExitCode::SUCCESS

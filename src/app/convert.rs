@@ -119,7 +119,7 @@ pub fn convert(
         written: staged.written.clone(),
     };
     let mut report = build_report(&train, parts);
-    report.graph = graph;
+    report.set_graph(graph);
     // A deploy file that failed verification is not put in place (the temp file goes with
     // `tmp`); the report is, since it says what failed.
     let deploy_files = match report.verified() {

@@ -199,7 +199,7 @@ fn fuse_block(
 
 /// The edit: each set's nodes removed, one node in their place reading the set's input and
 /// writing its output, with the block's fused weight and bias.
-fn edit(
+pub(super) fn edit(
     blocks: &[Block],
     sets: &[BranchSet],
     mut names: std::collections::BTreeSet<String>,

@@ -161,7 +161,8 @@ impl Train {
         check_deploy(train, deploy, found, opts, hooks.cancel)
     }
 
-    /// One report entry per block, with its fused dtype, deviation and INT8 figures.
+    /// One report entry per block, with its fused dtype, deviation and INT8 figures (and, for
+    /// a graph, its nodes).
     fn block_reports(
         &self,
         dtype_of: impl Fn(&Block) -> String,
@@ -169,10 +170,13 @@ impl Train {
         int8: Vec<Option<Int8Report>>,
     ) -> Vec<BlockReport> {
         let layout = &self.detection.layout.name;
+        let mut nodes = lint::graph_nodes(self).into_iter();
         (self.detection.blocks.iter().zip(devs).zip(int8))
-            .map(|((b, d), int8)| BlockReport {
-                int8,
-                ..BlockReport::new(b, layout, &dtype_of(b), d)
+            .map(|((b, d), int8)| {
+                let mut report = BlockReport::new(b, layout, &dtype_of(b), d);
+                report.int8 = int8;
+                report.block.graph_nodes = nodes.next();
+                report
             })
             .collect()
     }

@@ -47,7 +47,7 @@ impl RunStart {
     }
 
     /// The run so far, for the JUnit file.
-    fn info(&self) -> RunInfo {
+    pub fn info(&self) -> RunInfo {
         RunInfo {
             seconds: self.instant.elapsed().as_secs_f64(),
             started: self.epoch_seconds,
@@ -328,28 +328,43 @@ pub(crate) fn stage_ci(report: &Report, ci: &CiOutputs) -> Result<Vec<Pending>, 
     let mut files = Vec::new();
     if let Some(path) = &ci.junit {
         let xml = junit(report, &ci.started.info());
-        let (pending, ()) = write_atomic(path, "the JUnit file", |file| {
-            (file.write_all(xml.as_bytes()))
-                .map_err(Error::write(path, "cannot write the JUnit file"))
-        })?;
-        files.push(pending);
+        files.push(stage_text(path, "the JUnit file", &xml)?);
     }
     if let Some(path) = &ci.job_summary {
-        let before = match std::fs::read(path) {
-            Ok(bytes) => bytes,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
-            Err(e) => return Err(Error::write(path, "cannot read the job summary")(e)),
-        };
         let md = markdown::job_summary(report);
-        let (pending, ()) = write_atomic(path, "the job summary", |file| {
-            (file
-                .write_all(&before)
-                .and_then(|()| file.write_all(md.as_bytes())))
-            .map_err(Error::write(path, "cannot write the job summary"))
-        })?;
-        files.push(pending);
+        files.push(stage_appended(path, "the job summary", &md)?);
     }
     Ok(files)
+}
+
+/// `text` as a pending file at `path`; `what` names it in errors (`the JUnit file`).
+pub(crate) fn stage_text(path: &Path, what: &'static str, text: &str) -> Result<Pending, Error> {
+    let (pending, ()) = write_atomic(path, what, |file| {
+        (file.write_all(text.as_bytes()))
+            .map_err(Error::write(path, format!("cannot write {what}")))
+    })?;
+    Ok(pending)
+}
+
+/// The file at `path` (empty if there is none) with `text` after it, as a pending file: the
+/// job summary, to which each step adds.
+pub(crate) fn stage_appended(
+    path: &Path,
+    what: &'static str,
+    text: &str,
+) -> Result<Pending, Error> {
+    let before = match std::fs::read(path) {
+        Ok(bytes) => bytes,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
+        Err(e) => return Err(Error::write(path, format!("cannot read {what}"))(e)),
+    };
+    let (pending, ()) = write_atomic(path, what, |file| {
+        (file
+            .write_all(&before)
+            .and_then(|()| file.write_all(text.as_bytes())))
+        .map_err(Error::write(path, format!("cannot write {what}")))
+    })?;
+    Ok(pending)
 }
 
 /// Puts a run's files in place: `first` (a conversion's deploy file), the report at

@@ -74,7 +74,7 @@ pub fn verify_files(
         written,
     };
     let mut r = build_report(&train, parts);
-    r.graph = graph;
+    r.set_graph(graph);
     r.warnings.extend(warnings(&deploy));
     put_in_place(&r, Vec::new(), report, &settings.ci)?;
     Ok(Outcome::new(r, report.map(Path::to_path_buf), settings))

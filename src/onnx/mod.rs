@@ -25,6 +25,7 @@ pub mod external;
 pub mod graph;
 pub mod model;
 pub mod proto;
+pub mod shapes;
 pub mod view;
 pub mod write;
 

@@ -252,6 +252,12 @@ impl OnnxModel {
         Ok(())
     }
 
+    /// What writing `edit` would do (node counts, what is dropped), without writing: `lint`
+    /// and `inspect` tell the deploy graph's node count from it.
+    pub fn plan_summary(&self, edit: &GraphEdit) -> Result<WriteSummary, OnnxError> {
+        Ok(self.plan(edit)?.summary)
+    }
+
     /// Applies the edit to a copy of the graph (without initializers) and drops what is no
     /// longer used.
     fn plan(&self, edit: &GraphEdit) -> Result<Plan, OnnxError> {

@@ -3,6 +3,7 @@
 
 use super::FailureKind;
 use super::Report;
+use super::lint::{Lint, unmerged_message};
 use super::text::{block_of, failure_message};
 
 /// The GitHub Actions `::error` workflow commands, one per failure, with the title and message
@@ -21,6 +22,18 @@ pub fn github_errors(r: &Report) -> Vec<String> {
             github_error(
                 &title,
                 &format!("{}: {}", r.output, failure_message(block_of(r, f), f)),
+            )
+        })
+        .collect()
+}
+
+/// `lint`'s `::error` workflow commands, one per mergeable branch set.
+pub fn lint_errors(l: &Lint) -> Vec<String> {
+    (l.unmerged.iter())
+        .map(|u| {
+            github_error(
+                &format!("repvgg-fuse lint: unmerged branch set {}", u.name),
+                &format!("{}: {}", l.input, unmerged_message(u)),
             )
         })
         .collect()

@@ -10,6 +10,7 @@
 
 use std::fmt::Write as _;
 
+use super::lint::{Lint, unmerged_message};
 use super::text::{block_of, failure_message};
 use super::{Failure, FailureKind, Report};
 
@@ -26,6 +27,12 @@ pub struct RunInfo {
 
 /// The JUnit `classname` of the deploy-file checks.
 pub const DEPLOY_CLASS: &str = "deploy-file";
+
+/// The JUnit `classname` of `lint`'s testcases.
+pub const LINT_CLASS: &str = "lint";
+
+/// The name of `lint`'s one testcase when no mergeable set is left.
+pub const LINT_PASSED: &str = "no mergeable branch set";
 
 /// A testcase's failure: `type`, `message`, text.
 struct CaseFailure {
@@ -77,32 +84,109 @@ pub fn junit(report: &Report, run: &RunInfo) -> String {
             case(DEPLOY_CLASS, kind.check_name(), failure);
         }
     }
+    let counts = Counts {
+        tests,
+        failures,
+        skipped: 0,
+    };
+    suite(&report.input, &counts, run, &properties(report), &cases)
+}
+
+/// The JUnit XML of a `lint` run: one `testsuite` named after the graph; one `testcase` per
+/// mergeable branch set (`classname` `lint`, `name` the set's scope) failing with its nodes and
+/// what merging it would save; the candidates left alone as skipped testcases with the
+/// reason; and, when no set is left, one passing testcase (`no mergeable branch set`).
+pub fn lint_junit(l: &Lint, run: &RunInfo) -> String {
+    let mut cases = String::new();
+    for u in &l.unmerged {
+        let failure = CaseFailure {
+            kind: "mergeable-branch-set",
+            message: unmerged_message(u),
+            text: format!(
+                "nodes:\n{}\nmerged: {} `{}`",
+                u.graph_nodes.nodes.join("\n"),
+                u.graph_nodes.merged_op,
+                u.graph_nodes.merged_node
+            ),
+        };
+        testcase(&mut cases, LINT_CLASS, &u.name, Some(failure));
+    }
+    if l.passed() {
+        testcase(&mut cases, LINT_CLASS, LINT_PASSED, None);
+    }
+    for s in &l.skipped {
+        let _ = writeln!(
+            cases,
+            "  <testcase classname=\"{}\" name=\"{}\" time=\"0\">\n    <skipped message=\"{}\"/>\n  </testcase>",
+            attr(LINT_CLASS),
+            attr(&s.name),
+            attr(&s.reason)
+        );
+    }
+    let counts = Counts {
+        tests: l.unmerged.len() + usize::from(l.passed()) + l.skipped.len(),
+        failures: l.unmerged.len(),
+        skipped: l.skipped.len(),
+    };
+    let properties = [
+        ("tool", format!("{} {}", l.tool.name, l.tool.version)),
+        ("command", "lint".to_string()),
+        ("input", l.input.clone()),
+        ("input_shapes", l.input_shapes.join(", ")),
+    ];
+    suite(&l.input, &counts, run, &properties, &cases)
+}
+
+/// A `testsuite`'s testcase counts.
+struct Counts {
+    tests: usize,
+    failures: usize,
+    skipped: usize,
+}
+
+/// The whole file: the `testsuite` named `name` with its attributes, `properties`, the
+/// testcases `cases` (already XML), `system-out` and `system-err`, in the Ant schema's order.
+fn suite(
+    name: &str,
+    counts: &Counts,
+    run: &RunInfo,
+    properties: &[(&str, String)],
+    cases: &str,
+) -> String {
     let mut xml = String::from("<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n");
     let _ = writeln!(
         xml,
-        "<testsuite name=\"{}\" tests=\"{tests}\" failures=\"{failures}\" errors=\"0\" skipped=\"0\" time=\"{:.3}\" timestamp=\"{}\" hostname=\"{}\">",
-        attr(&report.input),
+        "<testsuite name=\"{}\" tests=\"{}\" failures=\"{}\" errors=\"0\" skipped=\"{}\" time=\"{:.3}\" timestamp=\"{}\" hostname=\"{}\">",
+        attr(name),
+        counts.tests,
+        counts.failures,
+        counts.skipped,
         run.seconds.max(0.0),
         timestamp(run.started),
-        attr(if run.hostname.trim().is_empty() {
-            "localhost"
-        } else {
-            &run.hostname
-        }),
+        attr(host(&run.hostname)),
     );
     xml.push_str("  <properties>\n");
-    for (name, value) in properties(report) {
+    for (name, value) in properties {
         let _ = writeln!(
             xml,
             "    <property name=\"{}\" value=\"{}\"/>",
             attr(name),
-            attr(&value)
+            attr(value)
         );
     }
     xml.push_str("  </properties>\n");
-    xml.push_str(&cases);
+    xml.push_str(cases);
     xml.push_str("  <system-out></system-out>\n  <system-err></system-err>\n</testsuite>\n");
     xml
+}
+
+/// The machine's name for the suite: `localhost` when blank.
+fn host(name: &str) -> &str {
+    if name.trim().is_empty() {
+        "localhost"
+    } else {
+        name
+    }
 }
 
 /// One `<testcase>`, with its failure if it failed.

@@ -3,6 +3,7 @@
 
 use std::fmt::Write as _;
 
+use super::lint::{Lint, flops_text};
 use super::text::element;
 use super::{BlockReport, Failure, FailureKind, Report};
 
@@ -56,6 +57,72 @@ pub fn job_summary(r: &Report) -> String {
     }
     other_failures(&mut md, r);
     md
+}
+
+/// The Markdown of a `lint` run for `$GITHUB_STEP_SUMMARY`: the verdict, the node counts
+/// before and after merging, what merging would save, a row per mergeable set (its scope, its
+/// nodes, the node that would replace them, parameters and FLOPs) and the candidates left
+/// alone, with why.
+pub fn lint_summary(l: &Lint) -> String {
+    let mut md = String::new();
+    let headline = if l.passed() {
+        "✅ passed: no mergeable branch set".to_string()
+    } else {
+        format!("❌ FAILED: {} mergeable branch sets", l.unmerged.len())
+    };
+    let _ = writeln!(md, "### repvgg-fuse lint: {headline}\n");
+    let shapes: Vec<String> = l.input_shapes.iter().map(|s| code(s)).collect();
+    let _ = writeln!(md, "{} · input {}\n", code(&l.input), shapes.join(", "));
+    let _ = writeln!(
+        md,
+        "- **nodes:** {} → {} after merging",
+        group_digits(l.nodes as u64),
+        group_digits(l.nodes_after_merge as u64)
+    );
+    let _ = writeln!(
+        md,
+        "- **merging saves:** {} parameters, {}\n",
+        group_digits(l.parameters_saved as u64),
+        text(&flops_text(l.flops_saved))
+    );
+    if !l.unmerged.is_empty() {
+        md.push_str("#### Mergeable branch sets\n\n| set | nodes | would be | parameters saved | FLOPs saved |\n|---|---|---|---:|---:|\n");
+        for u in l.unmerged.iter().take(MAX_ROWS) {
+            let nodes: Vec<String> = u.graph_nodes.nodes.iter().map(|n| cell_code(n)).collect();
+            let _ = writeln!(
+                md,
+                "| {} | {} | {} {} | {} | {} |",
+                cell_code(&u.name),
+                nodes.join("<br>"),
+                text(&u.graph_nodes.merged_op),
+                cell_code(&u.graph_nodes.merged_node),
+                group_digits(u.parameters_saved as u64),
+                u.flops_saved.map_or("–".to_string(), group_digits)
+            );
+        }
+        lint_more(&mut md, l.unmerged.len(), &l.input);
+    }
+    if !l.skipped.is_empty() {
+        md.push_str("#### Left alone\n\n| candidate | why |\n|---|---|\n");
+        for s in l.skipped.iter().take(MAX_ROWS) {
+            let _ = writeln!(md, "| {} | {} |", cell_code(&s.name), cell(&s.reason));
+        }
+        lint_more(&mut md, l.skipped.len(), &l.input);
+    }
+    md
+}
+
+/// The rows a lint table left out, counted.
+fn lint_more(md: &mut String, rows: usize, input: &str) {
+    if rows > MAX_ROWS {
+        let _ = writeln!(
+            md,
+            "\n… and {} more; `repvgg-fuse lint {} --report lint.json` lists them all.",
+            rows - MAX_ROWS,
+            text(input)
+        );
+    }
+    md.push('\n');
 }
 
 /// Rows of a table at most; the rest is counted, and is in the JSON report.

@@ -59,6 +59,25 @@ impl Report {
         self.verify.as_ref().is_none_or(|v| v.passed)
     }
 
+    /// Puts the whole-graph check in the report: `graph`, and its worst output deviation in
+    /// `summary`.
+    pub fn set_graph(&mut self, check: Option<GraphCheck>) {
+        if let Some(g) = &check {
+            let worst = |f: fn(&OutputCheck) -> f64| {
+                (g.outputs.iter()).map(f).fold(0.0, |a: f64, b| {
+                    if a.is_nan() || b.is_nan() {
+                        f64::NAN
+                    } else {
+                        a.max(b)
+                    }
+                })
+            };
+            self.summary.graph_max_abs_deviation = Some(worst(|o| o.max_abs_deviation));
+            self.summary.graph_max_rel_deviation = Some(worst(|o| o.max_rel_deviation));
+        }
+        self.graph = check;
+    }
+
     /// Whether the report is of a conversion (else of a `verify`).
     pub fn converting(&self) -> bool {
         self.command == "convert"
@@ -242,6 +261,22 @@ pub struct BlockInfo {
     /// tensorless identity, `rbr_identity: yes (rule in == out: 8 → 8)` or `… (--identity)`.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub assumed: Vec<String>,
+    /// For a block of an ONNX graph: the nodes it merges and the node that replaces them
+    /// (absent for a checkpoint).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub graph_nodes: Option<GraphNodes>,
+}
+
+/// A block of an ONNX graph by the graph's node names.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct GraphNodes {
+    /// The train graph's nodes the block merges (branches, joining adds, ops after the sum),
+    /// in graph order.
+    pub nodes: Vec<String>,
+    /// The node `convert` writes in their place (`/stages.0/stages.0.1/Conv`).
+    pub merged_node: String,
+    /// Its op: `Conv` or `Gemm`.
+    pub merged_op: String,
 }
 
 impl From<&Block> for BlockInfo {
@@ -258,6 +293,7 @@ impl From<&Block> for BlockInfo {
             kernel: block.kernel,
             identity: block.has_identity(),
             assumed: block.assumed.clone(),
+            graph_nodes: None,
         }
     }
 }
@@ -348,6 +384,13 @@ pub struct Summary {
     /// Nodes of the ONNX graph written or judged (absent for a checkpoint).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub nodes_out: Option<usize>,
+    /// Both ONNX graphs run whole (with verification): the largest max |train − deploy| over
+    /// the graph's outputs (absent otherwise; see `graph`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub graph_max_abs_deviation: Option<f64>,
+    /// The same, over each output's max |train|: the largest of the outputs'.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub graph_max_rel_deviation: Option<f64>,
 }
 
 impl Summary {
@@ -553,6 +596,12 @@ pub struct Inspection {
     pub passthrough: Vec<String>,
     /// The deploy file's tensors: name, dtype, shape.
     pub output: Vec<OutputTensor>,
+    /// Nodes of an ONNX graph read (absent for a checkpoint).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub nodes_in: Option<usize>,
+    /// Nodes the deploy graph would have (absent for a checkpoint).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub nodes_out: Option<usize>,
     /// What the user should know (the binary prints each).
     pub warnings: Vec<Warning>,
 }
@@ -565,6 +614,13 @@ pub struct InspectBlock {
     pub block: BlockInfo,
     /// Tensors it consumes.
     pub tensors: Vec<String>,
+    /// With `inspect --int8` (which fuses the block): max |fused − unfused| on the block's
+    /// probe input, as `convert` reports it without `--verify`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_abs_deviation: Option<f64>,
+    /// The same, over max |unfused|.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_rel_deviation: Option<f64>,
     /// INT8 readiness of the fused weight `convert` would write, with `inspect --int8` (absent
     /// without it, or where the weight would not fit the output dtype). Fusing for these reads
     /// the block's weights twice.

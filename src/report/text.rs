@@ -217,7 +217,8 @@ pub fn inspection(i: &Inspection) -> String {
         i.bn_eps.source
     );
     say!(text, "{} blocks:", i.blocks.len());
-    for (b, int8) in i.blocks.iter().map(|b| (&b.block, &b.int8)) {
+    for block in &i.blocks {
+        let b = &block.block;
         let groups = b.groups.map_or("?".to_string(), |g| g.to_string());
         let cin = b.in_channels.map_or("?".to_string(), |c| c.to_string());
         say!(
@@ -230,7 +231,25 @@ pub fn inspection(i: &Inspection) -> String {
             if b.identity { "" } else { " (no identity)" },
             k = b.kernel
         );
-        if let Some(q) = int8 {
+        if let Some(g) = &b.graph_nodes {
+            say!(
+                text,
+                "  {:<32} merges {} nodes into {} `{}`: {}",
+                "",
+                g.nodes.len(),
+                g.merged_op,
+                g.merged_node,
+                g.nodes.join(", ")
+            );
+        }
+        if let (Some(abs), Some(rel)) = (block.max_abs_deviation, block.max_rel_deviation) {
+            say!(
+                text,
+                "  {:<32} probe deviation {abs:.3e} absolute, {rel:.3e} relative",
+                ""
+            );
+        }
+        if let Some(q) = &block.int8 {
             say!(text, "{}", int8_block(q));
         }
     }
@@ -242,6 +261,9 @@ pub fn inspection(i: &Inspection) -> String {
         "{} tensors pass through unchanged",
         i.passthrough.len()
     );
+    if let (Some(n_in), Some(n_out)) = (i.nodes_in, i.nodes_out) {
+        say!(text, "graph: {n_in} nodes → {n_out} after merging");
+    }
     let count = |source| i.output.iter().filter(|o| o.source == source).count();
     say!(
         text,
