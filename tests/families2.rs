@@ -94,20 +94,10 @@ const CASES: &[Case] = &[
             "blocks.3=on",
         ],
     ),
-    // kh×kw fused kernels (docTR's (1, 3), (3, 1), (3, 5) layers; MobileCLIP's text
-    // RepMixer) are refused by this build: left out here, refused in a test below.
-    Case {
-        dir: "fam2_doctr_fastconv",
-        layout: "doctr-fast",
-        args: &[],
-        without: &["blocks.2.", "blocks.3.", "blocks.5."],
-    },
-    Case {
-        dir: "fam2_apple_mobileclip",
-        layout: "apple-mobileclip",
-        args: &[],
-        without: &["blocks.5."],
-    },
+    // docTR's (1, 3), (3, 1) and (3, 5) layers and MobileCLIP's text RepMixer (1×k) fuse
+    // into the framework's kh×kw deploy convs.
+    case("fam2_doctr_fastconv", "doctr-fast", &[]),
+    case("fam2_apple_mobileclip", "apple-mobileclip", &[]),
 ];
 
 /// `--fold-bn` on whole models (fixtures/foldbn_*): the deploy file holds what the framework's
@@ -431,18 +421,33 @@ fn identity_for_an_unknown_block_is_refused() {
     assert_eq!(out.status.code(), Some(2), "{}", describe(&out));
 }
 
-/// A block whose branches fuse into a kh×kw kernel (docTR's (1, 3) layer) is refused, naming
-/// it: this build writes square kernels only, and a square one would not load.
+/// A kh×kw kernel fuses where every branch centres in it; a branch with an even extent
+/// cannot be centred (it would sit half a tap off), so it is refused, naming the tensor, and
+/// nothing is written. Here docTR's (1, 3) layer with its 1×1 `ver_conv` stretched to 2×1.
 #[test]
-fn a_non_square_fused_kernel_is_refused() {
-    let (tmp, out) = run_on("fam2_doctr_fastconv", &[]);
+fn a_branch_with_an_even_extent_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut train = read_st(&fixture_dir("fam2_doctr_fastconv").join("train.safetensors"));
+    let ver = train
+        .get_mut("blocks.2.ver_conv.weight")
+        .expect("the fixture's (1, 3) layer has a 1×1 ver_conv");
+    assert_eq!(ver.shape, [12, 12, 1, 1]);
+    let width = ver.data.len() / 144;
+    ver.data = (ver.data.chunks(width))
+        .flat_map(|e| e.iter().chain(e).copied().collect::<Vec<u8>>())
+        .collect();
+    ver.shape = vec![12, 12, 2, 1];
+    let input = dir.path().join("train.safetensors");
+    write_st(&input, &train, None);
+    let output = dir.path().join("out.safetensors");
+    let out = bin().arg(&input).arg("-o").arg(&output).output().unwrap();
     assert_eq!(out.status.code(), Some(2), "{}", describe(&out));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(
-        err.contains("blocks.2") && err.contains("1×3 kernel"),
+        err.contains("blocks.2.ver_conv.weight") && err.contains("2×1 kernel"),
         "{err}"
     );
-    assert!(!tmp.path().join("out.safetensors").exists());
+    assert!(!output.exists());
 }
 
 /// Without `--fold-bn` nothing changes: a YOLO11 file (Conv→BN pairs only) has no block, and

@@ -261,8 +261,8 @@ impl Branch {
 }
 
 /// A checked block: every conv agrees on output channels and input channels per group, every
-/// kernel is odd and square and fits the block's, every per-channel tensor has one value per
-/// output channel.
+/// kernel is odd in each direction (square unless its layout allows kh×kw) and is centred in
+/// the block's kh×kw, every per-channel tensor has one value per output channel.
 #[derive(Debug, Clone)]
 pub struct Block {
     /// The block prefix exactly as in the checkpoint, e.g. `stages.2.13`.
@@ -275,8 +275,9 @@ pub struct Block {
     pub out_channels: usize,
     /// Input channels per group (the kernel's second dimension).
     pub in_per_group: usize,
-    /// The fused kernel size (the largest extent of any branch).
-    pub kernel: usize,
+    /// The fused kernel `(kh, kw)`: the largest extent of any branch in each direction
+    /// ([`fused_kernel`]); every branch's kernel is centred in it.
+    pub kernel: (usize, usize),
     /// Whether the main weight is a Linear's `[out, in]` (the deploy weight is too).
     pub linear: bool,
     /// Groups, when the weights settle it (an identity branch means in == out).
@@ -358,13 +359,14 @@ impl<'a> Checker<'a> {
         }
     }
 
-    /// Checks a conv weight on its own; returns it and its extent (dilated kernel side).
+    /// Checks a conv weight on its own; returns it and its extent `(height, width)` (the
+    /// dilated kernel).
     fn conv(
         &self,
         branch: &Branch,
         weight: &str,
         (dilation, asymmetric): (usize, bool),
-    ) -> Result<(&'a TensorInfo, usize), BlockError> {
+    ) -> Result<(&'a TensorInfo, (usize, usize)), BlockError> {
         let w = self.float(weight)?;
         if w.shape.len() != 4 && w.shape.len() != 2 {
             return Err(self.err(format!(
@@ -381,14 +383,14 @@ impl<'a> Checker<'a> {
                 w.name
             )));
         }
-        let extent = (kh.max(kw) - 1) * dilation.max(1) + 1;
-        if extent > MAX_KERNEL {
+        let extent = dilated((kh, kw), dilation);
+        if extent.0 > MAX_KERNEL || extent.1 > MAX_KERNEL {
             return Err(self.err(format!(
-                "conv weight `{}` has a {extent}×{extent} kernel; expected at most {MAX_KERNEL}×{MAX_KERNEL}",
-                w.name
+                "conv weight `{}` has a {}×{} kernel; expected at most {MAX_KERNEL}×{MAX_KERNEL}",
+                w.name, extent.0, extent.1
             )));
         }
-        if branch.role == Role::Pointwise && kh != 1 {
+        if branch.role == Role::Pointwise && (kh, kw) != (1, 1) {
             return Err(self.err(format!(
                 "1×1 branch `{}` has weight `{}` of shape {:?}; expected a 1×1 kernel",
                 branch.label, w.name, w.shape
@@ -398,18 +400,49 @@ impl<'a> Checker<'a> {
     }
 }
 
-/// The main conv and the block's kernel, from every conv and pool of the branches.
+/// The extent `(height, width)` of a `kh`×`kw` kernel with taps `dilation` apart.
+pub fn dilated((kh, kw): (usize, usize), dilation: usize) -> (usize, usize) {
+    let d = dilation.max(1);
+    ((kh.max(1) - 1) * d + 1, (kw.max(1) - 1) * d + 1)
+}
+
+/// The fused kernel of branches with these extents: the largest in each direction. Every
+/// branch kernel is then centred in it, which is exact only when each extent is odd in each
+/// direction (or the block has one branch, which is never placed beside another): `None`
+/// otherwise.
+///
+/// ```
+/// use repvgg_fuse::block::fused_kernel;
+///
+/// // docTR's (3, 5) layer: a 3×5 conv, its 3×1 and 1×5 siblings, the identity's 1×1.
+/// assert_eq!(fused_kernel(&[(3, 5), (3, 1), (1, 5), (1, 1)], false), Some((3, 5)));
+/// assert_eq!(fused_kernel(&[(1, 3), (1, 1)], false), Some((1, 3)));
+/// assert_eq!(fused_kernel(&[(3, 3), (2, 1)], false), None);
+/// assert_eq!(fused_kernel(&[(2, 2)], true), Some((2, 2)));
+/// ```
+pub fn fused_kernel(extents: &[(usize, usize)], single: bool) -> Option<(usize, usize)> {
+    let odd = |e: &(usize, usize)| e.0 % 2 == 1 && e.1 % 2 == 1;
+    if !single && !extents.iter().all(odd) {
+        return None;
+    }
+    extents
+        .iter()
+        .copied()
+        .reduce(|a, b| (a.0.max(b.0), a.1.max(b.1)))
+}
+
+/// The main conv and the block's fused kernel `(kh, kw)`: the largest extent in each
+/// direction of every conv and pool of the branches ([`fused_kernel`]).
 fn main_conv<'a>(
     c: &Checker<'a>,
     branches: &[Branch],
-) -> Result<(&'a TensorInfo, usize), BlockError> {
+) -> Result<(&'a TensorInfo, (usize, usize)), BlockError> {
     let mut main: Option<&TensorInfo> = None;
-    let mut kernel = 0;
-    // The largest extent in each direction, of the convs: the fused kernel is square.
-    let mut extents = (0, 0);
+    // Each source's extent, and what it is (for the message).
+    let mut extents: Vec<((usize, usize), String)> = Vec::new();
     for b in branches {
         if let Some(Op::ThenConv { weight }) = b.second() {
-            kernel = kernel.max(c.conv(b, weight, (1, false))?.1);
+            extents.push((c.conv(b, weight, (1, false))?.1, weight.clone()));
             continue;
         }
         match b.source() {
@@ -421,25 +454,30 @@ fn main_conv<'a>(
             } => {
                 let (w, extent) = c.conv(b, weight, (*dilation, *asymmetric))?;
                 main.get_or_insert(w);
-                kernel = kernel.max(extent);
-                let (kh, kw) = kernel_hw(w);
-                let d = dilation.max(&1);
-                extents.0 = extents.0.max((kh - 1) * d + 1);
-                extents.1 = extents.1.max((kw - 1) * d + 1);
+                extents.push((extent, weight.clone()));
             }
-            Op::AvgPool { kernel: k } => kernel = kernel.max(*k),
+            // 0 is "the block's kernel" (DBB's average): it takes the others' extent.
+            Op::AvgPool { kernel: k } if *k > 0 => {
+                extents.push(((*k, *k), format!("the average of branch `{}`", b.label)));
+            }
             _ => {}
         }
     }
     let Some(main) = main else {
         return Err(c.err("it has no conv branch".to_string()));
     };
-    if extents.0 != extents.1 {
+    let sizes: Vec<(usize, usize)> = extents.iter().map(|(e, _)| *e).collect();
+    let Some(kernel) = fused_kernel(&sizes, c.single) else {
+        let (e, what) = extents
+            .iter()
+            .find(|(e, _)| e.0 % 2 == 0 || e.1 % 2 == 0)
+            .cloned()
+            .unwrap_or_default();
         return Err(c.err(format!(
-            "its branches fuse into a {}×{} kernel (`{}` is {:?}); this build writes square fused kernels only, so it cannot write the framework's kh×kw deploy conv",
-            extents.0, extents.1, main.name, main.shape
+            "{what} spans {}×{}; a branch is centred in the fused kernel, so every extent must be odd in each direction",
+            e.0, e.1
         )));
-    }
+    };
     if main.shape[0] == 0 || main.shape[1] == 0 {
         return Err(c.err(format!(
             "conv weight `{}` has shape {:?}, with no channels",
@@ -465,12 +503,13 @@ impl Block {
         };
         let (main, kernel) = main_conv(&c, &branches)?;
         let mut branches = branches;
-        // An average over "the block's kernel" (0 in the layout: DBB's avg branch).
+        // An average over "the block's kernel" (0 in the layout: DBB's avg branch, whose
+        // block is square).
         for op in branches.iter_mut().flat_map(|b| b.ops.iter_mut()) {
             if let Op::AvgPool { kernel: k } | Op::ThenAvgPool { kernel: k } = op
                 && *k == 0
             {
-                *k = kernel;
+                *k = kernel.0.min(kernel.1);
             }
         }
         let (out_channels, in_per_group) = (main.shape[0], main.shape[1]);
@@ -517,18 +556,20 @@ impl Block {
         })
     }
 
-    /// The deploy weight's shape: `[out, in/groups, k, k]`, or a Linear's `[out, in]`.
+    /// The deploy weight's shape: `[out, in/groups, kh, kw]`, or a Linear's `[out, in]`.
     pub fn deploy_shape(&self) -> Vec<usize> {
         if self.linear {
             vec![self.out_channels, self.in_per_group]
         } else {
-            vec![
-                self.out_channels,
-                self.in_per_group,
-                self.kernel,
-                self.kernel,
-            ]
+            let (kh, kw) = self.kernel;
+            vec![self.out_channels, self.in_per_group, kh, kw]
         }
+    }
+
+    /// The fused kernel's larger side: what an input must at least span for every tap to
+    /// meet it.
+    pub fn side(&self) -> usize {
+        self.kernel.0.max(self.kernel.1)
     }
 
     /// Input channels: known when groups are.
@@ -546,9 +587,9 @@ impl Block {
         self.out_channels / self.groups.unwrap_or(1)
     }
 
-    /// Weights per output channel of the fused kernel: `in/groups · k · k`.
+    /// Weights per output channel of the fused kernel: `in/groups · kh · kw`.
     pub fn row_len(&self) -> usize {
-        self.in_per_group * self.kernel * self.kernel
+        self.in_per_group * self.kernel.0 * self.kernel.1
     }
 
     /// Ranges of output channels of about `elements` fused weights each: the unit of work

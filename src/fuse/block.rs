@@ -23,11 +23,12 @@ thread_local! {
 /// read are still in the core's cache when they are decoded (64 Ki elements, 256 KB of F32).
 pub const FUSE_CHUNK: usize = 1 << 16;
 
-/// The probe input of block `b` (its own k×k input, stream `b` of `seed`): each row of the
+/// The probe input of block `b` (its own kh×kw input, stream `b` of `seed`): each row of the
 /// fused kernel meets it at the centre output exactly once.
 pub fn probe_input(block: &Block, b: usize, seed: u64) -> Input {
     let c = block.in_channels().unwrap_or(block.in_per_group);
-    Input::random(1, c, block.kernel, block.kernel, seed, b as u64)
+    let (kh, kw) = block.kernel;
+    Input::random(1, c, kh, kw, seed, b as u64)
 }
 
 /// Fuses output channels `rows` of `block` straight from the file's bytes, encoded in `dtype`

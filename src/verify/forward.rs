@@ -62,8 +62,15 @@ fn forward_sequence(
 ) -> Array2<f64> {
     let groups = block.groups.unwrap_or(1).max(1);
     let ipg = block.in_per_group;
-    let cols1 = x.cols(1, 1);
-    let mut mid = conv_rows(&cols1, &seq.first, 0..seq.mid, ipg, 1, seq.mid / groups);
+    let cols1 = x.cols((1, 1), 1);
+    let mut mid = conv_rows(
+        &cols1,
+        &seq.first,
+        0..seq.mid,
+        ipg,
+        (1, 1),
+        seq.mid / groups,
+    );
     let mut pad = Array2::<f64>::zeros((seq.mid, 1));
     for op in &seq.ops {
         forward_channel_op(op, &mut mid);
@@ -76,11 +83,12 @@ fn forward_sequence(
     };
     let pad: Vec<f64> = pad.column(0).to_vec();
     let padded = pad_with(&mid, &pad, &x.input, side / 2);
-    let cols = crate::conv::im2col(&padded, side, 1);
+    let cols = crate::conv::im2col(&padded, (side, side), 1);
     let full = match second {
         Some((k2, _)) => {
             let mpg = k2.len() / (rows.len() * side * side).max(1);
-            conv_rows(&cols, k2, rows.clone(), mpg, side, block.out_per_group())
+            let opg = block.out_per_group();
+            conv_rows(&cols, k2, rows.clone(), mpg, (side, side), opg)
         }
         None => {
             let kk = side * side;
@@ -148,13 +156,20 @@ fn forward_input_bn(
     x: &BlockInput,
     rows: Range<usize>,
 ) -> Array2<f64> {
-    let mut cols = x.cols(1, 1).into_owned();
+    let mut cols = x.cols((1, 1), 1).into_owned();
     for (c, mut row) in cols.rows_mut().into_iter().enumerate() {
         let (t, s) = bn_row(bn, c % bn.var.len().max(1));
         Zip::from(&mut row).for_each(|v| *v = t * *v + s);
     }
     let w = weight.map_or(&[][..], |(w, _)| w);
-    conv_rows(&cols, w, rows, block.in_per_group, 1, block.out_per_group())
+    conv_rows(
+        &cols,
+        w,
+        rows,
+        block.in_per_group,
+        (1, 1),
+        block.out_per_group(),
+    )
 }
 
 /// A branch's source op on `x`, for output channels `rows`: `[rows, n·h·w]`.
@@ -166,23 +181,18 @@ fn forward_source(
     rows: Range<usize>,
 ) -> Array2<f64> {
     match (branch.source(), weight) {
-        (Op::Conv { dilation, .. }, Some((w, (kh, kw)))) => {
-            // A kh×kw kernel runs as the square one it is centred in (zero taps elsewhere):
-            // the same convolution with the same padding.
-            let side = kh.max(kw);
-            let square = (kh != kw).then(|| centred(w, block.in_per_group, (kh, kw)));
-            conv_rows(
-                &x.cols(side, *dilation),
-                square.as_deref().unwrap_or(w),
-                rows,
-                block.in_per_group,
-                side,
-                block.out_per_group(),
-            )
-        }
+        // A kh×kw kernel runs as itself, same-padded by (kh − 1)/2 and (kw − 1)/2.
+        (Op::Conv { dilation, .. }, Some((w, k))) => conv_rows(
+            &x.cols(k, *dilation),
+            w,
+            rows,
+            block.in_per_group,
+            k,
+            block.out_per_group(),
+        ),
         (Op::AvgPool { kernel }, _) => {
             // Channel o's window: rows o·k²..(o+1)·k² of the k×k im2col, averaged.
-            let cols = x.cols(*kernel, 1);
+            let cols = x.cols((*kernel, *kernel), 1);
             let kk = kernel * kernel;
             let mut y = Array2::<f64>::zeros((rows.len(), cols.ncols()));
             for (r, o) in rows.enumerate() {
@@ -192,25 +202,8 @@ fn forward_source(
             y / kk as f64
         }
         // The identity reads input channel o for output channel o.
-        _ => x.cols(1, 1).slice(s![rows, ..]).to_owned(),
+        _ => x.cols((1, 1), 1).slice(s![rows, ..]).to_owned(),
     }
-}
-
-/// Kernels `[rows, cpg, kh, kw]` zero-padded to `[rows, cpg, side, side]`, centred.
-fn centred(w: &[f64], cpg: usize, (kh, kw): (usize, usize)) -> Vec<f64> {
-    let side = kh.max(kw);
-    let (py, px) = ((side - kh) / 2, (side - kw) / 2);
-    let channels = w.len() / (kh * kw).max(1);
-    let mut out = vec![0.0; channels * side * side];
-    for c in 0..channels {
-        for y in 0..kh {
-            for x in 0..kw {
-                out[(c * side + py + y) * side + px + x] = w[(c * kh + y) * kw + x];
-            }
-        }
-    }
-    debug_assert_eq!(channels % cpg.max(1), 0);
-    out
 }
 
 /// A per-channel op applied to outputs `y` (`[rows, positions]`).
