@@ -101,19 +101,13 @@ const CASES: &[Case] = &[
 ];
 
 /// `--fold-bn` on whole models (fixtures/foldbn_*): the deploy file holds what the framework's
-/// own fuse holds (ultralytics' `fuse()` without its head pruning). ultralytics'
-/// ConvTranspose + BN (the BN scale on dim 1 of a transposed weight) is not folded by this
-/// build, and docTR's FAST has kh×kw layers: both left out.
+/// own fuse holds (ultralytics' `fuse()` without its head pruning), ultralytics'
+/// ConvTranspose + BN (the BN scale on dim 1 of a transposed weight) included.
 const FOLD_CASES: &[Case] = &[
     case("foldbn_yolo11", "ultralytics-fold", &["--fold-bn"]),
     case("foldbn_yolov10", "ultralytics-repvggdw", &["--fold-bn"]),
     case("foldbn_rtdetr", "ultralytics", &["--fold-bn"]),
-    Case {
-        dir: "foldbn_ultralytics_modules",
-        layout: "ultralytics",
-        args: &["--fold-bn"],
-        without: &["model.2."],
-    },
+    case("foldbn_ultralytics_modules", "ultralytics", &["--fold-bn"]),
 ];
 
 /// Every case, layouts and folds.
@@ -324,15 +318,20 @@ fn verify_accepts_each_framework_deploy() {
         let deploy = conv.input.with_file_name("theirs.safetensors");
         let theirs = read_st(&fixture_dir(c.dir).join("deploy.safetensors"));
         write_st(&deploy, &without(theirs, c.without), None);
-        let out = bin()
-            .arg("verify")
-            .arg(&conv.input)
-            .arg(&deploy)
-            .args(c.args)
-            .output()
-            .unwrap();
+        let out = verify_with(c, &conv.input, &deploy);
         assert_eq!(out.status.code(), Some(0), "{}: {}", c.dir, describe(&out));
     }
+}
+
+/// `repvgg-fuse verify TRAIN DEPLOY` with the case's arguments.
+fn verify_with(c: &Case, train: &Path, deploy: &Path) -> std::process::Output {
+    bin()
+        .arg("verify")
+        .arg(train)
+        .arg(deploy)
+        .args(c.args)
+        .output()
+        .unwrap()
 }
 
 /// Runs the binary on a fixture's train file with `args`; returns the run.
@@ -448,6 +447,42 @@ fn a_branch_with_an_even_extent_is_refused() {
         "{err}"
     );
     assert!(!output.exists());
+}
+
+/// `verify` reads a ConvTranspose's output channels on dim 1 of its weight: the framework's
+/// fold passes, and the same BN scale applied along dim 0 (the input channels, as a conv's
+/// fold would) is a deviation, exit 1.
+#[test]
+fn verify_refuses_a_conv_transpose_scaled_on_dim_0() {
+    let c = &FOLD_CASES[3];
+    let conv = convert(c, &[]);
+    let train = read_st(&conv.input);
+    let mut theirs = read_st(&fixture_dir(c.dir).join("deploy.safetensors"));
+    let v = |k: &str| to_f64(&train[&format!("model.2.{k}")]);
+    let (w, g, var) = (
+        v("conv_transpose.weight"),
+        v("bn.weight"),
+        v("bn.running_var"),
+    );
+    let per_row = w.len() / g.len();
+    let wrong: Vec<u8> = (w.iter().enumerate())
+        .flat_map(|(i, w)| {
+            let r = i / per_row;
+            ((w * g[r] / (var[r] + 1e-3).sqrt()) as f32).to_le_bytes()
+        })
+        .collect();
+    let weight = theirs.get_mut("model.2.conv_transpose.weight").unwrap();
+    assert_eq!((weight.shape[0], weight.data.len()), (g.len(), wrong.len()));
+    weight.data = wrong;
+    let deploy = conv.input.with_file_name("wrong.safetensors");
+    write_st(&deploy, &theirs, None);
+    let out = verify_with(c, &conv.input, &deploy);
+    assert_eq!(out.status.code(), Some(1), "{}", describe(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("model.2"),
+        "{}",
+        describe(&out)
+    );
 }
 
 /// Without `--fold-bn` nothing changes: a YOLO11 file (Conv→BN pairs only) has no block, and

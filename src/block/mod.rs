@@ -4,6 +4,8 @@
 //! with the tensor names each op reads, and the shape checks that make fusion well defined.
 //! The arithmetic on these ops lives in the `ops` module.
 
+use std::ops::Range;
+
 use safetensors::Dtype;
 use serde::{Deserialize, Serialize};
 
@@ -91,6 +93,9 @@ pub enum Op {
         asymmetric: bool,
         /// The stored weight is the kernel minus the identity (DBB's IdentityBasedConv1x1).
         plus_identity: bool,
+        /// The weight's axis of output channels: 0 for a conv, 1 for a ConvTranspose
+        /// `[in, out/groups, kh, kw]` (folded alone; see [`Block::out_axis`]).
+        out_axis: usize,
     },
     /// A second conv `[out, mid/groups, k, k]` on what the ops before it made (`mid`
     /// channels: a 1×1 conv, then per-channel ops over its outputs), with that map padded by
@@ -172,16 +177,24 @@ impl Op {
     pub fn describe(&self, ckpt: &Checkpoint) -> String {
         match self {
             Op::Conv {
-                weight, dilation, ..
+                weight,
+                dilation,
+                out_axis,
+                ..
             } => {
                 if ckpt.get(weight).is_some_and(|t| t.shape.len() == 2) {
                     return "linear".into();
                 }
                 let (kh, kw) = ckpt.get(weight).map_or((0, 0), kernel_hw);
-                if *dilation > 1 {
-                    format!("conv{kh}x{kw}d{dilation}")
+                let conv = if *out_axis == 1 {
+                    "conv_transpose"
                 } else {
-                    format!("conv{kh}x{kw}")
+                    "conv"
+                };
+                if *dilation > 1 {
+                    format!("{conv}{kh}x{kw}d{dilation}")
+                } else {
+                    format!("{conv}{kh}x{kw}")
                 }
             }
             Op::Identity => "identity".into(),
@@ -284,6 +297,11 @@ pub struct Block {
     pub groups: Option<usize>,
     /// dtype of the main conv weight, which the fused conv keeps by default.
     pub dtype: Dtype,
+    /// The axis of the main (and the deploy) weight that holds the output channels: 0 for a
+    /// conv `[out, in/groups, kh, kw]`; 1 for a ConvTranspose `[in, out/groups, kh, kw]`
+    /// (ultralytics' `ConvTranspose` + BN fold), which is folded alone. Everything between
+    /// reading and writing sees its rows in conv order ([`Block::rows_from_stored`]).
+    pub out_axis: usize,
     /// Name of the fused weight in the deploy file.
     pub deploy_weight: String,
     /// Name of the fused bias in the deploy file.
@@ -487,6 +505,55 @@ fn main_conv<'a>(
     Ok((main, kernel))
 }
 
+/// What [`channel_geometry`] finds: the main weight's output axis, the block's
+/// `(out, in/groups)`, the groups the axis settles.
+type Geometry = (usize, (usize, usize), Option<usize>);
+
+/// The main weight's output axis, the block's `(out, in/groups)`, and the groups it settles:
+/// a conv's `[out, in/groups, …]` settles none; a ConvTranspose's `[in, out/groups, kh, kw]`
+/// takes `out` from its first per-channel tensor (its BN), `groups = out / (out/groups)`.
+fn channel_geometry(
+    c: &Checker,
+    branches: &[Branch],
+    post: &[Op],
+    main: &TensorInfo,
+) -> Result<Geometry, BlockError> {
+    let transposed = branches
+        .iter()
+        .find(|b| matches!(b.source(), Op::Conv { out_axis: 1.., .. }));
+    let Some(branch) = transposed else {
+        return Ok((0, (main.shape[0], main.shape[1]), None));
+    };
+    let alone = branches.len() == 1 && branch.second().is_none() && branch.input_bn().is_none();
+    if !alone || main.shape.len() != 4 {
+        return Err(c.err(format!(
+            "`{}` is a ConvTranspose weight (output channels on dim 1): it folds alone, a 4-D weight with per-channel ops after it, not beside other branches",
+            main.name
+        )));
+    }
+    let (inputs, out_per_group) = (main.shape[0], main.shape[1]);
+    let first_vector = (branch.ops.iter().chain(post))
+        .flat_map(|op| match op {
+            Op::Conv { bias, .. } => bias.iter().collect::<Vec<_>>(),
+            Op::Bn(bn) => vec![&bn.weight],
+            Op::Scale { weight } => vec![weight],
+            _ => Vec::new(),
+        })
+        .next();
+    let out = match first_vector {
+        Some(t) => c.float(t)?.numel(),
+        None => out_per_group,
+    };
+    let groups = out.checked_div(out_per_group).unwrap_or(0);
+    if groups == 0 || groups * out_per_group != out || inputs % groups != 0 {
+        return Err(c.err(format!(
+            "ConvTranspose weight `{}` has shape {:?} ([in, out/groups, kh, kw]) but {out} output channels: expected {out} to be a multiple of {out_per_group}, in groups that divide its {inputs} inputs",
+            main.name, main.shape
+        )));
+    }
+    Ok((1, (out, inputs / groups), Some(groups)))
+}
+
 impl Block {
     /// Checks the branches' tensors in `ckpt` against each other.
     pub fn new(
@@ -512,8 +579,10 @@ impl Block {
                 *k = kernel.0.min(kernel.1);
             }
         }
-        let (out_channels, in_per_group) = (main.shape[0], main.shape[1]);
+        let (out_axis, (out_channels, in_per_group), by_axis) =
+            channel_geometry(&c, &branches, &post, main)?;
         let groups = check_branches(&c, &branches, main, (out_channels, in_per_group))?;
+        let groups = groups.or(by_axis);
         check_channel_ops(&c, &post, out_channels)?;
         let consumed = branches
             .iter()
@@ -543,6 +612,7 @@ impl Block {
             assumed: Vec::new(),
             name: name.to_string(),
             dtype: main.dtype,
+            out_axis,
             branches,
             post,
             out_channels,
@@ -556,14 +626,71 @@ impl Block {
         })
     }
 
-    /// The deploy weight's shape: `[out, in/groups, kh, kw]`, or a Linear's `[out, in]`.
+    /// The deploy weight's shape: `[out, in/groups, kh, kw]`, or a Linear's `[out, in]`, or a
+    /// ConvTranspose's `[in, out/groups, kh, kw]`.
     pub fn deploy_shape(&self) -> Vec<usize> {
+        let (kh, kw) = self.kernel;
         if self.linear {
             vec![self.out_channels, self.in_per_group]
+        } else if self.out_axis == 1 {
+            let groups = self.groups.unwrap_or(1);
+            vec![groups * self.in_per_group, self.out_per_group(), kh, kw]
         } else {
-            let (kh, kw) = self.kernel;
             vec![self.out_channels, self.in_per_group, kh, kw]
         }
+    }
+
+    /// Rows `rows` of a weight stored with output axis [`Block::out_axis`], as read from the
+    /// file (`unit` items per weight: 1 for values, the width for bytes), in conv order
+    /// `[rows, in/groups, kh, kw]`. A ConvTranspose's rows are its weight's dim 1: a chunk of
+    /// whole groups is contiguous in both orders, and any other chunk is refused.
+    pub fn rows_from_stored<T: Copy>(
+        &self,
+        stored: Vec<T>,
+        rows: &Range<usize>,
+        unit: usize,
+    ) -> Result<Vec<T>, BlockError> {
+        let axes = (self.in_per_group, self.out_per_group());
+        self.reorder(stored, rows, axes, unit)
+    }
+
+    /// Rows `rows` in conv order back in the stored order (the inverse of
+    /// [`Block::rows_from_stored`]).
+    pub fn rows_to_stored<T: Copy>(
+        &self,
+        rows_data: Vec<T>,
+        rows: &Range<usize>,
+        unit: usize,
+    ) -> Result<Vec<T>, BlockError> {
+        let axes = (self.out_per_group(), self.in_per_group);
+        self.reorder(rows_data, rows, axes, unit)
+    }
+
+    /// Each group of `data` `[outer, inner, taps]` as `[inner, outer, taps]`.
+    fn reorder<T: Copy>(
+        &self,
+        data: Vec<T>,
+        rows: &Range<usize>,
+        (outer, inner): (usize, usize),
+        unit: usize,
+    ) -> Result<Vec<T>, BlockError> {
+        if self.out_axis == 0 {
+            return Ok(data);
+        }
+        let run = self.kernel.0 * self.kernel.1 * unit;
+        let group = outer * inner * run;
+        let opg = self.out_per_group().max(1);
+        let whole = rows.start.is_multiple_of(opg) && rows.end.is_multiple_of(opg);
+        if !whole || group == 0 || data.len() != rows.len() / opg * group {
+            return Err(BlockError::new(
+                &self.name,
+                format!(
+                    "rows {rows:?} of its ConvTranspose weight are not whole groups of {opg} output channels ({} items); a bug in repvgg-fuse, nothing was written",
+                    data.len()
+                ),
+            ));
+        }
+        Ok(swap_group_axes(&data, (outer, inner), run))
     }
 
     /// The fused kernel's larger side: what an input must at least span for every tap to
@@ -595,7 +722,7 @@ impl Block {
     /// Ranges of output channels of about `elements` fused weights each: the unit of work
     /// when fusing or checking a block, so that a block is never in memory whole.
     pub fn row_chunks(&self, elements: usize) -> Vec<std::ops::Range<usize>> {
-        let step = (elements / self.row_len().max(1)).max(1);
+        let step = self.whole_groups((elements / self.row_len().max(1)).max(1));
         (0..self.out_channels)
             .step_by(step)
             .map(|s| s..(s + step).min(self.out_channels))
@@ -607,11 +734,20 @@ impl Block {
     pub fn even_row_chunks(&self, elements: usize) -> Vec<std::ops::Range<usize>> {
         let most = (elements / self.row_len().max(1)).max(1);
         let n = self.out_channels.div_ceil(most).max(1);
-        let step = self.out_channels.div_ceil(n).max(1);
+        let step = self.whole_groups(self.out_channels.div_ceil(n).max(1));
         (0..self.out_channels)
             .step_by(step)
             .map(|s| s..(s + step).min(self.out_channels))
             .collect()
+    }
+
+    /// `step` rows, rounded up to whole groups where the stored rows are not contiguous (a
+    /// ConvTranspose: [`Block::rows_from_stored`]).
+    fn whole_groups(&self, step: usize) -> usize {
+        match self.out_axis {
+            0 => step,
+            _ => step.next_multiple_of(self.out_per_group().max(1)),
+        }
     }
 
     /// The tensors the deploy file drops: every one the block consumes, or none where the
@@ -656,7 +792,13 @@ fn check_branches(
             }
             continue;
         }
-        if let Op::Conv { weight, .. } = b.source() {
+        // A ConvTranspose is the block's only conv: its geometry is the block's.
+        if let Op::Conv {
+            weight,
+            out_axis: 0,
+            ..
+        } = b.source()
+        {
             let w = c.get(weight)?;
             if w.shape[0] != out_channels || w.shape[1] != in_per_group {
                 return Err(c.err(format!(
@@ -739,6 +881,21 @@ fn check_sequence(
     Ok(groups)
 }
 
+/// `data`, groups of `[outer, inner, run]` items, with each group's first two axes swapped:
+/// `[inner, outer, run]` (a whole trailing group only; a ragged tail is dropped).
+fn swap_group_axes<T: Copy>(data: &[T], (outer, inner): (usize, usize), run: usize) -> Vec<T> {
+    let group = (outer * inner * run).max(1);
+    let mut out = Vec::with_capacity(data.len());
+    for g in data.chunks_exact(group) {
+        for j in 0..inner {
+            for i in 0..outer {
+                out.extend_from_slice(&g[(i * inner + j) * run..(i * inner + j + 1) * run]);
+            }
+        }
+    }
+    out
+}
+
 /// A conv or Linear weight's kernel `(kh, kw)`: `(1, 1)` for a Linear.
 pub fn kernel_hw(t: &TensorInfo) -> (usize, usize) {
     match t.shape[..] {
@@ -799,4 +956,27 @@ fn check_channel_ops(c: &Checker, ops: &[Op], out: usize) -> Result<(), BlockErr
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A ConvTranspose weight `[in 4, out/groups 3, 1, 2]` in 2 groups: output channel
+    /// o = g·3 + j reads inputs g·2 + i as `w[g·2 + i, j]`, so its conv-order row is
+    /// `w[g·2 + 0, j], w[g·2 + 1, j]` (2 taps each); and back.
+    #[test]
+    fn conv_transpose_rows_are_dim_1_within_each_group() {
+        // Each item names itself: 100·input + 10·j + tap.
+        let stored: Vec<u32> = (0..4)
+            .flat_map(|i| (0..3).flat_map(move |j| (0..2).map(move |t| 100 * i + 10 * j + t)))
+            .collect();
+        let rows = swap_group_axes(&stored, (2, 3), 2);
+        let row = |o: usize| rows[o * 4..(o + 1) * 4].to_vec();
+        assert_eq!(row(0), [0, 1, 100, 101]);
+        assert_eq!(row(2), [20, 21, 120, 121]);
+        assert_eq!(row(3), [200, 201, 300, 301]);
+        assert_eq!(row(5), [220, 221, 320, 321]);
+        assert_eq!(swap_group_axes(&rows, (3, 2), 2), stored);
+    }
 }

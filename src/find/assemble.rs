@@ -471,6 +471,7 @@ impl Place<'_> {
                 dilation,
                 asymmetric,
                 plus_identity,
+                out_axis,
             } => match slot(Leaf::ConvWeight) {
                 Some(weight) => Ok(Op::Conv {
                     weight,
@@ -478,6 +479,7 @@ impl Place<'_> {
                     dilation: *dilation,
                     asymmetric: *asymmetric,
                     plus_identity: *plus_identity,
+                    out_axis: *out_axis,
                 }),
                 None => self.err(format!(
                     "branch `{label}` has {} but no conv weight `{}`",

@@ -11,6 +11,7 @@ use crate::block::values::ChannelValues;
 use crate::block::{Block, BlockError, Branch, Op, kernel_hw};
 use crate::checkpoint::Checkpoint;
 use crate::conv::Input;
+use crate::dtype::dtype_bytes;
 use crate::fuse::compose::{Affine, compose_branch};
 use crate::fuse::rows::{FuseJob, FusedRows, Grid, Kernel, RowError, Term, fuse_rows};
 
@@ -99,7 +100,13 @@ pub(crate) fn fuse_chunk(
             dtype,
             probe,
         };
-        fuse_rows(out, &job).map_err(|e| row_error(ckpt, block, rows.start, dtype, e))
+        let fused =
+            fuse_rows(out, &job).map_err(|e| row_error(ckpt, block, rows.start, dtype, e))?;
+        let weight = block.rows_to_stored(fused.weight, &rows, dtype_bytes(dtype));
+        Ok(FusedRows {
+            weight: weight.map_err(block_err)?,
+            ..fused
+        })
     })
 }
 
@@ -136,6 +143,11 @@ fn read_rows_raw(
         rows.len() as u64 * per_row,
         buf,
     )?;
+    if block.out_axis != 0 {
+        let stored = std::mem::take(buf);
+        *buf = (block.rows_from_stored(stored, &rows, dtype_bytes(t.dtype)))
+            .map_err(|e| Error::block(ckpt, e))?;
+    }
     Ok((t.dtype, kernel_hw(t)))
 }
 

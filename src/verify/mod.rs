@@ -295,7 +295,9 @@ impl Run<'_> {
                 Some(name) => {
                     let t = train.get(name);
                     let per_row = t.map_or(0, |t| t.numel() / b.out_channels);
-                    let w = read_rows(train, b, name, rows.clone(), per_row).map_err(block_err)?;
+                    let w = read_rows(train, b, name, rows.clone(), per_row)
+                        .and_then(|w| b.rows_from_stored(w, &rows, 1))
+                        .map_err(block_err)?;
                     Some((w, t.map_or((1, 1), kernel_hw)))
                 }
                 None => None,
@@ -322,6 +324,7 @@ impl Run<'_> {
             .deploy
             .read_f64(weight, rows.start * b.row_len()..rows.end * b.row_len())?
             .ok_or_else(not_float)?;
+        let w = (b.rows_from_stored(w, &rows, 1)).map_err(|e| Error::block(self.deploy, e))?;
         let bias = self
             .deploy
             .read_f64(bias, rows.clone())?
