@@ -101,13 +101,15 @@ const CASES: &[Case] = &[
 ];
 
 /// `--fold-bn` on whole models (fixtures/foldbn_*): the deploy file holds what the framework's
-/// own fuse holds (ultralytics' `fuse()` without its head pruning), ultralytics'
-/// ConvTranspose + BN (the BN scale on dim 1 of a transposed weight) included.
+/// own fuse holds (ultralytics' `fuse()` without its head pruning, docTR's `reparameterize()`),
+/// ultralytics' ConvTranspose + BN (the BN scale on dim 1 of a transposed weight) and docTR
+/// FAST's kh×kw layers included.
 const FOLD_CASES: &[Case] = &[
     case("foldbn_yolo11", "ultralytics-fold", &["--fold-bn"]),
     case("foldbn_yolov10", "ultralytics-repvggdw", &["--fold-bn"]),
     case("foldbn_rtdetr", "ultralytics", &["--fold-bn"]),
     case("foldbn_ultralytics_modules", "ultralytics", &["--fold-bn"]),
+    case("foldbn_doctr_fast", "doctr-fast", &["--fold-bn"]),
 ];
 
 /// Every case, layouts and folds.
