@@ -257,8 +257,10 @@ fn file_problems(
     problems
 }
 
-/// The report names every block's ops, and its fused tensors are case.json's.
+/// The report names every block's ops and its kernel's `[kh, kw]` as the framework's deploy
+/// weight has it, and its fused tensors are case.json's.
 fn report_problems(c: &Case, report: &Value, produced: &BTreeSet<String>) -> Vec<String> {
+    let theirs = read_st(&fixture_dir(c.dir).join("deploy.safetensors"));
     let mut problems = Vec::new();
     if report["layout"]["name"] != c.layout {
         problems.push(format!(
@@ -279,6 +281,18 @@ fn report_problems(c: &Case, report: &Value, produced: &BTreeSet<String>) -> Vec
         }
         for k in ["deploy_weight", "deploy_bias"] {
             fused.insert(b[k].as_str().unwrap_or_default().to_string());
+        }
+        let weight = theirs.get(b["deploy_weight"].as_str().unwrap_or_default());
+        let hw = weight
+            .and_then(|t| t.shape.get(2..4))
+            .map(<[usize]>::to_vec);
+        if let Some(hw) = hw
+            && b["kernel_shape"] != serde_json::json!(hw)
+        {
+            problems.push(format!(
+                "{}: report block {} has kernel_shape {}; the framework's deploy weight has {hw:?}",
+                c.dir, b["name"], b["kernel_shape"]
+            ));
         }
     }
     if &fused != produced {
