@@ -1,4 +1,5 @@
-//! Grouped 2-D convolution, stride 1, padding k/2, in f64: im2col then one GEMM per group.
+//! Grouped 2-D convolution, stride 1, same padding ((kh − 1)/2 × (kw − 1)/2 for an odd
+//! kh×kw kernel), in f64: im2col then one GEMM per group.
 
 use std::borrow::Cow;
 use std::collections::BTreeMap;
@@ -46,20 +47,23 @@ impl Input {
 
     /// The input as a `[c, n·h·w]` matrix: the im2col of a 1×1 kernel.
     pub fn channels(&self) -> Array2<f64> {
-        im2col(self, 1, 1)
+        im2col(self, (1, 1), 1)
     }
 }
 
-/// The input a block is run on, and its im2col matrices by kernel side and dilation.
+/// A kernel's `(kh, kw)` and the spacing of its taps: what an im2col matrix is made for.
+pub type KernelGeometry = ((usize, usize), usize);
+
+/// The input a block is run on, and its im2col matrices by kernel `(kh, kw)` and dilation.
 pub struct BlockInput {
     /// The input images.
     pub input: Input,
-    cols: BTreeMap<(usize, usize), Array2<f64>>,
+    cols: BTreeMap<KernelGeometry, Array2<f64>>,
 }
 
 impl BlockInput {
-    /// `input`, with the im2col matrices of the `kernels` (side, dilation) made ahead.
-    pub fn new(input: Input, kernels: &[(usize, usize)]) -> Self {
+    /// `input`, with the im2col matrices of the `kernels` made ahead.
+    pub fn new(input: Input, kernels: &[KernelGeometry]) -> Self {
         let cols = kernels
             .iter()
             .map(|&(k, d)| ((k, d), im2col(&input, k, d)))
@@ -67,9 +71,9 @@ impl BlockInput {
         BlockInput { input, cols }
     }
 
-    /// The im2col matrix of the input for a k×k kernel with dilation `d` (computed on demand
-    /// for one not made ahead).
-    pub fn cols(&self, k: usize, d: usize) -> Cow<'_, Array2<f64>> {
+    /// The im2col matrix of the input for a kh×kw kernel with dilation `d` (computed on
+    /// demand for one not made ahead).
+    pub fn cols(&self, k: (usize, usize), d: usize) -> Cow<'_, Array2<f64>> {
         match self.cols.get(&(k, d)) {
             Some(c) => Cow::Borrowed(c),
             None => Cow::Owned(im2col(&self.input, k, d)),
@@ -77,17 +81,17 @@ impl BlockInput {
     }
 }
 
-/// The im2col matrix for a k×k kernel with taps `d` apart and same padding `(k − 1)·d/2`:
-/// row `(ch·k + ky)·k + kx`, column `(img·h + y)·w + x` holds input
-/// `[img, ch, y + ky·d − p, x + kx·d − p]` (0 outside).
-pub fn im2col(x: &Input, k: usize, d: usize) -> Array2<f64> {
+/// The im2col matrix for a kh×kw kernel with taps `d` apart and same padding
+/// `p = ((kh − 1)·d/2, (kw − 1)·d/2)`: row `(ch·kh + ky)·kw + kx`, column `(img·h + y)·w + x`
+/// holds input `[img, ch, y + ky·d − p.0, x + kx·d − p.1]` (0 outside).
+pub fn im2col(x: &Input, (kh, kw): (usize, usize), d: usize) -> Array2<f64> {
     let (n, c, h, w) = (x.n, x.c, x.h, x.w);
-    let p = (k - 1) * d / 2;
-    let mut cols = Array2::<f64>::zeros((c * k * k, n * h * w));
+    let (py, p) = (kh.saturating_sub(1) * d / 2, kw.saturating_sub(1) * d / 2);
+    let mut cols = Array2::<f64>::zeros((c * kh * kw, n * h * w));
     for ch in 0..c {
-        for ky in 0..k {
-            for kx in 0..k {
-                let row = (ch * k + ky) * k + kx;
+        for ky in 0..kh {
+            for kx in 0..kw {
+                let row = (ch * kh + ky) * kw + kx;
                 let mut dst = cols.row_mut(row);
                 let dst = dst
                     .as_slice_mut()
@@ -96,10 +100,10 @@ pub fn im2col(x: &Input, k: usize, d: usize) -> Array2<f64> {
                     let plane = &x.data[(img * c + ch) * h * w..(img * c + ch + 1) * h * w];
                     for y in 0..h {
                         let iy = y + ky * d;
-                        if iy < p || iy - p >= h {
+                        if iy < py || iy - py >= h {
                             continue;
                         }
-                        let src = &plane[(iy - p) * w..(iy - p + 1) * w];
+                        let src = &plane[(iy - py) * w..(iy - py + 1) * w];
                         let out = &mut dst[(img * h + y) * w..(img * h + y + 1) * w];
                         for (xo, o) in out.iter_mut().enumerate() {
                             let ix = xo + kx * d;
@@ -115,18 +119,18 @@ pub fn im2col(x: &Input, k: usize, d: usize) -> Array2<f64> {
     cols
 }
 
-/// Output channels `rows` of a grouped conv: `weight` is `[rows, in/groups, k, k]` for those
-/// channels, `cols` the im2col of the whole input for this `k`, `out_per_group` the output
-/// channels of each group. Returns `[rows, n·h·w]`, without bias.
+/// Output channels `rows` of a grouped conv: `weight` is `[rows, in/groups, kh, kw]` for
+/// those channels, `cols` the im2col of the whole input for this kernel `k = (kh, kw)`,
+/// `out_per_group` the output channels of each group. Returns `[rows, n·h·w]`, without bias.
 pub fn conv_rows(
     cols: &Array2<f64>,
     weight: &[f64],
     rows: Range<usize>,
     in_per_group: usize,
-    k: usize,
+    (kh, kw): (usize, usize),
     out_per_group: usize,
 ) -> Array2<f64> {
-    let depth = in_per_group * k * k;
+    let depth = in_per_group * kh * kw;
     let p = cols.ncols();
     let mut out = Array2::<f64>::zeros((rows.len(), p));
     let cols = cols
@@ -229,14 +233,15 @@ pub fn matmul<T: Element>(a: &[T], b: &[T], c: &mut [T], m: usize, k: usize, n: 
     }
 }
 
-/// A whole grouped conv2d with bias: `weight` is `[out, in/groups, k, k]`; returns NCHW.
+/// A whole grouped conv2d with bias: `weight` is `[out, in/groups, k, k]` (square); returns
+/// NCHW.
 pub fn conv2d(x: &Input, weight: &[f64], bias: Option<&[f64]>, out: usize, groups: usize) -> Input {
     let in_per_group = x.c / groups;
     let k = ((weight.len() / (out * in_per_group)) as f64)
         .sqrt()
         .round() as usize;
-    let cols = im2col(x, k, 1);
-    let y = conv_rows(&cols, weight, 0..out, in_per_group, k, out / groups);
+    let cols = im2col(x, (k, k), 1);
+    let y = conv_rows(&cols, weight, 0..out, in_per_group, (k, k), out / groups);
     let hw = x.h * x.w;
     let mut data = vec![0.0; x.n * out * hw];
     for o in 0..out {
@@ -266,5 +271,40 @@ mod tests {
         assert_eq!(a, Input::random(1, 2, 3, 3, 7, 5));
         assert_ne!(a, Input::random(1, 2, 3, 3, 7, 6));
         assert!(a.data.iter().all(|v| (-1.0..1.0).contains(v)));
+    }
+
+    /// A kh×kw conv (3×5, then 1×3 with dilation 2) by im2col and GEMM equals the sum over
+    /// its taps from the definition, padded by (kh − 1)·d/2 and (kw − 1)·d/2, borders included.
+    #[test]
+    fn kh_by_kw_conv_is_the_same_padded_definition() {
+        let x = Input::random(2, 3, 4, 6, 1, 2);
+        for ((kh, kw), d) in [((3, 5), 1), ((1, 3), 2)] {
+            let w: Vec<f64> = (0..2 * 3 * kh * kw)
+                .map(|i| (i * 13 % 11) as f64 - 5.0)
+                .collect();
+            let y = conv_rows(&im2col(&x, (kh, kw), d), &w, 0..2, 3, (kh, kw), 2);
+            let (py, px) = (((kh - 1) * d / 2) as isize, ((kw - 1) * d / 2) as isize);
+            for (img, o, oy, ox) in (0..2).flat_map(|n| {
+                (0..2)
+                    .flat_map(move |o| (0..4).flat_map(move |y| (0..6).map(move |x| (n, o, y, x))))
+            }) {
+                let mut want = 0.0;
+                for (i, ky, kx) in
+                    (0..3).flat_map(|i| (0..kh).flat_map(move |a| (0..kw).map(move |b| (i, a, b))))
+                {
+                    let iy = oy as isize + (ky * d) as isize - py;
+                    let ix = ox as isize + (kx * d) as isize - px;
+                    if (0..4).contains(&iy) && (0..6).contains(&ix) {
+                        let v = x.data[((img * 3 + i) * 4 + iy as usize) * 6 + ix as usize];
+                        want += w[((o * 3 + i) * kh + ky) * kw + kx] * v;
+                    }
+                }
+                let got = y[[o, (img * 4 + oy) * 6 + ox]];
+                assert!(
+                    (got - want).abs() < 1e-12,
+                    "{kh}×{kw} d{d}: {got} vs {want}"
+                );
+            }
+        }
     }
 }

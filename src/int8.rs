@@ -723,7 +723,7 @@ fn scan_tasks<'a>(
 ) -> Vec<(usize, &'a TensorInfo, usize, Range<usize>)> {
     let mut tasks = Vec::new();
     for (i, b) in blocks.iter().enumerate() {
-        let row_len = b.in_per_group * b.kernel * b.kernel;
+        let row_len = b.row_len();
         let t = deploy
             .get(&b.deploy_weight)
             .filter(|t| float_width(t.dtype).is_some() && t.shape == b.deploy_shape());
@@ -821,7 +821,7 @@ pub fn scan_deploy(
     tensor_pass(deploy, blocks, &channels, cancel)
 }
 
-/// Rows of a fused conv's weight: `[rows, in/groups, kernel, kernel]`.
+/// Rows of a fused conv's weight: `[rows, in/groups, kh, kw]`.
 #[derive(Debug, Clone, Copy)]
 pub struct ConvRows<'a> {
     /// The weights of the rows.
@@ -830,8 +830,8 @@ pub struct ConvRows<'a> {
     pub first_row: usize,
     /// Input channels per group.
     pub in_per_group: usize,
-    /// Kernel side.
-    pub kernel: usize,
+    /// Kernel `(kh, kw)`.
+    pub kernel: (usize, usize),
 }
 
 /// `weight` (rows of `row_len`) with each output channel's weights quantized to INT8 with its
@@ -864,8 +864,8 @@ pub fn output_sums(
     cols: &Array2<f64>,
     out_per_group: usize,
 ) -> Sqnr {
-    let k = conv.kernel;
-    let depth = conv.in_per_group * k * k;
+    let (kh, kw) = conv.kernel;
+    let depth = conv.in_per_group * kh * kw;
     let rows = conv.first_row..conv.first_row + conv.weight.len() / depth.max(1);
     let mut delta = Vec::with_capacity(conv.weight.len());
     for row in conv.weight.chunks(depth.max(1)) {
@@ -1086,10 +1086,10 @@ mod tests {
             weight: &w[18..5 * 18],
             first_row: 1,
             in_per_group: 2,
-            kernel: 3,
+            kernel: (3, 3),
         };
-        let cols = crate::conv::im2col(&input, 3, 1);
-        let mut out = crate::conv::conv_rows(&cols, conv.weight, 1..5, 2, 3, 3);
+        let cols = crate::conv::im2col(&input, (3, 3), 1);
+        let mut out = crate::conv::conv_rows(&cols, conv.weight, 1..5, 2, (3, 3), 3);
         out += 0.5;
         let s = output_sums(conv, &out, &cols, 3);
         // The same by whole convs in f64: the float and the quantized weights.

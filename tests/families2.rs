@@ -94,36 +94,22 @@ const CASES: &[Case] = &[
             "blocks.3=on",
         ],
     ),
-    // kh×kw fused kernels (docTR's (1, 3), (3, 1), (3, 5) layers; MobileCLIP's text
-    // RepMixer) are refused by this build: left out here, refused in a test below.
-    Case {
-        dir: "fam2_doctr_fastconv",
-        layout: "doctr-fast",
-        args: &[],
-        without: &["blocks.2.", "blocks.3.", "blocks.5."],
-    },
-    Case {
-        dir: "fam2_apple_mobileclip",
-        layout: "apple-mobileclip",
-        args: &[],
-        without: &["blocks.5."],
-    },
+    // docTR's (1, 3), (3, 1) and (3, 5) layers and MobileCLIP's text RepMixer (1×k) fuse
+    // into the framework's kh×kw deploy convs.
+    case("fam2_doctr_fastconv", "doctr-fast", &[]),
+    case("fam2_apple_mobileclip", "apple-mobileclip", &[]),
 ];
 
 /// `--fold-bn` on whole models (fixtures/foldbn_*): the deploy file holds what the framework's
-/// own fuse holds (ultralytics' `fuse()` without its head pruning). ultralytics'
-/// ConvTranspose + BN (the BN scale on dim 1 of a transposed weight) is not folded by this
-/// build, and docTR's FAST has kh×kw layers: both left out.
+/// own fuse holds (ultralytics' `fuse()` without its head pruning, docTR's `reparameterize()`),
+/// ultralytics' ConvTranspose + BN (the BN scale on dim 1 of a transposed weight) and docTR
+/// FAST's kh×kw layers included.
 const FOLD_CASES: &[Case] = &[
     case("foldbn_yolo11", "ultralytics-fold", &["--fold-bn"]),
     case("foldbn_yolov10", "ultralytics-repvggdw", &["--fold-bn"]),
     case("foldbn_rtdetr", "ultralytics", &["--fold-bn"]),
-    Case {
-        dir: "foldbn_ultralytics_modules",
-        layout: "ultralytics",
-        args: &["--fold-bn"],
-        without: &["model.2."],
-    },
+    case("foldbn_ultralytics_modules", "ultralytics", &["--fold-bn"]),
+    case("foldbn_doctr_fast", "doctr-fast", &["--fold-bn"]),
 ];
 
 /// Every case, layouts and folds.
@@ -271,8 +257,10 @@ fn file_problems(
     problems
 }
 
-/// The report names every block's ops, and its fused tensors are case.json's.
+/// The report names every block's ops and its kernel's `[kh, kw]` as the framework's deploy
+/// weight has it, and its fused tensors are case.json's.
 fn report_problems(c: &Case, report: &Value, produced: &BTreeSet<String>) -> Vec<String> {
+    let theirs = read_st(&fixture_dir(c.dir).join("deploy.safetensors"));
     let mut problems = Vec::new();
     if report["layout"]["name"] != c.layout {
         problems.push(format!(
@@ -293,6 +281,18 @@ fn report_problems(c: &Case, report: &Value, produced: &BTreeSet<String>) -> Vec
         }
         for k in ["deploy_weight", "deploy_bias"] {
             fused.insert(b[k].as_str().unwrap_or_default().to_string());
+        }
+        let weight = theirs.get(b["deploy_weight"].as_str().unwrap_or_default());
+        let hw = weight
+            .and_then(|t| t.shape.get(2..4))
+            .map(<[usize]>::to_vec);
+        if let Some(hw) = hw
+            && b["kernel_shape"] != serde_json::json!(hw)
+        {
+            problems.push(format!(
+                "{}: report block {} has kernel_shape {}; the framework's deploy weight has {hw:?}",
+                c.dir, b["name"], b["kernel_shape"]
+            ));
         }
     }
     if &fused != produced {
@@ -334,15 +334,20 @@ fn verify_accepts_each_framework_deploy() {
         let deploy = conv.input.with_file_name("theirs.safetensors");
         let theirs = read_st(&fixture_dir(c.dir).join("deploy.safetensors"));
         write_st(&deploy, &without(theirs, c.without), None);
-        let out = bin()
-            .arg("verify")
-            .arg(&conv.input)
-            .arg(&deploy)
-            .args(c.args)
-            .output()
-            .unwrap();
+        let out = verify_with(c, &conv.input, &deploy);
         assert_eq!(out.status.code(), Some(0), "{}: {}", c.dir, describe(&out));
     }
+}
+
+/// `repvgg-fuse verify TRAIN DEPLOY` with the case's arguments.
+fn verify_with(c: &Case, train: &Path, deploy: &Path) -> std::process::Output {
+    bin()
+        .arg("verify")
+        .arg(train)
+        .arg(deploy)
+        .args(c.args)
+        .output()
+        .unwrap()
 }
 
 /// Runs the binary on a fixture's train file with `args`; returns the run.
@@ -431,18 +436,69 @@ fn identity_for_an_unknown_block_is_refused() {
     assert_eq!(out.status.code(), Some(2), "{}", describe(&out));
 }
 
-/// A block whose branches fuse into a kh×kw kernel (docTR's (1, 3) layer) is refused, naming
-/// it: this build writes square kernels only, and a square one would not load.
+/// A kh×kw kernel fuses where every branch centres in it; a branch with an even extent
+/// cannot be centred (it would sit half a tap off), so it is refused, naming the tensor, and
+/// nothing is written. Here docTR's (1, 3) layer with its 1×1 `ver_conv` stretched to 2×1.
 #[test]
-fn a_non_square_fused_kernel_is_refused() {
-    let (tmp, out) = run_on("fam2_doctr_fastconv", &[]);
+fn a_branch_with_an_even_extent_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut train = read_st(&fixture_dir("fam2_doctr_fastconv").join("train.safetensors"));
+    let ver = train
+        .get_mut("blocks.2.ver_conv.weight")
+        .expect("the fixture's (1, 3) layer has a 1×1 ver_conv");
+    assert_eq!(ver.shape, [12, 12, 1, 1]);
+    let width = ver.data.len() / 144;
+    ver.data = (ver.data.chunks(width))
+        .flat_map(|e| e.iter().chain(e).copied().collect::<Vec<u8>>())
+        .collect();
+    ver.shape = vec![12, 12, 2, 1];
+    let input = dir.path().join("train.safetensors");
+    write_st(&input, &train, None);
+    let output = dir.path().join("out.safetensors");
+    let out = bin().arg(&input).arg("-o").arg(&output).output().unwrap();
     assert_eq!(out.status.code(), Some(2), "{}", describe(&out));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(
-        err.contains("blocks.2") && err.contains("1×3 kernel"),
+        err.contains("blocks.2.ver_conv.weight") && err.contains("2×1 kernel"),
         "{err}"
     );
-    assert!(!tmp.path().join("out.safetensors").exists());
+    assert!(!output.exists());
+}
+
+/// `verify` reads a ConvTranspose's output channels on dim 1 of its weight: the framework's
+/// fold passes, and the same BN scale applied along dim 0 (the input channels, as a conv's
+/// fold would) is a deviation, exit 1.
+#[test]
+fn verify_refuses_a_conv_transpose_scaled_on_dim_0() {
+    let c = &FOLD_CASES[3];
+    let conv = convert(c, &[]);
+    let train = read_st(&conv.input);
+    let mut theirs = read_st(&fixture_dir(c.dir).join("deploy.safetensors"));
+    let v = |k: &str| to_f64(&train[&format!("model.2.{k}")]);
+    let (w, g, var) = (
+        v("conv_transpose.weight"),
+        v("bn.weight"),
+        v("bn.running_var"),
+    );
+    let per_row = w.len() / g.len();
+    let wrong: Vec<u8> = (w.iter().enumerate())
+        .flat_map(|(i, w)| {
+            let r = i / per_row;
+            ((w * g[r] / (var[r] + 1e-3).sqrt()) as f32).to_le_bytes()
+        })
+        .collect();
+    let weight = theirs.get_mut("model.2.conv_transpose.weight").unwrap();
+    assert_eq!((weight.shape[0], weight.data.len()), (g.len(), wrong.len()));
+    weight.data = wrong;
+    let deploy = conv.input.with_file_name("wrong.safetensors");
+    write_st(&deploy, &theirs, None);
+    let out = verify_with(c, &conv.input, &deploy);
+    assert_eq!(out.status.code(), Some(1), "{}", describe(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("model.2"),
+        "{}",
+        describe(&out)
+    );
 }
 
 /// Without `--fold-bn` nothing changes: a YOLO11 file (Conv→BN pairs only) has no block, and

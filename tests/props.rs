@@ -653,7 +653,7 @@ fn shipped_rows(
         .collect();
     let grid = Grid {
         in_per_group: s.cpg,
-        k: s.k,
+        k: (s.k, s.k),
         out_per_group: s.opg,
     };
     // Sequences composed by the shipped routine, from the second conv's bytes as stored.

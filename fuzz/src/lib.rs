@@ -147,9 +147,10 @@ fn exercise(ckpt: &Checkpoint, detection: &Detection) -> Depth {
     }
     let _ = detection.consumed();
     for (i, block) in detection.blocks.iter().enumerate() {
-        let side = block.kernel / 2 + 1;
+        let side = block.side() / 2 + 1;
         let channels = block.in_channels().unwrap_or(block.in_per_group);
-        let probe = Input::random(1, channels, block.kernel, block.kernel, 0, i as u64);
+        let (kh, kw) = block.kernel;
+        let probe = Input::random(1, channels, kh, kw, 0, i as u64);
         // The one fusion routine, as the converter runs it (probe included).
         let rows = 0..block.out_channels;
         let fused = match fuse_block_rows(ckpt, block, rows.clone(), block.dtype, Some(&probe)) {
@@ -164,7 +165,7 @@ fn exercise(ckpt: &Checkpoint, detection: &Detection) -> Depth {
         assert_eq!(fused.bias.len(), block.out_channels * width);
         depth = Depth::Fused;
         let work = channels
-            .saturating_mul(block.kernel * block.kernel)
+            .saturating_mul(block.row_len() / block.in_per_group.max(1))
             .saturating_mul(side * side)
             .saturating_mul(block.out_channels);
         if work <= PROBE_BUDGET {

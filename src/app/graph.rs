@@ -248,11 +248,14 @@ pub(super) fn edit(
     edit
 }
 
-/// The merged conv's attributes: the block's k×k kernel, the set's stride and groups, and its
-/// pads widened where the set's kernel is narrower than k×k (ACNet without a square branch).
+/// The merged conv's attributes: the block's kh×kw kernel, the set's stride and groups, and
+/// its pads widened where the set's kernel is narrower than the block's.
 fn conv_attrs(block: &Block, set: &BranchSet) -> Vec<(String, NewAttr)> {
-    let k = block.kernel;
-    let (dh, dw) = ((k - set.kernel.0.min(k)) / 2, (k - set.kernel.1.min(k)) / 2);
+    let (kh, kw) = block.kernel;
+    let (dh, dw) = (
+        (kh - set.kernel.0.min(kh)) / 2,
+        (kw - set.kernel.1.min(kw)) / 2,
+    );
     let [t, l, b, r] = set.pads;
     let pads = [t + dh, l + dw, b + dh, r + dw].map(|p| p as i64).to_vec();
     vec![
@@ -260,7 +263,7 @@ fn conv_attrs(block: &Block, set: &BranchSet) -> Vec<(String, NewAttr)> {
         ("group".into(), NewAttr::Int(set.group as i64)),
         (
             "kernel_shape".into(),
-            NewAttr::Ints(vec![k as i64, k as i64]),
+            NewAttr::Ints(vec![kh as i64, kw as i64]),
         ),
         ("pads".into(), NewAttr::Ints(pads)),
         (

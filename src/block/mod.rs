@@ -4,6 +4,8 @@
 //! with the tensor names each op reads, and the shape checks that make fusion well defined.
 //! The arithmetic on these ops lives in the `ops` module.
 
+use std::ops::Range;
+
 use safetensors::Dtype;
 use serde::{Deserialize, Serialize};
 
@@ -91,6 +93,9 @@ pub enum Op {
         asymmetric: bool,
         /// The stored weight is the kernel minus the identity (DBB's IdentityBasedConv1x1).
         plus_identity: bool,
+        /// The weight's axis of output channels: 0 for a conv, 1 for a ConvTranspose
+        /// `[in, out/groups, kh, kw]` (folded alone; see [`Block::out_axis`]).
+        out_axis: usize,
     },
     /// A second conv `[out, mid/groups, kh, kw]` on what the ops before it made (`mid`
     /// channels: a first conv, then per-channel ops over its outputs), with that map padded by
@@ -301,16 +306,24 @@ impl Op {
     pub fn describe(&self, ckpt: &Checkpoint) -> String {
         match self {
             Op::Conv {
-                weight, dilation, ..
+                weight,
+                dilation,
+                out_axis,
+                ..
             } => {
                 if ckpt.get(weight).is_some_and(|t| t.shape.len() == 2) {
                     return "linear".into();
                 }
                 let (kh, kw) = ckpt.get(weight).map_or((0, 0), kernel_hw);
-                if *dilation > 1 {
-                    format!("conv{kh}x{kw}d{dilation}")
+                let conv = if *out_axis == 1 {
+                    "conv_transpose"
                 } else {
-                    format!("conv{kh}x{kw}")
+                    "conv"
+                };
+                if *dilation > 1 {
+                    format!("{conv}{kh}x{kw}d{dilation}")
+                } else {
+                    format!("{conv}{kh}x{kw}")
                 }
             }
             Op::Identity => "identity".into(),
@@ -400,8 +413,8 @@ impl Branch {
 }
 
 /// A checked block: every conv agrees on output channels and input channels per group, every
-/// kernel is odd and square and fits the block's, every per-channel tensor has one value per
-/// output channel.
+/// kernel is odd in each direction (square unless its layout allows kh×kw) and is centred in
+/// the block's kh×kw, every per-channel tensor has one value per output channel.
 #[derive(Debug, Clone)]
 pub struct Block {
     /// The block prefix exactly as in the checkpoint, e.g. `stages.2.13`.
@@ -414,14 +427,20 @@ pub struct Block {
     pub out_channels: usize,
     /// Input channels per group (the kernel's second dimension).
     pub in_per_group: usize,
-    /// The fused kernel size (the largest extent of any branch).
-    pub kernel: usize,
+    /// The fused kernel `(kh, kw)`: the largest extent of any branch in each direction
+    /// ([`fused_kernel`]); every branch's kernel is centred in it.
+    pub kernel: (usize, usize),
     /// Whether the main weight is a Linear's `[out, in]` (the deploy weight is too).
     pub linear: bool,
     /// Groups, when the weights settle it (an identity branch means in == out).
     pub groups: Option<usize>,
     /// dtype of the main conv weight, which the fused conv keeps by default.
     pub dtype: Dtype,
+    /// The axis of the main (and the deploy) weight that holds the output channels: 0 for a
+    /// conv `[out, in/groups, kh, kw]`; 1 for a ConvTranspose `[in, out/groups, kh, kw]`
+    /// (ultralytics' `ConvTranspose` + BN fold), which is folded alone. Everything between
+    /// reading and writing sees its rows in conv order ([`Block::rows_from_stored`]).
+    pub out_axis: usize,
     /// Name of the fused weight in the deploy file.
     pub deploy_weight: String,
     /// Name of the fused bias in the deploy file.
@@ -497,13 +516,14 @@ impl<'a> Checker<'a> {
         }
     }
 
-    /// Checks a conv weight on its own; returns it and its extent (dilated kernel side).
+    /// Checks a conv weight on its own; returns it and its extent `(height, width)` (the
+    /// dilated kernel).
     fn conv(
         &self,
         branch: &Branch,
         weight: &str,
         (dilation, asymmetric): (usize, bool),
-    ) -> Result<(&'a TensorInfo, usize), BlockError> {
+    ) -> Result<(&'a TensorInfo, (usize, usize)), BlockError> {
         let w = self.float(weight)?;
         if w.shape.len() != 4 && w.shape.len() != 2 {
             return Err(self.err(format!(
@@ -522,14 +542,14 @@ impl<'a> Checker<'a> {
                 w.name
             )));
         }
-        let extent = (kh.max(kw) - 1) * dilation.max(1) + 1;
-        if extent > MAX_KERNEL {
+        let extent = dilated((kh, kw), dilation);
+        if extent.0 > MAX_KERNEL || extent.1 > MAX_KERNEL {
             return Err(self.err(format!(
-                "conv weight `{}` has a {extent}×{extent} kernel; expected at most {MAX_KERNEL}×{MAX_KERNEL}",
-                w.name
+                "conv weight `{}` has a {}×{} kernel; expected at most {MAX_KERNEL}×{MAX_KERNEL}",
+                w.name, extent.0, extent.1
             )));
         }
-        if branch.role == Role::Pointwise && kh != 1 {
+        if branch.role == Role::Pointwise && (kh, kw) != (1, 1) {
             return Err(self.err(format!(
                 "1×1 branch `{}` has weight `{}` of shape {:?}; expected a 1×1 kernel",
                 branch.label, w.name, w.shape
@@ -539,20 +559,50 @@ impl<'a> Checker<'a> {
     }
 }
 
-/// The main conv and the block's kernel, from every conv and pool of the branches.
+/// The extent `(height, width)` of a `kh`×`kw` kernel with taps `dilation` apart.
+pub fn dilated((kh, kw): (usize, usize), dilation: usize) -> (usize, usize) {
+    let d = dilation.max(1);
+    ((kh.max(1) - 1) * d + 1, (kw.max(1) - 1) * d + 1)
+}
+
+/// The fused kernel of branches with these extents: the largest in each direction. Every
+/// branch kernel is then centred in it, which is exact only when each extent is odd in each
+/// direction (or the block has one branch, which is never placed beside another): `None`
+/// otherwise.
+///
+/// ```
+/// use repvgg_fuse::block::fused_kernel;
+///
+/// // docTR's (3, 5) layer: a 3×5 conv, its 3×1 and 1×5 siblings, the identity's 1×1.
+/// assert_eq!(fused_kernel(&[(3, 5), (3, 1), (1, 5), (1, 1)], false), Some((3, 5)));
+/// assert_eq!(fused_kernel(&[(1, 3), (1, 1)], false), Some((1, 3)));
+/// assert_eq!(fused_kernel(&[(3, 3), (2, 1)], false), None);
+/// assert_eq!(fused_kernel(&[(2, 2)], true), Some((2, 2)));
+/// ```
+pub fn fused_kernel(extents: &[(usize, usize)], single: bool) -> Option<(usize, usize)> {
+    let odd = |e: &(usize, usize)| e.0 % 2 == 1 && e.1 % 2 == 1;
+    if !single && !extents.iter().all(odd) {
+        return None;
+    }
+    extents
+        .iter()
+        .copied()
+        .reduce(|a, b| (a.0.max(b.0), a.1.max(b.1)))
+}
+
+/// The main conv and the block's fused kernel `(kh, kw)`: the largest extent in each
+/// direction of every conv and pool of the branches ([`fused_kernel`]).
 fn main_conv<'a>(
     c: &Checker<'a>,
     branches: &[Branch],
-) -> Result<(&'a TensorInfo, usize), BlockError> {
+) -> Result<(&'a TensorInfo, (usize, usize)), BlockError> {
     let mut main: Option<&TensorInfo> = None;
-    let mut kernel = 0;
-    // The largest extent in each direction, of the convs: the fused kernel is square.
-    let mut extents = (0, 0);
+    // Each source's extent, and what it is (for the message).
+    let mut extents: Vec<((usize, usize), String)> = Vec::new();
     for b in branches {
         if let Some(Op::ThenConv { weight }) = b.second() {
             let side = sequence_extent(c, b, weight)?;
-            kernel = kernel.max(side);
-            extents = (extents.0.max(side), extents.1.max(side));
+            extents.push(((side, side), weight.clone()));
             continue;
         }
         match b.source() {
@@ -564,19 +614,17 @@ fn main_conv<'a>(
             } => {
                 let (w, extent) = c.conv(b, weight, (*dilation, *asymmetric))?;
                 main.get_or_insert(w);
-                kernel = kernel.max(extent);
-                let (kh, kw) = kernel_hw(w);
-                let d = dilation.max(&1);
-                extents.0 = extents.0.max((kh - 1) * d + 1);
-                extents.1 = extents.1.max((kw - 1) * d + 1);
+                extents.push((extent, weight.clone()));
             }
-            Op::AvgPool { kernel: k } => kernel = kernel.max(*k),
+            // 0 is "the block's kernel" (DBB's average): it takes the others' extent.
+            Op::AvgPool { kernel: k } if *k > 0 => {
+                extents.push(((*k, *k), format!("the average of branch `{}`", b.label)));
+            }
             // OREPA's kernel is as large as its main (origin) kernel.
             Op::Orepa(t) => {
                 let (w, extent) = c.conv(b, &t.origin, (1, false))?;
                 main.get_or_insert(w);
-                kernel = kernel.max(extent);
-                extents = (extents.0.max(extent), extents.1.max(extent));
+                extents.push((extent, t.origin.clone()));
             }
             _ => {}
         }
@@ -584,12 +632,18 @@ fn main_conv<'a>(
     let Some(main) = main else {
         return Err(c.err("it has no conv branch".to_string()));
     };
-    if extents.0 != extents.1 {
+    let sizes: Vec<(usize, usize)> = extents.iter().map(|(e, _)| *e).collect();
+    let Some(kernel) = fused_kernel(&sizes, c.single) else {
+        let (e, what) = extents
+            .iter()
+            .find(|(e, _)| e.0 % 2 == 0 || e.1 % 2 == 0)
+            .cloned()
+            .unwrap_or_default();
         return Err(c.err(format!(
-            "its branches fuse into a {}×{} kernel (`{}` is {:?}); this build writes square fused kernels only, so it cannot write the framework's kh×kw deploy conv",
-            extents.0, extents.1, main.name, main.shape
+            "{what} spans {}×{}; a branch is centred in the fused kernel, so every extent must be odd in each direction",
+            e.0, e.1
         )));
-    }
+    };
     if main.shape[0] == 0 || main.shape[1] == 0 {
         return Err(c.err(format!(
             "conv weight `{}` has shape {:?}, with no channels",
@@ -597,6 +651,55 @@ fn main_conv<'a>(
         )));
     }
     Ok((main, kernel))
+}
+
+/// What [`channel_geometry`] finds: the main weight's output axis, the block's
+/// `(out, in/groups)`, the groups the axis settles.
+type Geometry = (usize, (usize, usize), Option<usize>);
+
+/// The main weight's output axis, the block's `(out, in/groups)`, and the groups it settles:
+/// a conv's `[out, in/groups, …]` settles none; a ConvTranspose's `[in, out/groups, kh, kw]`
+/// takes `out` from its first per-channel tensor (its BN), `groups = out / (out/groups)`.
+fn channel_geometry(
+    c: &Checker,
+    branches: &[Branch],
+    post: &[Op],
+    main: &TensorInfo,
+) -> Result<Geometry, BlockError> {
+    let transposed = branches
+        .iter()
+        .find(|b| matches!(b.source(), Op::Conv { out_axis: 1.., .. }));
+    let Some(branch) = transposed else {
+        return Ok((0, (main.shape[0], main.shape[1]), None));
+    };
+    let alone = branches.len() == 1 && branch.second().is_none() && branch.input_bn().is_none();
+    if !alone || main.shape.len() != 4 {
+        return Err(c.err(format!(
+            "`{}` is a ConvTranspose weight (output channels on dim 1): it folds alone, a 4-D weight with per-channel ops after it, not beside other branches",
+            main.name
+        )));
+    }
+    let (inputs, out_per_group) = (main.shape[0], main.shape[1]);
+    let first_vector = (branch.ops.iter().chain(post))
+        .flat_map(|op| match op {
+            Op::Conv { bias, .. } => bias.iter().collect::<Vec<_>>(),
+            Op::Bn(bn) => vec![&bn.weight],
+            Op::Scale { weight } => vec![weight],
+            _ => Vec::new(),
+        })
+        .next();
+    let out = match first_vector {
+        Some(t) => c.float(t)?.numel(),
+        None => out_per_group,
+    };
+    let groups = out.checked_div(out_per_group).unwrap_or(0);
+    if groups == 0 || groups * out_per_group != out || inputs % groups != 0 {
+        return Err(c.err(format!(
+            "ConvTranspose weight `{}` has shape {:?} ([in, out/groups, kh, kw]) but {out} output channels: expected {out} to be a multiple of {out_per_group}, in groups that divide its {inputs} inputs",
+            main.name, main.shape
+        )));
+    }
+    Ok((1, (out, inputs / groups), Some(groups)))
 }
 
 impl Block {
@@ -615,23 +718,25 @@ impl Block {
         };
         let channel_main = per_channel_main(&c, &branches)?;
         let (main, kernel) = match channel_main {
-            Some(t) => (t, 1),
+            Some(t) => (t, (1, 1)),
             None => main_conv(&c, &branches)?,
         };
         let mut branches = branches;
-        // An average over "the block's kernel" (0 in the layout: DBB's avg branch).
+        // An average over "the block's kernel" (0 in the layout: DBB's avg branch, whose
+        // block is square).
         for op in branches.iter_mut().flat_map(|b| b.ops.iter_mut()) {
             if let Op::AvgPool { kernel: k } | Op::ThenAvgPool { kernel: k } = op
                 && *k == 0
             {
-                *k = kernel;
+                *k = kernel.0.min(kernel.1);
             }
         }
-        let (out_channels, in_per_group) = match channel_main {
-            Some(t) => (t.numel(), 1),
-            None => (main.shape[0], main.shape[1]),
+        let (out_axis, (out_channels, in_per_group), by_axis) = match channel_main {
+            Some(t) => (0, (t.numel(), 1), None),
+            None => channel_geometry(&c, &branches, &post, main)?,
         };
         let groups = check_branches(&c, &branches, main, (out_channels, in_per_group))?;
+        let groups = groups.or(by_axis);
         check_channel_ops(&c, &post, out_channels)?;
         let consumed = branches
             .iter()
@@ -661,6 +766,7 @@ impl Block {
             assumed: Vec::new(),
             name: name.to_string(),
             dtype: main.dtype,
+            out_axis,
             branches,
             post,
             out_channels,
@@ -683,21 +789,79 @@ impl Block {
             .all(|b| matches!(b.source(), Op::Identity))
     }
 
-    /// The deploy weight's shape: `[out, in/groups, k, k]`, a Linear's `[out, in]`, or a
-    /// per-channel block's `[out]`.
+    /// The deploy weight's shape: `[out, in/groups, kh, kw]`, a Linear's `[out, in]`, a
+    /// ConvTranspose's `[in, out/groups, kh, kw]`, or a per-channel block's `[out]`.
     pub fn deploy_shape(&self) -> Vec<usize> {
+        let (kh, kw) = self.kernel;
         if self.per_channel() {
             vec![self.out_channels]
         } else if self.linear {
             vec![self.out_channels, self.in_per_group]
+        } else if self.out_axis == 1 {
+            let groups = self.groups.unwrap_or(1);
+            vec![groups * self.in_per_group, self.out_per_group(), kh, kw]
         } else {
-            vec![
-                self.out_channels,
-                self.in_per_group,
-                self.kernel,
-                self.kernel,
-            ]
+            vec![self.out_channels, self.in_per_group, kh, kw]
         }
+    }
+
+    /// Rows `rows` of a weight stored with output axis [`Block::out_axis`], as read from the
+    /// file (`unit` items per weight: 1 for values, the width for bytes), in conv order
+    /// `[rows, in/groups, kh, kw]`. A ConvTranspose's rows are its weight's dim 1: a chunk of
+    /// whole groups is contiguous in both orders, and any other chunk is refused.
+    pub fn rows_from_stored<T: Copy>(
+        &self,
+        stored: Vec<T>,
+        rows: &Range<usize>,
+        unit: usize,
+    ) -> Result<Vec<T>, BlockError> {
+        let axes = (self.in_per_group, self.out_per_group());
+        self.reorder(stored, rows, axes, unit)
+    }
+
+    /// Rows `rows` in conv order back in the stored order (the inverse of
+    /// [`Block::rows_from_stored`]).
+    pub fn rows_to_stored<T: Copy>(
+        &self,
+        rows_data: Vec<T>,
+        rows: &Range<usize>,
+        unit: usize,
+    ) -> Result<Vec<T>, BlockError> {
+        let axes = (self.out_per_group(), self.in_per_group);
+        self.reorder(rows_data, rows, axes, unit)
+    }
+
+    /// Each group of `data` `[outer, inner, taps]` as `[inner, outer, taps]`.
+    fn reorder<T: Copy>(
+        &self,
+        data: Vec<T>,
+        rows: &Range<usize>,
+        (outer, inner): (usize, usize),
+        unit: usize,
+    ) -> Result<Vec<T>, BlockError> {
+        if self.out_axis == 0 {
+            return Ok(data);
+        }
+        let run = self.kernel.0 * self.kernel.1 * unit;
+        let group = outer * inner * run;
+        let opg = self.out_per_group().max(1);
+        let whole = rows.start.is_multiple_of(opg) && rows.end.is_multiple_of(opg);
+        if !whole || group == 0 || data.len() != rows.len() / opg * group {
+            return Err(BlockError::new(
+                &self.name,
+                format!(
+                    "rows {rows:?} of its ConvTranspose weight are not whole groups of {opg} output channels ({} items); a bug in repvgg-fuse, nothing was written",
+                    data.len()
+                ),
+            ));
+        }
+        Ok(swap_group_axes(&data, (outer, inner), run))
+    }
+
+    /// The fused kernel's larger side: what an input must at least span for every tap to
+    /// meet it.
+    pub fn side(&self) -> usize {
+        self.kernel.0.max(self.kernel.1)
     }
 
     /// Input channels: known when groups are.
@@ -715,15 +879,15 @@ impl Block {
         self.out_channels / self.groups.unwrap_or(1)
     }
 
-    /// Weights per output channel of the fused kernel: `in/groups · k · k`.
+    /// Weights per output channel of the fused kernel: `in/groups · kh · kw`.
     pub fn row_len(&self) -> usize {
-        self.in_per_group * self.kernel * self.kernel
+        self.in_per_group * self.kernel.0 * self.kernel.1
     }
 
     /// Ranges of output channels of about `elements` fused weights each: the unit of work
     /// when fusing or checking a block, so that a block is never in memory whole.
     pub fn row_chunks(&self, elements: usize) -> Vec<std::ops::Range<usize>> {
-        let step = (elements / self.row_len().max(1)).max(1);
+        let step = self.whole_groups((elements / self.row_len().max(1)).max(1));
         (0..self.out_channels)
             .step_by(step)
             .map(|s| s..(s + step).min(self.out_channels))
@@ -735,11 +899,20 @@ impl Block {
     pub fn even_row_chunks(&self, elements: usize) -> Vec<std::ops::Range<usize>> {
         let most = (elements / self.row_len().max(1)).max(1);
         let n = self.out_channels.div_ceil(most).max(1);
-        let step = self.out_channels.div_ceil(n).max(1);
+        let step = self.whole_groups(self.out_channels.div_ceil(n).max(1));
         (0..self.out_channels)
             .step_by(step)
             .map(|s| s..(s + step).min(self.out_channels))
             .collect()
+    }
+
+    /// `step` rows, rounded up to whole groups where the stored rows are not contiguous (a
+    /// ConvTranspose: [`Block::rows_from_stored`]).
+    fn whole_groups(&self, step: usize) -> usize {
+        match self.out_axis {
+            0 => step,
+            _ => step.next_multiple_of(self.out_per_group().max(1)),
+        }
     }
 
     /// The tensors the deploy file drops: every one the block consumes, or none where the
@@ -786,7 +959,13 @@ fn check_branches(
             }
             continue;
         }
-        if let Op::Conv { weight, .. } = b.source() {
+        // A ConvTranspose is the block's only conv: its geometry is the block's.
+        if let Op::Conv {
+            weight,
+            out_axis: 0,
+            ..
+        } = b.source()
+        {
             let w = c.get(weight)?;
             if w.shape[0] != out_channels || w.shape[1] != in_per_group {
                 return Err(c.err(format!(
@@ -951,6 +1130,21 @@ fn check_group_bn(c: &Checker, bn: &BnTensors, out: usize) -> Result<usize, Bloc
     Ok(groups)
 }
 
+/// `data`, groups of `[outer, inner, run]` items, with each group's first two axes swapped:
+/// `[inner, outer, run]` (a whole trailing group only; a ragged tail is dropped).
+fn swap_group_axes<T: Copy>(data: &[T], (outer, inner): (usize, usize), run: usize) -> Vec<T> {
+    let group = (outer * inner * run).max(1);
+    let mut out = Vec::with_capacity(data.len());
+    for g in data.chunks_exact(group) {
+        for j in 0..inner {
+            for i in 0..outer {
+                out.extend_from_slice(&g[(i * inner + j) * run..(i * inner + j + 1) * run]);
+            }
+        }
+    }
+    out
+}
+
 /// A conv or Linear weight's kernel `(kh, kw)`: `(1, 1)` for a Linear.
 pub fn kernel_hw(t: &TensorInfo) -> (usize, usize) {
     match t.shape[..] {
@@ -1086,4 +1280,27 @@ fn check_orepa(c: &Checker, t: &OrepaTensors, out: usize, ipg: usize) -> Result<
     shape(&t.dw, &[dw, 1, k, k])?;
     shape(&t.pw, &[out, dw / groups, 1, 1])?;
     Ok(groups)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A ConvTranspose weight `[in 4, out/groups 3, 1, 2]` in 2 groups: output channel
+    /// o = g·3 + j reads inputs g·2 + i as `w[g·2 + i, j]`, so its conv-order row is
+    /// `w[g·2 + 0, j], w[g·2 + 1, j]` (2 taps each); and back.
+    #[test]
+    fn conv_transpose_rows_are_dim_1_within_each_group() {
+        // Each item names itself: 100·input + 10·j + tap.
+        let stored: Vec<u32> = (0..4)
+            .flat_map(|i| (0..3).flat_map(move |j| (0..2).map(move |t| 100 * i + 10 * j + t)))
+            .collect();
+        let rows = swap_group_axes(&stored, (2, 3), 2);
+        let row = |o: usize| rows[o * 4..(o + 1) * 4].to_vec();
+        assert_eq!(row(0), [0, 1, 100, 101]);
+        assert_eq!(row(2), [20, 21, 120, 121]);
+        assert_eq!(row(3), [200, 201, 300, 301]);
+        assert_eq!(row(5), [220, 221, 320, 321]);
+        assert_eq!(swap_group_axes(&rows, (3, 2), 2), stored);
+    }
 }

@@ -165,12 +165,12 @@ fn skipped(prefix: &str, reason: String) -> Skipped {
 
 /// A kind with one main kernel size (RT-DETR's 3×3) does not take a block with another.
 fn other_kernel(kind: &Kind, block: &Block) -> Option<Skipped> {
-    let k = kind.kernel.filter(|&k| k != block.kernel)?;
+    let k = kind.kernel.filter(|&k| (k, k) != block.kernel)?;
     Some(Skipped {
         name: block.name.clone(),
         reason: format!(
-            "a {0}×{0} main kernel; a {1} block has {k}×{k}",
-            block.kernel, kind.name
+            "a {}×{} main kernel; a {} block has {k}×{k}",
+            block.kernel.0, block.kernel.1, kind.name
         ),
     })
 }
@@ -477,6 +477,7 @@ impl Place<'_> {
                 dilation,
                 asymmetric,
                 plus_identity,
+                out_axis,
             } => match slot(Leaf::ConvWeight) {
                 Some(weight) => Ok(Op::Conv {
                     weight,
@@ -484,6 +485,7 @@ impl Place<'_> {
                     dilation: *dilation,
                     asymmetric: *asymmetric,
                     plus_identity: *plus_identity,
+                    out_axis: *out_axis,
                 }),
                 None => self.err(format!(
                     "branch `{label}` has {} but no conv weight `{}`",

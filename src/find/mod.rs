@@ -392,7 +392,8 @@ mod tests {
                 name: "c".into(),
                 dilation: 2,
                 asymmetric: false,
-                plus_identity: false
+                plus_identity: false,
+                out_axis: 0
             }
         );
         let two = parse(r#"{"conv": "c", "bn": "b"}"#).expect_err("two kinds");

@@ -40,6 +40,9 @@ pub enum OpKind {
         asymmetric: bool,
         /// The stored weight is its kernel minus the identity (DBB's `idconv1`).
         plus_identity: bool,
+        /// The weight's axis of output channels: 0 for a conv `[out, in/groups, kh, kw]`, 1
+        /// for a ConvTranspose `[in, out/groups, kh, kw]`.
+        out_axis: usize,
     },
     /// A BN submodule (`""`: the branch path itself).
     Bn(String),
@@ -126,18 +129,26 @@ impl TryFrom<RawOpSpec> for OpSpec {
     type Error = String;
 
     fn try_from(r: RawOpSpec) -> Result<OpSpec, String> {
-        let conv_only = r.dilation.is_some() || r.asymmetric || r.plus_identity;
+        let conv_only =
+            r.dilation.is_some() || r.asymmetric || r.plus_identity || r.out_axis.is_some();
         let mut kinds = Vec::new();
         if let Some(name) = r.conv {
+            let out_axis = r.out_axis.unwrap_or(0);
+            if out_axis > 1 {
+                return Err(format!(
+                    "\"out_axis\" is 0 (a conv) or 1 (a ConvTranspose), not {out_axis}"
+                ));
+            }
             kinds.push(OpKind::Conv {
                 name,
                 dilation: r.dilation.unwrap_or(1),
                 asymmetric: r.asymmetric,
                 plus_identity: r.plus_identity,
+                out_axis,
             });
         } else if conv_only {
             return Err(
-                "\"dilation\", \"asymmetric\" and \"plus_identity\" go with \"conv\" only".into(),
+                "\"dilation\", \"asymmetric\", \"plus_identity\" and \"out_axis\" go with \"conv\" only".into(),
             );
         }
         kinds.extend(r.bn.map(OpKind::Bn));
@@ -177,11 +188,13 @@ impl From<OpSpec> for RawOpSpec {
                 dilation,
                 asymmetric,
                 plus_identity,
+                out_axis,
             } => {
                 r.conv = Some(name);
                 r.dilation = (dilation != 1).then_some(dilation);
                 r.asymmetric = asymmetric;
                 r.plus_identity = plus_identity;
+                r.out_axis = (out_axis != 0).then_some(out_axis);
             }
             OpKind::Bn(name) => r.bn = Some(name),
             OpKind::BnIn(name) => r.bn_in = Some(name),
@@ -235,6 +248,9 @@ struct RawOpSpec {
     /// The conv's stored weight is its kernel minus the identity (DBB's `idconv1`).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     plus_identity: bool,
+    /// The conv weight's axis of output channels (default 0; 1: a ConvTranspose).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    out_axis: Option<usize>,
     /// A second conv on what the ops before it made (DBB's 1×1 → k×k, its BNAndPad padding
     /// with what the BN makes of zero).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -412,6 +428,7 @@ impl BranchSpec {
                     dilation: 1,
                     asymmetric: false,
                     plus_identity: false,
+                    out_axis: 0,
                 }));
                 // A conv branch without a BN module name has no BN.
                 ops.extend(self.bn.clone().map(|bn| OpSpec::of(OpKind::Bn(bn))));

@@ -11,6 +11,7 @@ use crate::block::values::ChannelValues;
 use crate::block::{Block, BlockError, Branch, Op, kernel_hw};
 use crate::checkpoint::Checkpoint;
 use crate::conv::Input;
+use crate::dtype::dtype_bytes;
 use crate::fuse::compose::{Affine, compose_branch};
 use crate::fuse::rows::{FuseJob, FusedRows, Grid, Kernel, RowError, Term, fuse_rows};
 
@@ -23,11 +24,12 @@ thread_local! {
 /// read are still in the core's cache when they are decoded (64 Ki elements, 256 KB of F32).
 pub const FUSE_CHUNK: usize = 1 << 16;
 
-/// The probe input of block `b` (its own k×k input, stream `b` of `seed`): each row of the
+/// The probe input of block `b` (its own kh×kw input, stream `b` of `seed`): each row of the
 /// fused kernel meets it at the centre output exactly once.
 pub fn probe_input(block: &Block, b: usize, seed: u64) -> Input {
     let c = block.in_channels().unwrap_or(block.in_per_group);
-    Input::random(1, c, block.kernel, block.kernel, seed, b as u64)
+    let (kh, kw) = block.kernel;
+    Input::random(1, c, kh, kw, seed, b as u64)
 }
 
 /// Fuses output channels `rows` of `block` straight from the file's bytes, encoded in `dtype`
@@ -98,7 +100,13 @@ pub(crate) fn fuse_chunk(
             dtype,
             probe,
         };
-        fuse_rows(out, &job).map_err(|e| row_error(ckpt, block, rows.start, dtype, e))
+        let fused =
+            fuse_rows(out, &job).map_err(|e| row_error(ckpt, block, rows.start, dtype, e))?;
+        let weight = block.rows_to_stored(fused.weight, &rows, dtype_bytes(dtype));
+        Ok(FusedRows {
+            weight: weight.map_err(block_err)?,
+            ..fused
+        })
     })
 }
 
@@ -135,6 +143,11 @@ fn read_rows_raw(
         rows.len() as u64 * per_row,
         buf,
     )?;
+    if block.out_axis != 0 {
+        let stored = std::mem::take(buf);
+        *buf = (block.rows_from_stored(stored, &rows, dtype_bytes(t.dtype)))
+            .map_err(|e| Error::block(ckpt, e))?;
+    }
     Ok((t.dtype, kernel_hw(t)))
 }
 

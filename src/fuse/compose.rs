@@ -376,7 +376,7 @@ mod tests {
     fn orepa_separable_rows_interleave_across_groups() {
         let grid = Grid {
             in_per_group: 1,
-            k: 1,
+            k: (1, 1),
             out_per_group: 2,
         };
         let zeros = vec![0.0; 4];
@@ -422,7 +422,7 @@ mod tests {
         let second = [4.0, 5.0, 6.0, 1.0, -2.0, 3.0];
         let grid = Grid {
             in_per_group: 1,
-            k: 3,
+            k: (3, 3),
             out_per_group: 1,
         };
         let (k, through) = compose_rows(&seq, &seq.affine(), Some(&second), 3, 0..2, grid);
@@ -443,7 +443,7 @@ mod tests {
         let kernel: Vec<f64> = (0..18).map(f64::from).collect();
         let grid = Grid {
             in_per_group: 4,
-            k: 1,
+            k: (1, 1),
             out_per_group: 4,
         };
         let fc = conv_fc_rows(&kernel, 3, 0..8, grid);
@@ -468,7 +468,7 @@ mod tests {
         let second: Vec<f64> = (1..=9).map(f64::from).collect();
         let grid = Grid {
             in_per_group: 1,
-            k: 3,
+            k: (3, 3),
             out_per_group: 1,
         };
         let (k, _) = compose_rows(&seq, &seq.affine(), Some(&second), 3, 0..1, grid);

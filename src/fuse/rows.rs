@@ -1,4 +1,4 @@
-//! The one fusion routine, [`fuse_rows`]: every branch's kernel placed on the block's k×k
+//! The one fusion routine, [`fuse_rows`]: every branch's kernel placed on the block's kh×kw
 //! [`Grid`] (centred, dilated), scaled by α, summed, β summed, rounded once to the output
 //! dtype, and probed as written. Flat slices and a row at a time: the hot loop.
 
@@ -57,13 +57,15 @@ pub struct Term<'a> {
     pub shift: Vec<f64>,
 }
 
-/// The block's kernel grid: `in/groups` channels of `k`×`k`, `out_per_group` rows a group.
+/// The block's kernel grid: `in/groups` channels of `kh`×`kw`, `out_per_group` rows a group.
+/// Every branch's kernel is centred on it, which is exact when both differ in each direction
+/// by an even number (both odd: [`crate::block::fused_kernel`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Grid {
     /// Input channels per group.
     pub in_per_group: usize,
-    /// Kernel side.
-    pub k: usize,
+    /// Kernel `(kh, kw)`.
+    pub k: (usize, usize),
     /// Output channels per group.
     pub out_per_group: usize,
 }
@@ -80,16 +82,26 @@ impl Grid {
 
     /// Weights per row.
     pub fn row_len(&self) -> usize {
-        self.in_per_group * self.k * self.k
+        self.in_per_group * self.taps()
+    }
+
+    /// Taps per input channel: `kh·kw`.
+    fn taps(&self) -> usize {
+        self.k.0 * self.k.1
+    }
+
+    /// The centre tap's offset within one input channel.
+    fn centre(&self) -> usize {
+        (self.k.0 / 2) * self.k.1 + self.k.1 / 2
     }
 
     /// Where tap (y, x) of a `kh`×`kw` kernel with `dilation` lands: its offset within one
     /// input channel of the grid, the kernel centred.
     #[inline(always)]
     fn tap(&self, (kh, kw): (usize, usize), dilation: usize, y: usize, x: usize) -> usize {
-        let pad_y = (self.k - ((kh - 1) * dilation + 1)) / 2;
-        let pad_x = (self.k - ((kw - 1) * dilation + 1)) / 2;
-        (pad_y + y * dilation) * self.k + pad_x + x * dilation
+        let pad_y = (self.k.0 - ((kh - 1) * dilation + 1)) / 2;
+        let pad_x = (self.k.1 - ((kw - 1) * dilation + 1)) / 2;
+        (pad_y + y * dilation) * self.k.1 + pad_x + x * dilation
     }
 
     /// `Σ` over the taps of row `w` (`[in/groups, kh, kw]`) of `f(tap in grid, weight)`.
@@ -101,15 +113,15 @@ impl Grid {
         dilation: usize,
         mut f: impl FnMut(usize, f64),
     ) {
-        let kk = self.k * self.k;
-        if kh == self.k && kw == self.k {
+        let kk = self.taps();
+        if (kh, kw) == self.k {
             w.iter().enumerate().for_each(|(i, &v)| f(i, v));
             return;
         }
         if (kh, kw) == (1, 1) {
             // One tap per input channel, at the centre: the common 1×1 branch, kept a
             // straight loop.
-            let centre = (self.k / 2) * self.k + self.k / 2;
+            let centre = self.centre();
             w.iter()
                 .enumerate()
                 .for_each(|(i, &v)| f(i * kk + centre, v));
@@ -127,7 +139,7 @@ impl Grid {
 
     /// The taps of input channel `ch` that a `side`-wide window at the centre covers.
     fn window(&self, ch: usize, side: usize) -> impl Iterator<Item = usize> + '_ {
-        let base = ch * self.k * self.k;
+        let base = ch * self.taps();
         (0..side * side).map(move |t| base + self.tap((side, side), 1, t / side, t % side))
     }
 }
@@ -135,7 +147,7 @@ impl Grid {
 /// Fused rows, encoded as they will be written.
 #[derive(Debug, Clone, Default)]
 pub struct FusedRows {
-    /// `[rows, in/groups, k, k]` in the output dtype.
+    /// `[rows, in/groups, kh, kw]` in the output dtype.
     pub weight: Vec<u8>,
     /// `[rows]` in the output dtype.
     pub bias: Vec<u8>,
@@ -177,7 +189,7 @@ struct RowScratch {
 
 /// What [`fuse_rows`] fuses: output channels `rows` of a block on `grid`, `Σ term.scale·kernel`
 /// placed on the grid, bias `Σ term.shift (+ post_shift)`, written in `dtype`, probed on
-/// `probe` (a `1 × C × k × k` input; the deviation stays 0 without one).
+/// `probe` (a `1 × C × kh × kw` input; the deviation stays 0 without one).
 #[derive(Clone, Copy)]
 pub struct FuseJob<'a> {
     /// The output channels.
@@ -263,7 +275,7 @@ fn fuse_each_row(
     } = *job;
     let depth = grid.row_len();
     for (r, o) in rows.clone().enumerate() {
-        // The input group this row reads, `[in/groups, k, k]`: at the centre output, grid
+        // The input group this row reads, `[in/groups, kh, kw]`: at the centre output, grid
         // tap (i, y, x) meets exactly x[g·in/groups + i, y, x].
         let g = o / grid.out_per_group;
         let patch = probe.map(|x| &x.data[g * depth..(g + 1) * depth]);
@@ -399,7 +411,7 @@ fn add_window(
     let ch = o % grid.in_per_group;
     if side == 1 {
         // The identity: one tap at the centre.
-        let at = ch * grid.k * grid.k + (grid.k / 2) * grid.k + grid.k / 2;
+        let at = ch * grid.taps() + grid.centre();
         fused[at] += a;
         return match patch {
             Some(p) => p[at],
@@ -428,7 +440,7 @@ fn finite_row(w: &[f64], term: usize, start: usize) -> Result<(), RowError> {
     }
 }
 
-/// Adds `a·w` (one row of a `side`×`side` kernel, taps `dilation` apart) to `fused`, centred
+/// Adds `a·w` (one row of a `side.0`×`side.1` kernel, taps `dilation` apart) to `fused`, centred
 /// (over whatever it holds unless `first`); returns the kernel's own conv at the centre of
 /// `patch` (0 without one).
 #[inline(always)]
@@ -443,7 +455,7 @@ fn add_weights(
 ) -> f64 {
     // Plain loops and `match`, not closures through `Option::map_or`: those are compiled
     // outside the AVX2 build of the caller, and the probe's dot product ran scalar.
-    if side == (grid.k, grid.k) {
+    if side == grid.k {
         if first {
             fused.iter_mut().zip(w).for_each(|(f, w)| *f = a * w);
         } else {
@@ -576,4 +588,129 @@ fn dot_by(a: &[f64], b: &[f64], f: impl Fn(f64) -> f64) -> f64 {
         tail += f(*a) * b;
     }
     (acc[0] + acc[1]) + (acc[2] + acc[3]) + tail
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `y[o, oy, ox] = Σ w[o, i, ky, kx]·x[i, oy + ky − kh/2, ox + kx − kw/2]`, zero outside:
+    /// a same-padded conv straight from its definition (one group).
+    fn direct(x: &Input, w: &[f64], out: usize, (kh, kw): (usize, usize)) -> Vec<f64> {
+        let (c, h, wd) = (x.c, x.h as isize, x.w as isize);
+        let mut y = vec![0.0; out * x.h * x.w];
+        for o in 0..out {
+            for oy in 0..h {
+                for ox in 0..wd {
+                    let mut acc = 0.0;
+                    for i in 0..c {
+                        for ky in 0..kh {
+                            for kx in 0..kw {
+                                let iy = oy + ky as isize - (kh / 2) as isize;
+                                let ix = ox + kx as isize - (kw / 2) as isize;
+                                if (0..h).contains(&iy) && (0..wd).contains(&ix) {
+                                    let v = x.data[(i * x.h + iy as usize) * x.w + ix as usize];
+                                    acc += w[((o * c + i) * kh + ky) * kw + kx] * v;
+                                }
+                            }
+                        }
+                    }
+                    y[(o * x.h + oy as usize) * x.w + ox as usize] = acc;
+                }
+            }
+        }
+        y
+    }
+
+    fn bytes(w: &[f64]) -> Vec<u8> {
+        w.iter().flat_map(|v| v.to_le_bytes()).collect()
+    }
+
+    /// docTR's (3, 5) layer: 3×5 + 3×1 + 1×5 kernels and an identity, each scaled per
+    /// channel, fused on the 3×5 grid, equal the branches run one by one at every position of
+    /// a 4×7 input (borders included), where a kernel placed off centre or on a square grid
+    /// would not.
+    #[test]
+    fn kh_by_kw_branches_centre_on_a_kh_by_kw_grid() {
+        let c = 2;
+        let weights = |n: usize, salt: usize| -> Vec<f64> {
+            (0..n)
+                .map(|i| (((i + salt) * 37 % 23) as f64 - 11.0) / 7.0)
+                .collect()
+        };
+        let shapes = [(3, 5), (3, 1), (1, 5)];
+        let ws: Vec<Vec<f64>> = (shapes.iter().enumerate())
+            .map(|(s, &(kh, kw))| weights(c * c * kh * kw, s))
+            .collect();
+        let raw: Vec<Vec<u8>> = ws.iter().map(|w| bytes(w)).collect();
+        let scale = |s: f64| vec![s, -2.0 * s];
+        let mut terms: Vec<Term> = (shapes.iter().zip(&raw).enumerate())
+            .map(|(s, (&side, b))| Term {
+                kernel: Kernel::Weights {
+                    dtype: Dtype::F64,
+                    bytes: b,
+                    side,
+                    dilation: 1,
+                    input: None,
+                },
+                scale: scale(0.5 + s as f64),
+                shift: vec![0.25, -1.0],
+            })
+            .collect();
+        terms.push(Term {
+            kernel: Kernel::Identity,
+            scale: scale(3.0),
+            shift: vec![0.0, 0.5],
+        });
+        let grid = Grid {
+            in_per_group: c,
+            k: (3, 5),
+            out_per_group: c,
+        };
+        let job = FuseJob {
+            rows: &(0..c),
+            grid,
+            terms: &terms,
+            post_shift: None,
+            dtype: Dtype::F64,
+            probe: None,
+        };
+        let fused = fuse_rows(Vec::new(), &job).expect("finite");
+        let fw: Vec<f64> = fused
+            .weight
+            .chunks(8)
+            .map(|b| f64::from_le_bytes(b.try_into().unwrap()))
+            .collect();
+        let fb: Vec<f64> = fused
+            .bias
+            .chunks(8)
+            .map(|b| f64::from_le_bytes(b.try_into().unwrap()))
+            .collect();
+        assert_eq!(fw.len(), c * c * 15);
+        let x = Input::random(1, c, 4, 7, 3, 0);
+        let mut want = vec![0.0; c * 28];
+        let identity: Vec<f64> = (0..c * c)
+            .map(|i| f64::from(u8::from(i / c == i % c)))
+            .collect();
+        let branches = ws
+            .iter()
+            .map(Vec::as_slice)
+            .zip(shapes)
+            .chain([(&identity[..], (1, 1))]);
+        for ((w, k), t) in branches.zip(&terms) {
+            for (o, y) in direct(&x, w, c, k).chunks(28).enumerate() {
+                for (acc, v) in want[o * 28..(o + 1) * 28].iter_mut().zip(y) {
+                    *acc += t.scale[o] * v + t.shift[o];
+                }
+            }
+        }
+        let got = direct(&x, &fw, c, (3, 5));
+        for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+            let g = g + fb[i / 28];
+            assert!(
+                (g - w).abs() <= 1e-12 * w.abs().max(1.0),
+                "output {i}: {g} vs {w}"
+            );
+        }
+    }
 }

@@ -253,8 +253,10 @@ pub struct BlockInfo {
     pub in_channels_per_group: usize,
     /// Groups: known when the block has an identity branch (in == out), else null.
     pub groups: Option<usize>,
-    /// Fused kernel size k (k×k).
+    /// Fused kernel size: k for a k×k kernel, the larger side of a kh×kw one.
     pub kernel: usize,
+    /// Fused kernel `[kh, kw]`.
+    pub kernel_shape: [usize; 2],
     /// Whether an identity branch was fused.
     pub identity: bool,
     /// What the block's form rests on that no tensor shows, and what decided it: QARepVGG's
@@ -290,7 +292,8 @@ impl From<&Block> for BlockInfo {
             out_channels: block.out_channels,
             in_channels_per_group: block.in_per_group,
             groups: block.groups,
-            kernel: block.kernel,
+            kernel: block.side(),
+            kernel_shape: [block.kernel.0, block.kernel.1],
             identity: block.has_identity(),
             assumed: block.assumed.clone(),
             graph_nodes: None,

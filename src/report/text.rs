@@ -223,13 +223,14 @@ pub fn inspection(i: &Inspection) -> String {
         let cin = b.in_channels.map_or("?".to_string(), |c| c.to_string());
         say!(
             text,
-            "  {:<32} {}→{} ch, groups {groups}, {k}×{k}, {}{}",
+            "  {:<32} {}→{} ch, groups {groups}, {kh}×{kw}, {}{}",
             b.name,
             cin,
             b.out_channels,
             b.ops.join(" + "),
             if b.identity { "" } else { " (no identity)" },
-            k = b.kernel
+            kh = b.kernel_shape[0],
+            kw = b.kernel_shape[1],
         );
         if let Some(g) = &b.graph_nodes {
             say!(

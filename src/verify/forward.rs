@@ -60,8 +60,7 @@ pub fn forward_unfused(
 
 /// A sequence branch, as DBB and RepNeXt run it: the first conv on the (zero-padded) input,
 /// its per-channel ops (a BN), the map padded by what those ops make of zero (BNAndPad), then
-/// the second conv (or the average) without padding; for output channels `rows`. A kh×kw
-/// kernel runs as the square one it is centred in.
+/// the second conv (or the average) without padding; for output channels `rows`.
 fn forward_sequence(
     block: &Block,
     branch: &Branch,
@@ -72,11 +71,15 @@ fn forward_sequence(
 ) -> Array2<f64> {
     let groups = block.groups.unwrap_or(1).max(1);
     let ipg = block.in_per_group;
-    let (kh1, kw1) = seq.first_hw;
-    let side1 = kh1.max(kw1);
-    let first = centred(&seq.first, ipg, (kh1, kw1));
-    let cols1 = x.cols(side1, 1);
-    let mut mid = conv_rows(&cols1, &first, 0..seq.mid, ipg, side1, seq.mid / groups);
+    let cols1 = x.cols(seq.first_hw, 1);
+    let mut mid = conv_rows(
+        &cols1,
+        &seq.first,
+        0..seq.mid,
+        ipg,
+        seq.first_hw,
+        seq.mid / groups,
+    );
     let mut pad = Array2::<f64>::zeros((seq.mid, 1));
     for op in &seq.ops {
         forward_channel_op(op, &mut mid);
@@ -84,18 +87,20 @@ fn forward_sequence(
     }
     let (side, second) = match (branch.second(), second) {
         (Some(Op::ThenAvgPool { kernel }), _) => (*kernel, None),
-        (_, Some((k2, (kh, kw)))) => (kh.max(kw), Some(centred(k2, 1, (kh, kw)))),
+        (_, Some((k2, hw))) => (hw.0.max(hw.1), Some((k2, hw))),
         _ => (1, None),
     };
     let pad: Vec<f64> = pad.column(0).to_vec();
     let padded = pad_with(&mid, &pad, &x.input, side / 2);
-    let cols = crate::conv::im2col(&padded, side, 1);
-    let full = match &second {
-        Some(k2) => {
-            let mpg = k2.len() / (rows.len() * side * side).max(1);
-            conv_rows(&cols, k2, rows.clone(), mpg, side, block.out_per_group())
+    // Each conv runs as itself (a kh×kw one with its own same padding) on the padded map.
+    let full = match second {
+        Some((k2, hw)) => {
+            let cols = crate::conv::im2col(&padded, hw, 1);
+            let mpg = k2.len() / (rows.len() * hw.0 * hw.1).max(1);
+            conv_rows(&cols, k2, rows.clone(), mpg, hw, block.out_per_group())
         }
         None => {
+            let cols = crate::conv::im2col(&padded, (side, side), 1);
             let kk = side * side;
             let mut y = Array2::<f64>::zeros((rows.len(), cols.ncols()));
             for (r, o) in rows.clone().enumerate() {
@@ -134,7 +139,7 @@ fn forward_conv_fc(
     let hw = block.in_per_group;
     let side = (1..=hw).find(|s| s * s >= hw).unwrap_or(1);
     let ((kernel, k), opg) = (fc.map_or((&[][..], 0), |(w, k)| (&w[..], *k)), hw.max(1));
-    let cols = x.cols(1, 1);
+    let cols = x.cols((1, 1), 1);
     let mut y = Array2::<f64>::zeros((rows.len(), cols.ncols()));
     for (r, o) in rows.enumerate() {
         let (g, oy, ox) = (o / opg, o % opg / side, o % opg % side);
@@ -166,27 +171,27 @@ fn forward_orepa(
 ) -> Array2<f64> {
     let (ipg, opg, k, groups) = (block.in_per_group, block.out_per_group(), v.k, v.groups);
     let kk = k * k;
-    let (cols1, colsk) = (x.cols(1, 1), x.cols(k, 1));
-    let conv1 = |w: &[f64]| conv_rows(&cols1, w, rows.clone(), ipg, 1, opg);
+    let (cols1, colsk) = (x.cols((1, 1), 1), x.cols((k, k), 1));
+    let conv1 = |w: &[f64]| conv_rows(&cols1, w, rows.clone(), ipg, (1, 1), opg);
     // Row r of `map` filtered by its own k×k filter (zero padded).
     let filtered = |map: &Array2<f64>, filters: &[f64]| {
         let images = pad_with(map, &[], &x.input, 0);
         conv_rows(
-            &crate::conv::im2col(&images, k, 1),
+            &crate::conv::im2col(&images, (k, k), 1),
             filters,
             0..map.nrows(),
             1,
-            k,
+            (k, k),
             1,
         )
     };
     let n = rows.len();
     let avg: Vec<f64> = (0..n).flat_map(|_| v.avg_avg.iter().copied()).collect();
     let mid_t = v.first.len() / ipg.max(1);
-    let mid = conv_rows(&cols1, &v.first, 0..mid_t, ipg, 1, mid_t / groups);
-    let mid = crate::conv::im2col(&pad_with(&mid, &[], &x.input, 0), k, 1);
+    let mid = conv_rows(&cols1, &v.first, 0..mid_t, ipg, (1, 1), mid_t / groups);
+    let mid = crate::conv::im2col(&pad_with(&mid, &[], &x.input, 0), (k, k), 1);
     let expand = v.dw.len() / (kk * ipg * groups).max(1);
-    let dw = conv_rows(&colsk, &v.dw, 0..expand * ipg * groups, 1, k, expand);
+    let dw = conv_rows(&colsk, &v.dw, 0..expand * ipg * groups, 1, (k, k), expand);
     let pw: Vec<f64> = rows
         .clone()
         .flat_map(|o| {
@@ -197,12 +202,12 @@ fn forward_orepa(
         })
         .collect();
     let branches = [
-        conv_rows(&colsk, &v.origin, rows.clone(), ipg, k, opg),
+        conv_rows(&colsk, &v.origin, rows.clone(), ipg, (k, k), opg),
         filtered(&conv1(&v.avg_conv), &avg),
         filtered(&conv1(&v.pfir_conv), &v.prior),
-        conv_rows(&mid, &v.conv2, rows.clone(), mid_t / groups, k, opg),
+        conv_rows(&mid, &v.conv2, rows.clone(), mid_t / groups, (k, k), opg),
         conv1(&v.one),
-        conv_rows(&dw, &pw, rows.clone(), expand * ipg, 1, opg),
+        conv_rows(&dw, &pw, rows.clone(), expand * ipg, (1, 1), opg),
     ];
     let mut out = Array2::<f64>::zeros((n, x.input.positions()));
     for (j, y) in branches.iter().enumerate() {
@@ -253,13 +258,20 @@ fn forward_input_bn(
     x: &BlockInput,
     rows: Range<usize>,
 ) -> Array2<f64> {
-    let mut cols = x.cols(1, 1).into_owned();
+    let mut cols = x.cols((1, 1), 1).into_owned();
     for (c, mut row) in cols.rows_mut().into_iter().enumerate() {
         let (t, s) = bn_row(bn, c % bn.var.len().max(1));
         Zip::from(&mut row).for_each(|v| *v = t * *v + s);
     }
     let w = weight.map_or(&[][..], |(w, _)| w);
-    conv_rows(&cols, w, rows, block.in_per_group, 1, block.out_per_group())
+    conv_rows(
+        &cols,
+        w,
+        rows,
+        block.in_per_group,
+        (1, 1),
+        block.out_per_group(),
+    )
 }
 
 /// A branch's source op on `x`, for output channels `rows`: `[rows, n·h·w]`.
@@ -271,23 +283,18 @@ fn forward_source(
     rows: Range<usize>,
 ) -> Array2<f64> {
     match (branch.source(), weight) {
-        (Op::Conv { dilation, .. }, Some((w, (kh, kw)))) => {
-            // A kh×kw kernel runs as the square one it is centred in (zero taps elsewhere):
-            // the same convolution with the same padding.
-            let side = kh.max(kw);
-            let square = (kh != kw).then(|| centred(w, block.in_per_group, (kh, kw)));
-            conv_rows(
-                &x.cols(side, *dilation),
-                square.as_deref().unwrap_or(w),
-                rows,
-                block.in_per_group,
-                side,
-                block.out_per_group(),
-            )
-        }
+        // A kh×kw kernel runs as itself, same-padded by (kh − 1)/2 and (kw − 1)/2.
+        (Op::Conv { dilation, .. }, Some((w, k))) => conv_rows(
+            &x.cols(k, *dilation),
+            w,
+            rows,
+            block.in_per_group,
+            k,
+            block.out_per_group(),
+        ),
         (Op::AvgPool { kernel }, _) => {
             // Channel o's window: rows o·k²..(o+1)·k² of the k×k im2col, averaged.
-            let cols = x.cols(*kernel, 1);
+            let cols = x.cols((*kernel, *kernel), 1);
             let kk = kernel * kernel;
             let mut y = Array2::<f64>::zeros((rows.len(), cols.ncols()));
             for (r, o) in rows.enumerate() {
@@ -297,25 +304,8 @@ fn forward_source(
             y / kk as f64
         }
         // The identity reads input channel o for output channel o.
-        _ => x.cols(1, 1).slice(s![rows, ..]).to_owned(),
+        _ => x.cols((1, 1), 1).slice(s![rows, ..]).to_owned(),
     }
-}
-
-/// Kernels `[rows, cpg, kh, kw]` zero-padded to `[rows, cpg, side, side]`, centred.
-fn centred(w: &[f64], cpg: usize, (kh, kw): (usize, usize)) -> Vec<f64> {
-    let side = kh.max(kw);
-    let (py, px) = ((side - kh) / 2, (side - kw) / 2);
-    let channels = w.len() / (kh * kw).max(1);
-    let mut out = vec![0.0; channels * side * side];
-    for c in 0..channels {
-        for y in 0..kh {
-            for x in 0..kw {
-                out[(c * side + py + y) * side + px + x] = w[(c * kh + y) * kw + x];
-            }
-        }
-    }
-    debug_assert_eq!(channels % cpg.max(1), 0);
-    out
 }
 
 /// A per-channel op applied to outputs `y` (`[rows, positions]`).

@@ -16,7 +16,7 @@ use crate::Error;
 use crate::block::values::{ChannelValues, read_rows};
 use crate::block::{Block, Op, kernel_hw};
 use crate::checkpoint::{Checkpoint, TensorInfo};
-use crate::conv::{BlockInput, Input, conv_rows};
+use crate::conv::{BlockInput, Input, KernelGeometry, conv_rows};
 use crate::deviation::{self, Deviation};
 use crate::dtype::{encode, float_width};
 use crate::find::Detection;
@@ -89,18 +89,17 @@ pub fn default_tolerance(dtype: Dtype) -> (f64, f64) {
 /// The verification input size: the option's, else 8×8 or the largest kernel; refused when a
 /// kernel does not fit.
 fn input_size(detection: &Detection, opts: &CheckOptions) -> Result<[usize; 2], Error> {
-    let max_k = detection.blocks.iter().map(|b| b.kernel).max().unwrap_or(1);
+    let max_k = detection.blocks.iter().map(Block::side).max().unwrap_or(1);
     let side = DEFAULT_VERIFY_SIZE.max(max_k);
     let [h, w] = opts.input_size.unwrap_or([side, side]);
     match detection
         .blocks
         .iter()
-        .find(|b| b.kernel > h || b.kernel > w)
+        .find(|b| b.kernel.0 > h || b.kernel.1 > w)
     {
         Some(b) => Err(Error::Usage(format!(
-            "--input-size {h}x{w} is smaller than the {k}×{k} kernel of block `{}`; borders and interior would not both be tested",
-            b.name,
-            k = b.kernel
+            "--input-size {h}x{w} is smaller than the {}×{} kernel of block `{}`; borders and interior would not both be tested",
+            b.kernel.0, b.kernel.1, b.name,
         ))),
         None => Ok([h, w]),
     }
@@ -296,7 +295,9 @@ impl Run<'_> {
                 Some(name) => {
                     let t = train.get(name);
                     let per_row = t.map_or(0, |t| t.numel() / b.out_channels);
-                    let w = read_rows(train, b, name, rows.clone(), per_row).map_err(block_err)?;
+                    let w = read_rows(train, b, name, rows.clone(), per_row)
+                        .and_then(|w| b.rows_from_stored(w, &rows, 1))
+                        .map_err(block_err)?;
                     Some((w, t.map_or((1, 1), kernel_hw)))
                 }
                 None => None,
@@ -323,6 +324,7 @@ impl Run<'_> {
             .deploy
             .read_f64(weight, rows.start * b.row_len()..rows.end * b.row_len())?
             .ok_or_else(not_float)?;
+        let w = (b.rows_from_stored(w, &rows, 1)).map_err(|e| Error::block(self.deploy, e))?;
         let bias = self
             .deploy
             .read_f64(bias, rows.clone())?
@@ -359,19 +361,16 @@ pub fn unfused_rows(
     run.unfused(x, rows)
 }
 
-/// The (side, dilation) of every kernel the block's forward passes use: the fused one and
-/// each branch's source.
-fn kernels(ckpt: &Checkpoint, block: &Block) -> Vec<(usize, usize)> {
-    let mut ks = vec![(block.kernel, 1), (1, 1)];
+/// The ((kh, kw), dilation) of every kernel the block's forward passes use: the fused one
+/// and each branch's source.
+fn kernels(ckpt: &Checkpoint, block: &Block) -> Vec<KernelGeometry> {
+    let mut ks = vec![(block.kernel, 1), ((1, 1), 1)];
     for branch in &block.branches {
         match branch.source() {
             Op::Conv {
                 weight, dilation, ..
-            } => ks.extend(ckpt.get(weight).map(|t| {
-                let (kh, kw) = kernel_hw(t);
-                (kh.max(kw), *dilation)
-            })),
-            Op::AvgPool { kernel } => ks.push((*kernel, 1)),
+            } => ks.extend(ckpt.get(weight).map(|t| (kernel_hw(t), *dilation))),
+            Op::AvgPool { kernel } => ks.push(((*kernel, *kernel), 1)),
             _ => {}
         }
     }

@@ -251,6 +251,7 @@ fn conv(weight: &str, bias: Option<String>, dilation: usize) -> Op {
         // The finder checked the geometry; kh×kw kernels (ACNet's) centre like square ones.
         asymmetric: true,
         plus_identity: false,
+        out_axis: 0,
     }
 }
 
