@@ -28,11 +28,7 @@ const COUNTED: [&str; 8] = [
 
 /// Cases whose train graph holds sets we leave alone, with why (README says so too): the
 /// expected counts are then not the framework's.
-const KNOWN_GAPS: [(&str, &str); 3] = [
-    (
-        "onnx_repvgg_f16",
-        "keep_io_types gives each branch of the stem its own Cast of the input",
-    ),
+const KNOWN_GAPS: [(&str, &str); 2] = [
     (
         "onnx_dbb_ts17",
         "BNAndPad's border fill exports as Shape/ScatterND subgraphs",

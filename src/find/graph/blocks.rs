@@ -82,6 +82,8 @@ pub fn block_name(graph: &Graph, set: &BranchSet) -> String {
         .nodes
         .iter()
         .filter_map(|&i| graph.nodes.get(i))
+        // An input's other Casts are named after their consumers, outside the block's scope.
+        .filter(|n| !n.is("Cast"))
         .map(|n| n.name.as_str())
         .collect();
     let Some(first) = names.first() else {

@@ -656,6 +656,50 @@ mod tests {
         assert!(f.rejected.is_empty());
     }
 
+    /// keep_io_types: each branch reads its own `Cast` of `x`, to f16 (10) or to `to`.
+    fn cast_branches(b: &mut B, to: i64) -> String {
+        let c1 = b.node("Cast", &["x"], vec![("to", Attr::Int(10))]);
+        let a = b.conv3(&c1, 4);
+        let c2 = b.node("Cast", &["x"], vec![("to", Attr::Int(to))]);
+        let c = b.conv1(&c2, 4);
+        b.bin("Add", &a, &c)
+    }
+
+    #[test]
+    fn equal_casts_of_one_tensor_are_one_input() {
+        let mut b = B::new();
+        let y = cast_branches(&mut b, 10);
+        let f = find(&b.finish(&y));
+        assert_eq!(f.sets.len(), 1, "{f:?}");
+        let s = &f.sets[0];
+        // The first Cast stays and feeds the merged conv; the second goes with the set.
+        assert_eq!(
+            (s.input.as_str(), s.nodes.as_slice()),
+            ("Cast0", &[1, 2, 3, 4][..])
+        );
+    }
+
+    #[test]
+    fn casts_to_different_types_are_different_inputs() {
+        let mut b = B::new();
+        let y = cast_branches(&mut b, 1);
+        assert!(find(&b.finish(&y)).sets.is_empty());
+    }
+
+    #[test]
+    fn a_cast_read_outside_the_set_stays() {
+        let mut b = B::new();
+        let y = cast_branches(&mut b, 10);
+        let r = b.node("Relu", &["Cast2"], vec![]);
+        let mut g = b.finish(&y);
+        g.outputs.push(r);
+        let s = &find(&g).sets[0];
+        assert_eq!(
+            (s.input.as_str(), s.nodes.as_slice()),
+            ("Cast0", &[1, 3, 4][..])
+        );
+    }
+
     #[test]
     fn sum_with_three_inputs_joins() {
         let mut b = B::new();

@@ -393,13 +393,6 @@ impl Raw {
             .get(j)
             .map_or(self.leaf.as_str(), |s| s.input.as_str())
     }
-
-    /// The position of the shallowest cut at which the branch reads `t`.
-    pub(super) fn cut_for(&self, t: &str) -> Option<usize> {
-        (0..=self.lower.len())
-            .rev()
-            .find(|&j| self.input_at(j) == t)
-    }
 }
 
 /// A sum and its branches.

@@ -2,6 +2,17 @@
 //! each leaf.
 
 use super::*;
+use crate::onnx::graph::Attr;
+
+/// What makes two tensors one input of a set: the tensor itself or, for the output of a
+/// plain `Cast` of a data tensor, that tensor and the Cast's attributes. onnxconverter-common's
+/// `keep_io_types` gives each consumer of a graph input its own Cast: equal Casts of one
+/// tensor hold the same values, so branches reading them read one input.
+#[derive(Debug, Clone, PartialEq)]
+pub(super) struct InputKey {
+    tensor: String,
+    cast: Option<BTreeMap<String, Attr>>,
+}
 
 /// Deepest nesting of sums followed, and longest chain of ops below a leaf.
 pub(super) const MAX_DEPTH: usize = 256;
@@ -93,14 +104,73 @@ impl View<'_> {
         chain
     }
 
-    /// The shallowest tensor every branch can read, and where each branch is cut for it.
-    pub(super) fn common_input(raws: &[Raw]) -> Option<(String, Vec<usize>)> {
+    /// The shallowest input every branch can read, and where each branch is cut for it:
+    /// one tensor, or identical `Cast`s of one tensor (see [`InputKey`]).
+    pub(super) fn common_input(&self, raws: &[Raw]) -> Option<(String, Vec<usize>)> {
         let first = raws.first()?;
         (0..=first.lower.len()).rev().find_map(|j| {
-            let t = first.input_at(j);
-            let cuts: Option<Vec<usize>> = raws.iter().map(|r| r.cut_for(t)).collect();
-            cuts.map(|c| (t.to_string(), c))
+            let key = self.input_key(first.input_at(j));
+            let cuts: Option<Vec<usize>> = raws
+                .iter()
+                .map(|r| {
+                    (0..=r.lower.len())
+                        .rev()
+                        .find(|&k| self.input_key(r.input_at(k)) == key)
+                })
+                .collect();
+            let cuts = cuts?;
+            // Of equal Casts, the set reads the earliest, so the merged node, which takes
+            // the place of the set's first node, still comes after what it reads.
+            let input = raws
+                .iter()
+                .zip(&cuts)
+                .map(|(r, &k)| r.input_at(k))
+                .min_by_key(|t| self.producer.get(t).copied())?;
+            Some((input.to_string(), cuts))
         })
+    }
+
+    /// What makes two tensors one input of a set.
+    pub(super) fn input_key(&self, t: &str) -> InputKey {
+        match self.producer.get(t).map(|&i| self.node(i)) {
+            Some(n) if self.is_plain_cast(n) => InputKey {
+                tensor: n.inputs[0].clone(),
+                cast: Some(n.attrs.clone()),
+            },
+            _ => InputKey {
+                tensor: t.to_string(),
+                cast: None,
+            },
+        }
+    }
+
+    /// A `Cast` of one data tensor, with only typed attributes (`to`, `saturate`).
+    fn is_plain_cast(&self, n: &Node) -> bool {
+        n.op_type == "Cast"
+            && (n.domain.is_empty() || n.domain == "ai.onnx")
+            && n.inputs.len() == 1
+            && n.outputs.len() == 1
+            && !self.is_const(&n.inputs[0])
+            && n.attrs.values().all(|a| matches!(a, Attr::Int(_)))
+    }
+
+    /// The `Cast` nodes that give branches other copies of the set's `input`: each is part
+    /// of the set when only the set's `nodes` read what it writes (else it stays).
+    pub(super) fn extra_casts(
+        &self,
+        input: &str,
+        firsts: &[&str],
+        nodes: &BTreeSet<usize>,
+    ) -> Vec<usize> {
+        let mut out: Vec<usize> = firsts
+            .iter()
+            .filter(|t| **t != input && !self.outputs.contains(**t))
+            .filter(|t| self.consumers_of(t).iter().all(|c| nodes.contains(c)))
+            .filter_map(|t| self.producer.get(*t).copied())
+            .collect();
+        out.sort_unstable();
+        out.dedup();
+        out
     }
 
     /// The sets (or rejections) a sum rooted at `root` gives.
@@ -112,7 +182,7 @@ impl View<'_> {
                 .chain(&r.upper)
                 .any(|s| s.op.as_ref().is_some_and(is_source))
         };
-        if let Some((input, cuts)) = Self::common_input(&tree.raws) {
+        if let Some((input, cuts)) = self.common_input(&tree.raws) {
             let branches: Vec<(f64, Vec<Step>)> = tree
                 .raws
                 .iter()
@@ -131,7 +201,15 @@ impl View<'_> {
                 return Vec::new();
             }
             let out = self.node(root).outputs.first().cloned().unwrap_or_default();
-            return vec![self.validate(&tree.joins, &input, &branches, &out)];
+            let inside: BTreeSet<usize> = (tree.joins.iter().copied())
+                .chain(branches.iter().flat_map(|(_, b)| b.iter().map(|s| s.node)))
+                .collect();
+            let firsts: Vec<&str> = (tree.raws.iter().zip(&cuts))
+                .map(|(r, &j)| r.input_at(j))
+                .collect();
+            let mut joins = tree.joins.clone();
+            joins.extend(self.extra_casts(&input, &firsts, &inside));
+            return vec![self.validate(&joins, &input, &branches, &out)];
         }
         let mut found: Vec<Result<BranchSet, Rejected>> = tree
             .children
