@@ -240,6 +240,7 @@ fn source_op(op: &GOp) -> Result<Option<Op>, String> {
             return Err(format!("an AveragePool of {kernel:?} is not square"));
         }
         GOp::Pad { .. } => return Err("a Pad in a branch is not merged yet".into()),
+        GOp::BorderFill { .. } => return Err("a border fill is not merged".into()),
         _ => return Ok(None),
     }))
 }
@@ -348,6 +349,7 @@ fn describe_g(op: &GOp) -> &'static str {
         GOp::Identity => "the input",
         GOp::AvgPool { .. } => "AveragePool",
         GOp::Pad { .. } => "Pad",
+        GOp::BorderFill { .. } => "Pad + ScatterND",
         GOp::Mul { .. } => "Mul",
         GOp::Add { .. } => "Add",
         GOp::Sub { .. } => "Sub",

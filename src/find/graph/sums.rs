@@ -97,7 +97,13 @@ impl View<'_> {
                         problem: None,
                     });
                 }
-                _ => break,
+                _ => match self.border_fill(&cur) {
+                    Some(fill) => {
+                        cur = fill.input.clone();
+                        chain.push(fill);
+                    }
+                    None => break,
+                },
             }
         }
         chain.reverse();
@@ -209,7 +215,27 @@ impl View<'_> {
                 .collect();
             let mut joins = tree.joins.clone();
             joins.extend(self.extra_casts(&input, &firsts, &inside));
-            return vec![self.validate(&joins, &input, &branches, &out)];
+            let whole = self.validate(&joins, &input, &branches, &out);
+            let fill = |s: &Step| matches!(s.op, Some(GOp::BorderFill { .. }));
+            if whole.is_err() && branches.iter().any(|(_, b)| b.iter().any(fill)) {
+                // DBB: the border-filled sequences stay; the plain branches under them
+                // (a partial sum) still merge on their own.
+                // A rejection within the rejected set's nodes says nothing new.
+                let all: BTreeSet<String> = whole
+                    .as_ref()
+                    .err()
+                    .map(|r| r.nodes.iter().cloned().collect())
+                    .unwrap_or_default();
+                let mut found = vec![whole];
+                found.extend(
+                    (tree.children.iter().flat_map(|&c| self.candidates(c))).filter(|r| match r {
+                        Ok(_) => true,
+                        Err(e) => !e.nodes.iter().all(|n| all.contains(n)),
+                    }),
+                );
+                return found;
+            }
+            return vec![whole];
         }
         let mut found: Vec<Result<BranchSet, Rejected>> = tree
             .children
