@@ -31,7 +31,10 @@ const COUNTED: [&str; 8] = [
 /// The second of each pair is what the report's `skipped` reason says of each such set.
 const KNOWN_GAPS: [(&str, &str); 2] = [
     // BNAndPad's border fill exports as Shape/Range/Where/ScatterND subgraphs.
-    ("onnx_dbb_ts17", "writes values at indices the graph computes"),
+    (
+        "onnx_dbb_ts17",
+        "writes values at indices the graph computes",
+    ),
     // Pad + ScatterND of constants, which differ from the 1×1 conv's folded bias by an ulp.
     ("onnx_dbb_dynamo", "they disagree in the last bits"),
 ];

@@ -189,53 +189,7 @@ impl View<'_> {
                 .any(|s| s.op.as_ref().is_some_and(is_source))
         };
         if let Some((input, cuts)) = self.common_input(&tree.raws) {
-            let branches: Vec<(f64, Vec<Step>)> = tree
-                .raws
-                .iter()
-                .zip(&cuts)
-                .map(|(r, &j)| {
-                    (
-                        r.coef,
-                        r.lower[j..].iter().chain(&r.upper).cloned().collect(),
-                    )
-                })
-                .collect();
-            if !branches
-                .iter()
-                .any(|(_, b)| b.iter().any(|s| s.op.as_ref().is_some_and(is_source)))
-            {
-                return Vec::new();
-            }
-            let out = self.node(root).outputs.first().cloned().unwrap_or_default();
-            let inside: BTreeSet<usize> = (tree.joins.iter().copied())
-                .chain(branches.iter().flat_map(|(_, b)| b.iter().map(|s| s.node)))
-                .collect();
-            let firsts: Vec<&str> = (tree.raws.iter().zip(&cuts))
-                .map(|(r, &j)| r.input_at(j))
-                .collect();
-            let mut joins = tree.joins.clone();
-            joins.extend(self.extra_casts(&input, &firsts, &inside));
-            let whole = self.validate(&joins, &input, &branches, &out);
-            let fill = |s: &Step| matches!(s.op, Some(GOp::BorderFill { .. }));
-            if whole.is_err() && branches.iter().any(|(_, b)| b.iter().any(fill)) {
-                // DBB: the border-filled sequences stay; the plain branches under them
-                // (a partial sum) still merge on their own.
-                // A rejection within the rejected set's nodes says nothing new.
-                let all: BTreeSet<String> = whole
-                    .as_ref()
-                    .err()
-                    .map(|r| r.nodes.iter().cloned().collect())
-                    .unwrap_or_default();
-                let mut found = vec![whole];
-                found.extend(
-                    (tree.children.iter().flat_map(|&c| self.candidates(c))).filter(|r| match r {
-                        Ok(_) => true,
-                        Err(e) => !e.nodes.iter().all(|n| all.contains(n)),
-                    }),
-                );
-                return found;
-            }
-            return vec![whole];
+            return self.whole(root, &tree, &input, &cuts);
         }
         let mut found: Vec<Result<BranchSet, Rejected>> = tree
             .children
@@ -275,6 +229,64 @@ impl View<'_> {
             }));
         }
         found
+    }
+
+    /// The set of a sum whose branches all read `input` (cut at `cuts`): merged, or left with
+    /// why; a set left for a border fill also gives the partial sums under it.
+    fn whole(
+        &self,
+        root: usize,
+        tree: &Tree,
+        input: &str,
+        cuts: &[usize],
+    ) -> Vec<Result<BranchSet, Rejected>> {
+        let branches: Vec<(f64, Vec<Step>)> = tree
+            .raws
+            .iter()
+            .zip(cuts)
+            .map(|(r, &j)| {
+                (
+                    r.coef,
+                    r.lower[j..].iter().chain(&r.upper).cloned().collect(),
+                )
+            })
+            .collect();
+        if !branches
+            .iter()
+            .any(|(_, b)| b.iter().any(|s| s.op.as_ref().is_some_and(is_source)))
+        {
+            return Vec::new();
+        }
+        let out = self.node(root).outputs.first().cloned().unwrap_or_default();
+        let inside: BTreeSet<usize> = (tree.joins.iter().copied())
+            .chain(branches.iter().flat_map(|(_, b)| b.iter().map(|s| s.node)))
+            .collect();
+        let firsts: Vec<&str> = (tree.raws.iter().zip(cuts))
+            .map(|(r, &j)| r.input_at(j))
+            .collect();
+        let mut joins = tree.joins.clone();
+        joins.extend(self.extra_casts(input, &firsts, &inside));
+        let whole = self.validate(&joins, input, &branches, &out);
+        let fill = |s: &Step| matches!(s.op, Some(GOp::BorderFill { .. }));
+        if whole.is_err() && branches.iter().any(|(_, b)| b.iter().any(fill)) {
+            // DBB: the border-filled sequences stay; the plain branches under them
+            // (a partial sum) still merge on their own.
+            // A rejection within the rejected set's nodes says nothing new.
+            let all: BTreeSet<String> = whole
+                .as_ref()
+                .err()
+                .map(|r| r.nodes.iter().cloned().collect())
+                .unwrap_or_default();
+            let mut found = vec![whole];
+            found.extend(
+                (tree.children.iter().flat_map(|&c| self.candidates(c))).filter(|r| match r {
+                    Ok(_) => true,
+                    Err(e) => !e.nodes.iter().all(|n| all.contains(n)),
+                }),
+            );
+            return found;
+        }
+        vec![whole]
     }
 
     pub(super) fn labels(&self, nodes: &[usize]) -> Vec<String> {
