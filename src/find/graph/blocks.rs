@@ -82,6 +82,8 @@ pub fn block_name(graph: &Graph, set: &BranchSet) -> String {
         .nodes
         .iter()
         .filter_map(|&i| graph.nodes.get(i))
+        // An input's other Casts are named after their consumers, outside the block's scope.
+        .filter(|n| !n.is("Cast"))
         .map(|n| n.name.as_str())
         .collect();
     let Some(first) = names.first() else {
@@ -238,6 +240,7 @@ fn source_op(op: &GOp) -> Result<Option<Op>, String> {
             return Err(format!("an AveragePool of {kernel:?} is not square"));
         }
         GOp::Pad { .. } => return Err("a Pad in a branch is not merged yet".into()),
+        GOp::BorderFill { .. } => return Err("a border fill is not merged".into()),
         _ => return Ok(None),
     }))
 }
@@ -347,6 +350,7 @@ fn describe_g(op: &GOp) -> &'static str {
         GOp::Identity => "the input",
         GOp::AvgPool { .. } => "AveragePool",
         GOp::Pad { .. } => "Pad",
+        GOp::BorderFill { .. } => "Pad + ScatterND",
         GOp::Mul { .. } => "Mul",
         GOp::Add { .. } => "Add",
         GOp::Sub { .. } => "Sub",

@@ -65,6 +65,11 @@ impl View<'_> {
         let mut nodes: BTreeSet<usize> = joins.iter().copied().collect();
         for (_, b) in branches {
             nodes.extend(b.iter().map(|s| s.node));
+            for s in b {
+                if let Some(GOp::BorderFill { chain, .. }) = &s.op {
+                    nodes.extend(chain.iter().copied());
+                }
+            }
         }
         let reject = |nodes: &BTreeSet<usize>, reason: String| Rejected {
             nodes: self.labels(&nodes.iter().copied().collect::<Vec<_>>()),

@@ -169,6 +169,15 @@ pub enum GOp {
         /// The fill value.
         value: f64,
     },
+    /// DBB's BNAndPad as exporters write it: a `Pad`, then `ScatterND`s (dynamo: with
+    /// `Transpose`/`Identity` between) that write the BN's value at zero into the border.
+    /// Found so that its set is reported as what it is; it never merges (see the reason).
+    BorderFill {
+        /// The `Pad` node.
+        node: usize,
+        /// The nodes after the Pad on the data path, the last one first.
+        chain: Vec<usize>,
+    },
     /// Multiply by a constant.
     Mul {
         /// The node.
@@ -502,6 +511,7 @@ fn op_node(op: &GOp) -> Option<usize> {
         | GOp::Bn { node, .. }
         | GOp::AvgPool { node, .. }
         | GOp::Pad { node, .. }
+        | GOp::BorderFill { node, .. }
         | GOp::Mul { node, .. }
         | GOp::Add { node, .. }
         | GOp::Sub { node, .. }
@@ -656,6 +666,50 @@ mod tests {
         assert!(f.rejected.is_empty());
     }
 
+    /// keep_io_types: each branch reads its own `Cast` of `x`, to f16 (10) or to `to`.
+    fn cast_branches(b: &mut B, to: i64) -> String {
+        let c1 = b.node("Cast", &["x"], vec![("to", Attr::Int(10))]);
+        let a = b.conv3(&c1, 4);
+        let c2 = b.node("Cast", &["x"], vec![("to", Attr::Int(to))]);
+        let c = b.conv1(&c2, 4);
+        b.bin("Add", &a, &c)
+    }
+
+    #[test]
+    fn equal_casts_of_one_tensor_are_one_input() {
+        let mut b = B::new();
+        let y = cast_branches(&mut b, 10);
+        let f = find(&b.finish(&y));
+        assert_eq!(f.sets.len(), 1, "{f:?}");
+        let s = &f.sets[0];
+        // The first Cast stays and feeds the merged conv; the second goes with the set.
+        assert_eq!(
+            (s.input.as_str(), s.nodes.as_slice()),
+            ("Cast0", &[1, 2, 3, 4][..])
+        );
+    }
+
+    #[test]
+    fn casts_to_different_types_are_different_inputs() {
+        let mut b = B::new();
+        let y = cast_branches(&mut b, 1);
+        assert!(find(&b.finish(&y)).sets.is_empty());
+    }
+
+    #[test]
+    fn a_cast_read_outside_the_set_stays() {
+        let mut b = B::new();
+        let y = cast_branches(&mut b, 10);
+        let r = b.node("Relu", &["Cast2"], vec![]);
+        let mut g = b.finish(&y);
+        g.outputs.push(r);
+        let s = &find(&g).sets[0];
+        assert_eq!(
+            (s.input.as_str(), s.nodes.as_slice()),
+            ("Cast0", &[1, 3, 4][..])
+        );
+    }
+
     #[test]
     fn sum_with_three_inputs_joins() {
         let mut b = B::new();
@@ -775,6 +829,65 @@ mod tests {
         let mut b = B::new();
         let y = sequence(&mut b, true);
         one_rejection(&b.finish(&y), "not what");
+    }
+
+    /// DBB as dynamo writes it: conv3 + conv1, and a 1×1 conv whose map is padded, its
+    /// border filled by `ScatterND`s of constants holding `fill`, then averaged.
+    fn border_filled(b: &mut B, fill: f64) -> String {
+        let (c, d) = (b.conv3("x", 4), b.conv1("x", 4));
+        let s = b.bin("Add", &c, &d);
+        let one = b.conv1("x", 4);
+        let pads = b.konst(&[8]);
+        b.g.constants.get_mut(&pads).expect("just made").values =
+            Some(vec![0., 0., 1., 1., 0., 0., 1., 1.]);
+        let p = b.bin("Pad", &one, &pads);
+        let t = b.node("Transpose", &[&p], vec![("perm", ints(&[2, 1, 0, 3]))]);
+        let idx = b.konst(&[1, 1]);
+        let upd = b.konst(&[1, 4, 1, 4]);
+        b.g.constants.get_mut(&upd).expect("just made").values = Some(vec![fill; 16]);
+        let f = b.node("ScatterND", &[&t, &idx, &upd], vec![]);
+        let back = b.node("Transpose", &[&f], vec![("perm", ints(&[2, 1, 0, 3]))]);
+        let a = b.node(
+            "AveragePool",
+            &[&back],
+            vec![
+                ("kernel_shape", ints(&[3, 3])),
+                ("count_include_pad", Attr::Int(1)),
+            ],
+        );
+        b.bin("Add", &s, &a)
+    }
+
+    #[test]
+    fn border_fill_is_left_with_why_and_the_plain_branches_merge() {
+        let mut b = B::new();
+        let y = border_filled(&mut b, 0.25);
+        let f = find(&b.finish(&y));
+        assert_eq!((f.sets.len(), f.sets[0].branches.len()), (1, 2), "{f:?}");
+        assert_eq!(f.rejected.len(), 1, "{:?}", f.rejected);
+        let why = &f.rejected[0].reason;
+        assert!(
+            why.contains("BNAndPad") && why.contains("differ by up to 2.5e-1"),
+            "{why}"
+        );
+        // The fill's nodes are named with the set it would be part of.
+        assert!(
+            f.rejected[0]
+                .nodes
+                .iter()
+                .any(|n| n.starts_with("ScatterND"))
+        );
+    }
+
+    #[test]
+    fn border_fill_equal_to_the_bias_is_still_left() {
+        let mut b = B::new();
+        let y = border_filled(&mut b, 0.5);
+        let f = find(&b.finish(&y));
+        assert!(
+            f.rejected[0].reason.contains("not merged from graphs"),
+            "{f:?}"
+        );
     }
 
     #[test]

@@ -301,6 +301,94 @@ impl View<'_> {
     }
 }
 
+/// Longest data path of a border fill after its `Pad`.
+const MAX_FILL: usize = 16;
+
+impl View<'_> {
+    /// DBB's BNAndPad border fill ending at `t`, read back through `ScatterND` data inputs
+    /// (and dynamo's `Transpose`/`Identity`) to a `Pad`: a step that never merges, with why.
+    pub(super) fn border_fill(&self, t: &str) -> Option<Step> {
+        let mut chain = Vec::new();
+        let mut cur = t;
+        loop {
+            let &i = self.producer.get(cur)?;
+            let n = self.node(i);
+            let data = n.inputs.first().filter(|x| !self.is_const(x))?;
+            match n.op_type.as_str() {
+                "ScatterND" | "Transpose" | "Identity" if chain.len() < MAX_FILL => {}
+                "Pad" if chain.iter().any(|&c| self.node(c).is("ScatterND")) => {
+                    let reason = self.fill_reason(n, &chain);
+                    return Some(Step {
+                        node: i,
+                        op: Some(GOp::BorderFill { node: i, chain }),
+                        input: data.clone(),
+                        problem: Some(reason),
+                    });
+                }
+                _ => return None,
+            }
+            chain.push(i);
+            cur = data;
+        }
+    }
+
+    /// Why a border fill after Pad `pad` is left as it is.
+    fn fill_reason(&self, pad: &Node, chain: &[usize]) -> String {
+        let scatters: Vec<&Node> = (chain.iter().map(|&i| self.node(i)))
+            .filter(|n| n.is("ScatterND"))
+            .collect();
+        let head = format!(
+            "DBB's BNAndPad border fill (Pad `{}` and {} ScatterND)",
+            pad.label(),
+            scatters.len()
+        );
+        let computed = scatters
+            .iter()
+            .any(|n| n.inputs.iter().skip(1).any(|x| !self.is_const(x)));
+        if computed {
+            return format!(
+                "{head} writes values at indices the graph computes (Shape, Range, Where: \
+                 TorchScript's export of `output[:, :, 0:p, :] = pad_values`); it is not \
+                 matched as a constant border, so this 1×1 → k×k sequence is left as it is"
+            );
+        }
+        match self.fill_gap(pad, &scatters) {
+            Some((conv, gap)) if gap > 0.0 => format!(
+                "{head} writes per-channel constants that differ by up to {gap:.1e} from what \
+                 the 1×1 conv `{conv}` makes of zero input (its bias, into which the exporter \
+                 folded the BN): computed apart, they disagree in the last bits, so the \
+                 sequence is not exactly one convolution"
+            ),
+            _ => format!(
+                "{head}: a 1×1 → k×k sequence with a filled border is not merged from graphs \
+                 (its second conv's own bias has no place in the block model's sequence)"
+            ),
+        }
+    }
+
+    /// The 1×1 conv before the Pad, and the largest difference between its bias and the
+    /// values the scatters write for each channel (axis 1 of every update).
+    fn fill_gap(&self, pad: &Node, scatters: &[&Node]) -> Option<(String, f64)> {
+        let conv = self.node(*self.producer.get(pad.inputs.first()?.as_str())?);
+        let bias = conv.inputs.get(2).filter(|_| conv.is("Conv"))?;
+        let bias = self.constant(bias)?.values.as_ref()?;
+        let mut gap: f64 = 0.0;
+        for s in scatters {
+            let u = self.constant(s.inputs.get(2)?)?;
+            let (values, dims) = (u.values.as_ref()?, &u.dims);
+            let c = usize::try_from(*dims.get(1)?).ok()?;
+            let inner: usize = dims[2..].iter().map(|&d| d as usize).product();
+            if c != bias.len() || inner == 0 {
+                return None;
+            }
+            for (k, v) in values.iter().enumerate() {
+                gap = gap.max((v - bias[(k / inner) % c]).abs());
+            }
+        }
+        Some((conv.label(), gap))
+    }
+}
+
 /// A 2-D window's geometry, auto_pad resolved.
 #[derive(Debug, Clone, Copy, Default)]
 pub(super) struct Window {
@@ -392,13 +480,6 @@ impl Raw {
         self.lower
             .get(j)
             .map_or(self.leaf.as_str(), |s| s.input.as_str())
-    }
-
-    /// The position of the shallowest cut at which the branch reads `t`.
-    pub(super) fn cut_for(&self, t: &str) -> Option<usize> {
-        (0..=self.lower.len())
-            .rev()
-            .find(|&j| self.input_at(j) == t)
     }
 }
 

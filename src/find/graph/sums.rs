@@ -2,6 +2,17 @@
 //! each leaf.
 
 use super::*;
+use crate::onnx::graph::Attr;
+
+/// What makes two tensors one input of a set: the tensor itself or, for the output of a
+/// plain `Cast` of a data tensor, that tensor and the Cast's attributes. onnxconverter-common's
+/// `keep_io_types` gives each consumer of a graph input its own Cast: equal Casts of one
+/// tensor hold the same values, so branches reading them read one input.
+#[derive(Debug, Clone, PartialEq)]
+pub(super) struct InputKey {
+    tensor: String,
+    cast: Option<BTreeMap<String, Attr>>,
+}
 
 /// Deepest nesting of sums followed, and longest chain of ops below a leaf.
 pub(super) const MAX_DEPTH: usize = 256;
@@ -86,21 +97,86 @@ impl View<'_> {
                         problem: None,
                     });
                 }
-                _ => break,
+                _ => match self.border_fill(&cur) {
+                    Some(fill) => {
+                        cur = fill.input.clone();
+                        chain.push(fill);
+                    }
+                    None => break,
+                },
             }
         }
         chain.reverse();
         chain
     }
 
-    /// The shallowest tensor every branch can read, and where each branch is cut for it.
-    pub(super) fn common_input(raws: &[Raw]) -> Option<(String, Vec<usize>)> {
+    /// The shallowest input every branch can read, and where each branch is cut for it:
+    /// one tensor, or identical `Cast`s of one tensor (see [`InputKey`]).
+    pub(super) fn common_input(&self, raws: &[Raw]) -> Option<(String, Vec<usize>)> {
         let first = raws.first()?;
         (0..=first.lower.len()).rev().find_map(|j| {
-            let t = first.input_at(j);
-            let cuts: Option<Vec<usize>> = raws.iter().map(|r| r.cut_for(t)).collect();
-            cuts.map(|c| (t.to_string(), c))
+            let key = self.input_key(first.input_at(j));
+            let cuts: Option<Vec<usize>> = raws
+                .iter()
+                .map(|r| {
+                    (0..=r.lower.len())
+                        .rev()
+                        .find(|&k| self.input_key(r.input_at(k)) == key)
+                })
+                .collect();
+            let cuts = cuts?;
+            // Of equal Casts, the set reads the earliest, so the merged node, which takes
+            // the place of the set's first node, still comes after what it reads.
+            let input = raws
+                .iter()
+                .zip(&cuts)
+                .map(|(r, &k)| r.input_at(k))
+                .min_by_key(|t| self.producer.get(t).copied())?;
+            Some((input.to_string(), cuts))
         })
+    }
+
+    /// What makes two tensors one input of a set.
+    pub(super) fn input_key(&self, t: &str) -> InputKey {
+        match self.producer.get(t).map(|&i| self.node(i)) {
+            Some(n) if self.is_plain_cast(n) => InputKey {
+                tensor: n.inputs[0].clone(),
+                cast: Some(n.attrs.clone()),
+            },
+            _ => InputKey {
+                tensor: t.to_string(),
+                cast: None,
+            },
+        }
+    }
+
+    /// A `Cast` of one data tensor, with only typed attributes (`to`, `saturate`).
+    fn is_plain_cast(&self, n: &Node) -> bool {
+        n.op_type == "Cast"
+            && (n.domain.is_empty() || n.domain == "ai.onnx")
+            && n.inputs.len() == 1
+            && n.outputs.len() == 1
+            && !self.is_const(&n.inputs[0])
+            && n.attrs.values().all(|a| matches!(a, Attr::Int(_)))
+    }
+
+    /// The `Cast` nodes that give branches other copies of the set's `input`: each is part
+    /// of the set when only the set's `nodes` read what it writes (else it stays).
+    pub(super) fn extra_casts(
+        &self,
+        input: &str,
+        firsts: &[&str],
+        nodes: &BTreeSet<usize>,
+    ) -> Vec<usize> {
+        let mut out: Vec<usize> = firsts
+            .iter()
+            .filter(|t| **t != input && !self.outputs.contains(**t))
+            .filter(|t| self.consumers_of(t).iter().all(|c| nodes.contains(c)))
+            .filter_map(|t| self.producer.get(*t).copied())
+            .collect();
+        out.sort_unstable();
+        out.dedup();
+        out
     }
 
     /// The sets (or rejections) a sum rooted at `root` gives.
@@ -112,26 +188,8 @@ impl View<'_> {
                 .chain(&r.upper)
                 .any(|s| s.op.as_ref().is_some_and(is_source))
         };
-        if let Some((input, cuts)) = Self::common_input(&tree.raws) {
-            let branches: Vec<(f64, Vec<Step>)> = tree
-                .raws
-                .iter()
-                .zip(&cuts)
-                .map(|(r, &j)| {
-                    (
-                        r.coef,
-                        r.lower[j..].iter().chain(&r.upper).cloned().collect(),
-                    )
-                })
-                .collect();
-            if !branches
-                .iter()
-                .any(|(_, b)| b.iter().any(|s| s.op.as_ref().is_some_and(is_source)))
-            {
-                return Vec::new();
-            }
-            let out = self.node(root).outputs.first().cloned().unwrap_or_default();
-            return vec![self.validate(&tree.joins, &input, &branches, &out)];
+        if let Some((input, cuts)) = self.common_input(&tree.raws) {
+            return self.whole(root, &tree, &input, &cuts);
         }
         let mut found: Vec<Result<BranchSet, Rejected>> = tree
             .children
@@ -171,6 +229,64 @@ impl View<'_> {
             }));
         }
         found
+    }
+
+    /// The set of a sum whose branches all read `input` (cut at `cuts`): merged, or left with
+    /// why; a set left for a border fill also gives the partial sums under it.
+    fn whole(
+        &self,
+        root: usize,
+        tree: &Tree,
+        input: &str,
+        cuts: &[usize],
+    ) -> Vec<Result<BranchSet, Rejected>> {
+        let branches: Vec<(f64, Vec<Step>)> = tree
+            .raws
+            .iter()
+            .zip(cuts)
+            .map(|(r, &j)| {
+                (
+                    r.coef,
+                    r.lower[j..].iter().chain(&r.upper).cloned().collect(),
+                )
+            })
+            .collect();
+        if !branches
+            .iter()
+            .any(|(_, b)| b.iter().any(|s| s.op.as_ref().is_some_and(is_source)))
+        {
+            return Vec::new();
+        }
+        let out = self.node(root).outputs.first().cloned().unwrap_or_default();
+        let inside: BTreeSet<usize> = (tree.joins.iter().copied())
+            .chain(branches.iter().flat_map(|(_, b)| b.iter().map(|s| s.node)))
+            .collect();
+        let firsts: Vec<&str> = (tree.raws.iter().zip(cuts))
+            .map(|(r, &j)| r.input_at(j))
+            .collect();
+        let mut joins = tree.joins.clone();
+        joins.extend(self.extra_casts(input, &firsts, &inside));
+        let whole = self.validate(&joins, input, &branches, &out);
+        let fill = |s: &Step| matches!(s.op, Some(GOp::BorderFill { .. }));
+        if whole.is_err() && branches.iter().any(|(_, b)| b.iter().any(fill)) {
+            // DBB: the border-filled sequences stay; the plain branches under them
+            // (a partial sum) still merge on their own.
+            // A rejection within the rejected set's nodes says nothing new.
+            let all: BTreeSet<String> = whole
+                .as_ref()
+                .err()
+                .map(|r| r.nodes.iter().cloned().collect())
+                .unwrap_or_default();
+            let mut found = vec![whole];
+            found.extend(
+                (tree.children.iter().flat_map(|&c| self.candidates(c))).filter(|r| match r {
+                    Ok(_) => true,
+                    Err(e) => !e.nodes.iter().all(|n| all.contains(n)),
+                }),
+            );
+            return found;
+        }
+        vec![whole]
     }
 
     pub(super) fn labels(&self, nodes: &[usize]) -> Vec<String> {
