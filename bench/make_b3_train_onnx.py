@@ -78,6 +78,8 @@ def load_save(out):
 
 
 def to_f16(out):
+    import warnings
+    warnings.filterwarnings("ignore")  # one line per weight it clamps to +-1e-7
     from onnxconverter_common import float16
     m16 = float16.convert_float_to_float16(onnx.load(str(out / "train.onnx")), keep_io_types=True)
     onnx.save(m16, str(out / "train_f16.onnx"))

@@ -119,11 +119,7 @@ pub(super) fn stage(
         written
     };
     let staged = stage_graph(model, &edit, output, DataPlacement::AsInput, &mut fill);
-    let (files, summary) = match (staged, failure) {
-        (Ok(staged), _) => staged,
-        (Err(_), Some(e)) => return Err(e),
-        (Err(e), None) => return Err(e),
-    };
+    let (files, summary) = staged.map_err(|e| failure.unwrap_or(e))?;
     let written = written(train, &edit, &summary);
     let (deploy, path, linked) = if verify {
         let (path, linked) = readable_graph(&files, output)?;

@@ -7,7 +7,8 @@
 //! own static dims; a symbolic dim must come from an [`InputSpec`]), and plans it with tract;
 //! [`Graph::random_inputs`] draws the inputs; [`Graph::run`] returns every graph output as
 //! f64 values; [`compare`] matches two runs' outputs by name. [`run_graph`] and
-//! [`run_graph_with`] do the first three in one call.
+//! [`run_graph_with`] do the first three in one call. [`Graph::load_as`] with
+//! [`Compute::F16AsF32`] runs an f16 graph widened to f32, as [`check_graphs`] does.
 //!
 //! Random inputs are uniform in [-1, 1), drawn from a ChaCha8 stream (seed `seed`, stream =
 //! the input's position), in f64 and then rounded to the input's dtype (f16, f32 or f64); the
