@@ -25,7 +25,10 @@ fn fixture(dir: &str, name: &str) -> PathBuf {
 
 /// The stored (inputs, ORT outputs) of graph `name` of fixtures/onnx_run.
 fn expected(name: &str) -> (Vec<Tensor64>, Vec<Tensor64>) {
-    let tensors = common::read_st(&fixture("onnx_run", &format!("{name}.expected.safetensors")));
+    let tensors = common::read_st(&fixture(
+        "onnx_run",
+        &format!("{name}.expected.safetensors"),
+    ));
     let (mut inputs, mut outputs) = (Vec::new(), Vec::new());
     for (key, t) in &tensors {
         let (kind, tensor_name) = key.split_once('.').expect("input.NAME or output.NAME");
@@ -89,7 +92,10 @@ fn the_whole_graph_check_of_an_f16_export_passes_and_sees_its_rounding() {
     let deploy = fixture("onnx_repvgg_f16", "deploy.onnx");
     let f16 = safetensors::Dtype::F16;
     let (check, failures) = check_graphs(&train, &deploy, &[], 0, (None, None), f16).unwrap();
-    assert!(check.passed && failures.is_empty(), "{check:?} {failures:?}");
+    assert!(
+        check.passed && failures.is_empty(),
+        "{check:?} {failures:?}"
+    );
     assert_eq!(check.rtol, 2e-2);
     // The framework's f16 deploy graph is not the same numbers: a tolerance below its f16
     // rounding fails it, as exit 1 would.
