@@ -19,6 +19,12 @@ size_threshold=0). Same seed + the pinned versions of fixtures/requirements-onnx
 does not export: it times the Python baseline of issue 17's benchmark on OUTDIR/train.onnx, i.e.
 `onnx.load` + `onnx.save` to OUTDIR/resaved.onnx (then removed), and prints seconds and peak RSS
 (ru_maxrss of this process, which includes the ~0.3 GB of the interpreter with onnx imported).
+
+    /work/venv/py/bin/python bench/make_b3_train_onnx.py OUTDIR --f16
+
+does not export either: it converts OUTDIR/train.onnx to OUTDIR/train_f16.onnx with onnxconverter-common
+`convert_float_to_float16(keep_io_types=True)` (f16 weights and arithmetic, f32 input and output), the graph
+bench/onnx.sh times `--verify` on for f16.
 """
 import argparse
 import io
@@ -71,6 +77,16 @@ def load_save(out):
     return 0
 
 
+def to_f16(out):
+    import warnings
+    warnings.filterwarnings("ignore")  # one line per weight it clamps to +-1e-7
+    from onnxconverter_common import float16
+    m16 = float16.convert_float_to_float16(onnx.load(str(out / "train.onnx")), keep_io_types=True)
+    onnx.save(m16, str(out / "train_f16.onnx"))
+    print(f"train_f16.onnx {(out / 'train_f16.onnx').stat().st_size / 1e6:.1f} MB", file=sys.stderr)
+    return 0
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("outdir")
@@ -78,9 +94,12 @@ def main() -> int:
     ap.add_argument("--model", default="repvgg_b3")
     ap.add_argument("--external-data", action="store_true")
     ap.add_argument("--load-save", action="store_true", help="time onnx.load + onnx.save of OUTDIR/train.onnx")
+    ap.add_argument("--f16", action="store_true", help="convert OUTDIR/train.onnx to OUTDIR/train_f16.onnx")
     a = ap.parse_args()
     if a.load_save:
         return load_save(Path(a.outdir))
+    if a.f16:
+        return to_f16(Path(a.outdir))
     torch.set_num_threads(max(1, os.cpu_count() or 1))
     out = Path(a.outdir)
     out.mkdir(parents=True, exist_ok=True)

@@ -8,6 +8,9 @@
 #   BENCH_PAIRS=7 bench/onnx.sh                               # pairs per comparison (default 7)
 #   BENCH_SKIP_LATENCY=1 bench/onnx.sh                        # no onnxruntime latency table
 #
+# Also times `--verify` on the same graph converted to f16 (bench/make_b3_train_onnx.py --f16,
+# needs onnxconverter-common), 3 pairs. Prints `uptime` first: the load says how noisy it is.
+#
 # Needs a Python with torch, timm, onnx and onnxruntime (fixtures/requirements-onnx.txt) to
 # export the B3 graphs once (bench/make_b3_train_onnx.py) and for the onnx/onnxruntime rows.
 set -euo pipefail
@@ -38,13 +41,25 @@ report() { # name, measure_pairs line
         "$1" "$cs" "$bs" "$ratio" "$rmin" "$rmax" "$cpu" "$cm" "$(awk -v m="$cm" -v f="$size_mb" 'BEGIN{print m/f}')"
 }
 
-echo "RepVGG-B3 train graph: $size_mb MB, $PAIRS pairs each"
+echo "RepVGG-B3 train graph: $size_mb MB, $PAIRS pairs each; load: $(uptime | sed 's/.*load average: //')"
 line=$(measure_pairs "$PAIRS" "$train" "$WORK/cp.onnx" "$WORK/deploy.onnx" -- \
     cp "$train" "$WORK/cp.onnx" -- "$BIN" "$train" -o "$WORK/deploy.onnx" -q) || die "convert failed"
 report "convert vs cp" "$line"
 line=$(measure_pairs "$PAIRS" "$train" "$WORK/cp.onnx" "$WORK/deploy.onnx" -- \
     cp "$train" "$WORK/cp.onnx" -- "$BIN" "$train" -o "$WORK/deploy.onnx" -q --verify) || die "convert --verify failed"
 report "convert --verify (224x224 whole)" "$line"
+if [[ ! -f "$B3/train_f16.onnx" ]] && "$PY" -c "import onnxconverter_common" 2>/dev/null; then
+    echo "bench: converting the train graph to f16 (once)" >&2
+    "$PY" "$SCRIPT_DIR/make_b3_train_onnx.py" "$B3" --f16 >&2 2>/dev/null || die "make_b3_train_onnx.py --f16 failed"
+fi
+if [[ -f "$B3/train_f16.onnx" ]]; then
+    # f16 weights and arithmetic, f32 input/output (keep_io_types); the whole-graph check runs
+    # both graphs widened to f32 (verify::graph::Compute::F16AsF32).
+    line=$(measure_pairs 3 "$B3/train_f16.onnx" "$WORK/cp.onnx" "$WORK/deploy16.onnx" -- \
+        cp "$B3/train_f16.onnx" "$WORK/cp.onnx" -- "$BIN" "$B3/train_f16.onnx" -o "$WORK/deploy16.onnx" -q --verify) \
+        || die "convert --verify of the f16 graph failed"
+    report "f16 graph: convert --verify" "$line"
+fi
 if "$PY" -c "import onnx" 2>/dev/null; then
     line=$(measure_pairs 3 "$train" "$WORK/deploy.onnx" "$WORK/saved.onnx" -- \
         "$BIN" "$train" -o "$WORK/deploy.onnx" -q -- \

@@ -13,7 +13,7 @@ use crate::block::Block;
 use crate::checkpoint::Checkpoint;
 use crate::deviation::Deviation;
 use crate::find::graph::BranchSet;
-use crate::fuse::block::{FUSE_CHUNK, fuse_block_rows, probe_input};
+use crate::fuse::block::{FUSE_CHUNK, fuse_chunk, probe_input};
 use crate::fuse::rows::FusedRows;
 use crate::int8::{ChannelStats, Int8Report, TensorStats, figures};
 use crate::onnx::{DataPlacement, GraphEdit, NewAttr, NewNode, NewTensor};
@@ -86,39 +86,40 @@ pub(super) fn stage(
     // The fusion's own error (a block's values, a cancel), kept whole: the writer only
     // passes an I/O error through.
     let mut failure: Option<Error> = None;
+    // Block b + 1, fused while block b was written.
+    let mut ahead: Option<Result<FusedBlock, Error>> = None;
+    let pool = Pool::default();
+    let fuse = |b: usize| {
+        (hooks.cancel.check())
+            .and_then(|()| fuse_whole(&train.ckpt, &blocks[b], (b, probe_seed), &pool))
+    };
     let mut fill = |i: usize, w: &mut dyn std::io::Write| -> std::io::Result<()> {
         let b = i / 2;
         if i % 2 == 1 {
             return w.write_all(&bias);
         }
-        let fused = hooks
-            .cancel
-            .check()
-            .and_then(|()| fuse_block(&train.ckpt, &blocks[b], b, probe_seed));
-        let (rows, dev, stats) = match fused {
+        let fused = match ahead.take().unwrap_or_else(|| fuse(b)) {
             Ok(f) => f,
             Err(e) => {
                 failure = Some(e);
                 return Err(std::io::Error::other("the fusion failed"));
             }
         };
-        streamed.probe[b] = dev;
-        int8[b] = Some(in_memory_int8(&blocks[b], &rows, &stats));
-        streamed.int8[b] = Some(stats);
-        bias.clear();
-        for r in rows {
-            w.write_all(&r.weight)?;
-            hooks.progress.advance(r.weight.len() as u64);
-            bias.extend(r.bias);
-        }
-        Ok(())
+        streamed.probe[b] = fused.dev;
+        int8[b] = Some(fused.int8);
+        streamed.int8[b] = Some(fused.stats);
+        let (written, next) = std::thread::scope(|s| {
+            let next = (b + 1 < blocks.len()).then(|| s.spawn(|| fuse(b + 1)));
+            let written = write_rows(&fused.rows, w, &mut bias, hooks);
+            (written, next.map(|h| h.join()))
+        });
+        ahead =
+            next.map(|r| r.unwrap_or_else(|_| Err(Error::internal("a fusing thread panicked"))));
+        pool.give(fused.rows);
+        written
     };
     let staged = stage_graph(model, &edit, output, DataPlacement::AsInput, &mut fill);
-    let (files, summary) = match (staged, failure) {
-        (Ok(staged), _) => staged,
-        (Err(_), Some(e)) => return Err(e),
-        (Err(e), None) => return Err(e),
-    };
+    let (files, summary) = staged.map_err(|e| failure.unwrap_or(e))?;
     let written = written(train, &edit, &summary);
     let (deploy, path, linked) = if verify {
         let (path, linked) = readable_graph(&files, output)?;
@@ -139,14 +140,24 @@ pub(super) fn stage(
 
 /// INT8 pass two on a block's fused rows still in memory (a checkpoint's re-reads the file).
 fn in_memory_int8(block: &Block, rows: &[FusedRows], stats: &ChannelStats) -> Int8Report {
-    let mut tensor = TensorStats::new(stats.max_abs(), block.row_len(), 0);
-    let mut first = 0;
-    for r in rows {
-        let mut t = TensorStats::new(stats.max_abs(), block.row_len(), first);
-        t.push_bytes(block.dtype, &r.weight);
-        tensor = tensor.merge(t);
-        first += r.bias.len() / block.dtype.bitsize().div_ceil(8).max(1);
-    }
+    let (max, row_len) = (stats.max_abs(), block.row_len());
+    let width = block.dtype.bitsize().div_ceil(8).max(1);
+    let firsts: Vec<usize> = (rows.iter())
+        .scan(0, |next, r| {
+            let first = *next;
+            *next += r.bias.len() / width;
+            Some(first)
+        })
+        .collect();
+    // Chunk by chunk on every core, merged in row order.
+    let parts: Vec<TensorStats> = (rows.par_iter().zip(firsts))
+        .map(|(r, first)| {
+            let mut t = TensorStats::new(max, row_len, first);
+            t.push_bytes(block.dtype, &r.weight);
+            t
+        })
+        .collect();
+    let tensor = (parts.into_iter()).fold(TensorStats::new(max, row_len, 0), TensorStats::merge);
     figures(stats, &tensor)
 }
 
@@ -168,19 +179,96 @@ fn written(train: &Train, edit: &GraphEdit, summary: &crate::onnx::WriteSummary)
     }
 }
 
+/// Fused-weight buffers written out, for the next blocks' chunks: reused, they need no fresh
+/// (zeroed, faulted-in) pages. It holds at most the chunks of the blocks in flight.
+#[derive(Default)]
+struct Pool(std::sync::Mutex<Vec<Vec<u8>>>);
+
+impl Pool {
+    fn take(&self) -> Vec<u8> {
+        self.0
+            .lock()
+            .ok()
+            .and_then(|mut p| p.pop())
+            .unwrap_or_default()
+    }
+
+    fn give(&self, rows: Vec<FusedRows>) {
+        if let Ok(mut p) = self.0.lock() {
+            p.extend(rows.into_iter().map(|r| r.weight));
+        }
+    }
+}
+
+/// One block fused whole: its rows, probe deviation and INT8 passes one and two.
+struct FusedBlock {
+    rows: Vec<FusedRows>,
+    dev: Deviation,
+    stats: ChannelStats,
+    int8: Int8Report,
+}
+
+/// Block `b` fused whole (its chunks in parallel), with its probe deviation and INT8 figures.
+fn fuse_whole(
+    ckpt: &Checkpoint,
+    block: &Block,
+    (b, probe_seed): (usize, Option<u64>),
+    pool: &Pool,
+) -> Result<FusedBlock, Error> {
+    let (rows, dev, stats) = fuse_block(ckpt, block, (b, probe_seed), pool)?;
+    // The block's weights are read: their pages of the mapped graph need not stay mapped.
+    if let Some(model) = ckpt.onnx() {
+        let names = block.branches.iter().flat_map(|b| b.tensor_names());
+        names
+            .filter_map(|n| model.tensor(&n))
+            .for_each(|t| model.release(t));
+    }
+    let int8 = in_memory_int8(block, &rows, &stats);
+    Ok(FusedBlock {
+        rows,
+        dev,
+        stats,
+        int8,
+    })
+}
+
+/// Writes a block's fused weight rows to `w` and keeps its bias rows in `bias` (the tensor
+/// after it).
+fn write_rows(
+    rows: &[FusedRows],
+    w: &mut dyn std::io::Write,
+    bias: &mut Vec<u8>,
+    hooks: Hooks,
+) -> std::io::Result<()> {
+    bias.clear();
+    for r in rows {
+        w.write_all(&r.weight)?;
+        hooks.progress.advance(r.weight.len() as u64);
+        bias.extend(&r.bias);
+    }
+    Ok(())
+}
+
 /// Block `b` fused whole (its chunks in parallel), with its probe deviation and INT8 pass one.
 fn fuse_block(
     ckpt: &Checkpoint,
     block: &Block,
-    b: usize,
-    probe_seed: Option<u64>,
+    (b, probe_seed): (usize, Option<u64>),
+    pool: &Pool,
 ) -> Result<(Vec<FusedRows>, Deviation, ChannelStats), Error> {
     let probe = probe_seed.map(|seed| probe_input(block, b, seed));
     let chunks: Vec<(FusedRows, ChannelStats)> = block
         .row_chunks(FUSE_CHUNK)
         .par_iter()
         .map(|rows| {
-            let f = fuse_block_rows(ckpt, block, rows.clone(), block.dtype, probe.as_ref())?;
+            let out = pool.take();
+            let f = fuse_chunk(
+                ckpt,
+                block,
+                rows.clone(),
+                (block.dtype, probe.as_ref()),
+                out,
+            )?;
             let mut s = ChannelStats::new(block.row_len(), rows.start);
             s.push_bytes(block.dtype, &f.weight);
             Ok::<_, Error>((f, s))

@@ -68,6 +68,8 @@ pub(crate) struct Pending {
     tmp: tempfile::NamedTempFile,
     target: PathBuf,
     what: &'static str,
+    /// A model whose side file is put in place before it ([`commit`] renames it last).
+    reads_side: bool,
 }
 
 impl Pending {
@@ -91,6 +93,7 @@ pub(crate) fn write_atomic<T>(
         tmp,
         target: target.to_path_buf(),
         what,
+        reads_side: false,
     };
     Ok((pending, value))
 }
@@ -139,6 +142,10 @@ pub(crate) fn stage_graph(
         })
     })?;
     let files = if summary.side_bytes > 0 {
+        let model_file = Pending {
+            reads_side: true,
+            ..model_file
+        };
         vec![side_file, model_file]
     } else {
         vec![model_file]
@@ -163,10 +170,7 @@ pub(crate) fn readable_graph(
             .ok_or_else(|| Error::internal("no graph file was written"))?;
         return Ok((model.path().to_path_buf(), None));
     };
-    let dir = match out.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
-        _ => PathBuf::from("."),
-    };
+    let dir = folder_of(out);
     let linked = tempfile::Builder::new()
         .prefix(".repvgg-fuse-check.")
         .tempdir_in(&dir)
@@ -185,23 +189,137 @@ pub(crate) fn readable_graph(
     Ok((model_at, Some(Linked(linked))))
 }
 
-/// Puts finished files in place, in order.
+/// Puts finished files in place: all of them, or (on an error) none — every rename done so far
+/// is undone, each target left as it was.
+///
+/// The files go in the order given, except that a graph model whose side file comes with it
+/// ([`stage_graph`]) is renamed last of all, so that the model appears only when everything
+/// it and the run need is in place. An existing model of that name is first moved aside
+/// (into the backup folder), so that no reader ever pairs the old model with the new side
+/// file between the two renames: in that instant the model is absent, not wrong. Every other
+/// existing target is kept as a hard link in a private backup folder beside it
+/// (`.repvgg-fuse-commit.*`, removed at the end) while its new file is renamed over it, and
+/// restored from there when a later rename fails; a target that did not exist is removed
+/// again. (A process killed in the middle leaves that folder with the old files in it.)
 pub(crate) fn commit(files: Vec<Pending>) -> Result<(), Error> {
-    for file in files {
-        let Pending { tmp, target, what } = file;
-        tmp.persist(&target).map(drop).map_err(|e| {
-            Error::write(&target, format!("cannot move {what} into place"))(e.error)
-        })?;
+    let (last, mut files): (Vec<Pending>, Vec<Pending>) =
+        files.into_iter().partition(|f| f.reads_side);
+    let mut undo = Undo::default();
+    let result = (|| {
+        for model in &last {
+            undo.move_aside(&model.target)?;
+        }
+        files.extend(last);
+        for file in files {
+            undo.rename(file)?;
+        }
+        Ok(())
+    })();
+    match result {
+        Ok(()) => Ok(()),
+        Err(e) => {
+            undo.roll_back();
+            Err(e)
+        }
     }
-    Ok(())
+}
+
+/// What [`commit`] did so far, to undo it; the backup folders (one per target folder) go when
+/// it is dropped.
+#[derive(Default)]
+struct Undo {
+    folders: Vec<(PathBuf, tempfile::TempDir)>,
+    /// In the order done: a target and where its old file is (`None`: it had none).
+    done: Vec<(PathBuf, Option<PathBuf>)>,
+}
+
+impl Undo {
+    /// A fresh path in the backup folder beside `target`.
+    fn backup_path(&mut self, target: &Path) -> Result<PathBuf, Error> {
+        let dir = folder_of(target);
+        let n = self.done.len();
+        let at = match self.folders.iter().position(|(d, _)| *d == dir) {
+            Some(i) => i,
+            None => {
+                let backup = (tempfile::Builder::new().prefix(".repvgg-fuse-commit."))
+                    .tempdir_in(&dir)
+                    .map_err(Error::write(
+                        target,
+                        "cannot make a backup folder beside it",
+                    ))?;
+                self.folders.push((dir, backup));
+                self.folders.len() - 1
+            }
+        };
+        let name = target.file_name().unwrap_or(std::ffi::OsStr::new("out"));
+        let mut file = std::ffi::OsString::from(format!("{n}."));
+        file.push(name);
+        Ok(self.folders[at].1.path().join(file))
+    }
+
+    /// Moves an existing file at `target` into the backup folder (nothing if there is none).
+    fn move_aside(&mut self, target: &Path) -> Result<(), Error> {
+        if !std::fs::symlink_metadata(target).is_ok_and(|m| !m.is_dir()) {
+            return Ok(());
+        }
+        let backup = self.backup_path(target)?;
+        std::fs::rename(target, &backup)
+            .map_err(Error::write(target, "cannot move the old file aside"))?;
+        self.done.push((target.to_path_buf(), Some(backup)));
+        Ok(())
+    }
+
+    /// Renames `file` over its target, keeping the old one (if any) as a hard link, or a copy
+    /// where the file system has no links.
+    fn rename(&mut self, file: Pending) -> Result<(), Error> {
+        let Pending {
+            tmp, target, what, ..
+        } = file;
+        let old = match std::fs::symlink_metadata(&target) {
+            Ok(m) if m.is_file() || m.is_symlink() => {
+                let backup = self.backup_path(&target)?;
+                (std::fs::hard_link(&target, &backup)
+                    .or_else(|_| std::fs::copy(&target, &backup).map(drop)))
+                .map_err(Error::write(
+                    &target,
+                    "cannot keep the old file while replacing it",
+                ))?;
+                Some(backup)
+            }
+            _ => None,
+        };
+        let moved = tmp
+            .persist(&target)
+            .map(drop)
+            .map_err(|e| Error::write(&target, format!("cannot move {what} into place"))(e.error));
+        if moved.is_ok() {
+            self.done.push((target, old));
+        }
+        moved
+    }
+
+    /// Undoes every step, last first (best effort: the first error is the one reported).
+    fn roll_back(&mut self) {
+        for (target, old) in self.done.drain(..).rev() {
+            let _ = match old {
+                Some(backup) => std::fs::rename(&backup, &target),
+                None => std::fs::remove_file(&target),
+            };
+        }
+    }
+}
+
+/// The folder `path` is in (`.` for a bare file name).
+fn folder_of(path: &Path) -> PathBuf {
+    match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+        _ => PathBuf::from("."),
+    }
 }
 
 /// A new temp file in `target`'s folder, removed unless persisted.
 fn temp_beside(target: &Path) -> Result<tempfile::NamedTempFile, Error> {
-    let dir = match target.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
-        _ => PathBuf::from("."),
-    };
+    let dir = folder_of(target);
     if !dir.is_dir() {
         return Err(Error::Output {
             path: target.to_path_buf(),
@@ -282,10 +400,7 @@ pub(crate) fn check_target(path: &Path, what: &str, files: &[&Path]) -> Result<(
     if let Some(file) = files.iter().find(|f| same_file(f, path)) {
         return refuse(format!("{what} would overwrite {}", file.display()));
     }
-    let dir = match path.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p,
-        _ => Path::new("."),
-    };
+    let dir = folder_of(path);
     if !dir.is_dir() {
         return refuse(format!("its folder {} does not exist", dir.display()));
     }
@@ -382,4 +497,101 @@ pub(crate) fn put_in_place(
     }
     files.extend(stage_ci(report, ci)?);
     commit(files)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A pending file at `dir/name` holding `text`.
+    fn pending(dir: &Path, name: &str, text: &str) -> Pending {
+        let target = dir.join(name);
+        let (p, ()) = write_atomic(&target, "the test file", |f| {
+            f.write_all(text.as_bytes())
+                .map_err(Error::write(&target, "cannot write"))
+        })
+        .expect("writable");
+        p
+    }
+
+    /// The side file, a report and the model reading the side file, as `stage_graph` and
+    /// `put_in_place` give them to `commit`.
+    fn graph_run(dir: &Path) -> Vec<Pending> {
+        let side = pending(dir, "deploy.onnx.data", "new data");
+        let model = Pending {
+            reads_side: true,
+            ..pending(dir, "deploy.onnx", "new model")
+        };
+        vec![
+            side,
+            model,
+            pending(dir, "deploy.report.json", "new report"),
+        ]
+    }
+
+    fn listing(dir: &Path) -> Vec<(String, String)> {
+        let mut out: Vec<(String, String)> = std::fs::read_dir(dir)
+            .expect("readable")
+            .map(|e| {
+                let e = e.expect("entry");
+                let text = std::fs::read_to_string(e.path()).unwrap_or_else(|_| "(dir)".into());
+                (e.file_name().to_string_lossy().into_owned(), text)
+            })
+            .collect();
+        out.sort();
+        out
+    }
+
+    fn old_pair(dir: &Path) {
+        std::fs::write(dir.join("deploy.onnx"), "old model").expect("writable");
+        std::fs::write(dir.join("deploy.onnx.data"), "old data").expect("writable");
+    }
+
+    #[test]
+    fn a_graph_pair_replaces_the_old_one_and_leaves_no_backup() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        old_pair(dir.path());
+        commit(graph_run(dir.path())).expect("commits");
+        let s = |a: &str, b: &str| (a.to_string(), b.to_string());
+        assert_eq!(
+            listing(dir.path()),
+            [
+                s("deploy.onnx", "new model"),
+                s("deploy.onnx.data", "new data"),
+                s("deploy.report.json", "new report"),
+            ]
+        );
+    }
+
+    #[test]
+    fn a_failure_after_the_side_file_is_in_place_restores_the_old_pair() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        old_pair(dir.path());
+        // The report cannot be renamed over a folder that holds a file: the side file is in
+        // place by then, and the model (last) not yet.
+        std::fs::create_dir(dir.path().join("deploy.report.json")).expect("mkdir");
+        std::fs::write(dir.path().join("deploy.report.json/x"), "").expect("writable");
+        let err = commit(graph_run(dir.path())).expect_err("the report's rename fails");
+        assert!(err.to_string().contains("deploy.report.json"), "{err}");
+        let s = |a: &str, b: &str| (a.to_string(), b.to_string());
+        assert_eq!(
+            listing(dir.path()),
+            [
+                s("deploy.onnx", "old model"),
+                s("deploy.onnx.data", "old data"),
+                s("deploy.report.json", "(dir)"),
+            ]
+        );
+    }
+
+    #[test]
+    fn a_failed_model_rename_removes_a_side_file_that_was_not_there() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        std::fs::create_dir(dir.path().join("deploy.onnx")).expect("mkdir");
+        std::fs::write(dir.path().join("deploy.onnx/x"), "").expect("writable");
+        let err = commit(graph_run(dir.path())).expect_err("the model's rename fails");
+        assert!(err.to_string().contains("deploy.onnx"), "{err}");
+        let s = |a: &str, b: &str| (a.to_string(), b.to_string());
+        assert_eq!(listing(dir.path()), [s("deploy.onnx", "(dir)")]);
+    }
 }

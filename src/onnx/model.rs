@@ -9,6 +9,7 @@
 use std::borrow::Cow;
 use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use bytes::Bytes;
 use protobuf::Message;
@@ -119,6 +120,8 @@ pub struct SkippedTensor {
 pub struct OnnxModel {
     path: PathBuf,
     data: Bytes,
+    /// The map under `data` (`None` for an empty file), to give pages back.
+    map: Option<std::sync::Arc<memmap2::Mmap>>,
     proto: ModelProto,
     tensors: Vec<TensorEntry>,
     by_name: HashMap<String, usize>,
@@ -130,7 +133,7 @@ pub struct OnnxModel {
 /// of the file in anonymous memory (reading a 500 MB graph into a fresh buffer cost a page
 /// fault per 4 KiB). The map is read-only; like every reader of a file, the tool assumes the
 /// file does not change while it runs.
-fn map(path: &Path) -> Result<Bytes, OnnxError> {
+fn map(path: &Path) -> Result<(Bytes, Option<Arc<memmap2::Mmap>>), OnnxError> {
     let io = |what: &str| {
         let what = what.to_string();
         move |source| OnnxError::Io {
@@ -143,12 +146,22 @@ fn map(path: &Path) -> Result<Bytes, OnnxError> {
     let meta = file.metadata().map_err(io("cannot read the model"))?;
     if meta.len() == 0 || meta.is_dir() {
         // Nothing to map: an empty buffer says what the file is not.
-        return Ok(Bytes::new());
+        return Ok((Bytes::new(), None));
     }
     // SAFETY: the map is only read; a file truncated under a running tool is outside what any
     // reader can defend against (as for safetensors' own mmap).
     let mmap = unsafe { memmap2::Mmap::map(&file) }.map_err(io("cannot map the model"))?;
-    Ok(Bytes::from_owner(mmap))
+    let mmap = Arc::new(mmap);
+    Ok((Bytes::from_owner(Mapped(mmap.clone())), Some(mmap)))
+}
+
+/// The shared map, as the owner of the file's [`Bytes`].
+struct Mapped(Arc<memmap2::Mmap>);
+
+impl AsRef<[u8]> for Mapped {
+    fn as_ref(&self) -> &[u8] {
+        &self.0
+    }
 }
 
 /// The safetensors dtype of an ONNX `TensorProto.DataType` code, for the fixed-size types.
@@ -186,7 +199,7 @@ impl OnnxModel {
     /// Reads and checks the model at `path`: IR 6–10, default opset 11–21, every tensor's
     /// size against its shape, every external-data location and side file, node order.
     pub fn open(path: &Path) -> Result<OnnxModel, OnnxError> {
-        let data = map(path)?;
+        let (data, map) = map(path)?;
         if !looks_like_onnx(&data[..data.len().min(64)]) {
             return Err(OnnxError::NotOnnx {
                 path: path.to_path_buf(),
@@ -215,6 +228,7 @@ impl OnnxModel {
         Ok(OnnxModel {
             path: path.to_path_buf(),
             data,
+            map,
             proto,
             tensors,
             by_name,
@@ -289,6 +303,29 @@ impl OnnxModel {
         }
     }
 
+    /// Gives back the pages of the file that hold `entry`'s bytes (an inline tensor's whole
+    /// pages): the bytes stay where they are — in the page cache, read again from there if
+    /// asked for — but no longer count in this process's memory. Called on the weights a
+    /// block no longer needs once it is fused, so that converting a large graph does not
+    /// hold the whole file mapped. Other tensors are left alone.
+    pub fn release(&self, entry: &TensorEntry) {
+        let (Some(map), TensorBytes::Inline { offset, len }) = (&self.map, &entry.bytes) else {
+            return;
+        };
+        const PAGE: u64 = 4096;
+        let (start, end) = (offset.div_ceil(PAGE) * PAGE, (offset + len) / PAGE * PAGE);
+        if end <= start {
+            return;
+        }
+        let (Ok(start), Ok(n)) = (usize::try_from(start), usize::try_from(end - start)) else {
+            return;
+        };
+        // SAFETY: the map is read-only and shared: MADV_DONTNEED only unmaps the pages, and a
+        // later read faults the file's unchanged bytes back in (nothing is lost or zeroed, as
+        // it would be for private, written pages). A failure only leaves the pages mapped.
+        let _ = unsafe { map.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, start, n) };
+    }
+
     /// Reads `out.len()` bytes of `entry` from byte `start` of the tensor.
     pub fn read_range(
         &self,
@@ -334,12 +371,17 @@ impl OnnxModel {
         Ok(())
     }
 
-    /// The file buffer's bytes `offset..offset+len`.
-    fn inline(&self, entry: &TensorEntry, offset: u64, len: u64) -> Result<&[u8], OnnxError> {
+    /// The file's bytes `offset..offset+len`, if inside it.
+    pub(crate) fn data_range(&self, offset: u64, len: u64) -> Option<&[u8]> {
         usize::try_from(offset)
             .ok()
             .zip(usize::try_from(len).ok())
             .and_then(|(o, l)| self.data.get(o..o.checked_add(l)?))
+    }
+
+    /// The file buffer's bytes `offset..offset+len`.
+    fn inline(&self, entry: &TensorEntry, offset: u64, len: u64) -> Result<&[u8], OnnxError> {
+        self.data_range(offset, len)
             .ok_or_else(|| OnnxError::BadTensor {
                 path: self.path.clone(),
                 tensor: entry.name.clone(),

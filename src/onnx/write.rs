@@ -11,7 +11,7 @@
 //! temp files beside the targets, renamed into place when the whole run succeeded).
 
 use std::collections::{BTreeSet, HashSet};
-use std::io::{self, BufWriter, Write};
+use std::io::{self, BufWriter, Read, Seek, Write};
 use std::path::{Path, PathBuf};
 
 use bytes::Bytes;
@@ -26,6 +26,10 @@ use super::{OnnxError, node_label};
 /// New tensors at least this large go to the side file when writing external data (ONNX's
 /// own default threshold).
 const EXTERNAL_THRESHOLD: u64 = 1024;
+
+/// Kept inline tensors at least this large are copied from the input by the kernel
+/// (`copy_file_range`) instead of through this process's memory.
+const SPLICE_THRESHOLD: u64 = 1 << 20;
 
 /// Offsets in the side file are multiples of this.
 const ALIGN: u64 = 64;
@@ -158,6 +162,8 @@ enum Source {
     Side { file: PathBuf, offset: u64 },
     /// The callback, for new tensor `i`.
     Fill(usize),
+    /// A range of the input `.onnx` file itself (a kept tensor's `raw_data`).
+    Input { offset: u64 },
 }
 
 /// One initializer as it will be written: `header` (the whole message when there is no
@@ -563,6 +569,12 @@ impl OnnxModel {
                     }
                 }
             }
+            // A large inline body is copied from the input file by the kernel, not re-encoded
+            // from the map: its header is written without it, the `raw_data` field after it.
+            Some(TensorBytes::Inline { offset, len }) if *len >= SPLICE_THRESHOLD => {
+                header.raw_data = None;
+                (Some((*len, Source::Input { offset: *offset })), None)
+            }
             _ => (None, None),
         };
         OutTensor {
@@ -626,6 +638,11 @@ impl OnnxModel {
             .map_err(&werr)?;
             if let Some((len, source)) = &t.inline {
                 write_field_header(&mut w, 9, *len).map_err(&werr)?;
+                if let Source::Input { offset } = source {
+                    w.flush().map_err(&werr)?;
+                    self.splice(*offset, *len, files.model, &t.name)?;
+                    continue;
+                }
                 let mut counted = Counted::new(&mut w);
                 self.write_body(source, *len, &mut counted, &t.name, out, fill)?;
             }
@@ -648,6 +665,33 @@ impl OnnxModel {
         Ok((total, side_bytes))
     }
 
+    /// Copies bytes `offset..offset + len` of the input file to the end of `out` (the kernel's
+    /// copy, where it has one: no pass through this process's memory).
+    fn splice(
+        &self,
+        offset: u64,
+        len: u64,
+        mut out: &std::fs::File,
+        tensor: &str,
+    ) -> Result<(), OnnxError> {
+        let fail = |source| OnnxError::Io {
+            path: self.path().to_path_buf(),
+            what: format!("cannot copy tensor `{tensor}`"),
+            source,
+        };
+        let mut input = std::fs::File::open(self.path()).map_err(fail)?;
+        input.seek(io::SeekFrom::Start(offset)).map_err(fail)?;
+        // `Take<File>` into `&File`: std's `io::copy` uses copy_file_range / sendfile here.
+        let copied = io::copy(&mut input.take(len), &mut out).map_err(fail)?;
+        if copied != len {
+            return Err(fail(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                format!("the file ended after {copied} of {len} bytes"),
+            )));
+        }
+        Ok(())
+    }
+
     /// Writes one tensor body of `len` bytes from `source` to `w` (positioned at its start).
     fn write_body<W: Write>(
         &self,
@@ -666,6 +710,18 @@ impl OnnxModel {
                     what: format!("cannot copy tensor `{tensor}` of {}", self.path().display()),
                     source,
                 })?
+            }
+            Source::Input { offset } => {
+                let body = self
+                    .data_range(*offset, len)
+                    .ok_or_else(|| OnnxError::Output {
+                        path: target.to_path_buf(),
+                        what: format!(
+                            "tensor `{tensor}` is outside the input (a bug in repvgg-fuse)"
+                        ),
+                    })?;
+                w.write_all(body)
+                    .map_err(io_err(target, "cannot write the model"))?
             }
             Source::Fill(i) => fill(*i, w).map_err(|source| OnnxError::Fill {
                 path: target.to_path_buf(),

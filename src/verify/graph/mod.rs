@@ -7,7 +7,8 @@
 //! own static dims; a symbolic dim must come from an [`InputSpec`]), and plans it with tract;
 //! [`Graph::random_inputs`] draws the inputs; [`Graph::run`] returns every graph output as
 //! f64 values; [`compare`] matches two runs' outputs by name. [`run_graph`] and
-//! [`run_graph_with`] do the first three in one call.
+//! [`run_graph_with`] do the first three in one call. [`Graph::load_as`] with
+//! [`Compute::F16AsF32`] runs an f16 graph widened to f32, as [`check_graphs`] does.
 //!
 //! Random inputs are uniform in [-1, 1), drawn from a ChaCha8 stream (seed `seed`, stream =
 //! the input's position), in f64 and then rounded to the input's dtype (f16, f32 or f64); the
@@ -280,6 +281,22 @@ pub enum Optimization {
     Optimized,
 }
 
+/// The arithmetic a graph is run in.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Compute {
+    /// As the graph is written: an f16 graph computes in f16 (what onnxruntime does; tract's
+    /// f16 kernels are generic, not SIMD, on x86-64: RepVGG-B3 at 224×224 took minutes).
+    #[default]
+    AsWritten,
+    /// Every f16 tensor, weight and op of the graph widened to f32 (tract's
+    /// `FloatPrecisionTranslator`: f16 constants exactly widened, `Cast` to f16 made a cast to
+    /// f32): the same weights and inputs, computed without f16's rounding of every op. Inputs
+    /// are still drawn rounded to the declared dtype and outputs keep their declared dtype.
+    /// The check of a deploy graph runs both graphs this way: what differs between them is then
+    /// the rounding of the merged weights, not two orders of f16 arithmetic.
+    F16AsF32,
+}
+
 /// A graph input: its dtype and its dims as the graph declares them.
 #[derive(Clone, Debug)]
 struct GraphInput {
@@ -312,6 +329,10 @@ pub struct Graph {
     path: PathBuf,
     inputs: Vec<GraphInput>,
     outputs: Vec<String>,
+    /// Each output's declared element type, where the graph declares a float one.
+    output_dtypes: Vec<Option<Dtype>>,
+    /// The graph's f16 inputs are fed as f32 (it was planned with [`Compute::F16AsF32`]).
+    widened: bool,
     plan: Arc<TypedRunnableModel>,
 }
 
@@ -350,13 +371,26 @@ impl Graph {
     /// graph, the full shape from `specs` where given (which must agree with the static
     /// dims); an input left with a symbolic dim is an error naming it.
     pub fn load(path: &Path, specs: &[InputSpec], opt: Optimization) -> Result<Graph, RunError> {
-        guarded(path, "load", || Graph::load_unguarded(path, specs, opt))
+        Graph::load_as(path, specs, opt, Compute::AsWritten)
+    }
+
+    /// [`Graph::load`], computing as `compute` says.
+    pub fn load_as(
+        path: &Path,
+        specs: &[InputSpec],
+        opt: Optimization,
+        compute: Compute,
+    ) -> Result<Graph, RunError> {
+        guarded(path, "load", || {
+            Graph::load_unguarded(path, specs, opt, compute)
+        })
     }
 
     fn load_unguarded(
         path: &Path,
         specs: &[InputSpec],
         opt: Optimization,
+        compute: Compute,
     ) -> Result<Graph, RunError> {
         let onnx = tract_onnx::onnx();
         let mut proto = onnx
@@ -373,6 +407,7 @@ impl Graph {
         let mut inputs = graph_inputs(path, graph)?;
         apply_specs(path, &mut inputs, specs)?;
         let outputs: Vec<String> = graph.output.iter().map(|o| o.name.clone()).collect();
+        let output_dtypes = graph.output.iter().map(declared_float).collect();
         if let Some(graph) = proto.graph.as_mut() {
             split_f16_gemms(graph);
         }
@@ -387,11 +422,14 @@ impl Graph {
         }
         let mut model = parsed.model;
         let inputs = set_input_facts(path, &mut model, &inputs)?;
+        let (plan, widened) = plan(path, model, opt, compute)?;
         Ok(Graph {
             path: path.to_path_buf(),
             inputs,
             outputs,
-            plan: plan(path, model, opt)?,
+            output_dtypes,
+            widened,
+            plan,
         })
     }
 
@@ -489,13 +527,19 @@ impl Graph {
         outputs
             .iter()
             .zip(&self.outputs)
-            .map(|(t, name)| {
+            .zip(&self.output_dtypes)
+            .map(|((t, name), declared)| {
                 let dtype = safetensors_dtype(t.datum_type()).ok_or_else(|| RunError::Dtype {
                     path: self.path.clone(),
                     what: "output",
                     name: name.clone(),
                     dtype: format!("{:?}", t.datum_type()),
                 })?;
+                // A widened f16 output is still reported as the f16 output it is.
+                let dtype = match declared {
+                    Some(Dtype::F16) if self.widened && dtype == Dtype::F32 => Dtype::F16,
+                    _ => dtype,
+                };
                 Ok(Tensor64 {
                     name: name.clone(),
                     dtype,
@@ -513,7 +557,15 @@ impl Graph {
             source: e.context(format!("building input `{}`", input.name)).into(),
         };
         let wide = Tensor::from_shape::<f64>(&input.sizes, values).map_err(fail)?;
-        Ok(wide.cast_to_dt(input.dtype).map_err(fail)?.into_owned())
+        let declared = wide.cast_to_dt(input.dtype).map_err(fail)?.into_owned();
+        if self.widened && input.dtype == DatumType::F16 {
+            // The f16 values, exactly, as the f32 the widened graph reads.
+            return Ok(declared
+                .cast_to_dt(DatumType::F32)
+                .map_err(fail)?
+                .into_owned());
+        }
+        Ok(declared)
     }
 
     /// A tract tensor's values as f64.
@@ -574,13 +626,23 @@ fn set_input_facts(
     Ok(ordered)
 }
 
-/// Types the model, transforms it as `opt` says, and makes tract's plan of it.
+/// Types the model, widens its f16 to f32 if `compute` says so (and it has any), transforms it
+/// as `opt` says, and makes tract's plan of it; says whether it widened.
 fn plan(
     path: &Path,
     model: InferenceModel,
     opt: Optimization,
-) -> Result<Arc<TypedRunnableModel>, RunError> {
-    let typed = model.into_typed().map_err(load_error(path, "type"))?;
+    compute: Compute,
+) -> Result<(Arc<TypedRunnableModel>, bool), RunError> {
+    let mut typed = model.into_typed().map_err(load_error(path, "type"))?;
+    let widen = compute == Compute::F16AsF32 && has_f16(&typed);
+    if widen {
+        use tract_onnx::tract_core::floats::FloatPrecisionTranslator;
+        use tract_onnx::tract_core::transform::ModelTransform;
+        FloatPrecisionTranslator::new(DatumType::F16, DatumType::F32)
+            .transform(&mut typed)
+            .map_err(load_error(path, "widen f16 to f32 in"))?;
+    }
     let typed = match opt {
         Optimization::Typed => typed,
         Optimization::Decluttered => typed
@@ -590,7 +652,8 @@ fn plan(
             .into_optimized()
             .map_err(load_error(path, "optimize"))?,
     };
-    typed.into_runnable().map_err(load_error(path, "plan"))
+    let plan = typed.into_runnable().map_err(load_error(path, "plan"))?;
+    Ok((plan, widen))
 }
 
 /// Loads the graph at `path` (shapes from `specs` where its inputs have symbolic dims), runs it
@@ -614,14 +677,18 @@ pub fn run_graph_with(
     inputs: &[Tensor64],
     opt: Optimization,
 ) -> Result<Vec<Tensor64>, RunError> {
-    let specs: Vec<InputSpec> = inputs
+    Graph::load(path, &specs_of(inputs), opt)?.run(inputs)
+}
+
+/// The shapes of `inputs`, by name.
+fn specs_of(inputs: &[Tensor64]) -> Vec<InputSpec> {
+    inputs
         .iter()
         .map(|t| InputSpec {
             name: Some(t.name.clone()),
             shape: t.shape.clone(),
         })
-        .collect();
-    Graph::load(path, &specs, opt)?.run(inputs)
+        .collect()
 }
 
 /// Each output's deviation of `deploy` from `train`, in `train`'s order; refuses two runs whose
@@ -720,8 +787,17 @@ pub fn check_graphs(
         .iter()
         .map(|s| InputSpec::parse(s))
         .collect::<Result<Vec<_>, _>>()?;
-    let (inputs, train_out) = run_graph(train, &specs, seed, Optimization::default())?;
-    let deploy_out = run_graph_with(deploy, &inputs, Optimization::default())?;
+    // Both graphs computed in f32 where they are f16 (see [`Compute::F16AsF32`]); one at a time.
+    let (opt, compute) = (Optimization::default(), Compute::F16AsF32);
+    let (inputs, train_out) = {
+        let graph = Graph::load_as(train, &specs, opt, compute)?;
+        let inputs = graph.random_inputs(seed)?;
+        let outputs = graph.run(&inputs)?;
+        (inputs, outputs)
+    };
+    let deploy_graph = Graph::load_as(deploy, &specs_of(&inputs), opt, compute)?;
+    let deploy_out = deploy_graph.run(&inputs)?;
+    drop(deploy_graph);
     let devs = compare(&train_out, &deploy_out)?;
     let out = devs.first().map_or(Dtype::F32, |d| d.dtype);
     let coarser = |a: Dtype, b: Dtype| if a.bitsize() <= b.bitsize() { a } else { b };

@@ -1,5 +1,6 @@
 //! Preparing a graph for tract: its inputs' shapes fixed (symbolic dims from the caller),
-//! f16 `Gemm`s split (tract multiplies by an f32 `beta`), `raw_data` lengths checked.
+//! f16 `Gemm`s split (tract multiplies by an f32 `beta`), `raw_data` lengths checked, and what
+//! tells an f16 graph.
 
 use super::*;
 
@@ -302,4 +303,26 @@ pub(super) fn check_tensor(t: &Tensor64) -> Result<(), RunError> {
         });
     }
     Ok(())
+}
+
+/// Whether any tensor of the typed model is f16.
+pub(super) fn has_f16(model: &tract_onnx::prelude::TypedModel) -> bool {
+    model
+        .nodes()
+        .iter()
+        .flat_map(|n| n.outputs.iter())
+        .any(|o| o.fact.datum_type == DatumType::F16)
+}
+
+/// The float element type a graph output declares (`None` for others or none).
+pub(super) fn declared_float(vi: &pb::ValueInfoProto) -> Option<Dtype> {
+    match vi.r#type.as_ref().and_then(|t| t.value.as_ref()) {
+        Some(pb::type_proto::Value::TensorType(t)) => match DataType::try_from(t.elem_type) {
+            Ok(DataType::Float16) => Some(Dtype::F16),
+            Ok(DataType::Float) => Some(Dtype::F32),
+            Ok(DataType::Double) => Some(Dtype::F64),
+            _ => None,
+        },
+        _ => None,
+    }
 }
