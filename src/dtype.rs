@@ -57,6 +57,29 @@ pub fn decode_into(dtype: Dtype, bytes: &[u8], out: &mut Vec<f64>) {
     }
 }
 
+/// Appends each value rounded to F32 (nearest, ties to even), little-endian, to `out`.
+///
+/// A plain loop over the reserved bytes, inlined into its caller: `Vec::extend` from an
+/// iterator goes through a generic function compiled without the caller's AVX2, and ran
+/// two values at a time (5–6 % of a RepVGG-B3 conversion).
+#[inline(always)]
+pub fn extend_f32(out: &mut Vec<u8>, values: &[f64]) {
+    let start = out.len();
+    let n = 4 * values.len();
+    out.reserve(n);
+    for (dst, v) in out.spare_capacity_mut()[..n]
+        .chunks_exact_mut(4)
+        .zip(values)
+    {
+        for (d, b) in dst.iter_mut().zip((*v as f32).to_le_bytes()) {
+            d.write(b);
+        }
+    }
+    // SAFETY: the loop above wrote all `n` bytes after `start` (`values.len()` chunks of 4,
+    // within the capacity reserved for them).
+    unsafe { out.set_len(start + n) }
+}
+
 /// Rounds each value to `dtype` (nearest, ties to even) and appends its little-endian bytes.
 ///
 /// Returns the index of the first value that is finite in f64 but overflows `dtype`.
@@ -76,7 +99,7 @@ pub fn encode(dtype: Dtype, values: &[f64], out: &mut Vec<u8>) -> Result<(), usi
                 .iter()
                 .flat_map(|v| half::bf16::from_f64(*v).to_le_bytes()),
         ),
-        Dtype::F32 => out.extend(values.iter().flat_map(|v| (*v as f32).to_le_bytes())),
+        Dtype::F32 => extend_f32(out, values),
         Dtype::F64 => out.extend(values.iter().flat_map(|v| v.to_le_bytes())),
         _ => {}
     }

@@ -529,8 +529,7 @@ fn encode_row_f32(out: &mut FusedRows, fused: &[f64], bias: f64) -> bool {
         fits &= v.abs() < F32_OVERFLOW;
     }
     if fits {
-        out.weight
-            .extend(fused.iter().flat_map(|&v| (v as f32).to_le_bytes()));
+        crate::dtype::extend_f32(&mut out.weight, fused);
         out.bias.extend((bias as f32).to_le_bytes());
     }
     fits
