@@ -472,27 +472,7 @@ impl Place<'_> {
         let label = self.label;
         let slot = |leaf| slots.get(&(i, leaf)).cloned();
         match &op.kind {
-            OpKind::Conv {
-                name: conv,
-                dilation,
-                asymmetric,
-                plus_identity,
-                out_axis,
-            } => match slot(Leaf::ConvWeight) {
-                Some(weight) => Ok(Op::Conv {
-                    weight,
-                    bias: slot(Leaf::ConvBias),
-                    dilation: *dilation,
-                    asymmetric: *asymmetric,
-                    plus_identity: *plus_identity,
-                    out_axis: *out_axis,
-                }),
-                None => self.err(format!(
-                    "branch `{label}` has {} but no conv weight `{}`",
-                    describe_slots(f),
-                    join(&self.base, &format!("{conv}.weight"))
-                )),
-            },
+            OpKind::Conv { .. } => self.conv(slot(Leaf::ConvWeight), slot(Leaf::ConvBias), f, op),
             OpKind::ThenConv(conv) => match slot(Leaf::ConvWeight2) {
                 Some(weight) => Ok(Op::ThenConv { weight }),
                 None => self.err(format!(
@@ -535,24 +515,71 @@ impl Place<'_> {
                 other => Ok(other),
             },
             OpKind::Bn(path) => self.bn(slots, f, i, path),
-            OpKind::Affine(path) => match (slot(Leaf::BnWeight), slot(Leaf::BnBias)) {
-                (Some(weight), Some(bias)) => Ok(Op::Affine { weight, bias }),
-                _ => {
-                    let root = if path.starts_with('/') {
-                        self.prefix
-                    } else {
-                        &self.base
-                    };
-                    self.err(format!(
-                        "branch `{label}` has {} but not both `{}` and `{}` of its affine",
-                        describe_slots(f),
-                        join(root, &join(path, "weight")),
-                        join(root, &join(path, "bias"))
-                    ))
-                }
-            },
+            OpKind::Affine(path) => self.affine(slots, f, i, path),
             OpKind::Orepa(path) => self.orepa(slots, f, i, path),
         }
+    }
+
+    /// A conv op of `op`'s spec from its weight and bias slots, refusing one without a weight.
+    fn conv(
+        &self,
+        weight: Option<String>,
+        bias: Option<String>,
+        f: &Found,
+        op: &OpSpec,
+    ) -> Result<Op, BlockError> {
+        let OpKind::Conv {
+            name: conv,
+            dilation,
+            asymmetric,
+            plus_identity,
+            out_axis,
+        } = &op.kind
+        else {
+            return self.err(format!("branch `{}`: not a conv op", self.label));
+        };
+        match weight {
+            Some(weight) => Ok(Op::Conv {
+                weight,
+                bias,
+                dilation: *dilation,
+                asymmetric: *asymmetric,
+                plus_identity: *plus_identity,
+                out_axis: *out_axis,
+            }),
+            None => self.err(format!(
+                "branch `{}` has {} but no conv weight `{}`",
+                self.label,
+                describe_slots(f),
+                join(&self.base, &format!("{conv}.weight"))
+            )),
+        }
+    }
+
+    /// A per-channel affine `{path}.weight`, `{path}.bias` (op `i`), refusing one without both.
+    fn affine(
+        &self,
+        slots: &BTreeMap<Slot, String>,
+        f: &Found,
+        i: usize,
+        path: &str,
+    ) -> Result<Op, BlockError> {
+        let slot = |leaf| slots.get(&(i, leaf)).cloned();
+        if let (Some(weight), Some(bias)) = (slot(Leaf::BnWeight), slot(Leaf::BnBias)) {
+            return Ok(Op::Affine { weight, bias });
+        }
+        let root = if path.starts_with('/') {
+            self.prefix
+        } else {
+            &self.base
+        };
+        self.err(format!(
+            "branch `{}` has {} but not both `{}` and `{}` of its affine",
+            self.label,
+            describe_slots(f),
+            join(root, &join(path, "weight")),
+            join(root, &join(path, "bias"))
+        ))
     }
 
     /// An OREPA source: all its stored tensors, or an error naming the first missing one.

@@ -27,6 +27,7 @@ pub mod model;
 pub mod proto;
 pub mod shapes;
 pub mod view;
+mod wire;
 pub mod write;
 
 use std::path::PathBuf;
