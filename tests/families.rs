@@ -12,7 +12,7 @@ use std::process::Output;
 
 mod common;
 
-use common::{bin, describe, read_st, to_f64, write_st};
+use common::{Converted, bin, describe, read_st, to_f64, write_st};
 use half::{bf16, f16};
 use safetensors::Dtype;
 use serde_json::Value;
@@ -97,38 +97,8 @@ fn ordered(v: f64, dtype: Dtype) -> i64 {
 // ---------------------------------------------------------------------------------------------
 // Running the binary
 
-struct Converted {
-    _dir: TempDir,
-    output: PathBuf,
-    report: Value,
-}
-
-/// `repvgg-fuse train.safetensors -o … --verify`, which must exit 0.
 fn convert(case: &str) -> Converted {
-    let dir = tempfile::tempdir().unwrap();
-    let output = dir.path().join("deploy.safetensors");
-    let report = dir.path().join("report.json");
-    let out = bin()
-        .arg(fixture_dir(case).join("train.safetensors"))
-        .arg("-o")
-        .arg(&output)
-        .arg("--report")
-        .arg(&report)
-        .arg("--verify")
-        .output()
-        .unwrap();
-    assert_eq!(
-        out.status.code(),
-        Some(0),
-        "{case}: convert --verify failed:\n{}",
-        describe(&out)
-    );
-    let text = std::fs::read_to_string(&report).expect("report written");
-    Converted {
-        _dir: dir,
-        output,
-        report: serde_json::from_str(&text).expect("report is JSON"),
-    }
+    common::convert_verified(case)
 }
 
 fn dtype_choice(case: &str) -> Option<(Dtype, Dtype)> {

@@ -7,13 +7,11 @@
 //! `verify` accepts the framework's deploy file and refuses a wrong one.
 
 use std::collections::BTreeSet;
-use std::path::PathBuf;
 
 mod common;
 
-use common::{Tensors, bin, describe, fixture, read_st, to_f64, ulps_apart, write_st};
+use common::{Converted, Tensors, bin, describe, fixture, read_st, to_f64, ulps_apart, write_st};
 use serde_json::Value;
-use tempfile::TempDir;
 
 /// The fixtures and the layout each must be detected as.
 const CASES: &[(&str, &str)] = &[
@@ -21,31 +19,8 @@ const CASES: &[(&str, &str)] = &[
     ("fam2_repmlpnet", "mmpretrain-repmlp"),
 ];
 
-/// A converted case: the temp folder, the output, the report.
-struct Converted {
-    dir: TempDir,
-    output: PathBuf,
-    report: Value,
-}
-
 fn convert(case: &str) -> Converted {
-    let dir = tempfile::tempdir().unwrap();
-    let output = dir.path().join("deploy.safetensors");
-    let report = dir.path().join("report.json");
-    let out = bin()
-        .arg(fixture(case).join("train.safetensors"))
-        .args(["-o".as_ref(), output.as_os_str(), "--report".as_ref()])
-        .arg(&report)
-        .arg("--verify")
-        .output()
-        .unwrap();
-    assert_eq!(out.status.code(), Some(0), "{case}: {}", describe(&out));
-    let report = serde_json::from_str(&std::fs::read_to_string(&report).unwrap()).unwrap();
-    Converted {
-        dir,
-        output,
-        report,
-    }
+    common::convert_verified(case)
 }
 
 /// The deploy keys case.json's blocks produce.

@@ -25,25 +25,10 @@ fn fixture(dir: &str, name: &str) -> PathBuf {
 
 /// The stored (inputs, ORT outputs) of graph `name` of fixtures/onnx_run.
 fn expected(name: &str) -> (Vec<Tensor64>, Vec<Tensor64>) {
-    let tensors = common::read_st(&fixture(
+    common::ort_expected(&fixture(
         "onnx_run",
         &format!("{name}.expected.safetensors"),
-    ));
-    let (mut inputs, mut outputs) = (Vec::new(), Vec::new());
-    for (key, t) in &tensors {
-        let (kind, tensor_name) = key.split_once('.').expect("input.NAME or output.NAME");
-        let tensor = Tensor64 {
-            name: tensor_name.to_string(),
-            dtype: t.dtype,
-            shape: t.shape.clone(),
-            values: common::to_f64(t),
-        };
-        match kind {
-            "input" => inputs.push(tensor),
-            _ => outputs.push(tensor),
-        }
-    }
-    (inputs, outputs)
+    ))
 }
 
 fn widened(name: &str, inputs: &[Tensor64]) -> Vec<Tensor64> {

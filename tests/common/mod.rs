@@ -141,3 +141,66 @@ pub fn ulps_apart(a: f64, b: f64, dtype: Dtype) -> i64 {
     };
     (bits(a) - bits(b)).abs()
 }
+
+/// The stored inputs and onnxruntime outputs of a graph (`<name>.expected.safetensors` of
+/// fixtures/onnx_run: keys `input.NAME` and `output.NAME`), as the runner's tensors.
+pub fn ort_expected(
+    path: &Path,
+) -> (
+    Vec<repvgg_fuse::verify::graph::Tensor64>,
+    Vec<repvgg_fuse::verify::graph::Tensor64>,
+) {
+    let (mut inputs, mut outputs) = (Vec::new(), Vec::new());
+    for (key, t) in &read_st(path) {
+        let (kind, tensor_name) = key.split_once('.').expect("input.NAME or output.NAME");
+        let tensor = repvgg_fuse::verify::graph::Tensor64 {
+            name: tensor_name.to_string(),
+            dtype: t.dtype,
+            shape: t.shape.clone(),
+            values: to_f64(t),
+        };
+        match kind {
+            "input" => inputs.push(tensor),
+            _ => outputs.push(tensor),
+        }
+    }
+    (inputs, outputs)
+}
+
+/// A converted fixture: the temp folder (kept alive), the deploy file, the report.
+pub struct Converted {
+    /// The temp folder holding the outputs.
+    pub dir: tempfile::TempDir,
+    /// The deploy file.
+    pub output: std::path::PathBuf,
+    /// The JSON report.
+    pub report: serde_json::Value,
+}
+
+/// `repvgg-fuse <fixtures/case>/train.safetensors -o … --report … --verify`, which must exit 0.
+pub fn convert_verified(case: &str) -> Converted {
+    let dir = tempfile::tempdir().unwrap();
+    let output = dir.path().join("deploy.safetensors");
+    let report = dir.path().join("report.json");
+    let out = bin()
+        .arg(fixture(case).join("train.safetensors"))
+        .arg("-o")
+        .arg(&output)
+        .arg("--report")
+        .arg(&report)
+        .arg("--verify")
+        .output()
+        .unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{case}: convert --verify failed:\n{}",
+        describe(&out)
+    );
+    let text = std::fs::read_to_string(&report).expect("report written");
+    Converted {
+        dir,
+        output,
+        report: serde_json::from_str(&text).expect("report is JSON"),
+    }
+}
