@@ -156,6 +156,22 @@ pub enum Op {
         /// b, `[out]`.
         bias: String,
     },
+    /// A per-output-channel constant added or subtracted: `y + b` (`y − b` when `subtract`),
+    /// an ONNX `Add`/`Sub` by a constant; `b` is `[out]` (or with ones around it) or one value
+    /// for every channel.
+    Shift {
+        /// b.
+        bias: String,
+        /// Whether b is subtracted.
+        subtract: bool,
+    },
+    /// A per-output-channel divide by a constant: `y / d`, an ONNX `Div`; `d` is `[out]` (or
+    /// with ones around it) or one value for every channel, never zero. Its values are the
+    /// scale `1/d`, computed in f64.
+    Divide {
+        /// d.
+        divisor: String,
+    },
     /// A kernel computed from stored tensors: OREPA's `weight_gen()` (JUGGHM/OREPA_CVPR2022),
     /// the per-channel weighted sum of six kernels, each made from stored tensors.
     Orepa(Box<OrepaTensors>),
@@ -298,6 +314,8 @@ impl Op {
             }
             Op::Scale { weight } | Op::Scalar { weight } => vec![weight.clone()],
             Op::Affine { weight, bias } => vec![weight.clone(), bias.clone()],
+            Op::Shift { bias, .. } => vec![bias.clone()],
+            Op::Divide { divisor } => vec![divisor.clone()],
             Op::Orepa(t) => t.names().into_iter().cloned().collect(),
         }
     }
@@ -343,6 +361,11 @@ impl Op {
             Op::Scale { .. } => "scale".into(),
             Op::Scalar { .. } => "scalar".into(),
             Op::Affine { .. } => "affine".into(),
+            Op::Shift {
+                subtract: false, ..
+            } => "add".into(),
+            Op::Shift { subtract: true, .. } => "sub".into(),
+            Op::Divide { .. } => "div".into(),
             Op::Orepa(t) => {
                 let (kh, kw) = ckpt.get(&t.origin).map_or((0, 0), kernel_hw);
                 format!("orepa{kh}x{kw}")
@@ -514,6 +537,15 @@ impl<'a> Checker<'a> {
                 t.name, t.shape
             )))
         }
+    }
+
+    /// Checks that `tensor` holds one value per output channel (ones around it allowed) or
+    /// one value for every channel.
+    fn vector_or_one(&self, tensor: &str, len: usize) -> Result<(), BlockError> {
+        if self.float(tensor)?.numel() == 1 {
+            return Ok(());
+        }
+        self.vector(tensor, len, true)
     }
 
     /// Checks a conv weight on its own; returns it and its extent `(height, width)` (the
@@ -1196,6 +1228,7 @@ fn check_channel_ops(c: &Checker, ops: &[Op], out: usize) -> Result<(), BlockErr
                 c.vector(weight, out, true)?;
                 c.vector(bias, out, false)?;
             }
+            Op::Shift { bias: t, .. } | Op::Divide { divisor: t } => c.vector_or_one(t, out)?,
             Op::Scalar { weight } => {
                 let t = c.float(weight)?;
                 if t.shape.iter().product::<usize>() != 1 || t.shape.len() > 1 {

@@ -176,7 +176,7 @@ fn branch_ops(graph: &Graph, b: &GBranch) -> Result<(Vec<Op>, f64), String> {
     let mut ops = Vec::with_capacity(b.ops.len());
     let mut coef = 1.0;
     let mut sourced = false;
-    for op in &b.ops {
+    for (i, op) in b.ops.iter().enumerate() {
         match source_op(op)? {
             Some(source) if sourced => {
                 return Err(format!(
@@ -189,13 +189,39 @@ fn branch_ops(graph: &Graph, b: &GBranch) -> Result<(Vec<Op>, f64), String> {
                 ops.push(source);
             }
             None => {
-                if let Some(channel) = channel_op(graph, op, sourced, &mut coef)? {
-                    ops.push(channel);
+                // The coefficient multiplies the branch's end: a scalar moves there only
+                // when nothing after it adds a constant (a bias, a BN's shift, an `Add`).
+                let fold = !b.ops[i + 1..].iter().any(|o| adds_constant(graph, o));
+                let channel = channel_op(graph, op, fold, &mut coef)?;
+                match channel {
+                    Some(Op::Bn(bn)) if !sourced => ops.push(Op::InputBn(bn)),
+                    Some(_) if !sourced => {
+                        return Err(format!(
+                            "a {} before the branch's source acts on its input channels; only a BatchNormalization there is merged",
+                            describe_g(op)
+                        ));
+                    }
+                    Some(channel) => ops.push(channel),
+                    None => {}
                 }
             }
         }
     }
     Ok((ops, coef))
+}
+
+/// Whether `op` adds a constant to what it reads (so that a scale before it does not
+/// commute with it): a bias, a BN's shift, an `Add`/`Sub` of anything but zero.
+fn adds_constant(graph: &Graph, op: &GOp) -> bool {
+    match op {
+        GOp::Conv { bias, .. } | GOp::Gemm { bias, .. } => bias.is_some(),
+        GOp::Bn { .. } | GOp::Pad { .. } | GOp::BorderFill { .. } => true,
+        GOp::Add { tensor, .. } | GOp::Sub { tensor, .. } => {
+            scalar_value(graph, tensor) != Some(0.0)
+        }
+        GOp::MatMul { .. } | GOp::Identity | GOp::AvgPool { .. } => false,
+        GOp::Mul { .. } | GOp::Div { .. } => false,
+    }
 }
 
 /// The source op `op` is, if it is one.
@@ -258,13 +284,9 @@ fn conv(weight: &str, bias: Option<String>, dilation: usize) -> Op {
     }
 }
 
-/// A per-channel op; scalar multiplies and divides go to `coef`, an `Add` of zero vanishes.
-fn channel_op(
-    graph: &Graph,
-    op: &GOp,
-    sourced: bool,
-    coef: &mut f64,
-) -> Result<Option<Op>, String> {
+/// A per-channel op (a BN as [`Op::Bn`]); scalar multiplies and divides go to `coef` when
+/// `fold` says they may move to the chain's coefficient, an `Add` of zero vanishes.
+fn channel_op(graph: &Graph, op: &GOp, fold: bool, coef: &mut f64) -> Result<Option<Op>, String> {
     let scalar = |t: &str| scalar_value(graph, t);
     Ok(Some(match op {
         GOp::Bn {
@@ -274,49 +296,58 @@ fn channel_op(
             var,
             eps,
             ..
-        } => {
-            let bn = BnTensors {
-                weight: scale.clone(),
-                bias: bias.clone(),
-                running_mean: mean.clone(),
-                running_var: var.clone(),
-                num_batches_tracked: None,
-                eps: *eps,
-            };
-            if sourced { Op::Bn(bn) } else { Op::InputBn(bn) }
-        }
+        } => Op::Bn(BnTensors {
+            weight: scale.clone(),
+            bias: bias.clone(),
+            running_mean: mean.clone(),
+            running_var: var.clone(),
+            num_batches_tracked: None,
+            eps: *eps,
+        }),
         GOp::Mul { tensor, .. } => match scalar(tensor) {
-            Some(v) => {
+            Some(v) if fold => {
                 *coef *= v;
                 return Ok(None);
             }
+            Some(_) => Op::Scalar {
+                weight: tensor.clone(),
+            },
             None => Op::Scale {
                 weight: tensor.clone(),
             },
         },
         GOp::Div { tensor, .. } => match scalar(tensor) {
-            Some(v) if v != 0.0 => {
+            Some(v) if fold && v != 0.0 => {
                 *coef /= v;
                 return Ok(None);
             }
-            _ => return Err(format!("a Div by `{tensor}` per channel is not merged yet")),
+            _ => Op::Divide {
+                divisor: tensor.clone(),
+            },
         },
         GOp::Add { tensor, .. } | GOp::Sub { tensor, .. } if scalar(tensor) == Some(0.0) => {
             return Ok(None);
         }
-        GOp::Add { tensor, .. } | GOp::Sub { tensor, .. } => {
-            return Err(format!("adding the constant `{tensor}` is not merged yet"));
-        }
+        GOp::Add { tensor, .. } => Op::Shift {
+            bias: tensor.clone(),
+            subtract: false,
+        },
+        GOp::Sub { tensor, .. } => Op::Shift {
+            bias: tensor.clone(),
+            subtract: true,
+        },
         other => return Err(format!("{} is not a per-channel op", describe_g(other))),
     }))
 }
 
-/// Post-ops: per-channel ops, and the factor scalars make of every branch.
+/// Post-ops: per-channel ops, and the factor scalars make of every branch (they act before
+/// the post-ops, so a scalar folds only while no post-op before it added a constant).
 fn post_ops(graph: &Graph, post: &[GOp]) -> Result<(Vec<Op>, f64), String> {
     let mut coef = 1.0;
     let mut ops = Vec::new();
-    for op in post {
-        ops.extend(channel_op(graph, op, true, &mut coef)?);
+    for (i, op) in post.iter().enumerate() {
+        let fold = !post[..i].iter().any(|o| adds_constant(graph, o));
+        ops.extend(channel_op(graph, op, fold, &mut coef)?);
     }
     Ok((ops, coef))
 }
