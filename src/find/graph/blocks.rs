@@ -411,3 +411,143 @@ fn graph_layout() -> crate::find::Layout {
         ..crate::find::Layout::default()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::onnx::graph::Constant;
+
+    /// A graph with constants `s` (the scalar 2), `z` (the scalar 0) and `c` (`[1, 2, 1, 1]`).
+    fn graph() -> Graph {
+        let mut g = Graph::default();
+        for (name, dims, values) in [
+            ("s", vec![], vec![2.0]),
+            ("z", vec![1], vec![0.0]),
+            ("c", vec![1, 2, 1, 1], vec![0.5, -1.5]),
+        ] {
+            let values = Some(values);
+            (g.constants).insert(
+                name.into(),
+                Constant {
+                    dims,
+                    data_type: 1,
+                    values,
+                },
+            );
+        }
+        g
+    }
+
+    fn conv(bias: bool) -> GOp {
+        GOp::Conv {
+            node: 0,
+            weight: "w".into(),
+            bias: bias.then(|| "b".into()),
+            kernel: (3, 3),
+            stride: (1, 1),
+            dilation: (1, 1),
+            pads: [1; 4],
+            group: 1,
+        }
+    }
+
+    fn bin(op: &str, tensor: &str) -> GOp {
+        let (node, tensor) = (1, tensor.to_string());
+        match op {
+            "Add" => GOp::Add { node, tensor },
+            "Sub" => GOp::Sub { node, tensor },
+            "Mul" => GOp::Mul { node, tensor },
+            _ => GOp::Div { node, tensor },
+        }
+    }
+
+    fn ops_of(ops: Vec<GOp>) -> Result<(Vec<String>, f64), String> {
+        let (ops, coef) = branch_ops(&graph(), &GBranch { coef: 1.0, ops })?;
+        let names = ops
+            .iter()
+            .map(|o| {
+                format!("{:?}", o)
+                    .split([' ', '{', '('])
+                    .next()
+                    .unwrap_or("")
+                    .to_string()
+            })
+            .collect();
+        Ok((names, coef))
+    }
+
+    #[test]
+    fn add_sub_div_by_per_channel_constants_are_ops_in_place() {
+        let got = ops_of(vec![
+            conv(true),
+            bin("Add", "c"),
+            bin("Div", "c"),
+            bin("Sub", "c"),
+        ]);
+        assert_eq!(
+            got,
+            Ok((
+                vec![
+                    "Conv".into(),
+                    "Shift".into(),
+                    "Divide".into(),
+                    "Shift".into()
+                ],
+                1.0
+            ))
+        );
+        let (ops, _) = branch_ops(
+            &graph(),
+            &GBranch {
+                coef: 1.0,
+                ops: vec![conv(false), bin("Sub", "c")],
+            },
+        )
+        .expect("merges");
+        assert!(matches!(&ops[1], Op::Shift { subtract: true, bias } if bias == "c"));
+    }
+
+    #[test]
+    fn a_scalar_folds_into_the_coefficient_only_after_every_added_constant() {
+        // conv·2 + c: the 2 must stay before the shift.
+        let got = ops_of(vec![conv(false), bin("Mul", "s"), bin("Add", "c")]);
+        assert_eq!(
+            got,
+            Ok((vec!["Conv".into(), "Scalar".into(), "Shift".into()], 1.0))
+        );
+        // (conv + c)/2: the whole branch is halved.
+        let got = ops_of(vec![conv(false), bin("Add", "c"), bin("Div", "s")]);
+        assert_eq!(got, Ok((vec!["Conv".into(), "Shift".into()], 0.5)));
+        // (conv/2) + c: a Divide by the scalar, in place.
+        let got = ops_of(vec![conv(false), bin("Div", "s"), bin("Add", "c")]);
+        assert_eq!(
+            got,
+            Ok((vec!["Conv".into(), "Divide".into(), "Shift".into()], 1.0))
+        );
+        // An Add of zero is nothing, and does not hold a scalar back.
+        let got = ops_of(vec![conv(false), bin("Mul", "s"), bin("Add", "z")]);
+        assert_eq!(got, Ok((vec!["Conv".into()], 2.0)));
+    }
+
+    #[test]
+    fn a_scalar_before_a_biased_conv_does_not_fold_and_is_refused() {
+        // W(2x) + b is not 2(Wx + b).
+        let err = ops_of(vec![bin("Mul", "s"), conv(true)]).expect_err("refused");
+        assert!(err.contains("before the branch's source"), "{err}");
+        assert_eq!(
+            ops_of(vec![bin("Mul", "s"), conv(false)]),
+            Ok((vec!["Conv".into()], 2.0))
+        );
+        assert!(ops_of(vec![bin("Add", "c"), conv(false)]).is_err());
+    }
+
+    #[test]
+    fn post_scalars_fold_only_before_an_added_constant() {
+        let g = graph();
+        let (ops, coef) = post_ops(&g, &[bin("Div", "s"), bin("Add", "c")]).expect("merges");
+        assert_eq!((ops.len(), coef), (1, 0.5));
+        let (ops, coef) = post_ops(&g, &[bin("Add", "c"), bin("Div", "s")]).expect("merges");
+        assert_eq!(coef, 1.0);
+        assert!(matches!(ops[..], [Op::Shift { .. }, Op::Divide { .. }]));
+    }
+}
