@@ -53,6 +53,7 @@ pub fn graph_blocks(ckpt: &Checkpoint, graph: &Graph, finding: &Finding) -> Grap
             Err(reason) => out.skipped.push(Skipped { name, reason }),
         }
     }
+    consume_constants(ckpt, graph, &mut out);
     let first_eps = finding
         .sets
         .iter()
@@ -134,21 +135,35 @@ fn block_of(
     let deploy = [unique(taken, name, "weight"), unique(taken, name, "bias")];
     let mut block = Block::new(ckpt, name, branches, post, deploy).map_err(|e| e.what)?;
     block.kind = if set.linear { "Gemm" } else { "Conv" }.into();
-    // The set's other constants (a scalar the coefficients took, an `Add` of zero) go with
-    // its nodes, unless a node outside the set reads them too.
-    let outside: BTreeSet<&str> = (graph.nodes.iter())
-        .filter(|n| !set.nodes.contains(&n.index))
+    Ok(block)
+}
+
+/// The sets' other constants (a scalar the coefficients took, an `Add` of zero) go with the
+/// first block whose nodes read them, unless a node that stays in the graph reads them too
+/// (dynamo shares one scalar among blocks: it goes when the last of them is merged).
+fn consume_constants(ckpt: &Checkpoint, graph: &Graph, out: &mut GraphBlocks) {
+    let merged: BTreeSet<usize> = out
+        .sets
+        .iter()
+        .flat_map(|s| s.nodes.iter().copied())
+        .collect();
+    let kept: BTreeSet<&str> = (graph.nodes.iter())
+        .filter(|n| !merged.contains(&n.index))
         .flat_map(|n| n.inputs.iter().map(String::as_str))
         .collect();
-    for &i in &set.nodes {
-        for input in &graph.nodes[i].inputs {
-            let constant = ckpt.get(input).is_some();
-            if constant && !outside.contains(input.as_str()) && !block.consumed.contains(input) {
-                block.consumed.push(input.clone());
+    let mut given: BTreeSet<String> = (out.blocks.iter())
+        .flat_map(|b| b.consumed.iter().cloned())
+        .collect();
+    for (block, set) in out.blocks.iter_mut().zip(&out.sets) {
+        for &i in &set.nodes {
+            for input in &graph.nodes[i].inputs {
+                let constant = ckpt.get(input).is_some();
+                if constant && !kept.contains(input.as_str()) && given.insert(input.clone()) {
+                    block.consumed.push(input.clone());
+                }
             }
         }
     }
-    Ok(block)
 }
 
 /// `{block}.{leaf}`, or with a number where the graph has that name already.
