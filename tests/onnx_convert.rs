@@ -12,6 +12,8 @@ use std::path::{Path, PathBuf};
 use protobuf::Message;
 use repvgg_fuse::onnx::OnnxModel;
 use repvgg_fuse::onnx::proto::ModelProto;
+#[cfg(feature = "graph-run")]
+use repvgg_fuse::verify::graph::{Optimization, Tensor64, compare, run_graph_with};
 use serde_json::Value;
 
 /// The op types whose counts the issue holds the merge to.
@@ -361,4 +363,64 @@ fn verify_judges_the_framework_deploy_graph_by_running_both_whole() {
         "{}",
         common::stderr(&o)
     );
+}
+
+/// The fixture's stored input and onnxruntime's train output (`io.safetensors`).
+#[cfg(feature = "graph-run")]
+fn stored_io(dir: &Path) -> (Vec<Tensor64>, Vec<Tensor64>) {
+    let (mut inputs, mut train) = (Vec::new(), Vec::new());
+    for (key, t) in &common::read_st(&dir.join("io.safetensors")) {
+        let (kind, name) = key.split_once('.').expect("KIND.NAME");
+        let tensor = Tensor64 {
+            name: name.to_string(),
+            dtype: t.dtype,
+            shape: t.shape.clone(),
+            values: common::to_f64(t),
+        };
+        match kind {
+            "input" => inputs.push(tensor),
+            "train" => train.push(tensor),
+            _ => {}
+        }
+    }
+    (inputs, train)
+}
+
+#[test]
+#[cfg(feature = "graph-run")]
+fn per_channel_add_sub_div_between_branches_merge_into_one_conv() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    for case in ["onnx_affine_ts17", "onnx_affine_dynamo"] {
+        let dir = fixtures_dir().join(case);
+        let out = tmp.path().join(format!("{case}.onnx"));
+        let report = convert(&dir, &out);
+        let blocks = report["blocks"].as_array().expect("blocks");
+        assert_eq!(blocks.len(), 2, "{case}");
+        for b in blocks {
+            // ((bn(conv3x3) + a) / d + (bn(conv1x1) − s) + x / 2 + p) / q: the exporters fold
+            // each BN into its conv; the Add, Sub and Divs are ops of the block.
+            assert_eq!(
+                b["ops"],
+                serde_json::json!([
+                    "conv3x3+add+div",
+                    "conv1x1+sub",
+                    "0.5*(identity)",
+                    "post:add+div"
+                ]),
+                "{case}"
+            );
+        }
+        assert!(
+            report["skipped"].as_array().is_some_and(Vec::is_empty),
+            "{case}"
+        );
+        // Our deploy graph, run by tract on the stored input, against onnxruntime's output of
+        // the train graph: within f32 rounding of the output scale.
+        let (inputs, ort) = stored_io(&dir);
+        let ours = run_graph_with(&out, &inputs, Optimization::Optimized).expect("runs");
+        for d in compare(&ort, &ours).expect("same outputs") {
+            assert!(d.max_abs_output > 0.0, "{case}");
+            assert!(d.max_rel <= 1e-5, "{case}: {d:?}");
+        }
+    }
 }

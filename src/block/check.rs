@@ -64,6 +64,15 @@ impl<'a> Checker<'a> {
         }
     }
 
+    /// Checks that `tensor` holds one value per output channel (ones around it allowed) or
+    /// one value for every channel.
+    pub(super) fn vector_or_one(&self, tensor: &str, len: usize) -> Result<(), BlockError> {
+        if self.float(tensor)?.numel() == 1 {
+            return Ok(());
+        }
+        self.vector(tensor, len, true)
+    }
+
     /// Checks a conv weight on its own; returns it and its extent `(height, width)` (the
     /// dilated kernel).
     pub(super) fn conv(
@@ -456,6 +465,7 @@ pub(super) fn check_channel_ops(c: &Checker, ops: &[Op], out: usize) -> Result<(
                 c.vector(weight, out, true)?;
                 c.vector(bias, out, false)?;
             }
+            Op::Shift { bias: t, .. } | Op::Divide { divisor: t } => c.vector_or_one(t, out)?,
             Op::Scalar { weight } => {
                 let t = c.float(weight)?;
                 if t.shape.iter().product::<usize>() != 1 || t.shape.len() > 1 {

@@ -160,6 +160,22 @@ pub enum Op {
         /// b, `[out]`.
         bias: String,
     },
+    /// A per-output-channel constant added or subtracted: `y + b` (`y − b` when `subtract`),
+    /// an ONNX `Add`/`Sub` by a constant; `b` is `[out]` (or with ones around it) or one value
+    /// for every channel.
+    Shift {
+        /// b.
+        bias: String,
+        /// Whether b is subtracted.
+        subtract: bool,
+    },
+    /// A per-output-channel divide by a constant: `y / d`, an ONNX `Div`; `d` is `[out]` (or
+    /// with ones around it) or one value for every channel, never zero. Its values are the
+    /// scale `1/d`, computed in f64.
+    Divide {
+        /// d.
+        divisor: String,
+    },
     /// A kernel computed from stored tensors: OREPA's `weight_gen()` (JUGGHM/OREPA_CVPR2022),
     /// the per-channel weighted sum of six kernels, each made from stored tensors.
     Orepa(Box<OrepaTensors>),
@@ -302,6 +318,8 @@ impl Op {
             }
             Op::Scale { weight } | Op::Scalar { weight } => vec![weight.clone()],
             Op::Affine { weight, bias } => vec![weight.clone(), bias.clone()],
+            Op::Shift { bias, .. } => vec![bias.clone()],
+            Op::Divide { divisor } => vec![divisor.clone()],
             Op::Orepa(t) => t.names().into_iter().cloned().collect(),
         }
     }
@@ -347,6 +365,11 @@ impl Op {
             Op::Scale { .. } => "scale".into(),
             Op::Scalar { .. } => "scalar".into(),
             Op::Affine { .. } => "affine".into(),
+            Op::Shift {
+                subtract: false, ..
+            } => "add".into(),
+            Op::Shift { subtract: true, .. } => "sub".into(),
+            Op::Divide { .. } => "div".into(),
             Op::Orepa(t) => {
                 let (kh, kw) = ckpt.get(&t.origin).map_or((0, 0), kernel_hw);
                 format!("orepa{kh}x{kw}")

@@ -242,6 +242,27 @@ fn load_channel_op(
             scale: read(weight)?,
             shift: read(bias)?,
         }),
+        Op::Shift { bias, subtract } => {
+            let b = read_per_row(ckpt, block, bias, rows)?;
+            let sign = if *subtract { -1.0 } else { 1.0 };
+            Some(ChannelOp::Bias(b.into_iter().map(|b| sign * b).collect()))
+        }
+        // The scale 1/d, in f64; a d of 0 (or one so small that 1/d overflows) is refused.
+        Op::Divide { divisor } => {
+            let d = read_per_row(ckpt, block, divisor, rows.clone())?;
+            let inv: Vec<f64> = d.iter().map(|d| 1.0 / d).collect();
+            if let Some(i) = first_non_finite(&inv) {
+                return Err(BlockError::new(
+                    &block.name,
+                    format!(
+                        "tensor `{divisor}` holds {} at element {}: dividing by it has no finite scale",
+                        d[i],
+                        rows.start + i
+                    ),
+                ));
+            }
+            Some(ChannelOp::Scale(inv))
+        }
         Op::Orepa(_) => None,
         // One value for every row: the per-channel scale, broadcast.
         Op::Scalar { weight } => {
@@ -250,6 +271,20 @@ fn load_channel_op(
         }
         Op::Bn(bn) => Some(ChannelOp::Bn(load_bn(ckpt, block, bn, rows)?)),
     })
+}
+
+/// A per-channel tensor's values for `rows`, or its one value repeated for each row.
+fn read_per_row(
+    ckpt: &Checkpoint,
+    block: &Block,
+    name: &str,
+    rows: Range<usize>,
+) -> Result<Vec<f64>, BlockError> {
+    if ckpt.get(name).is_some_and(|t| t.numel() == 1) {
+        let one = read_finite(ckpt, block, name, 0..1)?;
+        return Ok(vec![one[0]; rows.len()]);
+    }
+    read_finite(ckpt, block, name, rows)
 }
 
 /// The first stage of `branch`, if it is a sequence: read whole (every mid channel).

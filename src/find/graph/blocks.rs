@@ -53,6 +53,7 @@ pub fn graph_blocks(ckpt: &Checkpoint, graph: &Graph, finding: &Finding) -> Grap
             Err(reason) => out.skipped.push(Skipped { name, reason }),
         }
     }
+    consume_constants(ckpt, graph, &mut out);
     let first_eps = finding
         .sets
         .iter()
@@ -134,21 +135,35 @@ fn block_of(
     let deploy = [unique(taken, name, "weight"), unique(taken, name, "bias")];
     let mut block = Block::new(ckpt, name, branches, post, deploy).map_err(|e| e.what)?;
     block.kind = if set.linear { "Gemm" } else { "Conv" }.into();
-    // The set's other constants (a scalar the coefficients took, an `Add` of zero) go with
-    // its nodes, unless a node outside the set reads them too.
-    let outside: BTreeSet<&str> = (graph.nodes.iter())
-        .filter(|n| !set.nodes.contains(&n.index))
+    Ok(block)
+}
+
+/// The sets' other constants (a scalar the coefficients took, an `Add` of zero) go with the
+/// first block whose nodes read them, unless a node that stays in the graph reads them too
+/// (dynamo shares one scalar among blocks: it goes when the last of them is merged).
+fn consume_constants(ckpt: &Checkpoint, graph: &Graph, out: &mut GraphBlocks) {
+    let merged: BTreeSet<usize> = out
+        .sets
+        .iter()
+        .flat_map(|s| s.nodes.iter().copied())
+        .collect();
+    let kept: BTreeSet<&str> = (graph.nodes.iter())
+        .filter(|n| !merged.contains(&n.index))
         .flat_map(|n| n.inputs.iter().map(String::as_str))
         .collect();
-    for &i in &set.nodes {
-        for input in &graph.nodes[i].inputs {
-            let constant = ckpt.get(input).is_some();
-            if constant && !outside.contains(input.as_str()) && !block.consumed.contains(input) {
-                block.consumed.push(input.clone());
+    let mut given: BTreeSet<String> = (out.blocks.iter())
+        .flat_map(|b| b.consumed.iter().cloned())
+        .collect();
+    for (block, set) in out.blocks.iter_mut().zip(&out.sets) {
+        for &i in &set.nodes {
+            for input in &graph.nodes[i].inputs {
+                let constant = ckpt.get(input).is_some();
+                if constant && !kept.contains(input.as_str()) && given.insert(input.clone()) {
+                    block.consumed.push(input.clone());
+                }
             }
         }
     }
-    Ok(block)
 }
 
 /// `{block}.{leaf}`, or with a number where the graph has that name already.
@@ -176,7 +191,7 @@ fn branch_ops(graph: &Graph, b: &GBranch) -> Result<(Vec<Op>, f64), String> {
     let mut ops = Vec::with_capacity(b.ops.len());
     let mut coef = 1.0;
     let mut sourced = false;
-    for op in &b.ops {
+    for (i, op) in b.ops.iter().enumerate() {
         match source_op(op)? {
             Some(source) if sourced => {
                 return Err(format!(
@@ -189,13 +204,39 @@ fn branch_ops(graph: &Graph, b: &GBranch) -> Result<(Vec<Op>, f64), String> {
                 ops.push(source);
             }
             None => {
-                if let Some(channel) = channel_op(graph, op, sourced, &mut coef)? {
-                    ops.push(channel);
+                // The coefficient multiplies the branch's end: a scalar moves there only
+                // when nothing after it adds a constant (a bias, a BN's shift, an `Add`).
+                let fold = !b.ops[i + 1..].iter().any(|o| adds_constant(graph, o));
+                let channel = channel_op(graph, op, fold, &mut coef)?;
+                match channel {
+                    Some(Op::Bn(bn)) if !sourced => ops.push(Op::InputBn(bn)),
+                    Some(_) if !sourced => {
+                        return Err(format!(
+                            "a {} before the branch's source acts on its input channels; only a BatchNormalization there is merged",
+                            describe_g(op)
+                        ));
+                    }
+                    Some(channel) => ops.push(channel),
+                    None => {}
                 }
             }
         }
     }
     Ok((ops, coef))
+}
+
+/// Whether `op` adds a constant to what it reads (so that a scale before it does not
+/// commute with it): a bias, a BN's shift, an `Add`/`Sub` of anything but zero.
+fn adds_constant(graph: &Graph, op: &GOp) -> bool {
+    match op {
+        GOp::Conv { bias, .. } | GOp::Gemm { bias, .. } => bias.is_some(),
+        GOp::Bn { .. } | GOp::Pad { .. } | GOp::BorderFill { .. } => true,
+        GOp::Add { tensor, .. } | GOp::Sub { tensor, .. } => {
+            scalar_value(graph, tensor) != Some(0.0)
+        }
+        GOp::MatMul { .. } | GOp::Identity | GOp::AvgPool { .. } => false,
+        GOp::Mul { .. } | GOp::Div { .. } => false,
+    }
 }
 
 /// The source op `op` is, if it is one.
@@ -258,13 +299,9 @@ fn conv(weight: &str, bias: Option<String>, dilation: usize) -> Op {
     }
 }
 
-/// A per-channel op; scalar multiplies and divides go to `coef`, an `Add` of zero vanishes.
-fn channel_op(
-    graph: &Graph,
-    op: &GOp,
-    sourced: bool,
-    coef: &mut f64,
-) -> Result<Option<Op>, String> {
+/// A per-channel op (a BN as [`Op::Bn`]); scalar multiplies and divides go to `coef` when
+/// `fold` says they may move to the chain's coefficient, an `Add` of zero vanishes.
+fn channel_op(graph: &Graph, op: &GOp, fold: bool, coef: &mut f64) -> Result<Option<Op>, String> {
     let scalar = |t: &str| scalar_value(graph, t);
     Ok(Some(match op {
         GOp::Bn {
@@ -274,49 +311,58 @@ fn channel_op(
             var,
             eps,
             ..
-        } => {
-            let bn = BnTensors {
-                weight: scale.clone(),
-                bias: bias.clone(),
-                running_mean: mean.clone(),
-                running_var: var.clone(),
-                num_batches_tracked: None,
-                eps: *eps,
-            };
-            if sourced { Op::Bn(bn) } else { Op::InputBn(bn) }
-        }
+        } => Op::Bn(BnTensors {
+            weight: scale.clone(),
+            bias: bias.clone(),
+            running_mean: mean.clone(),
+            running_var: var.clone(),
+            num_batches_tracked: None,
+            eps: *eps,
+        }),
         GOp::Mul { tensor, .. } => match scalar(tensor) {
-            Some(v) => {
+            Some(v) if fold => {
                 *coef *= v;
                 return Ok(None);
             }
+            Some(_) => Op::Scalar {
+                weight: tensor.clone(),
+            },
             None => Op::Scale {
                 weight: tensor.clone(),
             },
         },
         GOp::Div { tensor, .. } => match scalar(tensor) {
-            Some(v) if v != 0.0 => {
+            Some(v) if fold && v != 0.0 => {
                 *coef /= v;
                 return Ok(None);
             }
-            _ => return Err(format!("a Div by `{tensor}` per channel is not merged yet")),
+            _ => Op::Divide {
+                divisor: tensor.clone(),
+            },
         },
         GOp::Add { tensor, .. } | GOp::Sub { tensor, .. } if scalar(tensor) == Some(0.0) => {
             return Ok(None);
         }
-        GOp::Add { tensor, .. } | GOp::Sub { tensor, .. } => {
-            return Err(format!("adding the constant `{tensor}` is not merged yet"));
-        }
+        GOp::Add { tensor, .. } => Op::Shift {
+            bias: tensor.clone(),
+            subtract: false,
+        },
+        GOp::Sub { tensor, .. } => Op::Shift {
+            bias: tensor.clone(),
+            subtract: true,
+        },
         other => return Err(format!("{} is not a per-channel op", describe_g(other))),
     }))
 }
 
-/// Post-ops: per-channel ops, and the factor scalars make of every branch.
+/// Post-ops: per-channel ops, and the factor scalars make of every branch (they act before
+/// the post-ops, so a scalar folds only while no post-op before it added a constant).
 fn post_ops(graph: &Graph, post: &[GOp]) -> Result<(Vec<Op>, f64), String> {
     let mut coef = 1.0;
     let mut ops = Vec::new();
-    for op in post {
-        ops.extend(channel_op(graph, op, true, &mut coef)?);
+    for (i, op) in post.iter().enumerate() {
+        let fold = !post[..i].iter().any(|o| adds_constant(graph, o));
+        ops.extend(channel_op(graph, op, fold, &mut coef)?);
     }
     Ok((ops, coef))
 }
@@ -378,5 +424,145 @@ fn graph_layout() -> crate::find::Layout {
         description: "parallel linear branches found in the ONNX graph by topology".into(),
         bn_eps_reason: Some("each BatchNormalization node's own epsilon".into()),
         ..crate::find::Layout::default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::onnx::graph::Constant;
+
+    /// A graph with constants `s` (the scalar 2), `z` (the scalar 0) and `c` (`[1, 2, 1, 1]`).
+    fn graph() -> Graph {
+        let mut g = Graph::default();
+        for (name, dims, values) in [
+            ("s", vec![], vec![2.0]),
+            ("z", vec![1], vec![0.0]),
+            ("c", vec![1, 2, 1, 1], vec![0.5, -1.5]),
+        ] {
+            let values = Some(values);
+            (g.constants).insert(
+                name.into(),
+                Constant {
+                    dims,
+                    data_type: 1,
+                    values,
+                },
+            );
+        }
+        g
+    }
+
+    fn conv(bias: bool) -> GOp {
+        GOp::Conv {
+            node: 0,
+            weight: "w".into(),
+            bias: bias.then(|| "b".into()),
+            kernel: (3, 3),
+            stride: (1, 1),
+            dilation: (1, 1),
+            pads: [1; 4],
+            group: 1,
+        }
+    }
+
+    fn bin(op: &str, tensor: &str) -> GOp {
+        let (node, tensor) = (1, tensor.to_string());
+        match op {
+            "Add" => GOp::Add { node, tensor },
+            "Sub" => GOp::Sub { node, tensor },
+            "Mul" => GOp::Mul { node, tensor },
+            _ => GOp::Div { node, tensor },
+        }
+    }
+
+    fn ops_of(ops: Vec<GOp>) -> Result<(Vec<String>, f64), String> {
+        let (ops, coef) = branch_ops(&graph(), &GBranch { coef: 1.0, ops })?;
+        let names = ops
+            .iter()
+            .map(|o| {
+                format!("{:?}", o)
+                    .split([' ', '{', '('])
+                    .next()
+                    .unwrap_or("")
+                    .to_string()
+            })
+            .collect();
+        Ok((names, coef))
+    }
+
+    #[test]
+    fn add_sub_div_by_per_channel_constants_are_ops_in_place() {
+        let got = ops_of(vec![
+            conv(true),
+            bin("Add", "c"),
+            bin("Div", "c"),
+            bin("Sub", "c"),
+        ]);
+        assert_eq!(
+            got,
+            Ok((
+                vec![
+                    "Conv".into(),
+                    "Shift".into(),
+                    "Divide".into(),
+                    "Shift".into()
+                ],
+                1.0
+            ))
+        );
+        let (ops, _) = branch_ops(
+            &graph(),
+            &GBranch {
+                coef: 1.0,
+                ops: vec![conv(false), bin("Sub", "c")],
+            },
+        )
+        .expect("merges");
+        assert!(matches!(&ops[1], Op::Shift { subtract: true, bias } if bias == "c"));
+    }
+
+    #[test]
+    fn a_scalar_folds_into_the_coefficient_only_after_every_added_constant() {
+        // conv·2 + c: the 2 must stay before the shift.
+        let got = ops_of(vec![conv(false), bin("Mul", "s"), bin("Add", "c")]);
+        assert_eq!(
+            got,
+            Ok((vec!["Conv".into(), "Scalar".into(), "Shift".into()], 1.0))
+        );
+        // (conv + c)/2: the whole branch is halved.
+        let got = ops_of(vec![conv(false), bin("Add", "c"), bin("Div", "s")]);
+        assert_eq!(got, Ok((vec!["Conv".into(), "Shift".into()], 0.5)));
+        // (conv/2) + c: a Divide by the scalar, in place.
+        let got = ops_of(vec![conv(false), bin("Div", "s"), bin("Add", "c")]);
+        assert_eq!(
+            got,
+            Ok((vec!["Conv".into(), "Divide".into(), "Shift".into()], 1.0))
+        );
+        // An Add of zero is nothing, and does not hold a scalar back.
+        let got = ops_of(vec![conv(false), bin("Mul", "s"), bin("Add", "z")]);
+        assert_eq!(got, Ok((vec!["Conv".into()], 2.0)));
+    }
+
+    #[test]
+    fn a_scalar_before_a_biased_conv_does_not_fold_and_is_refused() {
+        // W(2x) + b is not 2(Wx + b).
+        let err = ops_of(vec![bin("Mul", "s"), conv(true)]).expect_err("refused");
+        assert!(err.contains("before the branch's source"), "{err}");
+        assert_eq!(
+            ops_of(vec![bin("Mul", "s"), conv(false)]),
+            Ok((vec!["Conv".into()], 2.0))
+        );
+        assert!(ops_of(vec![bin("Add", "c"), conv(false)]).is_err());
+    }
+
+    #[test]
+    fn post_scalars_fold_only_before_an_added_constant() {
+        let g = graph();
+        let (ops, coef) = post_ops(&g, &[bin("Div", "s"), bin("Add", "c")]).expect("merges");
+        assert_eq!((ops.len(), coef), (1, 0.5));
+        let (ops, coef) = post_ops(&g, &[bin("Add", "c"), bin("Div", "s")]).expect("merges");
+        assert_eq!(coef, 1.0);
+        assert!(matches!(ops[..], [Op::Shift { .. }, Op::Divide { .. }]));
     }
 }
