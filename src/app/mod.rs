@@ -218,7 +218,7 @@ fn warnings(ckpt: &Checkpoint) -> Vec<Warning> {
             used,
             &other.key,
             other.used_is_ema,
-            &other.convention,
+            other.convention,
         )
     });
     globals.into_iter().chain(ema).collect()

@@ -107,7 +107,7 @@ pub struct OtherWeights {
     /// Whether the entry read is the EMA one.
     pub used_is_ema: bool,
     /// Whose loader convention chose, in words.
-    pub convention: String,
+    pub convention: &'static str,
 }
 
 /// One tensor's entry in the header.

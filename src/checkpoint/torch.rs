@@ -346,38 +346,47 @@ struct Selected {
     other_weights: Option<OtherWeights>,
 }
 
-/// A raw/EMA pair of candidate entries, and which of the two the framework's own loader reads:
-/// ultralytics' `(ckpt.get('ema') or ckpt['model'])` takes `ema` beside `model`; timm's
-/// `load_checkpoint` takes `state_dict` unless asked for `state_dict_ema` (or `model_ema`).
+/// Raw/EMA pairs of candidate entries: the raw entry, the EMA entry, whether the framework's
+/// own loader reads the EMA one, and whose convention that is.
+const RAW_AND_EMA: [(&str, &str, bool, &str); 3] = [
+    ("model", "ema", true, "ultralytics loads `ema` when present"),
+    (
+        "state_dict",
+        "state_dict_ema",
+        false,
+        "timm's load_checkpoint reads `state_dict` unless use_ema=True",
+    ),
+    (
+        "state_dict",
+        "model_ema",
+        false,
+        "timm's load_checkpoint reads `state_dict` unless use_ema=True",
+    ),
+];
+
+/// When the two candidates `found` are a raw/EMA pair ([`RAW_AND_EMA`]): the one the
+/// framework's loader reads, and the other.
 fn raw_and_ema(found: &[String]) -> Option<(usize, OtherWeights)> {
     if found.len() != 2 {
         return None;
     }
-    let pair = |raw: &str, ema: &str| {
-        let raw_at = found.iter().position(|k| k == raw)?;
-        let ema_at = found.iter().position(|k| k == ema)?;
-        Some((raw_at, ema_at))
-    };
-    if let Some((raw_at, ema_at)) = pair("model", "ema") {
-        let other = OtherWeights {
-            key: found[raw_at].clone(),
-            used_is_ema: true,
-            convention: "ultralytics loads `ema` when present".to_string(),
-        };
-        return Some((ema_at, other));
-    }
-    for ema in ["state_dict_ema", "model_ema"] {
-        if let Some((raw_at, ema_at)) = pair("state_dict", ema) {
-            let other = OtherWeights {
-                key: found[ema_at].clone(),
-                used_is_ema: false,
-                convention: "timm's load_checkpoint reads `state_dict` unless use_ema=True"
-                    .to_string(),
+    let at = |key: &str| found.iter().position(|k| k == key);
+    RAW_AND_EMA
+        .iter()
+        .find_map(|&(raw, ema, reads_ema, convention)| {
+            let (raw_at, ema_at) = (at(raw)?, at(ema)?);
+            let (used, other) = if reads_ema {
+                (ema_at, raw_at)
+            } else {
+                (raw_at, ema_at)
             };
-            return Some((raw_at, other));
-        }
-    }
-    None
+            let other = OtherWeights {
+                key: found[other].clone(),
+                used_is_ema: reads_ema,
+                convention,
+            };
+            Some((used, other))
+        })
 }
 
 fn select_key(root: &Value, key: &str) -> Result<Selected, String> {
