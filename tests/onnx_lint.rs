@@ -57,6 +57,23 @@ fn lint_json(graph: &Path, dir: &Path) -> (Option<i32>, Value) {
     (o.status.code(), serde_json::from_str(&text).expect("json"))
 }
 
+/// `lint GRAPH --junit XML` with the job summary appended to `summary`, and the `::error`
+/// annotations asked for (`GITHUB_ACTIONS=true`) where `annotate`.
+fn lint_for_ci(graph: &Path, xml: &Path, summary: &Path, annotate: bool) -> Output {
+    let mut cmd = common::bin();
+    cmd.args([
+        "lint".as_ref(),
+        graph.as_os_str(),
+        "--junit".as_ref(),
+        xml.as_os_str(),
+    ])
+    .env("GITHUB_STEP_SUMMARY", summary);
+    if annotate {
+        cmd.env("GITHUB_ACTIONS", "true");
+    }
+    cmd.output().expect("runs")
+}
+
 #[test]
 fn lint_saves_the_parameters_and_flops_onnx_counts_for_every_exported_set() {
     let tmp = tempfile::tempdir().expect("tempdir");
@@ -135,17 +152,7 @@ fn lint_junit_and_job_summary_of_train_graphs_fail_each_set_by_its_nodes_and_sav
         let (xml, summary) = (tmp.path().join("lint.xml"), tmp.path().join("summary.md"));
         std::fs::write(&summary, "earlier step\n").expect("writable");
         let graph = fixtures_dir().join(case).join("train.onnx");
-        let o = common::bin()
-            .args([
-                "lint".as_ref(),
-                graph.as_os_str(),
-                "--junit".as_ref(),
-                xml.as_os_str(),
-            ])
-            .env("GITHUB_STEP_SUMMARY", &summary)
-            .env("GITHUB_ACTIONS", "true")
-            .output()
-            .expect("runs");
+        let o = lint_for_ci(&graph, &xml, &summary, true);
         assert_eq!(o.status.code(), Some(1), "{case}");
         let blocks = want[case]["blocks"].as_array().expect("blocks");
         let (attrs, cases) = junit(&xml);
@@ -188,16 +195,7 @@ fn lint_junit_and_job_summary_of_deploy_graphs_have_the_one_passing_case() {
         let tmp = tempfile::tempdir().expect("tempdir");
         let (xml, summary) = (tmp.path().join("lint.xml"), tmp.path().join("summary.md"));
         let graph = fixtures_dir().join(case).join("deploy.onnx");
-        let o = common::bin()
-            .args([
-                "lint".as_ref(),
-                graph.as_os_str(),
-                "--junit".as_ref(),
-                xml.as_os_str(),
-            ])
-            .env("GITHUB_STEP_SUMMARY", &summary)
-            .output()
-            .expect("runs");
+        let o = lint_for_ci(&graph, &xml, &summary, false);
         assert_eq!(o.status.code(), Some(0), "{case}");
         let (attrs, cases) = junit(&xml);
         assert_eq!(
