@@ -40,12 +40,12 @@ pub fn forward_unfused(
         branches.zip(sources).zip(extra)
     {
         let w = w.as_ref().map(|(w, hw)| (w.as_slice(), *hw));
-        let mut y = match (input, seq, computed) {
-            (_, _, Some(v)) => forward_orepa(block, v, x, rows.clone()),
-            _ if fc.is_some() => forward_conv_fc(block, fc.as_ref(), x, rows.clone()),
-            (_, Some(seq), None) => forward_sequence(block, branch, seq, w, x, rows.clone()),
-            (Some(bn), None, None) => forward_input_bn(block, bn, w, x, rows.clone()),
-            (None, None, None) => forward_source(block, branch, w, x, rows.clone()),
+        let mut y = match (computed, fc, seq, input) {
+            (Some(v), ..) => forward_orepa(block, v, x, rows.clone()),
+            (None, Some(fc), ..) => forward_conv_fc(block, fc, x, rows.clone()),
+            (None, None, Some(seq), _) => forward_sequence(block, branch, seq, w, x, rows.clone()),
+            (None, None, None, Some(bn)) => forward_input_bn(block, bn, w, x, rows.clone()),
+            (None, None, None, None) => forward_source(block, branch, w, x, rows.clone()),
         };
         for op in ops {
             forward_channel_op(op, &mut y);
@@ -128,17 +128,17 @@ fn forward_sequence(
 
 /// A conv over each group's patch, as RepMLP runs it: at every position of the input, each
 /// group's `in/groups` = h·w values are an h×w image (h = w), convolved with that group's
-/// k×k kernel `fc.0` (side `fc.1`) with zero padding; output `g·hw + y·w + x` is the result at
+/// k×k kernel `kernel` (side `k`) with zero padding; output `g·hw + y·w + x` is the result at
 /// (y, x) of group g's image. For output channels `rows`.
 fn forward_conv_fc(
     block: &Block,
-    fc: Option<&(Vec<f64>, usize)>,
+    (kernel, k): &(Vec<f64>, usize),
     x: &BlockInput,
     rows: Range<usize>,
 ) -> Array2<f64> {
     let hw = block.in_per_group;
     let side = (1..=hw).find(|s| s * s >= hw).unwrap_or(1);
-    let ((kernel, k), opg) = (fc.map_or((&[][..], 0), |(w, k)| (&w[..], *k)), hw.max(1));
+    let (k, opg) = (*k, hw.max(1));
     let cols = x.cols((1, 1), 1);
     let mut y = Array2::<f64>::zeros((rows.len(), cols.ncols()));
     for (r, o) in rows.enumerate() {
