@@ -2,6 +2,7 @@
 //! [`Grid`] (centred, dilated), scaled by α, summed, β summed, rounded once to the output
 //! dtype, and probed as written. Flat slices and a row at a time: the hot loop.
 
+use std::mem::MaybeUninit;
 use std::ops::Range;
 
 use safetensors::Dtype;
@@ -104,7 +105,8 @@ impl Grid {
         (pad_y + y * dilation) * self.k.1 + pad_x + x * dilation
     }
 
-    /// `Σ` over the taps of row `w` (`[in/groups, kh, kw]`) of `f(tap in grid, weight)`.
+    /// `Σ` over the taps of `w` (whole input channels of a row, `[channels, kh, kw]`) of
+    /// `f(tap in the same channels of the grid, weight)`.
     #[inline(always)]
     fn each_tap(
         &self,
@@ -114,20 +116,7 @@ impl Grid {
         mut f: impl FnMut(usize, f64),
     ) {
         let kk = self.taps();
-        if (kh, kw) == self.k {
-            w.iter().enumerate().for_each(|(i, &v)| f(i, v));
-            return;
-        }
-        if (kh, kw) == (1, 1) {
-            // One tap per input channel, at the centre: the common 1×1 branch, kept a
-            // straight loop.
-            let centre = self.centre();
-            w.iter()
-                .enumerate()
-                .for_each(|(i, &v)| f(i * kk + centre, v));
-            return;
-        }
-        for i in 0..self.in_per_group {
+        for i in 0..w.len() / (kh * kw) {
             for y in 0..kh {
                 for x in 0..kw {
                     let v = w[(i * kh + y) * kw + x];
@@ -178,13 +167,73 @@ pub enum RowError {
     },
 }
 
+/// Weights of a row fused at a time: a tile of whole input channels whose f64 sums stay in the
+/// core's L1 cache from being summed to being encoded (a whole row of B3's widest blocks is
+/// 23,040 weights, 184 KB of f64, re-read from L2 by every pass).
+const TILE: usize = 1024;
+
+/// A dot product summed across a row's tiles exactly as one pass over the whole row sums it:
+/// four lanes by element index mod 4 over the whole quads, then the last elements in order
+/// (every tile but the last starts and ends on a whole quad, see [`Grid::tiles`]).
+#[derive(Debug, Clone, Copy, Default)]
+struct Lanes {
+    acc: [f64; 4],
+    tail: f64,
+}
+
+impl Lanes {
+    /// `Σ a[i]·b[i]` over one tile added.
+    #[inline(always)]
+    fn dot(&mut self, a: &[f64], b: &[f64]) {
+        let mut a4 = a.chunks_exact(4);
+        let mut b4 = b.chunks_exact(4);
+        for (a, b) in (&mut a4).zip(&mut b4) {
+            for j in 0..4 {
+                self.acc[j] += a[j] * b[j];
+            }
+        }
+        for (a, b) in a4.remainder().iter().zip(b4.remainder()) {
+            self.tail += a * b;
+        }
+    }
+
+    /// The sum.
+    #[inline(always)]
+    fn total(&self) -> f64 {
+        (self.acc[0] + self.acc[1]) + (self.acc[2] + self.acc[3]) + self.tail
+    }
+}
+
+impl Grid {
+    /// The input channels of each tile of a row: [`TILE`] weights or so, a multiple of 4
+    /// channels (so of 4 weights) in every tile but the last.
+    fn tiles(&self) -> impl Iterator<Item = Range<usize>> + use<> {
+        let step = (TILE / self.taps()).max(4) / 4 * 4;
+        let n = self.in_per_group;
+        (0..n).step_by(step).map(move |c| c..(c + step).min(n))
+    }
+}
+
+/// What one term has summed of a row so far, across its tiles.
+#[derive(Debug, Clone, Copy, Default)]
+struct TermSums {
+    /// Its kernel's own output at the probe's centre.
+    probe: Lanes,
+    /// An input BN's shifts through its weights (`w·t`), for the bias.
+    through: Lanes,
+}
+
 /// Scratch space of one row, reused across rows.
 #[derive(Default)]
 struct RowScratch {
+    /// The tile's fused values.
     fused: Vec<f64>,
+    /// A term's weights of the tile, decoded.
     w: Vec<f64>,
+    /// The tile as written, decoded back (dtypes without a fused path).
     written: Vec<f64>,
-    bias_written: Vec<f64>,
+    /// Each term's sums over the row.
+    sums: Vec<TermSums>,
 }
 
 /// What [`fuse_rows`] fuses: output channels `rows` of a block on `grid`, `Σ term.scale·kernel`
@@ -230,12 +279,11 @@ fn fuse_rows_any(weight: Vec<u8>, job: &FuseJob) -> Result<FusedRows, RowError> 
     let FuseJob {
         rows, grid, dtype, ..
     } = *job;
-    let depth = grid.row_len();
     let mut out = FusedRows {
         weight,
         ..FusedRows::default()
     };
-    let need = rows.len() * depth * dtype_bytes(dtype);
+    let need = rows.len() * grid.row_len() * dtype_bytes(dtype);
     out.weight.clear();
     if out.weight.capacity() < need {
         // A fresh buffer, not `reserve`: growing a recycled one copies its old capacity's
@@ -245,8 +293,6 @@ fn fuse_rows_any(weight: Vec<u8>, job: &FuseJob) -> Result<FusedRows, RowError> 
     // Taken out of the thread-local and put back, not used inside `with`: a closure there
     // is compiled without this function's AVX2, and the row loop ran scalar.
     let mut scratch = SCRATCH.with(|s| std::mem::take(&mut *s.borrow_mut()));
-    // Its contents do not matter: the first term of a row overwrites it or zeroes it.
-    scratch.fused.resize(depth, 0.0);
     let done = fuse_each_row(&mut out, &mut scratch, job);
     SCRATCH.with(|s| *s.borrow_mut() = scratch);
     done.map(|()| out)
@@ -258,7 +304,8 @@ thread_local! {
     static SCRATCH: std::cell::RefCell<RowScratch> = std::cell::RefCell::new(RowScratch::default());
 }
 
-/// The row loop of [`fuse_rows`]: each row of `job` fused, encoded into `out`, probed.
+/// The row loop of [`fuse_rows`]: each row of `job` fused a tile at a time, encoded into
+/// `out`, probed.
 #[inline(always)]
 fn fuse_each_row(
     out: &mut FusedRows,
@@ -279,45 +326,61 @@ fn fuse_each_row(
         // tap (i, y, x) meets exactly x[g·in/groups + i, y, x].
         let g = o / grid.out_per_group;
         let patch = probe.map(|x| &x.data[g * depth..(g + 1) * depth]);
-        let (mut unfused, mut bias) = fuse_row(scratch, (r, o), grid, terms, patch)?;
+        scratch.sums.clear();
+        scratch.sums.resize(terms.len(), TermSums::default());
+        let mut written = Lanes::default();
+        for tile in grid.tiles() {
+            let taps = tile.start * grid.taps()..tile.end * grid.taps();
+            let patch = patch.map(|p| &p[taps.clone()]);
+            fuse_tile(scratch, (r, o), grid, terms, &tile, patch)?;
+            let at = r * depth + taps.start;
+            encode_tile(out, scratch, (at, dtype), patch, &mut written)?;
+        }
+        let (mut unfused, mut bias) = (0.0, 0.0);
+        for (term, sums) in terms.iter().zip(&scratch.sums) {
+            let (a, b) = (term.scale[r], term.shift[r]);
+            let through = sums.through.total();
+            bias += b;
+            if matches!(term.kernel, Kernel::Weights { .. }) {
+                bias += a * through;
+            }
+            unfused += a * (sums.probe.total() + through) + b;
+        }
         if let Some(p) = post_shift {
             bias += p[r];
             unfused += p[r];
         }
-        let fast = dtype == Dtype::F32 && encode_row_f32(out, &scratch.fused, bias);
-        if !fast {
-            encode_row(out, &scratch.fused, bias, r, dtype)?;
-        }
-        if let Some(patch) = patch {
-            let dev = if fast {
-                probe_row_f32(&scratch.fused, bias, patch, unfused)
-            } else {
-                probe_row(scratch, out, dtype, patch, unfused)
-            };
+        let bias = encode_bias(out, scratch, bias, r, dtype)?;
+        if patch.is_some() {
+            let fused_out = written.total() + bias;
+            let dev = Deviation::of((fused_out - unfused).abs(), unfused.abs());
             out.deviation = out.deviation.merge(dev);
         }
     }
     Ok(())
 }
 
-/// Sums the terms' row `r` (output channel `o`) into `scratch.fused`; returns the unfused
-/// output at the probe's centre (0 without a probe) and the bias before post-ops.
+/// Sums the terms' row `r` (output channel `o`) over input channels `tile` into
+/// `scratch.fused`, each term's probe and input-BN sums into `scratch.sums`.
 #[inline(always)]
-fn fuse_row(
+fn fuse_tile(
     scratch: &mut RowScratch,
     (r, o): (usize, usize),
     grid: Grid,
     terms: &[Term],
+    tile: &Range<usize>,
     patch: Option<&[f64]>,
-) -> Result<(f64, f64), RowError> {
-    // `fused` still holds the previous row: the first full-size term overwrites it (saving a
-    // pass of zeros over every weight), anything else starts from zero.
+) -> Result<(), RowError> {
+    let RowScratch { fused, w, sums, .. } = scratch;
+    fused.resize(tile.len() * grid.taps(), 0.0);
+    // `fused` still holds the previous tile: the first full-size term overwrites it (saving
+    // a pass of zeros over every weight), anything else starts from zero.
     let mut fresh = true;
-    let (mut unfused, mut bias) = (0.0, 0.0);
-    for (ti, term) in terms.iter().enumerate() {
-        let (a, b) = (term.scale[r], term.shift[r]);
-        bias += b;
-        let y = match term.kernel {
+    for (ti, (term, sums)) in terms.iter().zip(sums.iter_mut()).enumerate() {
+        let a = term.scale[r];
+        let first = std::mem::take(&mut fresh);
+        let probe = &mut sums.probe;
+        match term.kernel {
             Kernel::Weights {
                 dtype,
                 bytes,
@@ -325,105 +388,87 @@ fn fuse_row(
                 dilation,
                 input,
             } => {
-                let per_row = grid.in_per_group * side.0 * side.1;
-                let row_bytes = per_row * dtype_bytes(dtype);
-                let raw = &bytes[r * row_bytes..(r + 1) * row_bytes];
-                decode_into(dtype, raw, &mut scratch.w);
-                finite_row(&scratch.w, ti, r * per_row)?;
-                let through = fold_input(&mut scratch.w, input);
-                bias += a * through;
-                let first = std::mem::take(&mut fresh);
-                let w = &scratch.w;
-                add_weights(
-                    grid,
-                    &mut scratch.fused,
-                    w,
-                    (side, dilation),
-                    a,
-                    first,
-                    patch,
-                ) + through
+                let taps = side.0 * side.1;
+                let row = grid.in_per_group * taps;
+                let es = dtype_bytes(dtype);
+                let raw =
+                    &bytes[(r * row + tile.start * taps) * es..(r * row + tile.end * taps) * es];
+                // The common branch, a full-size F32 kernel, in one pass; a tile it refuses (a
+                // weight not finite) goes the long way, which says where.
+                let full = dtype == Dtype::F32 && input.is_none() && side == grid.k;
+                if full && scale_f32_tile(fused, raw, a, first, patch, probe) {
+                    continue;
+                }
+                decode_into(dtype, raw, w);
+                finite_row(w, ti, r * row + tile.start * taps)?;
+                if let Some(bn) = input {
+                    fold_input(w, bn, tile, &mut sums.through);
+                }
+                add_weights(grid, fused, w, (side, dilation), (a, first), patch, probe);
             }
             Kernel::Values { values, side } => {
-                let per_row = grid.in_per_group * side * side;
-                let w = &values[r * per_row..(r + 1) * per_row];
-                finite_row(w, ti, r * per_row)?;
-                let first = std::mem::take(&mut fresh);
-                add_weights(
-                    grid,
-                    &mut scratch.fused,
-                    w,
-                    ((side, side), 1),
-                    a,
-                    first,
-                    patch,
-                )
+                let taps = side * side;
+                let start = r * grid.in_per_group * taps;
+                let w = &values[start + tile.start * taps..start + tile.end * taps];
+                finite_row(w, ti, start + tile.start * taps)?;
+                add_weights(grid, fused, w, ((side, side), 1), (a, first), patch, probe);
             }
-            Kernel::Identity => {
-                let first = std::mem::take(&mut fresh);
-                add_window(grid, &mut scratch.fused, (o, 1), a, first, patch)
-            }
+            Kernel::Identity => add_window(grid, fused, (o, 1, tile), (a, first), patch, probe),
             Kernel::AvgPool { side } => {
-                let first = std::mem::take(&mut fresh);
-                add_window(grid, &mut scratch.fused, (o, side), a, first, patch)
+                add_window(grid, fused, (o, side, tile), (a, first), patch, probe)
             }
-        };
-        if patch.is_some() {
-            unfused += a * y + b;
         }
     }
     if fresh {
-        scratch.fused.fill(0.0);
+        fused.fill(0.0);
     }
-    debug_assert_eq!(scratch.fused.len(), grid.row_len());
-    Ok((unfused, bias))
+    Ok(())
 }
 
-/// An input BN `s·x + t` (1×1 kernels only) folded into row `w`: `w·s` on the weights;
-/// returns `w·t`, what it adds to the bias.
+/// An input BN `s·x + t` (1×1 kernels only) folded into the tile `w` of input channels `tile`:
+/// `w·s` on the weights; `w·t`, what it adds to the bias, summed into `through`.
 #[inline(always)]
-fn fold_input(w: &mut [f64], input: Option<&Affine>) -> f64 {
-    match input {
-        Some(bn) => {
-            let through = dot(w, &bn.shift);
-            w.iter_mut().zip(&bn.scale).for_each(|(w, s)| *w *= s);
-            through
-        }
-        None => 0.0,
-    }
+fn fold_input(w: &mut [f64], bn: &Affine, tile: &Range<usize>, through: &mut Lanes) {
+    through.dot(w, &bn.shift[tile.clone()]);
+    w.iter_mut()
+        .zip(&bn.scale[tile.clone()])
+        .for_each(|(w, s)| *w *= s);
 }
 
 /// Adds `a` times the identity (side 1) or a `side`×`side` average of input channel
-/// `o mod (in/groups)` to `fused` (from zero if `first`); returns its own output at the centre
-/// of `patch` (0 without one).
+/// `o mod (in/groups)` to the tile `fused` of input channels `tile` (from zero if `first`), and
+/// its own output at the centre of `patch` to `probe`.
 #[inline(always)]
 fn add_window(
     grid: Grid,
     fused: &mut [f64],
-    (o, side): (usize, usize),
-    a: f64,
-    first: bool,
+    (o, side, tile): (usize, usize, &Range<usize>),
+    (a, first): (f64, bool),
     patch: Option<&[f64]>,
-) -> f64 {
+    probe: &mut Lanes,
+) {
     if first {
         fused.fill(0.0);
     }
     let ch = o % grid.in_per_group;
+    if !tile.contains(&ch) {
+        return;
+    }
+    let ch = ch - tile.start;
     if side == 1 {
         // The identity: one tap at the centre.
         let at = ch * grid.taps() + grid.centre();
         fused[at] += a;
-        return match patch {
-            Some(p) => p[at],
-            None => 0.0,
-        };
+        if let Some(p) = patch {
+            probe.tail += p[at];
+        }
+        return;
     }
     let v = 1.0 / (side * side) as f64;
     grid.window(ch, side).for_each(|at| fused[at] += a * v);
     // A `match`, not `Option::map_or`: see `add_weights`.
-    match patch {
-        Some(p) => grid.window(ch, side).map(|at| p[at]).sum::<f64>() * v,
-        None => 0.0,
+    if let Some(p) = patch {
+        probe.tail += grid.window(ch, side).map(|at| p[at]).sum::<f64>() * v;
     }
 }
 
@@ -440,20 +485,20 @@ fn finite_row(w: &[f64], term: usize, start: usize) -> Result<(), RowError> {
     }
 }
 
-/// Adds `a·w` (one row of a `side.0`×`side.1` kernel, taps `dilation` apart) to `fused`, centred
-/// (over whatever it holds unless `first`); returns the kernel's own conv at the centre of
-/// `patch` (0 without one).
+/// Adds `a·w` (a tile of a `side.0`×`side.1` kernel, taps `dilation` apart) to the tile
+/// `fused`, centred (over whatever it holds unless `first`), and the kernel's own conv at the
+/// centre of `patch` to `probe`.
 #[inline(always)]
 fn add_weights(
     grid: Grid,
     fused: &mut [f64],
     w: &[f64],
     (side, dilation): ((usize, usize), usize),
-    a: f64,
-    first: bool,
+    (a, first): (f64, bool),
     patch: Option<&[f64]>,
-) -> f64 {
-    // Plain loops and `match`, not closures through `Option::map_or`: those are compiled
+    probe: &mut Lanes,
+) {
+    // Plain loops and `if let`, not closures through `Option::map_or`: those are compiled
     // outside the AVX2 build of the caller, and the probe's dot product ran scalar.
     if side == grid.k {
         if first {
@@ -461,132 +506,256 @@ fn add_weights(
         } else {
             fused.iter_mut().zip(w).for_each(|(f, w)| *f += a * w);
         }
-        return match patch {
-            Some(p) => dot(w, p),
-            None => 0.0,
-        };
+        if let Some(p) = patch {
+            probe.dot(w, p);
+        }
+        return;
     }
     if first {
         fused.fill(0.0);
     }
-    grid.each_tap(w, side, dilation, |at, v| fused[at] += a * v);
-    match patch {
-        Some(p) => {
-            let mut y = 0.0;
-            grid.each_tap(w, side, dilation, |at, v| y += v * p[at]);
-            y
+    if side == (1, 1) {
+        // The common 1×1 branch: one tap per input channel at the centre, placed and probed in
+        // one pass, the probe in four sums by channel (one chained sum waited on each add).
+        let (kk, centre) = (grid.taps(), grid.centre());
+        let taps = fused.chunks_exact_mut(kk).zip(w);
+        match patch {
+            Some(p) => {
+                for (i, ((f, &v), p)) in taps.zip(p.chunks_exact(kk)).enumerate() {
+                    f[centre] += a * v;
+                    probe.acc[i % 4] += v * p[centre];
+                }
+            }
+            None => taps.for_each(|(f, &v)| f[centre] += a * v),
         }
-        None => 0.0,
+        return;
+    }
+    grid.each_tap(w, side, dilation, |at, v| fused[at] += a * v);
+    if let Some(p) = patch {
+        grid.each_tap(w, side, dilation, |at, v| probe.tail += v * p[at]);
     }
 }
 
-/// Checks row `r`'s fused values and appends them, encoded in `dtype`, to `out`.
+/// Appends the tile `scratch.fused` (its first element is element `at` of the rows) to `out`,
+/// encoded in `dtype`, checked, and the tile as written run on `patch` into `written`.
 #[inline(always)]
-fn encode_row(
+fn encode_tile(
     out: &mut FusedRows,
-    fused: &[f64],
+    scratch: &mut RowScratch,
+    (at, dtype): (usize, Dtype),
+    patch: Option<&[f64]>,
+    written: &mut Lanes,
+) -> Result<(), RowError> {
+    let fused = &scratch.fused;
+    if dtype == Dtype::F32 && round_f32_tile(out, fused, patch, written) {
+        return Ok(());
+    }
+    // A sum of finite terms can still overflow f64 itself; encode only sees inf then.
+    let overflow = |i: usize| RowError::Overflow {
+        bias: false,
+        index: at + i,
+        value: fused[i],
+    };
+    if let Some(i) = first_non_finite(fused) {
+        return Err(overflow(i));
+    }
+    let start = out.weight.len();
+    encode(dtype, fused, &mut out.weight).map_err(overflow)?;
+    if let Some(p) = patch {
+        decode_into(dtype, &out.weight[start..], &mut scratch.written);
+        written.dot(&scratch.written, p);
+    }
+    Ok(())
+}
+
+/// Appends row `r`'s bias to `out`, encoded in `dtype`; returns it as written.
+#[inline(always)]
+fn encode_bias(
+    out: &mut FusedRows,
+    scratch: &mut RowScratch,
     bias: f64,
     r: usize,
     dtype: Dtype,
-) -> Result<(), RowError> {
-    let depth = fused.len();
-    // A sum of finite terms can still overflow f64 itself; encode only sees inf then.
-    if let Some(i) = first_non_finite(fused) {
-        return Err(RowError::Overflow {
-            bias: false,
-            index: r * depth + i,
-            value: fused[i],
-        });
-    }
-    let bias_overflow = RowError::Overflow {
+) -> Result<f64, RowError> {
+    let overflow = RowError::Overflow {
         bias: true,
         index: r,
         value: bias,
     };
     if !bias.is_finite() {
-        return Err(bias_overflow);
+        return Err(overflow);
     }
-    encode(dtype, fused, &mut out.weight).map_err(|i| RowError::Overflow {
-        bias: false,
-        index: r * depth + i,
-        value: fused[i],
-    })?;
-    encode(dtype, &[bias], &mut out.bias).map_err(|_| bias_overflow)
+    if dtype == Dtype::F32 && bias.abs() < F32_OVERFLOW {
+        out.bias.extend((bias as f32).to_le_bytes());
+        return Ok(f64::from(bias as f32));
+    }
+    let start = out.bias.len();
+    encode(dtype, &[bias], &mut out.bias).map_err(|_| overflow)?;
+    decode_into(dtype, &out.bias[start..], &mut scratch.written);
+    Ok(scratch.written[0])
 }
 
 /// Values of at least this magnitude round to ±∞ in F32 (2^128 − 2^103: half an ulp above
 /// `f32::MAX`, where the tie goes to the even infinity).
 const F32_OVERFLOW: f64 = 340_282_356_779_733_661_637_539_395_458_142_568_448.0;
 
-/// [`encode_row`] for F32 in one pass over the row, when every value (and the bias) is finite
-/// and fits; returns false, having written nothing, otherwise ([`encode_row`] then says what
-/// is wrong).
+/// [`encode_tile`] for F32 in one pass over the tile, which also runs the tile as written on
+/// `patch` into `written`, when every value is finite and fits; returns false, having written
+/// and summed nothing, otherwise ([`encode_tile`] then says what is wrong).
 #[inline(always)]
-fn encode_row_f32(out: &mut FusedRows, fused: &[f64], bias: f64) -> bool {
-    let mut fits = bias.abs() < F32_OVERFLOW;
-    // `<` is false for NaN: one compare covers NaN, ±∞ and what overflows F32.
-    for v in fused {
-        fits &= v.abs() < F32_OVERFLOW;
-    }
+fn round_f32_tile(
+    out: &mut FusedRows,
+    fused: &[f64],
+    patch: Option<&[f64]>,
+    written: &mut Lanes,
+) -> bool {
+    let start = out.weight.len();
+    let n = 4 * fused.len();
+    out.weight.reserve(n);
+    let dst = &mut out.weight.spare_capacity_mut()[..n];
+    let mut sums = *written;
+    let fits = match patch {
+        Some(p) => round_f32::<true>(dst, fused, p, &mut sums),
+        None => round_f32::<false>(dst, fused, &[], &mut sums),
+    };
     if fits {
-        crate::dtype::extend_f32(&mut out.weight, fused);
-        out.bias.extend((bias as f32).to_le_bytes());
+        // SAFETY: `round_f32` wrote all `n` bytes after `start` (4 for each value, within the
+        // capacity reserved for them).
+        unsafe { out.weight.set_len(start + n) }
+        *written = sums;
     }
     fits
 }
 
-/// [`probe_row`] for a row [`encode_row_f32`] wrote: the values as written are the fused ones
-/// rounded to F32, so they are not decoded back from the bytes.
+/// Each of `fused` rounded to F32 into `dst` (4 bytes a value), and (with `PROBE`) `f32(v)·p`
+/// over `patch` summed into `sums`; returns whether all are finite and fit F32.
 #[inline(always)]
-fn probe_row_f32(fused: &[f64], bias: f64, patch: &[f64], unfused: f64) -> Deviation {
-    let fused_out = dot_by(fused, patch, |v| f64::from(v as f32)) + f64::from(bias as f32);
-    Deviation::of((fused_out - unfused).abs(), unfused.abs())
-}
-
-/// The last row of `out` as written, run on `patch` at the centre, against `unfused`.
-#[inline(always)]
-fn probe_row(
-    scratch: &mut RowScratch,
-    out: &FusedRows,
-    dtype: Dtype,
+fn round_f32<const PROBE: bool>(
+    dst: &mut [MaybeUninit<u8>],
+    fused: &[f64],
     patch: &[f64],
-    unfused: f64,
-) -> Deviation {
-    let width = dtype_bytes(dtype);
-    let row_bytes = scratch.fused.len() * width;
-    let weight = &out.weight[out.weight.len() - row_bytes..];
-    decode_into(dtype, weight, &mut scratch.written);
-    decode_into(
-        dtype,
-        &out.bias[out.bias.len() - width..],
-        &mut scratch.bias_written,
-    );
-    let fused_out = dot(&scratch.written, patch) + scratch.bias_written[0];
-    Deviation::of((fused_out - unfused).abs(), unfused.abs())
-}
-
-/// `Σ a[i]·b[i]`, in four interleaved sums so the adds do not wait on each other.
-#[inline(always)]
-fn dot(a: &[f64], b: &[f64]) -> f64 {
-    dot_by(a, b, |v| v)
-}
-
-/// [`dot`] of `f(a[i])` and `b[i]`, summed in the same order.
-#[inline(always)]
-fn dot_by(a: &[f64], b: &[f64], f: impl Fn(f64) -> f64) -> f64 {
-    let mut acc = [0.0f64; 4];
-    let mut a4 = a.chunks_exact(4);
-    let mut b4 = b.chunks_exact(4);
-    for (a, b) in (&mut a4).zip(&mut b4) {
-        for j in 0..4 {
-            acc[j] += f(a[j]) * b[j];
+    sums: &mut Lanes,
+) -> bool {
+    let quads = 4 * (fused.len() / 4);
+    let mut fits = true;
+    // Whole chunks zipped, so the loop carries no bounds checks and vectorizes.
+    let mut d4 = dst.chunks_exact_mut(16);
+    let mut f4 = fused.chunks_exact(4);
+    if PROBE {
+        for ((d, f), p) in (&mut d4).zip(&mut f4).zip(patch.chunks_exact(4)) {
+            let r = round_f32_quad(d, f, &mut fits);
+            for j in 0..4 {
+                sums.acc[j] += f64::from(r[j]) * p[j];
+            }
+        }
+    } else {
+        for (d, f) in (&mut d4).zip(&mut f4) {
+            round_f32_quad(d, f, &mut fits);
         }
     }
-    let mut tail = 0.0;
-    for (a, b) in a4.remainder().iter().zip(b4.remainder()) {
-        tail += f(*a) * b;
+    for i in quads..fused.len() {
+        let r = round_f32_quad(&mut dst[4 * i..4 * i + 4], &fused[i..=i], &mut fits);
+        if PROBE {
+            sums.tail += f64::from(r[0]) * patch[i];
+        }
     }
-    (acc[0] + acc[1]) + (acc[2] + acc[3]) + tail
+    fits
+}
+
+/// Up to four values rounded to F32 into `dst` (4 bytes each), `fits` cleared unless each is
+/// finite and fits F32 (`<` is false for NaN: one compare covers NaN, ±∞ and overflow);
+/// returns them rounded.
+#[inline(always)]
+fn round_f32_quad(dst: &mut [MaybeUninit<u8>], values: &[f64], fits: &mut bool) -> [f32; 4] {
+    let mut r = [0.0f32; 4];
+    for ((v, r), d) in values.iter().zip(&mut r).zip(dst.chunks_exact_mut(4)) {
+        *fits &= v.abs() < F32_OVERFLOW;
+        *r = *v as f32;
+        for (d, b) in d.iter_mut().zip(r.to_le_bytes()) {
+            d.write(b);
+        }
+    }
+    r
+}
+
+/// `a·w` for the tile `raw` of a full-size F32 kernel written to `fused` (`first`) or added to
+/// it, in one pass that also checks every weight is finite and runs the tile on `patch` into
+/// `probe`; returns false, having summed nothing into `probe`, when a weight is not finite.
+#[inline(always)]
+fn scale_f32_tile(
+    fused: &mut [f64],
+    raw: &[u8],
+    a: f64,
+    first: bool,
+    patch: Option<&[f64]>,
+    probe: &mut Lanes,
+) -> bool {
+    let mut sums = *probe;
+    let finite = match (first, patch) {
+        (true, Some(p)) => scale_f32::<true, true>(fused, raw, a, p, &mut sums),
+        (false, Some(p)) => scale_f32::<false, true>(fused, raw, a, p, &mut sums),
+        (true, None) => scale_f32::<true, false>(fused, raw, a, &[], &mut sums),
+        (false, None) => scale_f32::<false, false>(fused, raw, a, &[], &mut sums),
+    };
+    if finite {
+        *probe = sums;
+    }
+    finite
+}
+
+/// [`scale_f32_tile`] with its branches fixed: `FIRST` writes rather than adds, `PROBE` sums
+/// the probe.
+#[inline(always)]
+fn scale_f32<const FIRST: bool, const PROBE: bool>(
+    fused: &mut [f64],
+    raw: &[u8],
+    a: f64,
+    patch: &[f64],
+    sums: &mut Lanes,
+) -> bool {
+    let quads = 4 * (fused.len() / 4);
+    let mut finite = true;
+    let (fq, ft) = fused.split_at_mut(quads);
+    let (rq, rt) = raw.split_at(4 * quads);
+    // Whole chunks zipped, so the loop carries no bounds checks and vectorizes.
+    if PROBE {
+        let pairs = fq.chunks_exact_mut(4).zip(rq.chunks_exact(16));
+        for ((f, r), p) in pairs.zip(patch.chunks_exact(4)) {
+            let w = scale_f32_quad::<FIRST>(f, r, a, &mut finite);
+            for j in 0..4 {
+                sums.acc[j] += w[j] * p[j];
+            }
+        }
+    } else {
+        for (f, r) in fq.chunks_exact_mut(4).zip(rq.chunks_exact(16)) {
+            scale_f32_quad::<FIRST>(f, r, a, &mut finite);
+        }
+    }
+    for (i, (f, r)) in ft.iter_mut().zip(rt.chunks_exact(4)).enumerate() {
+        let w = scale_f32_quad::<FIRST>(std::slice::from_mut(f), r, a, &mut finite);
+        if PROBE {
+            sums.tail += w[0] * patch[quads + i];
+        }
+    }
+    finite
+}
+
+/// Up to four F32 weights of `raw` decoded, `finite` cleared unless each is finite, and `a·w`
+/// written to `fused` (`FIRST`) or added to it; returns the weights.
+#[inline(always)]
+fn scale_f32_quad<const FIRST: bool>(
+    fused: &mut [f64],
+    raw: &[u8],
+    a: f64,
+    finite: &mut bool,
+) -> [f64; 4] {
+    let mut w = [0.0f64; 4];
+    for ((f, w), b) in fused.iter_mut().zip(&mut w).zip(raw.chunks_exact(4)) {
+        *w = f64::from(f32::from_le_bytes([b[0], b[1], b[2], b[3]]));
+        *finite &= w.is_finite();
+        *f = if FIRST { a * *w } else { *f + a * *w };
+    }
+    w
 }
 
 #[cfg(test)]
