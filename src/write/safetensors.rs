@@ -1,46 +1,25 @@
-//! Writing the deploy file as safetensors, as a stream: the producer fuses (its chunks in
-//! parallel) while a writer thread writes what is done; pass-through tensors are copied by the
-//! kernel; byte buffers are recycled.
+//! Writing the deploy file as safetensors, each piece at its place: the header fixes every
+//! tensor's offset, so the threads that fuse a chunk write it there themselves (`pwrite`)
+//! while it is in their cache, in any order; pass-through tensors are copied by the kernel.
 
-use std::io::Write;
+use std::io::{Seek, SeekFrom};
+use std::os::unix::fs::FileExt;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use rayon::prelude::*;
 use safetensors::Dtype;
 
 use crate::Error;
 use crate::checkpoint::Checkpoint;
+use crate::conv::Input;
 use crate::deviation::Deviation;
-use crate::dtype::encode;
+use crate::dtype::{dtype_bytes, encode};
 use crate::find::Detection;
 use crate::fuse::block::{FUSE_CHUNK, fuse_chunk, probe_input};
 use crate::fuse::rows::FusedRows;
 use crate::int8::ChannelStats;
 use crate::progress::{Cancel, Hooks};
 use crate::write::plan::{Plan, Source, copy_tensor};
-
-/// Byte buffers passed from the fusing threads to the writer and back, so that a few buffers
-/// carry the whole file: fresh ones would cost a page fault per 4 KiB, and the faults of two
-/// threads contend for the same lock.
-#[derive(Default)]
-struct Buffers(std::sync::Mutex<Vec<Vec<u8>>>);
-
-impl Buffers {
-    fn take(&self) -> Vec<u8> {
-        self.0
-            .lock()
-            .map(|mut v| v.pop())
-            .ok()
-            .flatten()
-            .unwrap_or_default()
-    }
-
-    fn give(&self, mut buf: Vec<u8>) {
-        buf.clear();
-        if let Ok(mut v) = self.0.lock() {
-            v.push(buf);
-        }
-    }
-}
 
 /// Why writing stopped: the output failed, or the input did.
 pub enum WriteError {
@@ -56,19 +35,6 @@ impl From<Error> for WriteError {
     }
 }
 
-/// What the writer thread is asked to put next in the file.
-enum Piece {
-    /// Bytes made for this piece alone (the header, a cast tensor, a bias): dropped once
-    /// written.
-    Bytes(Vec<u8>),
-    /// A fused chunk in a buffer of the pool: given back once written. Only these go back, so
-    /// the pool holds at most the chunks in flight (every block's bias went back too, and
-    /// each was then grown to a chunk: 133 buffers, 31 MB, for repvit_m2_3's 168 blocks).
-    Chunk(Vec<u8>),
-    /// Input tensor `i`, copied.
-    Copy(usize),
-}
-
 /// What the stream learnt about each block while writing it.
 #[derive(Debug, Default)]
 pub struct Streamed {
@@ -81,8 +47,9 @@ pub struct Streamed {
 /// Writes the deploy file's header and data to `file`; returns what it learnt of each block
 /// (the probe deviations are zero when `probe_seed` is `None`: no probe).
 ///
-/// The main thread fuses (its chunks in parallel) while a writer thread writes what is done,
-/// so computing and writing overlap; the pieces arrive in file order through a short queue.
+/// A block's chunks are fused in parallel, each written at its offset by the thread that
+/// fused it: the bytes go from that core's cache to the page cache, and the buffer they were
+/// in stays that thread's for its next chunk. Nothing waits for the file's order.
 pub fn write_deploy(
     ckpt: &Checkpoint,
     detection: &Detection,
@@ -91,110 +58,115 @@ pub fn write_deploy(
     file: &std::fs::File,
     hooks: Hooks,
 ) -> Result<Streamed, WriteError> {
-    let (tx, rx) = std::sync::mpsc::sync_channel::<Piece>(16);
-    let buffers = Buffers::default();
-    std::thread::scope(|scope| {
-        let buffers = &buffers;
-        let writer = scope.spawn(move || -> std::io::Result<()> {
-            let mut out = file;
-            for piece in rx {
-                match piece {
-                    Piece::Bytes(bytes) => {
-                        out.write_all(&bytes)?;
-                        hooks.progress.advance(bytes.len() as u64);
-                    }
-                    Piece::Chunk(bytes) => {
-                        out.write_all(&bytes)?;
-                        hooks.progress.advance(bytes.len() as u64);
-                        buffers.give(bytes);
-                    }
-                    Piece::Copy(i) => {
-                        copy_tensor(ckpt, i, &mut out)?;
-                        hooks.progress.advance(ckpt.tensors()[i].len);
-                    }
-                }
-            }
-            Ok(())
-        });
-        let producer = Producer {
-            ckpt,
-            detection,
-            probe_seed,
-            tx: &tx,
-            buffers,
-        };
-        let produced = producer.run(plan, hooks.cancel);
-        drop(tx);
-        let written = writer
-            .join()
-            .unwrap_or_else(|_| Err(std::io::Error::other("the writer thread failed")));
-        // An output error explains a closed queue better than the producer's view of it.
-        written.map_err(WriteError::Io)?;
-        produced
-    })
+    let header = plan.header();
+    let mut offsets = Vec::with_capacity(plan.entries.len());
+    let mut at = header.len() as u64;
+    for entry in &plan.entries {
+        offsets.push(at);
+        at += entry.len();
+    }
+    let writer = Writer {
+        file,
+        hooks: &hooks,
+    };
+    writer.put(&header, 0)?;
+    let producer = Producer {
+        ckpt,
+        detection,
+        probe_seed,
+        writer,
+    };
+    producer.run(plan, &offsets, hooks.cancel)
 }
 
-/// A small block fused ahead of its place in the file.
-#[derive(Clone)]
+/// The output file and the progress it reports.
+#[derive(Clone, Copy)]
+struct Writer<'a> {
+    file: &'a std::fs::File,
+    hooks: &'a Hooks<'a>,
+}
+
+impl Writer<'_> {
+    /// `bytes` written at `offset`.
+    fn put(&self, bytes: &[u8], offset: u64) -> Result<(), WriteError> {
+        self.file
+            .write_all_at(bytes, offset)
+            .map_err(WriteError::Io)?;
+        self.hooks.progress.advance(bytes.len() as u64);
+        Ok(())
+    }
+
+    /// Input tensor `i` of `ckpt` copied to `offset` (by the kernel where it can: the file
+    /// position is only ever moved here, the chunks are written by position).
+    fn copy(&self, ckpt: &Checkpoint, i: usize, offset: u64) -> Result<(), WriteError> {
+        let mut out = self.file;
+        out.seek(SeekFrom::Start(offset)).map_err(WriteError::Io)?;
+        copy_tensor(ckpt, i, &mut out).map_err(WriteError::Io)?;
+        self.hooks.progress.advance(ckpt.tensors()[i].len);
+        Ok(())
+    }
+}
+
+/// A block fused, its weight written: what the file still needs of it (its bias) and what the
+/// report learns.
 struct Fused {
-    weight: Vec<u8>,
     bias: Vec<u8>,
     deviation: Deviation,
     int8: ChannelStats,
 }
 
-/// The fusing side of [`write_deploy`]: makes each piece of the file, in order.
+thread_local! {
+    /// Each fusing thread's output buffer, reused for every chunk it fuses (fresh ones would
+    /// cost a page fault per 4 KiB, and the faults of two threads contend for one lock).
+    static OUT: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// `buf` back as this thread's output buffer.
+fn recycle(buf: Vec<u8>) {
+    OUT.with(|o| *o.borrow_mut() = buf);
+}
+
+/// The fusing side of [`write_deploy`]: makes each piece of the file and puts it in place.
 struct Producer<'a> {
     ckpt: &'a Checkpoint,
     detection: &'a Detection,
     probe_seed: Option<u64>,
-    tx: &'a std::sync::mpsc::SyncSender<Piece>,
-    buffers: &'a Buffers,
+    writer: Writer<'a>,
 }
 
 impl Producer<'_> {
-    fn send(&self, piece: Piece) -> Result<(), WriteError> {
-        self.tx
-            .send(piece)
-            .map_err(|_| WriteError::Io(std::io::Error::other("the writer stopped")))
-    }
-
-    fn run(&self, plan: &Plan, cancel: &Cancel) -> Result<Streamed, WriteError> {
-        self.send(Piece::Bytes(plan.header()))?;
+    fn run(&self, plan: &Plan, offsets: &[u64], cancel: &Cancel) -> Result<Streamed, WriteError> {
         let blocks = &self.detection.blocks;
         let mut streamed = Streamed {
             probe: vec![Deviation::default(); blocks.len()],
             int8: vec![None; blocks.len()],
         };
         let mut pending_bias: Vec<Option<Vec<u8>>> = vec![None; blocks.len()];
-        let mut ahead: Vec<Option<Fused>> = vec![None; blocks.len()];
-        for (at, entry) in plan.entries.iter().enumerate() {
+        let mut ahead: Vec<Option<Fused>> = (0..blocks.len()).map(|_| None).collect();
+        for (at, (entry, &offset)) in plan.entries.iter().zip(offsets).enumerate() {
             cancel.check()?;
             match entry.source {
                 Source::Copy(i) if self.ckpt.tensors()[i].dtype == entry.dtype => {
-                    self.send(Piece::Copy(i))?
+                    self.writer.copy(self.ckpt, i, offset)?
                 }
-                Source::Copy(i) => self.send(Piece::Bytes(self.cast(i, entry.dtype)?))?,
+                Source::Copy(i) => self.writer.put(&self.cast(i, entry.dtype)?, offset)?,
                 Source::FusedWeight(b) => {
                     if ahead[b].is_none() && self.is_small(b) {
-                        self.fuse_small_ahead(plan, at, &mut ahead)?;
+                        self.fuse_small_ahead(plan, (at, offsets), &mut ahead)?;
                     }
-                    let (bias, dev, int8) = match ahead[b].take() {
-                        Some(f) => {
-                            self.send(Piece::Chunk(f.weight))?;
-                            (f.bias, f.deviation, f.int8)
-                        }
-                        None => self.fuse_block(b, entry.dtype)?,
+                    let fused = match ahead[b].take() {
+                        Some(f) => f,
+                        None => self.fuse_block(b, entry.dtype, offset)?,
                     };
-                    streamed.probe[b] = dev;
-                    streamed.int8[b] = Some(int8);
-                    pending_bias[b] = Some(bias);
+                    streamed.probe[b] = fused.deviation;
+                    streamed.int8[b] = Some(fused.int8);
+                    pending_bias[b] = Some(fused.bias);
                 }
                 Source::FusedBias(b) => {
                     let bias = pending_bias[b].take().ok_or_else(|| {
                         Error::internal(format!("the plan puts `{}` before its weight", entry.name))
                     })?;
-                    self.send(Piece::Bytes(bias))?
+                    self.writer.put(&bias, offset)?
                 }
             }
         }
@@ -213,15 +185,15 @@ impl Producer<'_> {
     fn fuse_small_ahead(
         &self,
         plan: &Plan,
-        from: usize,
+        (from, offsets): (usize, &[u64]),
         ahead: &mut [Option<Fused>],
     ) -> Result<(), WriteError> {
         let most = 4 * rayon::current_num_threads().max(1);
         let mut batch = Vec::with_capacity(most);
-        for entry in &plan.entries[from..] {
+        for (entry, &offset) in plan.entries[from..].iter().zip(&offsets[from..]) {
             match entry.source {
                 Source::FusedWeight(b) if !self.is_small(b) => break,
-                Source::FusedWeight(b) => batch.push((b, entry.dtype)),
+                Source::FusedWeight(b) => batch.push((b, entry.dtype, offset)),
                 _ => {}
             }
             if batch.len() == most {
@@ -230,31 +202,29 @@ impl Producer<'_> {
         }
         let fused: Vec<Fused> = batch
             .par_iter()
-            .map(|&(b, dtype)| self.fuse_small(b, dtype))
+            .map(|&(b, dtype, offset)| self.fuse_small(b, dtype, offset))
             .collect::<Result<_, _>>()?;
-        for ((b, _), f) in batch.into_iter().zip(fused) {
+        for ((b, ..), f) in batch.into_iter().zip(fused) {
             ahead[b] = Some(f);
         }
         Ok(())
     }
 
-    /// Block `b` fused in one chunk: what [`Producer::fuse_block`] gives for it, with the
-    /// weight not yet queued.
-    fn fuse_small(&self, b: usize, dtype: Dtype) -> Result<Fused, Error> {
-        let block = &self.detection.blocks[b];
-        let probe = self.probe_seed.map(|seed| probe_input(block, b, seed));
-        let rows = 0..block.out_channels;
-        let out = self.buffers.take();
-        let c = fuse_chunk(self.ckpt, block, rows.clone(), (dtype, probe.as_ref()), out)?;
-        let mut s = ChannelStats::new(block.row_len(), 0);
-        s.push_bytes(dtype, &c.weight);
+    /// Block `b` fused in one chunk, its weight written at `offset`.
+    fn fuse_small(&self, b: usize, dtype: Dtype, offset: u64) -> Result<Fused, WriteError> {
+        let rows = 0..self.detection.blocks[b].out_channels;
+        let probe = self
+            .probe_seed
+            .map(|seed| probe_input(&self.detection.blocks[b], b, seed));
+        let (c, mut s) = self.fuse_and_put(b, rows.clone(), (dtype, probe.as_ref()), offset)?;
         // The chunk is the whole tensor: its max is the tensor's, the guess is right.
         let max = s.max_abs();
         s.speculate(dtype, &c.weight, rows, max);
+        recycle(c.weight);
+        let row_len = self.detection.blocks[b].row_len();
         Ok(Fused {
-            int8: ChannelStats::new(block.row_len(), 0).merge(s),
-            deviation: Deviation::default().merge(c.deviation),
-            weight: c.weight,
+            int8: ChannelStats::new(row_len, 0).merge(s),
+            deviation: c.deviation,
             bias: c.bias,
         })
     }
@@ -280,63 +250,71 @@ impl Producer<'_> {
         Ok(bytes)
     }
 
-    /// Fuses block `b` and queues its weight; returns its bias bytes, probe deviation and
-    /// INT8 pass one.
+    /// Fuses block `b` (its weight at `offset` in the file); returns its bias bytes, probe
+    /// deviation and INT8 pass one.
     ///
-    /// A window of chunks at a time, one per thread: fused in parallel, then queued for the
-    /// writer, which writes them while the next window is fused.
-    fn fuse_block(
-        &self,
-        b: usize,
-        dtype: Dtype,
-    ) -> Result<(Vec<u8>, Deviation, ChannelStats), WriteError> {
+    /// Every chunk in parallel, each written where it goes by the thread that fused it.
+    /// INT8 pass two runs ahead on each chunk at the block's max|w| so far (a max over the
+    /// chunks done, in whatever order they finish): right for every chunk fused after the
+    /// tensor's max, which then need not be read back from the written file.
+    fn fuse_block(&self, b: usize, dtype: Dtype, offset: u64) -> Result<Fused, WriteError> {
         let block = &self.detection.blocks[b];
         let probe = self.probe_seed.map(|seed| probe_input(block, b, seed));
-        let mut bias = Vec::new();
-        let mut dev = Deviation::default();
-        let mut int8 = ChannelStats::new(block.row_len(), 0);
-        // The block's max|w| over the windows so far: INT8 pass two's guess of the tensor's.
-        let mut max_so_far = 0.0f64;
-        for window in block
+        // Bits of a non-negative f64 order as its values (NaN above all; `max_abs` is NaN
+        // only for a weight that is, which the fusion refuses).
+        let max_so_far = AtomicU64::new(0);
+        let chunks: Vec<_> = block
             .row_chunks(FUSE_CHUNK)
-            .chunks(4 * rayon::current_num_threads().max(1))
-        {
-            let mut chunks: Vec<(FusedRows, ChannelStats)> = window
-                .par_iter()
-                .map(|rows| {
-                    let out = self.buffers.take();
-                    let at = (dtype, probe.as_ref());
-                    let c = fuse_chunk(self.ckpt, block, rows.clone(), at, out)?;
-                    // INT8 pass one on the rows as written, while they are in cache.
-                    let mut s = ChannelStats::new(block.row_len(), rows.start);
-                    s.push_bytes(dtype, &c.weight);
-                    Ok::<_, Error>((c, s))
-                })
-                .collect::<Result<_, _>>()?;
-            // Pass two ahead, at the max so far: right for every chunk from the tensor's max
-            // on, which then need not be read back from the written file.
-            max_so_far = chunks
-                .iter()
-                .fold(max_so_far, |m, (_, s)| m.max(s.max_abs()));
-            let guess = max_so_far;
-            let ahead = |(c, s): &mut (FusedRows, ChannelStats), rows: &std::ops::Range<usize>| {
-                s.speculate(dtype, &c.weight, rows.clone(), guess)
-            };
-            if chunks.len() > 1 {
-                chunks
-                    .par_iter_mut()
-                    .zip(window)
-                    .for_each(|(c, r)| ahead(c, r));
-            } else {
-                chunks.iter_mut().zip(window).for_each(|(c, r)| ahead(c, r));
-            }
-            for (c, s) in chunks {
-                int8 = int8.merge(s);
-                dev = dev.merge(c.deviation);
-                bias.extend(c.bias);
-                self.send(Piece::Chunk(c.weight))?;
-            }
+            .into_par_iter()
+            .map(|rows| {
+                let at = (dtype, probe.as_ref());
+                let (c, mut s) = self.fuse_and_put(b, rows.clone(), at, offset)?;
+                let max = s.max_abs();
+                let seen = max_so_far.fetch_max(max.to_bits(), Ordering::Relaxed);
+                s.speculate(dtype, &c.weight, rows, max.max(f64::from_bits(seen)));
+                recycle(c.weight);
+                Ok::<_, WriteError>((c.bias, c.deviation, s))
+            })
+            .collect::<Result<_, _>>()?;
+        let mut fused = Fused {
+            bias: Vec::with_capacity(block.out_channels * dtype_bytes(dtype)),
+            deviation: Deviation::default(),
+            int8: ChannelStats::new(block.row_len(), 0),
+        };
+        for (bias, dev, s) in chunks {
+            fused.int8 = fused.int8.merge(s);
+            fused.deviation = fused.deviation.merge(dev);
+            fused.bias.extend(bias);
         }
-        Ok((bias, dev, int8))
+        Ok(fused)
+    }
+
+    /// Rows `rows` of block `b` fused into this thread's buffer and written at their place
+    /// in the weight at `offset`, with INT8 pass one on them while they are in cache.
+    fn fuse_and_put(
+        &self,
+        b: usize,
+        rows: std::ops::Range<usize>,
+        (dtype, probe): (Dtype, Option<&Input>),
+        offset: u64,
+    ) -> Result<(FusedRows, ChannelStats), WriteError> {
+        let block = &self.detection.blocks[b];
+        let row_bytes = (block.row_len() * dtype_bytes(dtype)) as u64;
+        let out = OUT.with(|o| std::mem::take(&mut *o.borrow_mut()));
+        let c = fuse_chunk(self.ckpt, block, rows.clone(), (dtype, probe), out)?;
+        if c.weight.len() as u64 != rows.len() as u64 * row_bytes {
+            return Err(Error::internal(format!(
+                "block `{}`: rows {rows:?} fused to {} bytes, not {}",
+                block.name,
+                c.weight.len(),
+                rows.len() as u64 * row_bytes
+            ))
+            .into());
+        }
+        self.writer
+            .put(&c.weight, offset + rows.start as u64 * row_bytes)?;
+        let mut s = ChannelStats::new(block.row_len(), rows.start);
+        s.push_bytes(dtype, &c.weight);
+        Ok((c, s))
     }
 }
