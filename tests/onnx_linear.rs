@@ -93,7 +93,10 @@ fn there_are_linear_cases() {
 #[test]
 fn matmul_and_gemm_t0_sets_merge_to_the_framework_deploy_op_counts_and_verify() {
     let tmp = tempfile::tempdir().expect("tempdir");
-    for dir in cases().into_iter().filter(|d| case_json(d)["merges"] == true) {
+    for dir in cases()
+        .into_iter()
+        .filter(|d| case_json(d)["merges"] == true)
+    {
         let case = name(&dir);
         let out = tmp.path().join(format!("{case}.onnx"));
         let (code, report) = convert(&dir, &out);
@@ -109,7 +112,11 @@ fn matmul_and_gemm_t0_sets_merge_to_the_framework_deploy_op_counts_and_verify() 
         );
         let want: BTreeMap<String, u64> =
             serde_json::from_value(case_json(&dir)["op_counts"]["deploy"].clone()).expect("counts");
-        assert_eq!(op_counts(&out), want, "{case}: ours vs the framework's deploy graph");
+        assert_eq!(
+            op_counts(&out),
+            want,
+            "{case}: ours vs the framework's deploy graph"
+        );
         assert_eq!(lint(&dir.join("train.onnx")), Some(1), "{case}: train");
         assert_eq!(lint(&out), Some(0), "{case}: ours");
         assert_eq!(lint(&dir.join("deploy.onnx")), Some(0), "{case}: theirs");
@@ -141,7 +148,10 @@ fn stored_io(dir: &Path) -> (Vec<Tensor64>, Vec<Tensor64>) {
 #[cfg(feature = "graph-run")]
 fn our_deploy_graph_gives_onnxruntime_train_outputs() {
     let tmp = tempfile::tempdir().expect("tempdir");
-    for dir in cases().into_iter().filter(|d| case_json(d)["merges"] == true) {
+    for dir in cases()
+        .into_iter()
+        .filter(|d| case_json(d)["merges"] == true)
+    {
         let case = name(&dir);
         let out = tmp.path().join(format!("{case}.onnx"));
         assert_eq!(convert(&dir, &out).0, Some(0), "{case}");
@@ -164,7 +174,10 @@ fn our_deploy_graph_gives_onnxruntime_train_outputs() {
 #[test]
 fn what_does_not_qualify_stays_with_its_reason() {
     let tmp = tempfile::tempdir().expect("tempdir");
-    for dir in cases().into_iter().filter(|d| case_json(d)["merges"] == false) {
+    for dir in cases()
+        .into_iter()
+        .filter(|d| case_json(d)["merges"] == false)
+    {
         let case = name(&dir);
         let out = tmp.path().join(format!("{case}.onnx"));
         let (code, report) = convert(&dir, &out);
@@ -184,6 +197,10 @@ fn what_does_not_qualify_stays_with_its_reason() {
                 .any(|s| s["reason"].as_str().is_some_and(|r| r.contains(&why))),
             "{case}: {skipped:?}"
         );
-        assert_eq!(op_counts(&out), op_counts(&dir.join("train.onnx")), "{case}");
+        assert_eq!(
+            op_counts(&out),
+            op_counts(&dir.join("train.onnx")),
+            "{case}"
+        );
     }
 }

@@ -143,7 +143,9 @@ impl View<'_> {
             if token.is_none() && !self.single_use(&t) {
                 break;
             }
-            let c = token.as_ref().map_or_else(|| self.consumers_of(&t)[0], |s| s.node);
+            let c = token
+                .as_ref()
+                .map_or_else(|| self.consumers_of(&t)[0], |s| s.node);
             let step = match token.map_or_else(|| self.kind(c), Kind::Step) {
                 Kind::Step(s) if s.input == t && s.problem.is_none() => s,
                 Kind::Pass(_) => Step {

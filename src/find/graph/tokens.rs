@@ -85,7 +85,8 @@ impl View<'_> {
         if first.is("Flatten") {
             let &s = self.producer.get(target.as_str())?;
             let shape = self.node(s);
-            let plain = shape.attrs.is_empty() && shape.inputs.first().map(String::as_str) == Some(x);
+            let plain =
+                shape.attrs.is_empty() && shape.inputs.first().map(String::as_str) == Some(x);
             return (shape.is("Shape") && plain && self.single_use(target))
                 .then_some(Around::Flatten { shape: s });
         }
@@ -100,9 +101,12 @@ impl View<'_> {
             return None;
         }
         let readers = self.consumers_of(t);
-        let first = readers
-            .iter()
-            .find(|&&c| matches!(self.node(c).op_type.as_str(), "Transpose" | "Flatten" | "Reshape"))?;
+        let first = readers.iter().find(|&&c| {
+            matches!(
+                self.node(c).op_type.as_str(),
+                "Transpose" | "Flatten" | "Reshape"
+            )
+        })?;
         let bn_in = self.node(*first).outputs.first()?;
         let &[b] = self.consumers_of(bn_in) else {
             return None;
