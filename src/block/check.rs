@@ -198,6 +198,9 @@ pub(super) fn channel_geometry(
     let Some(branch) = transposed else {
         return Ok((0, (main.shape[0], main.shape[1]), None));
     };
+    if main.shape.len() == 2 {
+        return linear_geometry(c, branches, main);
+    }
     let alone = branches.len() == 1 && branch.second().is_none() && branch.input_bn().is_none();
     if !alone || main.shape.len() != 4 {
         return Err(c.err(format!(
@@ -228,6 +231,31 @@ pub(super) fn channel_geometry(
     Ok((1, (out, inputs / groups), Some(groups)))
 }
 
+/// A Linear stored `[in, out]` (ONNX's `MatMul`, `Gemm` with `transB` 0): one group, and
+/// every Linear of the block stored so, since every branch's rows are read through the
+/// block's one output axis.
+fn linear_geometry(
+    c: &Checker,
+    branches: &[Branch],
+    main: &TensorInfo,
+) -> Result<Geometry, BlockError> {
+    let other = branches.iter().find_map(|b| match b.source() {
+        Op::Conv {
+            weight,
+            out_axis: 0,
+            ..
+        } => Some(weight),
+        _ => None,
+    });
+    if let Some(w) = other {
+        return Err(c.err(format!(
+            "`{w}` is stored [out, in] beside `{}` stored [in, out]: one block reads every weight along one output axis",
+            main.name
+        )));
+    }
+    Ok((1, (main.shape[1], main.shape[0]), Some(1)))
+}
+
 /// Checks every branch against the main conv's `(out, in/groups)`; returns the groups the
 /// branches settle (an identity, an input BN, a sequence's second conv), if any.
 pub(super) fn check_branches(
@@ -251,15 +279,19 @@ pub(super) fn check_branches(
             }
             continue;
         }
-        // A ConvTranspose is the block's only conv: its geometry is the block's.
+        // A ConvTranspose is the block's only conv: its geometry is the block's. A Linear
+        // stored [in, out] is checked transposed.
         if let Op::Conv {
-            weight,
-            out_axis: 0,
-            ..
+            weight, out_axis, ..
         } = b.source()
+            && (*out_axis == 0 || c.get(weight)?.shape.len() == 2)
         {
             let w = c.get(weight)?;
-            if w.shape[0] != out_channels || w.shape[1] != in_per_group {
+            let (o, i) = match out_axis {
+                0 => (w.shape[0], w.shape[1]),
+                _ => (w.shape[1], w.shape[0]),
+            };
+            if o != out_channels || i != in_per_group {
                 return Err(c.err(format!(
                         "branch `{}` weight `{}` has shape {:?}, but `{}` has {:?}: expected [{out_channels}, {in_per_group}, k, k] in every branch",
                         b.label, w.name, w.shape, main.name, main.shape

@@ -98,7 +98,8 @@ pub enum Op {
         /// The stored weight is the kernel minus the identity (DBB's IdentityBasedConv1x1).
         plus_identity: bool,
         /// The weight's axis of output channels: 0 for a conv, 1 for a ConvTranspose
-        /// `[in, out/groups, kh, kw]` (folded alone; see [`Block::out_axis`]).
+        /// `[in, out/groups, kh, kw]` (folded alone) or a Linear stored `[in, out]` (see
+        /// [`Block::out_axis`]).
         out_axis: usize,
     },
     /// A second conv `[out, mid/groups, kh, kw]` on what the ops before it made (`mid`
@@ -465,7 +466,9 @@ pub struct Block {
     pub dtype: Dtype,
     /// The axis of the main (and the deploy) weight that holds the output channels: 0 for a
     /// conv `[out, in/groups, kh, kw]`; 1 for a ConvTranspose `[in, out/groups, kh, kw]`
-    /// (ultralytics' `ConvTranspose` + BN fold), which is folded alone. Everything between
+    /// (ultralytics' `ConvTranspose` + BN fold), which is folded alone, or for a Linear
+    /// stored `[in, out]` (ONNX's `MatMul`, `Gemm` with `transB` 0; beside other such
+    /// Linears, one group: the whole weight is one chunk). Everything between
     /// reading and writing sees its rows in conv order ([`Block::rows_from_stored`]).
     pub out_axis: usize,
     /// Name of the fused weight in the deploy file.
@@ -606,12 +609,15 @@ impl Block {
             .all(|b| matches!(b.source(), Op::Identity))
     }
 
-    /// The deploy weight's shape: `[out, in/groups, kh, kw]`, a Linear's `[out, in]`, a
+    /// The deploy weight's shape: `[out, in/groups, kh, kw]`, a Linear's `[out, in]` (or
+    /// `[in, out]`, out axis 1: ONNX's `MatMul`), a
     /// ConvTranspose's `[in, out/groups, kh, kw]`, or a per-channel block's `[out]`.
     pub fn deploy_shape(&self) -> Vec<usize> {
         let (kh, kw) = self.kernel;
         if self.per_channel() {
             vec![self.out_channels]
+        } else if self.linear && self.out_axis == 1 {
+            vec![self.in_per_group, self.out_channels]
         } else if self.linear {
             vec![self.out_channels, self.in_per_group]
         } else if self.out_axis == 1 {

@@ -23,6 +23,7 @@
 
 pub mod external;
 pub mod graph;
+mod linear;
 pub mod model;
 pub mod proto;
 pub mod shapes;

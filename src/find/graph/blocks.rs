@@ -253,7 +253,7 @@ fn source_op(op: &GOp) -> Result<Option<Op>, String> {
                     "conv `{weight}` has dilation {dilation:?}, not the same both ways"
                 ));
             }
-            conv(weight, bias.clone(), dilation.0)
+            conv(weight, bias.clone(), dilation.0, 0)
         }
         GOp::Gemm {
             weight,
@@ -263,18 +263,16 @@ fn source_op(op: &GOp) -> Result<Option<Op>, String> {
             beta,
             ..
         } => {
-            if !*trans_b || *alpha != 1.0 || (bias.is_some() && *beta != 1.0) {
+            if *alpha != 1.0 || (bias.is_some() && *beta != 1.0) {
                 return Err(format!(
-                    "Gemm with `{weight}` has transB {trans_b}, alpha {alpha}, beta {beta}; only transB 1, alpha 1, beta 1 (PyTorch's Linear) is merged yet"
+                    "Gemm with `{weight}` has alpha {alpha}, beta {beta}; only alpha 1, beta 1 (a Linear) is merged"
                 ));
             }
-            conv(weight, bias.clone(), 1)
+            // transB 0: the weight is stored [in, out], output features on its dim 1.
+            conv(weight, bias.clone(), 1, usize::from(!*trans_b))
         }
-        GOp::MatMul { weight, .. } => {
-            return Err(format!(
-                "MatMul by `{weight}` ([in, out]) is not merged yet; only Gemm (a Linear) is"
-            ));
-        }
+        // `x·B`, B stored [in, out]; its bias, if any, is the `Add` after it (a shift).
+        GOp::MatMul { weight, .. } => conv(weight, None, 1, 1),
         GOp::Identity => Op::Identity,
         GOp::AvgPool { kernel, .. } if kernel.0 == kernel.1 => Op::AvgPool { kernel: kernel.0 },
         GOp::AvgPool { kernel, .. } => {
@@ -286,8 +284,9 @@ fn source_op(op: &GOp) -> Result<Option<Op>, String> {
     }))
 }
 
-/// A conv (or Linear) source.
-fn conv(weight: &str, bias: Option<String>, dilation: usize) -> Op {
+/// A conv (or Linear) source whose weight holds its outputs on axis `out_axis` (1: a Linear
+/// stored `[in, out]`).
+fn conv(weight: &str, bias: Option<String>, dilation: usize, out_axis: usize) -> Op {
     Op::Conv {
         weight: weight.to_string(),
         bias,
@@ -295,7 +294,7 @@ fn conv(weight: &str, bias: Option<String>, dilation: usize) -> Op {
         // The finder checked the geometry; kh×kw kernels (ACNet's) centre like square ones.
         asymmetric: true,
         plus_identity: false,
-        out_axis: 0,
+        out_axis,
     }
 }
 

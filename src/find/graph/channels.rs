@@ -34,7 +34,7 @@ impl View<'_> {
                         .and_then(|&o| usize::try_from(o).ok())
                         .unwrap_or(c);
                 }
-                GOp::Bn { node, .. } if has_matmul => {
+                GOp::Bn { node, around, .. } if has_matmul && around.is_empty() => {
                     return Err(format!(
                         "BatchNormalization `{}` normalizes axis 1, which is a MatMul's feature axis only for 2-D tensors, and the graph gives no shapes",
                         self.node(*node).label()

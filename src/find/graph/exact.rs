@@ -66,8 +66,13 @@ impl View<'_> {
         for (_, b) in branches {
             nodes.extend(b.iter().map(|s| s.node));
             for s in b {
-                if let Some(GOp::BorderFill { chain, .. }) = &s.op {
-                    nodes.extend(chain.iter().copied());
+                match &s.op {
+                    Some(GOp::BorderFill { chain, .. }) => nodes.extend(chain.iter().copied()),
+                    Some(GOp::Bn { node, around, .. }) if !around.is_empty() => {
+                        nodes.insert(*node);
+                        nodes.extend(around.iter().copied());
+                    }
+                    _ => {}
                 }
             }
         }
@@ -94,6 +99,12 @@ impl View<'_> {
         }
         let (post, output) = self.post(sum_out, &shape, has_matmul);
         nodes.extend(post.iter().map(|s| s.node));
+        for s in &post {
+            if let Some(GOp::Bn { node, around, .. }) = &s.op {
+                nodes.insert(*node);
+                nodes.extend(around.iter().copied());
+            }
+        }
         self.check_uses(&nodes, &output)
             .map_err(|e| reject(&nodes, e))?;
         Ok(BranchSet {
@@ -127,9 +138,15 @@ impl View<'_> {
     ) -> (Vec<Step>, String) {
         let mut post = Vec::new();
         let mut t = sum_out.to_string();
-        while self.single_use(&t) {
-            let c = self.consumers_of(&t)[0];
-            let step = match self.kind(c) {
+        loop {
+            let token = self.token_bn_from(&t);
+            if token.is_none() && !self.single_use(&t) {
+                break;
+            }
+            let c = token
+                .as_ref()
+                .map_or_else(|| self.consumers_of(&t)[0], |s| s.node);
+            let step = match token.map_or_else(|| self.kind(c), Kind::Step) {
                 Kind::Step(s) if s.input == t && s.problem.is_none() => s,
                 Kind::Pass(_) => Step {
                     node: c,
@@ -141,7 +158,7 @@ impl View<'_> {
             };
             let fits = match &step.op {
                 None => true,
-                Some(GOp::Bn { .. }) if has_matmul => false,
+                Some(GOp::Bn { around, .. }) if has_matmul && around.is_empty() => false,
                 Some(op) => {
                     is_per_channel(op)
                         && self

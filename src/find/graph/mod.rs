@@ -33,6 +33,7 @@ mod channels;
 mod exact;
 mod ops;
 mod sums;
+mod tokens;
 
 use exact::*;
 use ops::*;
@@ -144,6 +145,10 @@ pub enum GOp {
         var: String,
         /// ε, from the node.
         eps: f64,
+        /// The nodes that put a token tensor's last axis where the BN normalizes and back
+        /// (`Transpose`s, or `Flatten`/`Shape`/`Reshape`: see `tokens.rs`); empty for a
+        /// BN on the tensor as it is.
+        around: Vec<usize>,
     },
     /// The branch's input itself.
     Identity,

@@ -32,6 +32,7 @@ impl View<'_> {
             "Pad" => self.pad(n),
             "Gemm" => self.gemm(n),
             "MatMul" => self.matmul(n),
+            "Transpose" | "Reshape" => self.token_bn_ending(n).map_or(Kind::Other, Kind::Step),
             _ => Kind::Other,
         }
     }
@@ -93,6 +94,7 @@ impl View<'_> {
                 mean: mean.clone(),
                 var: var.clone(),
                 eps: f64::from(n.float("epsilon").unwrap_or(1e-5)),
+                around: Vec::new(),
             }),
             input: x.clone(),
             problem,

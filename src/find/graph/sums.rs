@@ -293,18 +293,31 @@ impl View<'_> {
         nodes.iter().map(|&i| self.node(i).label()).collect()
     }
 
-    /// A single unfolded pair around BatchNormalization `bn`: `Conv`/`Gemm` → BN, or BN →
-    /// `Gemm`/`MatMul`/unpadded `Conv`.
+    /// A single unfolded pair around BatchNormalization `bn` (or a token BN around it):
+    /// `Conv`/`Gemm`/`MatMul` (and its bias `Add`) → BN, or BN → `Gemm`/`MatMul`/unpadded
+    /// `Conv` (its bias `Add` then follows as a post-op).
     pub(super) fn single(
         &self,
         bn: usize,
         taken: &HashSet<usize>,
     ) -> Option<Result<BranchSet, Rejected>> {
-        let Kind::Step(bn_step) = self.kind(bn) else {
-            return None;
+        let bn_step = self.bn_step(bn)?;
+        let token = match &bn_step.op {
+            Some(GOp::Bn { around, .. }) => around.clone(),
+            _ => Vec::new(),
         };
-        if bn_step.problem.is_some() {
-            return None;
+        if let Some(reason) = &bn_step.problem {
+            // A token BN this finder cannot place is said; a BN reading a computed tensor is
+            // no candidate.
+            let mut nodes = token.clone();
+            nodes.push(bn);
+            nodes.sort_unstable();
+            return (!token.is_empty()).then(|| {
+                Err(Rejected {
+                    nodes: self.labels(&nodes),
+                    reason: reason.clone(),
+                })
+            });
         }
         let source_ok = |s: &Step| {
             s.problem.is_none()
@@ -314,26 +327,25 @@ impl View<'_> {
                     Some(GOp::Conv { .. } | GOp::Gemm { .. } | GOp::MatMul { .. })
                 )
         };
-        if let Some((_, Kind::Step(src))) = self.producer_kind(&bn_step.input)
-            && source_ok(&src)
-            && self.single_use(&bn_step.input)
+        let out = self.node(bn_step.node).outputs.first()?.clone();
+        if let Some(mut chain) = self.source_below(&bn_step.input, &token)
+            && chain.first().is_some_and(source_ok)
         {
-            let input = src.input.clone();
-            let out = self.node(bn).outputs.first().cloned().unwrap_or_default();
-            return Some(self.validate(&[], &input, &[(1.0, vec![src, bn_step])], &out));
+            let input = chain[0].input.clone();
+            chain.push(bn_step);
+            return Some(self.validate(&[], &input, &[(1.0, chain)], &out));
         }
-        let out = self.node(bn).outputs.first()?;
-        if !self.single_use(out) {
+        if !self.single_use(&out) {
             return None;
         }
-        let Kind::Step(next) = self.kind(self.consumers_of(out)[0]) else {
+        let Kind::Step(next) = self.kind(self.consumers_of(&out)[0]) else {
             return None;
         };
         let unpadded = match &next.op {
             Some(GOp::Conv { pads, .. }) => *pads == [0; 4],
             _ => true,
         };
-        if !source_ok(&next) || !unpadded || next.input != *out {
+        if !source_ok(&next) || !unpadded || next.input != out {
             return None;
         }
         let end = self
@@ -344,6 +356,35 @@ impl View<'_> {
             .unwrap_or_default();
         let input = bn_step.input.clone();
         Some(self.validate(&[], &input, &[(1.0, vec![bn_step, next])], &end))
+    }
+
+    /// The source writing `t` through single-use per-channel ops (a `MatMul`'s bias `Add`),
+    /// and those ops, graph order. `t` itself may also be read by the nodes `around` a
+    /// token BN (its `Flatten` and `Shape`).
+    fn source_below(&self, t: &str, around: &[usize]) -> Option<Vec<Step>> {
+        let mut chain = Vec::new();
+        let mut cur = t.to_string();
+        let read_inside = !around.is_empty()
+            && !self.outputs.contains(t)
+            && self.consumers_of(t).iter().all(|c| around.contains(c));
+        while chain.len() < MAX_CHAIN
+            && (self.single_use(&cur) || (chain.is_empty() && read_inside))
+        {
+            let Some((_, Kind::Step(s))) = self.producer_kind(&cur) else {
+                return None;
+            };
+            let source = s.op.as_ref().is_some_and(is_source);
+            if !source && !s.op.as_ref().is_some_and(is_per_channel) {
+                return None;
+            }
+            cur = s.input.clone();
+            chain.push(s);
+            if source {
+                chain.reverse();
+                return Some(chain);
+            }
+        }
+        None
     }
 }
 

@@ -1,0 +1,206 @@
+//! Linears stored `[in, out]` in ONNX graphs (fixtures/make_onnx_linear_fixtures.py): PyTorch's
+//! `MatMul` + `Add` for tokens `[B, N, C]` and a hand-built `Gemm` with `transB` 0, with BNs
+//! before or after them (LeViT's folds, as `Flatten`/`Reshape` or `Transpose` around the BN),
+//! parallel branches and RepViT's averaged heads. Each train graph merges to the op counts of
+//! the framework-side deploy graph, its merged blocks verify, our deploy graph run whole
+//! matches onnxruntime's output of the train graph, and `lint` tells the two apart; what does
+//! not merge stays, with its reason.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use repvgg_fuse::onnx::OnnxModel;
+#[cfg(feature = "graph-run")]
+use repvgg_fuse::verify::graph::{Optimization, Tensor64, compare, run_graph_with};
+use serde_json::Value;
+
+fn cases() -> Vec<PathBuf> {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/onnx_linear");
+    let mut out: Vec<PathBuf> = std::fs::read_dir(root)
+        .expect("fixtures/onnx_linear/")
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.join("case.json").is_file())
+        .collect();
+    out.sort();
+    out
+}
+
+fn case_json(dir: &Path) -> Value {
+    serde_json::from_str(&std::fs::read_to_string(dir.join("case.json")).expect("case.json"))
+        .expect("valid case.json")
+}
+
+fn name(dir: &Path) -> String {
+    dir.file_name()
+        .expect("a name")
+        .to_string_lossy()
+        .into_owned()
+}
+
+fn op_counts(path: &Path) -> BTreeMap<String, u64> {
+    let model = OnnxModel::open(path).unwrap_or_else(|e| panic!("{e}"));
+    let mut counts = BTreeMap::new();
+    for n in &model.graph().node {
+        *counts
+            .entry(n.op_type.clone().unwrap_or_default())
+            .or_default() += 1;
+    }
+    counts
+}
+
+/// Converts `dir`'s train graph with `--verify` into `out`; the exit code and the report.
+fn convert(dir: &Path, out: &Path) -> (Option<i32>, Value) {
+    let case = case_json(dir);
+    let shape: Vec<String> = (case["input_shape"].as_array().expect("a shape").iter())
+        .map(|d| d.to_string())
+        .collect();
+    let o = common::bin()
+        .arg(dir.join("train.onnx"))
+        .arg("-o")
+        .arg(out)
+        .args(["--verify", "-q", "--input-shape"])
+        .arg(format!(
+            "{}:{}",
+            case["input"].as_str().expect("input"),
+            shape.join("x")
+        ))
+        .output()
+        .expect("runs");
+    let report = out.with_extension("report.json");
+    let report = std::fs::read_to_string(&report)
+        .map(|r| serde_json::from_str(&r).expect("json"))
+        .unwrap_or(Value::Null);
+    (o.status.code(), report)
+}
+
+fn lint(p: &Path) -> Option<i32> {
+    common::bin()
+        .arg("lint")
+        .arg(p)
+        .output()
+        .expect("runs")
+        .status
+        .code()
+}
+
+#[test]
+fn there_are_linear_cases() {
+    assert!(cases().len() >= 10, "{:?}", cases());
+}
+
+#[test]
+fn matmul_and_gemm_t0_sets_merge_to_the_framework_deploy_op_counts_and_verify() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    for dir in cases()
+        .into_iter()
+        .filter(|d| case_json(d)["merges"] == true)
+    {
+        let case = name(&dir);
+        let out = tmp.path().join(format!("{case}.onnx"));
+        let (code, report) = convert(&dir, &out);
+        assert_eq!(code, Some(0), "{case}: {report}");
+        assert_eq!(report["verify"]["passed"], true, "{case}");
+        assert_eq!(report["graph"]["passed"], true, "{case}");
+        let blocks = report["blocks"].as_array().expect("blocks");
+        assert_eq!(blocks.len(), 1, "{case}: {blocks:?}");
+        assert!(
+            report["skipped"].as_array().is_some_and(Vec::is_empty),
+            "{case}: {}",
+            report["skipped"]
+        );
+        let want: BTreeMap<String, u64> =
+            serde_json::from_value(case_json(&dir)["op_counts"]["deploy"].clone()).expect("counts");
+        assert_eq!(
+            op_counts(&out),
+            want,
+            "{case}: ours vs the framework's deploy graph"
+        );
+        assert_eq!(lint(&dir.join("train.onnx")), Some(1), "{case}: train");
+        assert_eq!(lint(&out), Some(0), "{case}: ours");
+        assert_eq!(lint(&dir.join("deploy.onnx")), Some(0), "{case}: theirs");
+    }
+}
+
+/// The fixture's stored input and onnxruntime's outputs of the train graph.
+#[cfg(feature = "graph-run")]
+fn stored_io(dir: &Path) -> (Vec<Tensor64>, Vec<Tensor64>) {
+    let (mut inputs, mut train) = (Vec::new(), Vec::new());
+    for (key, t) in &common::read_st(&dir.join("io.safetensors")) {
+        let (kind, name) = key.split_once('.').expect("KIND.NAME");
+        let tensor = Tensor64 {
+            name: name.to_string(),
+            dtype: t.dtype,
+            shape: t.shape.clone(),
+            values: common::to_f64(t),
+        };
+        match kind {
+            "input" => inputs.push(tensor),
+            "train" => train.push(tensor),
+            _ => {}
+        }
+    }
+    (inputs, train)
+}
+
+#[test]
+#[cfg(feature = "graph-run")]
+fn our_deploy_graph_gives_onnxruntime_train_outputs() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    for dir in cases()
+        .into_iter()
+        .filter(|d| case_json(d)["merges"] == true)
+    {
+        let case = name(&dir);
+        let out = tmp.path().join(format!("{case}.onnx"));
+        assert_eq!(convert(&dir, &out).0, Some(0), "{case}");
+        let (inputs, ort) = stored_io(&dir);
+        let ours = run_graph_with(&out, &inputs, Optimization::Typed).expect("runs");
+        let theirs = case_json(&dir)["train_vs_deploy_max_abs_over_max"]
+            .as_f64()
+            .expect("a figure");
+        for d in compare(&ort, &ours).expect("same outputs") {
+            assert!(d.max_abs_output > 0.0, "{case}");
+            // f32 rounding of the output scale, and as close as the framework's own fold.
+            assert!(
+                d.max_rel <= 1e-6_f64.max(4.0 * theirs),
+                "{case}: {d:?}, theirs {theirs:e}"
+            );
+        }
+    }
+}
+
+#[test]
+fn what_does_not_qualify_stays_with_its_reason() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    for dir in cases()
+        .into_iter()
+        .filter(|d| case_json(d)["merges"] == false)
+    {
+        let case = name(&dir);
+        let out = tmp.path().join(format!("{case}.onnx"));
+        let (code, report) = convert(&dir, &out);
+        assert_eq!(code, Some(0), "{case}: {report}");
+        assert!(
+            report["blocks"].as_array().is_some_and(Vec::is_empty),
+            "{case}"
+        );
+        let why = case_json(&dir)["reason"]
+            .as_str()
+            .expect("a reason")
+            .to_string();
+        let skipped = report["skipped"].as_array().expect("skipped");
+        assert!(
+            skipped
+                .iter()
+                .any(|s| s["reason"].as_str().is_some_and(|r| r.contains(&why))),
+            "{case}: {skipped:?}"
+        );
+        assert_eq!(
+            op_counts(&out),
+            op_counts(&dir.join("train.onnx")),
+            "{case}"
+        );
+    }
+}
