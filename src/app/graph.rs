@@ -2,6 +2,7 @@
 //! `Gemm`) whose weight and bias the one fusion routine computes, everything else written as it
 //! was read; then the same INT8 figures, verification and report as for a checkpoint.
 
+use std::collections::BTreeSet;
 use std::path::Path;
 
 use rayon::prelude::*;
@@ -12,7 +13,7 @@ use crate::Error;
 use crate::block::Block;
 use crate::checkpoint::Checkpoint;
 use crate::deviation::Deviation;
-use crate::find::graph::BranchSet;
+use crate::find::graph::{BranchSet, GOp};
 use crate::fuse::block::{FUSE_CHUNK, fuse_chunk, probe_input};
 use crate::fuse::rows::FusedRows;
 use crate::int8::{ChannelStats, Int8Report, TensorStats, figures};
@@ -72,11 +73,7 @@ pub(super) fn stage(
         .onnx()
         .ok_or_else(|| Error::internal("a graph conversion of a file that is not a graph"))?;
     let blocks = &train.detection.blocks;
-    let names = train
-        .graph
-        .iter()
-        .flat_map(|(_, names)| names.iter().cloned());
-    let edit = edit(blocks, sets, names.collect());
+    let edit = edit(blocks, sets, taken_names(train));
     let mut streamed = Streamed {
         probe: vec![Deviation::default(); blocks.len()],
         int8: vec![None; blocks.len()],
@@ -285,43 +282,76 @@ fn fuse_block(
     Ok((rows, dev, stats))
 }
 
-/// The edit: each set's nodes removed, one node in their place reading the set's input and
-/// writing its output, with the block's fused weight and bias.
-pub(super) fn edit(
-    blocks: &[Block],
-    sets: &[BranchSet],
-    mut names: std::collections::BTreeSet<String>,
-) -> GraphEdit {
+/// The names a new node or tensor must not take: every node's and tensor's of `train`'s
+/// graph (one set for both: a name of neither kind is free for either).
+pub(super) fn taken_names(train: &Train) -> BTreeSet<String> {
+    let mut taken: BTreeSet<String> = (train.graph.iter())
+        .flat_map(|(_, names)| names.iter().cloned())
+        .collect();
+    if let Some(model) = train.ckpt.onnx() {
+        let g = model.graph();
+        taken.extend(
+            g.node
+                .iter()
+                .flat_map(|n| n.input.iter().chain(&n.output))
+                .cloned(),
+        );
+        taken.extend(g.initializer.iter().map(|t| t.name().to_string()));
+        taken.extend(
+            g.input
+                .iter()
+                .chain(&g.output)
+                .map(|v| v.name().to_string()),
+        );
+    }
+    taken
+}
+
+/// The edit: each set's nodes removed, the block's node(s) in their place reading the set's
+/// input and writing its output, with the block's fused weight and bias: a `Conv`; a Linear
+/// as the form it was given, `Gemm` (`transB` as its `Gemm`s had it: the block's weight is
+/// stored `[in, out]` for `transB` 0, out axis 1) or, for `MatMul`s by an `[in, out]`
+/// constant (PyTorch's Linear on an input of rank 3 and more, which `Gemm` cannot take),
+/// `MatMul` by the fused weight then `Add` of the fused bias, the train graph's own two steps.
+pub(super) fn edit(blocks: &[Block], sets: &[BranchSet], mut names: BTreeSet<String>) -> GraphEdit {
     let mut edit = GraphEdit::default();
     for (block, set) in blocks.iter().zip(sets) {
         edit.remove.extend(set.nodes.iter().copied());
         let at = set.nodes.first().copied().unwrap_or_default();
-        let (op_type, attrs) = if block.linear {
-            ("Gemm", vec![("transB".to_string(), NewAttr::Int(1))])
-        } else {
-            ("Conv", conv_attrs(block, set))
-        };
+        let matmul =
+            (set.branches.iter().flat_map(|b| &b.ops)).any(|op| matches!(op, GOp::MatMul { .. }));
+        let (weight, bias) = (block.deploy_weight.clone(), block.deploy_bias.clone());
+        let product = (block.linear && matmul)
+            .then(|| fresh(&mut names, &format!("{}/MatMul_output_0", block.name)));
         // The block's scope and the op, as exporters name nodes; numbered where taken.
-        let mut name = format!("{}/{op_type}", block.name);
-        let mut n = 1;
-        while names.contains(&name) {
-            name = format!("{}/{op_type}_{n}", block.name);
-            n += 1;
-        }
-        names.insert(name.clone());
-        edit.insert.push(NewNode {
+        let mut node = |op_type: &str, inputs: Vec<String>, output: String, attrs| NewNode {
             at,
-            name,
+            name: fresh(&mut names, &format!("{}/{op_type}", block.name)),
             op_type: op_type.into(),
             domain: String::new(),
-            inputs: vec![
-                set.input.clone(),
-                block.deploy_weight.clone(),
-                block.deploy_bias.clone(),
-            ],
-            outputs: vec![set.output.clone()],
+            inputs,
+            outputs: vec![output],
             attrs,
-        });
+        };
+        let inputs = vec![set.input.clone(), weight.clone(), bias.clone()];
+        let output = set.output.clone();
+        if !block.linear {
+            let conv = node("Conv", inputs, output, conv_attrs(block, set));
+            edit.insert.push(conv);
+        } else if let Some(product) = product {
+            let mm = node(
+                "MatMul",
+                vec![set.input.clone(), weight],
+                product.clone(),
+                vec![],
+            );
+            let add = node("Add", vec![product, bias], output, vec![]);
+            edit.insert.extend([mm, add]);
+        } else {
+            let trans_b = NewAttr::Int(i64::from(block.out_axis == 0));
+            let gemm = node("Gemm", inputs, output, vec![("transB".into(), trans_b)]);
+            edit.insert.push(gemm);
+        }
         edit.tensors.push(NewTensor {
             name: block.deploy_weight.clone(),
             dtype: block.dtype,
@@ -334,6 +364,18 @@ pub(super) fn edit(
         });
     }
     edit
+}
+
+/// `stem`, or `stem_1`, `stem_2`, …: the first `names` does not hold, now taken.
+fn fresh(names: &mut BTreeSet<String>, stem: &str) -> String {
+    let mut name = stem.to_string();
+    let mut n = 1;
+    while names.contains(&name) {
+        name = format!("{stem}_{n}");
+        n += 1;
+    }
+    names.insert(name.clone());
+    name
 }
 
 /// The merged conv's attributes: the block's kh×kw kernel, the set's stride and groups, and

@@ -98,30 +98,39 @@ pub(super) fn graph_nodes(train: &Train) -> Vec<GraphNodes> {
     let Some((sets, names)) = &train.graph else {
         return Vec::new();
     };
-    let edit = merge_edit(train, sets, names);
+    let edit = merge_edit(train, sets);
     let name = |i: usize| names.get(i).map_or(format!("#{i}"), String::clone);
-    (sets.iter().zip(&edit.insert))
-        .map(|(set, new)| GraphNodes {
+    // A set's first new node (a Linear kept as `MatMul` + `Add` has two) goes where its
+    // first node was.
+    let first = |set: &BranchSet| {
+        let at = set.nodes.first().copied().unwrap_or_default();
+        edit.insert.iter().find(|n| n.at == at)
+    };
+    (sets.iter())
+        .map(|set| GraphNodes {
             nodes: set.nodes.iter().map(|&i| name(i)).collect(),
-            merged_node: new.name.clone(),
-            merged_op: new.op_type.clone(),
+            merged_node: first(set).map(|n| n.name.clone()).unwrap_or_default(),
+            merged_op: first(set).map(|n| n.op_type.clone()).unwrap_or_default(),
         })
         .collect()
 }
 
-/// The edit `convert` makes to a graph: every set replaced by its one node.
-fn merge_edit(train: &Train, sets: &[BranchSet], names: &[String]) -> GraphEdit {
-    let taken: BTreeSet<String> = names.iter().cloned().collect();
-    super::graph::edit(&train.detection.blocks, sets, taken)
+/// The edit `convert` makes to a graph: every set replaced by its node(s).
+fn merge_edit(train: &Train, sets: &[BranchSet]) -> GraphEdit {
+    super::graph::edit(
+        &train.detection.blocks,
+        sets,
+        super::graph::taken_names(train),
+    )
 }
 
 /// How many nodes the deploy graph of `train` would have (every set merged, the constants only
 /// they read dropped, as the graph writer does); `None` for a checkpoint.
 pub(super) fn nodes_after_merge(train: &Train) -> Result<Option<usize>, Error> {
-    let (Some((sets, names)), Some(model)) = (&train.graph, train.ckpt.onnx()) else {
+    let (Some((sets, _)), Some(model)) = (&train.graph, train.ckpt.onnx()) else {
         return Ok(None);
     };
-    let summary = model.plan_summary(&merge_edit(train, sets, names))?;
+    let summary = model.plan_summary(&merge_edit(train, sets))?;
     Ok(Some(summary.nodes_after))
 }
 

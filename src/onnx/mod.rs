@@ -23,7 +23,6 @@
 
 pub mod external;
 pub mod graph;
-mod linear;
 pub mod model;
 pub mod proto;
 pub mod shapes;

@@ -266,8 +266,6 @@ impl OnnxModel {
     /// longer used.
     fn plan(&self, edit: &GraphEdit) -> Result<Plan, OnnxError> {
         let graph = self.graph();
-        // A merged Linear in the form of those it replaces (`MatMul` + `Add`, `transB` 0).
-        let edit = &*super::linear::keep_linear_forms(graph, edit);
         self.check_edit(edit)?;
         let mut order: Vec<Slot> = Vec::with_capacity(graph.node.len() + edit.insert.len());
         for at in 0..=graph.node.len() {
