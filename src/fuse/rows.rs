@@ -637,7 +637,7 @@ fn round_f32<const PROBE: bool>(
     sums: &mut Lanes,
 ) -> bool {
     let quads = 4 * (fused.len() / 4);
-    let mut fits = true;
+    let mut fits = Finite::default();
     // Whole chunks zipped, so the loop carries no bounds checks and vectorizes.
     let mut d4 = dst.chunks_exact_mut(16);
     let mut f4 = fused.chunks_exact(4);
@@ -659,18 +659,37 @@ fn round_f32<const PROBE: bool>(
             sums.tail += f64::from(r[0]) * patch[i];
         }
     }
-    fits
+    fits.all()
 }
 
-/// Up to four values rounded to F32 into `dst` (4 bytes each), `fits` cleared unless each is
-/// finite and fits F32 (`<` is false for NaN: one compare covers NaN, ±∞ and overflow);
-/// returns them rounded.
+/// Whether every value seen was finite, kept as four lanes of `Σ v·0`: ±0 while every `v`
+/// is finite, NaN from the first that is not (NaN or ±∞) on. Plain arithmetic, so the loops
+/// that keep it vectorize (a `bool` and-ed per value made them test and branch per quad).
+#[derive(Clone, Copy, Default)]
+struct Finite([f64; 4]);
+
+impl Finite {
+    /// `v` seen in lane `j`.
+    #[inline(always)]
+    fn see(&mut self, j: usize, v: f64) {
+        self.0[j] += v * 0.0;
+    }
+
+    /// Whether every value seen was finite.
+    #[inline(always)]
+    fn all(&self) -> bool {
+        (self.0[0] + self.0[1]) + (self.0[2] + self.0[3]) == 0.0
+    }
+}
+
+/// Up to four values rounded to F32 into `dst` (4 bytes each), seen by `fits` as rounded (±∞
+/// where they overflow F32, NaN where they were); returns them rounded.
 #[inline(always)]
-fn round_f32_quad(dst: &mut [MaybeUninit<u8>], values: &[f64], fits: &mut bool) -> [f32; 4] {
+fn round_f32_quad(dst: &mut [MaybeUninit<u8>], values: &[f64], fits: &mut Finite) -> [f32; 4] {
     let mut r = [0.0f32; 4];
-    for ((v, r), d) in values.iter().zip(&mut r).zip(dst.chunks_exact_mut(4)) {
-        *fits &= v.abs() < F32_OVERFLOW;
+    for (j, ((v, r), d)) in (values.iter().zip(&mut r).zip(dst.chunks_exact_mut(4))).enumerate() {
         *r = *v as f32;
+        fits.see(j, f64::from(*r));
         for (d, b) in d.iter_mut().zip(r.to_le_bytes()) {
             d.write(b);
         }
@@ -714,7 +733,7 @@ fn scale_f32<const FIRST: bool, const PROBE: bool>(
     sums: &mut Lanes,
 ) -> bool {
     let quads = 4 * (fused.len() / 4);
-    let mut finite = true;
+    let mut finite = Finite::default();
     let (fq, ft) = fused.split_at_mut(quads);
     let (rq, rt) = raw.split_at(4 * quads);
     // Whole chunks zipped, so the loop carries no bounds checks and vectorizes.
@@ -737,22 +756,22 @@ fn scale_f32<const FIRST: bool, const PROBE: bool>(
             sums.tail += w[0] * patch[quads + i];
         }
     }
-    finite
+    finite.all()
 }
 
-/// Up to four F32 weights of `raw` decoded, `finite` cleared unless each is finite, and `a·w`
-/// written to `fused` (`FIRST`) or added to it; returns the weights.
+/// Up to four F32 weights of `raw` decoded, seen by `finite`, and `a·w` written to `fused`
+/// (`FIRST`) or added to it; returns the weights.
 #[inline(always)]
 fn scale_f32_quad<const FIRST: bool>(
     fused: &mut [f64],
     raw: &[u8],
     a: f64,
-    finite: &mut bool,
+    finite: &mut Finite,
 ) -> [f64; 4] {
     let mut w = [0.0f64; 4];
-    for ((f, w), b) in fused.iter_mut().zip(&mut w).zip(raw.chunks_exact(4)) {
+    for (j, ((f, w), b)) in (fused.iter_mut().zip(&mut w).zip(raw.chunks_exact(4))).enumerate() {
         *w = f64::from(f32::from_le_bytes([b[0], b[1], b[2], b[3]]));
-        *finite &= w.is_finite();
+        finite.see(j, *w);
         *f = if FIRST { a * *w } else { *f + a * *w };
     }
     w
