@@ -138,21 +138,33 @@ pub fn check_deploy(
         .and_then(|b| deploy.get(&b.deploy_weight).map(|t| t.dtype))
         .unwrap_or(Dtype::F32);
     let (atol, rtol) = opts.tolerance(report_dtype);
-    let results: Vec<Result<BlockOutcome, Error>> = detection
-        .blocks
+    // The largest blocks first, one at a time to whichever thread is free: in file order the
+    // largest (B3's last, a third of its weights) started last and ran alone at the end.
+    let blocks = &detection.blocks;
+    let mut order: Vec<usize> = (0..blocks.len()).collect();
+    order.sort_by_key(|&i| std::cmp::Reverse(blocks[i].out_channels * blocks[i].row_len()));
+    let done: Vec<(usize, Result<BlockOutcome, Error>)> = order
         .par_iter()
-        .enumerate()
-        .map(|(i, block)| {
-            cancel.check()?;
+        .with_max_len(1)
+        .map(|&i| {
             let run = Run {
                 train,
                 deploy,
-                block,
+                block: &blocks[i],
                 int8: opts.int8,
             };
-            run.deviation(size, batch, opts.seed, i as u64)
+            let outcome = cancel
+                .check()
+                .and_then(|()| run.deviation(size, batch, opts.seed, i as u64));
+            (i, outcome)
         })
         .collect();
+    let mut results: Vec<Option<Result<BlockOutcome, Error>>> =
+        (0..blocks.len()).map(|_| None).collect();
+    for (i, outcome) in done {
+        results[i] = Some(outcome);
+    }
+    let results = results.into_iter().flatten();
     let mut failures = Vec::new();
     let mut devs = Vec::new();
     let mut int8_output = Vec::new();
