@@ -636,27 +636,33 @@ fn round_f32<const PROBE: bool>(
     patch: &[f64],
     sums: &mut Lanes,
 ) -> bool {
-    let quads = 4 * (fused.len() / 4);
     let mut fits = Finite::default();
-    // Whole chunks zipped, so the loop carries no bounds checks and vectorizes.
-    let mut d4 = dst.chunks_exact_mut(16);
-    let mut f4 = fused.chunks_exact(4);
+    // Whole quads as arrays (`as_chunks`), so each is four lanes of one vector, with no
+    // bounds checks; the last values one by one.
+    let (dq, dt) = dst.as_chunks_mut::<16>();
+    let (fq, ft) = fused.as_chunks::<4>();
+    let quads = 4 * fq.len();
     if PROBE {
-        for ((d, f), p) in (&mut d4).zip(&mut f4).zip(patch.chunks_exact(4)) {
+        let (pq, _) = patch.as_chunks::<4>();
+        for ((d, f), p) in dq.iter_mut().zip(fq).zip(pq) {
             let r = round_f32_quad(d, f, &mut fits);
             for j in 0..4 {
                 sums.acc[j] += f64::from(r[j]) * p[j];
             }
         }
     } else {
-        for (d, f) in (&mut d4).zip(&mut f4) {
+        for (d, f) in dq.iter_mut().zip(fq) {
             round_f32_quad(d, f, &mut fits);
         }
     }
-    for i in quads..fused.len() {
-        let r = round_f32_quad(&mut dst[4 * i..4 * i + 4], &fused[i..=i], &mut fits);
+    for (i, (d, v)) in dt.as_chunks_mut::<4>().0.iter_mut().zip(ft).enumerate() {
+        let r = *v as f32;
+        fits.see(0, f64::from(r));
+        for (d, b) in d.iter_mut().zip(r.to_le_bytes()) {
+            d.write(b);
+        }
         if PROBE {
-            sums.tail += f64::from(r[0]) * patch[i];
+            sums.tail += f64::from(r) * patch[quads + i];
         }
     }
     fits.all()
@@ -682,15 +688,19 @@ impl Finite {
     }
 }
 
-/// Up to four values rounded to F32 into `dst` (4 bytes each), seen by `fits` as rounded (±∞
-/// where they overflow F32, NaN where they were); returns them rounded.
+/// Four values rounded to F32 into `dst` (4 bytes each), seen by `fits` as rounded (±∞ where
+/// they overflow F32, NaN where they were); returns them rounded.
 #[inline(always)]
-fn round_f32_quad(dst: &mut [MaybeUninit<u8>], values: &[f64], fits: &mut Finite) -> [f32; 4] {
+fn round_f32_quad(
+    dst: &mut [MaybeUninit<u8>; 16],
+    values: &[f64; 4],
+    fits: &mut Finite,
+) -> [f32; 4] {
     let mut r = [0.0f32; 4];
-    for (j, ((v, r), d)) in (values.iter().zip(&mut r).zip(dst.chunks_exact_mut(4))).enumerate() {
-        *r = *v as f32;
-        fits.see(j, f64::from(*r));
-        for (d, b) in d.iter_mut().zip(r.to_le_bytes()) {
+    for j in 0..4 {
+        r[j] = values[j] as f32;
+        fits.see(j, f64::from(r[j]));
+        for (d, b) in dst[4 * j..4 * j + 4].iter_mut().zip(r[j].to_le_bytes()) {
             d.write(b);
         }
     }
@@ -732,47 +742,51 @@ fn scale_f32<const FIRST: bool, const PROBE: bool>(
     patch: &[f64],
     sums: &mut Lanes,
 ) -> bool {
-    let quads = 4 * (fused.len() / 4);
     let mut finite = Finite::default();
-    let (fq, ft) = fused.split_at_mut(quads);
-    let (rq, rt) = raw.split_at(4 * quads);
-    // Whole chunks zipped, so the loop carries no bounds checks and vectorizes.
+    // Whole quads as arrays (`as_chunks`), so each is four lanes of one vector, with no
+    // bounds checks; the last values one by one.
+    let (fq, ft) = fused.as_chunks_mut::<4>();
+    let (rq, rt) = raw.as_chunks::<16>();
+    let quads = 4 * fq.len();
     if PROBE {
-        let pairs = fq.chunks_exact_mut(4).zip(rq.chunks_exact(16));
-        for ((f, r), p) in pairs.zip(patch.chunks_exact(4)) {
+        let (pq, _) = patch.as_chunks::<4>();
+        for ((f, r), p) in fq.iter_mut().zip(rq).zip(pq) {
             let w = scale_f32_quad::<FIRST>(f, r, a, &mut finite);
             for j in 0..4 {
                 sums.acc[j] += w[j] * p[j];
             }
         }
     } else {
-        for (f, r) in fq.chunks_exact_mut(4).zip(rq.chunks_exact(16)) {
+        for (f, r) in fq.iter_mut().zip(rq) {
             scale_f32_quad::<FIRST>(f, r, a, &mut finite);
         }
     }
-    for (i, (f, r)) in ft.iter_mut().zip(rt.chunks_exact(4)).enumerate() {
-        let w = scale_f32_quad::<FIRST>(std::slice::from_mut(f), r, a, &mut finite);
+    for (i, (f, r)) in ft.iter_mut().zip(rt.as_chunks::<4>().0).enumerate() {
+        let w = f64::from(f32::from_le_bytes(*r));
+        finite.see(0, w);
+        *f = if FIRST { a * w } else { *f + a * w };
         if PROBE {
-            sums.tail += w[0] * patch[quads + i];
+            sums.tail += w * patch[quads + i];
         }
     }
     finite.all()
 }
 
-/// Up to four F32 weights of `raw` decoded, seen by `finite`, and `a·w` written to `fused`
+/// Four F32 weights of `raw` decoded, seen by `finite`, and `a·w` written to `fused`
 /// (`FIRST`) or added to it; returns the weights.
 #[inline(always)]
 fn scale_f32_quad<const FIRST: bool>(
-    fused: &mut [f64],
-    raw: &[u8],
+    fused: &mut [f64; 4],
+    raw: &[u8; 16],
     a: f64,
     finite: &mut Finite,
 ) -> [f64; 4] {
     let mut w = [0.0f64; 4];
-    for (j, ((f, w), b)) in (fused.iter_mut().zip(&mut w).zip(raw.chunks_exact(4))).enumerate() {
-        *w = f64::from(f32::from_le_bytes([b[0], b[1], b[2], b[3]]));
-        finite.see(j, *w);
-        *f = if FIRST { a * *w } else { *f + a * *w };
+    for j in 0..4 {
+        let b = [raw[4 * j], raw[4 * j + 1], raw[4 * j + 2], raw[4 * j + 3]];
+        w[j] = f64::from(f32::from_le_bytes(b));
+        finite.see(j, w[j]);
+        fused[j] = if FIRST { a * w[j] } else { fused[j] + a * w[j] };
     }
     w
 }
