@@ -202,31 +202,12 @@ impl Producer<'_> {
         }
         let fused: Vec<Fused> = batch
             .par_iter()
-            .map(|&(b, dtype, offset)| self.fuse_small(b, dtype, offset))
+            .map(|&(b, dtype, offset)| self.fuse_block(b, dtype, offset))
             .collect::<Result<_, _>>()?;
         for ((b, ..), f) in batch.into_iter().zip(fused) {
             ahead[b] = Some(f);
         }
         Ok(())
-    }
-
-    /// Block `b` fused in one chunk, its weight written at `offset`.
-    fn fuse_small(&self, b: usize, dtype: Dtype, offset: u64) -> Result<Fused, WriteError> {
-        let rows = 0..self.detection.blocks[b].out_channels;
-        let probe = self
-            .probe_seed
-            .map(|seed| probe_input(&self.detection.blocks[b], b, seed));
-        let (c, mut s) = self.fuse_and_put(b, rows.clone(), (dtype, probe.as_ref()), offset)?;
-        // The chunk is the whole tensor: its max is the tensor's, the guess is right.
-        let max = s.max_abs();
-        s.speculate(dtype, &c.weight, rows, max);
-        recycle(c.weight);
-        let row_len = self.detection.blocks[b].row_len();
-        Ok(Fused {
-            int8: ChannelStats::new(row_len, 0).merge(s),
-            deviation: c.deviation,
-            bias: c.bias,
-        })
     }
 
     /// Input tensor `i`, cast to `dtype`.
