@@ -914,4 +914,103 @@ mod tests {
             );
         }
     }
+    /// A row of 300 input channels on a 3×3 grid (2,700 weights: three tiles of up to 112
+    /// channels) fused from an F32 3×3 kernel (the one-pass path), an F32 1×1 with a BN on its
+    /// input, an f64 1×3 and the identity equals each weight summed on its own in the same
+    /// order, bit for bit, whatever tile it falls in; the bias carries the input BN's shifts
+    /// through the 1×1; and the probe, run tile by tile, agrees with the rows as written.
+    #[test]
+    fn rows_wider_than_a_tile_fuse_as_one_row() {
+        let (c, out) = (300, 3);
+        let value =
+            |i: usize, salt: usize| (((i * 7919 + salt * 104_729) % 1999) as f64 - 999.0) / 512.0;
+        let w3: Vec<f32> = (0..out * c * 9).map(|i| value(i, 1) as f32).collect();
+        let w1: Vec<f32> = (0..out * c).map(|i| value(i, 2) as f32).collect();
+        let w13: Vec<f64> = (0..out * c * 3).map(|i| value(i, 3)).collect();
+        let bn = Affine {
+            scale: (0..c).map(|i| 1.0 + value(i, 4) / 8.0).collect(),
+            shift: (0..c).map(|i| value(i, 5)).collect(),
+        };
+        let f32_bytes = |w: &[f32]| -> Vec<u8> { w.iter().flat_map(|v| v.to_le_bytes()).collect() };
+        let (b3, b1, b13) = (f32_bytes(&w3), f32_bytes(&w1), bytes(&w13));
+        let weights = |dtype, bytes, side, input| Kernel::Weights {
+            dtype,
+            bytes,
+            side,
+            dilation: 1,
+            input,
+        };
+        let term = |kernel, salt: usize| Term {
+            kernel,
+            scale: (0..out).map(|o| 0.5 + value(o, salt)).collect(),
+            shift: (0..out).map(|o| value(o, salt + 1)).collect(),
+        };
+        let terms = [
+            term(weights(Dtype::F32, &b3, (3, 3), None), 6),
+            term(weights(Dtype::F32, &b1, (1, 1), Some(&bn)), 8),
+            term(weights(Dtype::F64, &b13, (1, 3), None), 10),
+            term(Kernel::Identity, 12),
+        ];
+        let grid = Grid {
+            in_per_group: c,
+            k: (3, 3),
+            out_per_group: out,
+        };
+        assert!(grid.tiles().count() >= 3);
+        let probe = Input::random(1, c, 3, 3, 7, 0);
+        let job = FuseJob {
+            rows: &(0..out),
+            grid,
+            terms: &terms,
+            post_shift: None,
+            dtype: Dtype::F64,
+            probe: Some(&probe),
+        };
+        let fused = fuse_rows(Vec::new(), &job).expect("finite");
+        let fw: Vec<f64> = (fused.weight.chunks(8))
+            .map(|b| f64::from_le_bytes(b.try_into().unwrap()))
+            .collect();
+        let fb: Vec<f64> = (fused.bias.chunks(8))
+            .map(|b| f64::from_le_bytes(b.try_into().unwrap()))
+            .collect();
+        for o in 0..out {
+            let a: Vec<f64> = terms.iter().map(|t| t.scale[o]).collect();
+            let mut bias = 0.0;
+            for (t, term) in terms.iter().enumerate() {
+                bias += term.shift[o];
+                if t == 1 {
+                    let through: f64 = (0..c).map(|i| f64::from(w1[o * c + i]) * bn.shift[i]).sum();
+                    bias += a[1] * through;
+                }
+            }
+            assert!(
+                (fb[o] - bias).abs() <= 1e-12 * bias.abs().max(1.0),
+                "bias {o}"
+            );
+            for i in 0..c {
+                for tap in 0..9 {
+                    let (y, x) = (tap / 3, tap % 3);
+                    let mut want = a[0] * f64::from(w3[(o * c + i) * 9 + tap]);
+                    if tap == 4 {
+                        want += a[1] * (f64::from(w1[o * c + i]) * bn.scale[i]);
+                    }
+                    if y == 1 {
+                        want += a[2] * w13[(o * c + i) * 3 + x];
+                    }
+                    if tap == 4 && i == o {
+                        want += a[3];
+                    }
+                    let got = fw[(o * c + i) * 9 + tap];
+                    assert_eq!(
+                        got.to_bits(),
+                        want.to_bits(),
+                        "row {o}, channel {i}, tap {tap}"
+                    );
+                }
+            }
+        }
+        // The rows as written meet the probe at the centre as the branches do: only the
+        // rounding of two ways of summing the same f64 terms apart.
+        assert!(fused.deviation.max_abs <= 1e-9, "{:?}", fused.deviation);
+    }
 }
