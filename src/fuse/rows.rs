@@ -116,7 +116,8 @@ impl Grid {
         mut f: impl FnMut(usize, f64),
     ) {
         let kk = self.taps();
-        for i in 0..w.len() / (kh * kw) {
+        // A kernel with no taps has no weights either (none to place).
+        for i in 0..w.len().checked_div(kh * kw).unwrap_or(0) {
             for y in 0..kh {
                 for x in 0..kw {
                     let v = w[(i * kh + y) * kw + x];
@@ -208,7 +209,7 @@ impl Grid {
     /// The input channels of each tile of a row: [`TILE`] weights or so, a multiple of 4
     /// channels (so of 4 weights) in every tile but the last.
     fn tiles(&self) -> impl Iterator<Item = Range<usize>> + use<> {
-        let step = (TILE / self.taps()).max(4) / 4 * 4;
+        let step = (TILE / self.taps().max(1)).max(4) / 4 * 4;
         let n = self.in_per_group;
         (0..n).step_by(step).map(move |c| c..(c + step).min(n))
     }
@@ -518,10 +519,11 @@ fn add_weights(
         // The common 1×1 branch: one tap per input channel at the centre, placed and probed in
         // one pass, the probe in four sums by channel (one chained sum waited on each add).
         let (kk, centre) = (grid.taps(), grid.centre());
-        let taps = fused.chunks_exact_mut(kk).zip(w);
+        // `max(1)`: a grid with no taps has no weights, and `chunks_exact` no zero size.
+        let taps = fused.chunks_exact_mut(kk.max(1)).zip(w);
         match patch {
             Some(p) => {
-                for (i, ((f, &v), p)) in taps.zip(p.chunks_exact(kk)).enumerate() {
+                for (i, ((f, &v), p)) in taps.zip(p.chunks_exact(kk.max(1))).enumerate() {
                     f[centre] += a * v;
                     probe.acc[i % 4] += v * p[centre];
                 }
