@@ -6,14 +6,13 @@
 
 mod common;
 
-use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use protobuf::Message;
 use repvgg_fuse::onnx::OnnxModel;
 use repvgg_fuse::onnx::proto::ModelProto;
 #[cfg(feature = "graph-run")]
-use repvgg_fuse::verify::graph::{Optimization, Tensor64, compare, run_graph_with};
+use repvgg_fuse::verify::graph::{Optimization, compare, run_graph_with};
 use serde_json::Value;
 
 /// The op types whose counts the issue holds the merge to.
@@ -60,37 +59,14 @@ fn cases() -> Vec<PathBuf> {
     out
 }
 
-fn case_json(dir: &Path) -> Value {
-    serde_json::from_str(&std::fs::read_to_string(dir.join("case.json")).expect("case.json"))
-        .expect("valid case.json")
-}
-
-fn op_counts(path: &Path) -> BTreeMap<String, usize> {
-    let model = OnnxModel::open(path).unwrap_or_else(|e| panic!("{e}"));
-    let mut counts: BTreeMap<String, usize> = BTreeMap::new();
-    for n in &model.graph().node {
-        *counts
-            .entry(n.op_type.clone().unwrap_or_default())
-            .or_default() += 1;
-    }
-    counts
-}
-
 fn read_model(p: &Path) -> ModelProto {
     ModelProto::parse_from_bytes(&std::fs::read(p).expect("readable")).expect("parses")
-}
-
-fn name(dir: &Path) -> String {
-    dir.file_name()
-        .expect("a name")
-        .to_string_lossy()
-        .into_owned()
 }
 
 /// Converts `dir`'s train graph with `--verify` into `out`; returns the report.
 fn convert(dir: &Path, out: &Path) -> Value {
     // The shape both graphs run at whole: the fixture's own (a symbolic batch needs one).
-    let case = case_json(dir);
+    let case = common::case_json(dir);
     let input = case["inputs"][0]["name"].as_str().expect("an input name");
     let dims: Vec<String> = (case["io_input_shape"].as_array().expect("a shape").iter())
         .map(|d| d.to_string())
@@ -107,7 +83,7 @@ fn convert(dir: &Path, out: &Path) -> Value {
         o.status.code(),
         Some(0),
         "{}: {}",
-        name(dir),
+        common::dir_name(dir),
         String::from_utf8_lossy(&o.stderr)
     );
     let report = out.with_file_name(format!(
@@ -126,12 +102,12 @@ fn there_are_onnx_cases() {
 fn every_train_graph_merges_to_the_framework_deploy_op_counts_and_verifies() {
     let tmp = tempfile::tempdir().expect("tempdir");
     for dir in cases() {
-        let case = name(&dir);
+        let case = common::dir_name(&dir);
         let out = tmp.path().join(format!("{case}.onnx"));
         let report = convert(&dir, &out);
-        let ours = op_counts(&out);
-        let train = op_counts(&dir.join("train.onnx"));
-        let want = &case_json(&dir)["op_counts"]["deploy"];
+        let ours = common::op_counts(&out);
+        let train = common::op_counts(&dir.join("train.onnx"));
+        let want = &common::case_json(&dir)["op_counts"]["deploy"];
         let blocks = report["blocks"].as_array().expect("blocks").len();
         assert!(blocks > 0, "{case}: no block merged");
         assert_eq!(report["verify"]["passed"], true, "{case}");
@@ -141,9 +117,10 @@ fn every_train_graph_merges_to_the_framework_deploy_op_counts_and_verifies() {
         let whole = report["graph"]["outputs"][0]["max_rel_deviation"]
             .as_f64()
             .expect("a figure");
-        let theirs = case_json(&dir)["deviation"]["output"]["train_vs_deploy"]["max_abs_over_max"]
-            .as_f64()
-            .unwrap_or(0.0);
+        let theirs =
+            common::case_json(&dir)["deviation"]["output"]["train_vs_deploy"]["max_abs_over_max"]
+                .as_f64()
+                .unwrap_or(0.0);
         let floor = if case.contains("f16") { 2e-3 } else { 1e-6 };
         assert!(
             whole <= 4.0 * theirs + floor,
@@ -166,7 +143,9 @@ fn every_train_graph_merges_to_the_framework_deploy_op_counts_and_verifies() {
                 .iter()
                 .filter(|s| s["reason"].as_str().is_some_and(|r| r.contains(why)))
                 .count();
-            let framework = case_json(&dir)["blocks"].as_array().map_or(0, Vec::len);
+            let framework = common::case_json(&dir)["blocks"]
+                .as_array()
+                .map_or(0, Vec::len);
             assert_eq!(said, framework, "{case}: {skipped:?}");
             continue;
         }
@@ -185,7 +164,7 @@ fn every_train_graph_merges_to_the_framework_deploy_op_counts_and_verifies() {
 fn the_graph_keeps_inputs_outputs_opsets_metadata_and_producer() {
     let tmp = tempfile::tempdir().expect("tempdir");
     for dir in cases() {
-        let case = name(&dir);
+        let case = common::dir_name(&dir);
         let out = tmp.path().join(format!("{case}.onnx"));
         convert(&dir, &out);
         let (a, b) = (read_model(&dir.join("train.onnx")), read_model(&out));
@@ -240,7 +219,7 @@ fn external_data_in_is_external_data_out() {
 fn lint_fails_train_graphs_and_passes_deploy_graphs() {
     let tmp = tempfile::tempdir().expect("tempdir");
     for dir in cases() {
-        let case = name(&dir);
+        let case = common::dir_name(&dir);
         let lint = |p: &Path| {
             let o = common::bin().arg("lint").arg(p).output().expect("runs");
             (
@@ -279,7 +258,7 @@ fn lint_report_names_nodes_and_savings() {
     assert_eq!(o.status.code(), Some(1));
     let r: Value =
         serde_json::from_str(&std::fs::read_to_string(&report).expect("written")).expect("json");
-    let case = case_json(&dir);
+    let case = common::case_json(&dir);
     let blocks = case["blocks"].as_array().expect("blocks");
     let unmerged = r["unmerged"].as_array().expect("unmerged");
     assert_eq!(unmerged.len(), blocks.len());
@@ -327,8 +306,8 @@ fn lint_refuses_a_checkpoint_and_a_broken_graph_with_exit_2() {
 #[test]
 fn verify_judges_the_framework_deploy_graph_by_running_both_whole() {
     for dir in cases() {
-        let case = name(&dir);
-        let case_json = case_json(&dir);
+        let case = common::dir_name(&dir);
+        let case_json = common::case_json(&dir);
         let input = case_json["inputs"][0]["name"]
             .as_str()
             .expect("an input name");
@@ -365,27 +344,6 @@ fn verify_judges_the_framework_deploy_graph_by_running_both_whole() {
     );
 }
 
-/// The fixture's stored input and onnxruntime's train output (`io.safetensors`).
-#[cfg(feature = "graph-run")]
-fn stored_io(dir: &Path) -> (Vec<Tensor64>, Vec<Tensor64>) {
-    let (mut inputs, mut train) = (Vec::new(), Vec::new());
-    for (key, t) in &common::read_st(&dir.join("io.safetensors")) {
-        let (kind, name) = key.split_once('.').expect("KIND.NAME");
-        let tensor = Tensor64 {
-            name: name.to_string(),
-            dtype: t.dtype,
-            shape: t.shape.clone(),
-            values: common::to_f64(t),
-        };
-        match kind {
-            "input" => inputs.push(tensor),
-            "train" => train.push(tensor),
-            _ => {}
-        }
-    }
-    (inputs, train)
-}
-
 #[test]
 #[cfg(feature = "graph-run")]
 fn per_channel_add_sub_div_between_branches_merge_into_one_conv() {
@@ -416,7 +374,7 @@ fn per_channel_add_sub_div_between_branches_merge_into_one_conv() {
         );
         // Our deploy graph, run by tract on the stored input, against onnxruntime's output of
         // the train graph: within f32 rounding of the output scale.
-        let (inputs, ort) = stored_io(&dir);
+        let (inputs, ort) = common::stored_io(&dir);
         let ours = run_graph_with(&out, &inputs, Optimization::Optimized).expect("runs");
         for d in compare(&ort, &ours).expect("same outputs") {
             assert!(d.max_abs_output > 0.0, "{case}");

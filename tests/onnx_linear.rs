@@ -11,9 +11,8 @@ mod common;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use repvgg_fuse::onnx::OnnxModel;
 #[cfg(feature = "graph-run")]
-use repvgg_fuse::verify::graph::{Optimization, Tensor64, compare, run_graph_with};
+use repvgg_fuse::verify::graph::{Optimization, compare, run_graph_with};
 use serde_json::Value;
 
 fn cases() -> Vec<PathBuf> {
@@ -27,32 +26,9 @@ fn cases() -> Vec<PathBuf> {
     out
 }
 
-fn case_json(dir: &Path) -> Value {
-    serde_json::from_str(&std::fs::read_to_string(dir.join("case.json")).expect("case.json"))
-        .expect("valid case.json")
-}
-
-fn name(dir: &Path) -> String {
-    dir.file_name()
-        .expect("a name")
-        .to_string_lossy()
-        .into_owned()
-}
-
-fn op_counts(path: &Path) -> BTreeMap<String, u64> {
-    let model = OnnxModel::open(path).unwrap_or_else(|e| panic!("{e}"));
-    let mut counts = BTreeMap::new();
-    for n in &model.graph().node {
-        *counts
-            .entry(n.op_type.clone().unwrap_or_default())
-            .or_default() += 1;
-    }
-    counts
-}
-
 /// Converts `dir`'s train graph with `--verify` into `out`; the exit code and the report.
 fn convert(dir: &Path, out: &Path) -> (Option<i32>, Value) {
-    let case = case_json(dir);
+    let case = common::case_json(dir);
     let shape: Vec<String> = (case["input_shape"].as_array().expect("a shape").iter())
         .map(|d| d.to_string())
         .collect();
@@ -95,9 +71,9 @@ fn matmul_and_gemm_t0_sets_merge_to_the_framework_deploy_op_counts_and_verify() 
     let tmp = tempfile::tempdir().expect("tempdir");
     for dir in cases()
         .into_iter()
-        .filter(|d| case_json(d)["merges"] == true)
+        .filter(|d| common::case_json(d)["merges"] == true)
     {
-        let case = name(&dir);
+        let case = common::dir_name(&dir);
         let out = tmp.path().join(format!("{case}.onnx"));
         let (code, report) = convert(&dir, &out);
         assert_eq!(code, Some(0), "{case}: {report}");
@@ -110,10 +86,11 @@ fn matmul_and_gemm_t0_sets_merge_to_the_framework_deploy_op_counts_and_verify() 
             "{case}: {}",
             report["skipped"]
         );
-        let want: BTreeMap<String, u64> =
-            serde_json::from_value(case_json(&dir)["op_counts"]["deploy"].clone()).expect("counts");
+        let want: BTreeMap<String, usize> =
+            serde_json::from_value(common::case_json(&dir)["op_counts"]["deploy"].clone())
+                .expect("counts");
         assert_eq!(
-            op_counts(&out),
+            common::op_counts(&out),
             want,
             "{case}: ours vs the framework's deploy graph"
         );
@@ -123,41 +100,20 @@ fn matmul_and_gemm_t0_sets_merge_to_the_framework_deploy_op_counts_and_verify() 
     }
 }
 
-/// The fixture's stored input and onnxruntime's outputs of the train graph.
-#[cfg(feature = "graph-run")]
-fn stored_io(dir: &Path) -> (Vec<Tensor64>, Vec<Tensor64>) {
-    let (mut inputs, mut train) = (Vec::new(), Vec::new());
-    for (key, t) in &common::read_st(&dir.join("io.safetensors")) {
-        let (kind, name) = key.split_once('.').expect("KIND.NAME");
-        let tensor = Tensor64 {
-            name: name.to_string(),
-            dtype: t.dtype,
-            shape: t.shape.clone(),
-            values: common::to_f64(t),
-        };
-        match kind {
-            "input" => inputs.push(tensor),
-            "train" => train.push(tensor),
-            _ => {}
-        }
-    }
-    (inputs, train)
-}
-
 #[test]
 #[cfg(feature = "graph-run")]
 fn our_deploy_graph_gives_onnxruntime_train_outputs() {
     let tmp = tempfile::tempdir().expect("tempdir");
     for dir in cases()
         .into_iter()
-        .filter(|d| case_json(d)["merges"] == true)
+        .filter(|d| common::case_json(d)["merges"] == true)
     {
-        let case = name(&dir);
+        let case = common::dir_name(&dir);
         let out = tmp.path().join(format!("{case}.onnx"));
         assert_eq!(convert(&dir, &out).0, Some(0), "{case}");
-        let (inputs, ort) = stored_io(&dir);
+        let (inputs, ort) = common::stored_io(&dir);
         let ours = run_graph_with(&out, &inputs, Optimization::Typed).expect("runs");
-        let theirs = case_json(&dir)["train_vs_deploy_max_abs_over_max"]
+        let theirs = common::case_json(&dir)["train_vs_deploy_max_abs_over_max"]
             .as_f64()
             .expect("a figure");
         for d in compare(&ort, &ours).expect("same outputs") {
@@ -176,9 +132,9 @@ fn what_does_not_qualify_stays_with_its_reason() {
     let tmp = tempfile::tempdir().expect("tempdir");
     for dir in cases()
         .into_iter()
-        .filter(|d| case_json(d)["merges"] == false)
+        .filter(|d| common::case_json(d)["merges"] == false)
     {
-        let case = name(&dir);
+        let case = common::dir_name(&dir);
         let out = tmp.path().join(format!("{case}.onnx"));
         let (code, report) = convert(&dir, &out);
         assert_eq!(code, Some(0), "{case}: {report}");
@@ -186,7 +142,7 @@ fn what_does_not_qualify_stays_with_its_reason() {
             report["blocks"].as_array().is_some_and(Vec::is_empty),
             "{case}"
         );
-        let why = case_json(&dir)["reason"]
+        let why = common::case_json(&dir)["reason"]
             .as_str()
             .expect("a reason")
             .to_string();
@@ -198,8 +154,8 @@ fn what_does_not_qualify_stays_with_its_reason() {
             "{case}: {skipped:?}"
         );
         assert_eq!(
-            op_counts(&out),
-            op_counts(&dir.join("train.onnx")),
+            common::op_counts(&out),
+            common::op_counts(&dir.join("train.onnx")),
             "{case}"
         );
     }

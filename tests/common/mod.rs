@@ -150,21 +150,71 @@ pub fn ort_expected(
     Vec<repvgg_fuse::verify::graph::Tensor64>,
     Vec<repvgg_fuse::verify::graph::Tensor64>,
 ) {
+    io_tensors(path, |kind| kind != "input")
+}
+
+/// A fixture graph folder's stored input and onnxruntime's outputs of its train graph
+/// (`io.safetensors`: keys `input.NAME` and `train.NAME`).
+pub fn stored_io(
+    dir: &Path,
+) -> (
+    Vec<repvgg_fuse::verify::graph::Tensor64>,
+    Vec<repvgg_fuse::verify::graph::Tensor64>,
+) {
+    io_tensors(&dir.join("io.safetensors"), |kind| kind == "train")
+}
+
+/// The `input.NAME` tensors of `path`, and those whose `KIND` of `KIND.NAME` is an output,
+/// as the runner's tensors.
+fn io_tensors(
+    path: &Path,
+    output: impl Fn(&str) -> bool,
+) -> (
+    Vec<repvgg_fuse::verify::graph::Tensor64>,
+    Vec<repvgg_fuse::verify::graph::Tensor64>,
+) {
     let (mut inputs, mut outputs) = (Vec::new(), Vec::new());
     for (key, t) in &read_st(path) {
-        let (kind, tensor_name) = key.split_once('.').expect("input.NAME or output.NAME");
+        let (kind, tensor_name) = key.split_once('.').expect("KIND.NAME");
         let tensor = repvgg_fuse::verify::graph::Tensor64 {
             name: tensor_name.to_string(),
             dtype: t.dtype,
             shape: t.shape.clone(),
             values: to_f64(t),
         };
-        match kind {
-            "input" => inputs.push(tensor),
-            _ => outputs.push(tensor),
+        if kind == "input" {
+            inputs.push(tensor);
+        } else if output(kind) {
+            outputs.push(tensor);
         }
     }
     (inputs, outputs)
+}
+
+/// A fixture folder's `case.json`.
+pub fn case_json(dir: &Path) -> serde_json::Value {
+    serde_json::from_str(&std::fs::read_to_string(dir.join("case.json")).expect("case.json"))
+        .expect("valid case.json")
+}
+
+/// How many nodes of each op type the graph at `path` has.
+pub fn op_counts(path: &Path) -> BTreeMap<String, usize> {
+    let model = repvgg_fuse::onnx::OnnxModel::open(path).unwrap_or_else(|e| panic!("{e}"));
+    let mut counts: BTreeMap<String, usize> = BTreeMap::new();
+    for n in &model.graph().node {
+        *counts
+            .entry(n.op_type.clone().unwrap_or_default())
+            .or_default() += 1;
+    }
+    counts
+}
+
+/// A folder's name (a fixture case's).
+pub fn dir_name(dir: &Path) -> String {
+    dir.file_name()
+        .expect("a name")
+        .to_string_lossy()
+        .into_owned()
 }
 
 /// A converted fixture: the temp folder (kept alive), the deploy file, the report.
