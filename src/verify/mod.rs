@@ -143,7 +143,7 @@ pub fn check_deploy(
     let blocks = &detection.blocks;
     let mut order: Vec<usize> = (0..blocks.len()).collect();
     order.sort_by_key(|&i| std::cmp::Reverse(blocks[i].out_channels * blocks[i].row_len()));
-    let done: Vec<(usize, Result<BlockOutcome, Error>)> = order
+    let mut done: Vec<(usize, Result<BlockOutcome, Error>)> = order
         .par_iter()
         .with_max_len(1)
         .map(|&i| {
@@ -159,12 +159,9 @@ pub fn check_deploy(
             (i, outcome)
         })
         .collect();
-    let mut results: Vec<Option<Result<BlockOutcome, Error>>> =
-        (0..blocks.len()).map(|_| None).collect();
-    for (i, outcome) in done {
-        results[i] = Some(outcome);
-    }
-    let results = results.into_iter().flatten();
+    // Back in file order.
+    done.sort_unstable_by_key(|(i, _)| *i);
+    let results = done.into_iter().map(|(_, outcome)| outcome);
     let mut failures = Vec::new();
     let mut devs = Vec::new();
     let mut int8_output = Vec::new();
