@@ -107,9 +107,9 @@ impl Writer<'_> {
     }
 }
 
-/// A block fused, its weight written: what the file still needs of it (its bias) and what the
-/// report learns.
-struct Fused {
+/// One piece of a block's fused weight, written: what the block still needs of it (its part
+/// of the bias) and what the report learns.
+struct Piece {
     bias: Vec<u8>,
     deviation: Deviation,
     int8: ChannelStats,
@@ -126,6 +126,14 @@ fn recycle(buf: Vec<u8>) {
     OUT.with(|o| *o.borrow_mut() = buf);
 }
 
+/// One chunk of rows of a block's fused weight, and where in the file the weight starts.
+struct Chunk {
+    block: usize,
+    rows: std::ops::Range<usize>,
+    dtype: Dtype,
+    offset: u64,
+}
+
 /// The fusing side of [`write_deploy`]: makes each piece of the file and puts it in place.
 struct Producer<'a> {
     ckpt: &'a Checkpoint,
@@ -135,77 +143,83 @@ struct Producer<'a> {
 }
 
 impl Producer<'_> {
+    /// Every chunk of every block fused in one parallel pass, in file order split among the
+    /// threads (no thread waits at the end of a block: a model of 168 small blocks is one
+    /// pass, not 168); the tensors copied through, one after another, beside it. Each block's
+    /// bias, gathered from its chunks, is written last.
     fn run(&self, plan: &Plan, offsets: &[u64], cancel: &Cancel) -> Result<Streamed, WriteError> {
         let blocks = &self.detection.blocks;
-        let mut streamed = Streamed {
-            probe: vec![Deviation::default(); blocks.len()],
-            int8: vec![None; blocks.len()],
-        };
-        let mut pending_bias: Vec<Option<Vec<u8>>> = vec![None; blocks.len()];
-        let mut ahead: Vec<Option<Fused>> = (0..blocks.len()).map(|_| None).collect();
-        for (at, (entry, &offset)) in plan.entries.iter().zip(offsets).enumerate() {
-            cancel.check()?;
+        let mut chunks = Vec::new();
+        let mut copies = Vec::new();
+        let mut bias_at = vec![None; blocks.len()];
+        for (entry, &offset) in plan.entries.iter().zip(offsets) {
             match entry.source {
-                Source::Copy(i) if self.ckpt.tensors()[i].dtype == entry.dtype => {
-                    self.writer.copy(self.ckpt, i, offset)?
-                }
-                Source::Copy(i) => self.writer.put(&self.cast(i, entry.dtype)?, offset)?,
+                Source::Copy(i) => copies.push((i, entry.dtype, offset)),
                 Source::FusedWeight(b) => {
-                    if ahead[b].is_none() && self.is_small(b) {
-                        self.fuse_small_ahead(plan, (at, offsets), &mut ahead)?;
-                    }
-                    let fused = match ahead[b].take() {
-                        Some(f) => f,
-                        None => self.fuse_block(b, entry.dtype, offset)?,
-                    };
-                    streamed.probe[b] = fused.deviation;
-                    streamed.int8[b] = Some(fused.int8);
-                    pending_bias[b] = Some(fused.bias);
+                    chunks.extend((blocks[b].row_chunks(FUSE_CHUNK).into_iter()).map(|rows| {
+                        Chunk {
+                            block: b,
+                            rows,
+                            dtype: entry.dtype,
+                            offset,
+                        }
+                    }))
                 }
-                Source::FusedBias(b) => {
-                    let bias = pending_bias[b].take().ok_or_else(|| {
-                        Error::internal(format!("the plan puts `{}` before its weight", entry.name))
-                    })?;
-                    self.writer.put(&bias, offset)?
-                }
+                Source::FusedBias(b) => bias_at[b] = Some(offset),
             }
         }
-        Ok(streamed)
-    }
-
-    /// Whether block `b` is fused in one chunk.
-    fn is_small(&self, b: usize) -> bool {
-        self.detection.blocks[b].row_chunks(FUSE_CHUNK).len() == 1
-    }
-
-    /// Fuses the small blocks whose weights come next in the plan from entry `from` on (up
-    /// to the next large block), a few per thread, in parallel, into `ahead`: a model of
-    /// many small blocks (repvit_m2_3: 168) would otherwise fuse one block at a time, its
-    /// one chunk on one thread while the other waits.
-    fn fuse_small_ahead(
-        &self,
-        plan: &Plan,
-        (from, offsets): (usize, &[u64]),
-        ahead: &mut [Option<Fused>],
-    ) -> Result<(), WriteError> {
-        let most = 4 * rayon::current_num_threads().max(1);
-        let mut batch = Vec::with_capacity(most);
-        for (entry, &offset) in plan.entries[from..].iter().zip(&offsets[from..]) {
-            match entry.source {
-                Source::FusedWeight(b) if !self.is_small(b) => break,
-                Source::FusedWeight(b) => batch.push((b, entry.dtype, offset)),
-                _ => {}
-            }
-            if batch.len() == most {
-                break;
-            }
+        let probes: Vec<Option<Input>> = match self.probe_seed {
+            Some(seed) => (blocks.par_iter().enumerate())
+                .map(|(b, block)| Some(probe_input(block, b, seed)))
+                .collect(),
+            None => blocks.iter().map(|_| None).collect(),
+        };
+        // Bits of a non-negative f64 order as its values (NaN above all; `max_abs` is NaN
+        // only for a weight that is, which the fusion refuses).
+        let max_so_far: Vec<AtomicU64> = blocks.iter().map(|_| AtomicU64::new(0)).collect();
+        let (copied, pieces) = rayon::join(
+            || self.copy_all(&copies, cancel),
+            || {
+                (chunks.par_iter())
+                    .map(|c| {
+                        cancel.check()?;
+                        self.fuse_piece(c, probes[c.block].as_ref(), &max_so_far[c.block])
+                    })
+                    .collect::<Result<Vec<_>, _>>()
+            },
+        );
+        copied?;
+        let mut probe = vec![Deviation::default(); blocks.len()];
+        let mut int8: Vec<ChannelStats> = (blocks.iter())
+            .map(|b| ChannelStats::new(b.row_len(), 0))
+            .collect();
+        let mut bias = vec![Vec::new(); blocks.len()];
+        for (c, piece) in chunks.iter().zip(pieces?) {
+            let b = c.block;
+            int8[b] = std::mem::replace(&mut int8[b], ChannelStats::new(0, 0)).merge(piece.int8);
+            probe[b] = probe[b].merge(piece.deviation);
+            bias[b].extend(piece.bias);
         }
-        let fused: Vec<Fused> = batch
-            .par_iter()
-            .map(|&(b, dtype, offset)| self.fuse_block(b, dtype, offset))
-            .collect::<Result<_, _>>()?;
-        for ((b, ..), f) in batch.into_iter().zip(fused) {
-            ahead[b] = Some(f);
+        for (b, at) in bias_at.iter().enumerate() {
+            let at = at.ok_or_else(|| {
+                Error::internal(format!("the plan has no bias for `{}`", blocks[b].name))
+            })?;
+            self.writer.put(&bias[b], at)?;
+        }
+        Ok(Streamed {
+            probe,
+            int8: int8.into_iter().map(Some).collect(),
+        })
+    }
+
+    /// The tensors that go through unfused, in file order: copied by the kernel, or cast.
+    fn copy_all(&self, copies: &[(usize, Dtype, u64)], cancel: &Cancel) -> Result<(), WriteError> {
+        for &(i, dtype, offset) in copies {
+            cancel.check()?;
+            match self.ckpt.tensors()[i].dtype == dtype {
+                true => self.writer.copy(self.ckpt, i, offset)?,
+                false => self.writer.put(&self.cast(i, dtype)?, offset)?,
+            }
         }
         Ok(())
     }
@@ -231,43 +245,32 @@ impl Producer<'_> {
         Ok(bytes)
     }
 
-    /// Fuses block `b` (its weight at `offset` in the file); returns its bias bytes, probe
-    /// deviation and INT8 pass one.
-    ///
-    /// Every chunk in parallel, each written where it goes by the thread that fused it.
-    /// INT8 pass two runs ahead on each chunk at the block's max|w| so far (a max over the
-    /// chunks done, in whatever order they finish): right for every chunk fused after the
-    /// tensor's max, which then need not be read back from the written file.
-    fn fuse_block(&self, b: usize, dtype: Dtype, offset: u64) -> Result<Fused, WriteError> {
-        let block = &self.detection.blocks[b];
-        let probe = self.probe_seed.map(|seed| probe_input(block, b, seed));
-        // Bits of a non-negative f64 order as its values (NaN above all; `max_abs` is NaN
-        // only for a weight that is, which the fusion refuses).
-        let max_so_far = AtomicU64::new(0);
-        let chunks: Vec<_> = block
-            .row_chunks(FUSE_CHUNK)
-            .into_par_iter()
-            .map(|rows| {
-                let at = (dtype, probe.as_ref());
-                let (c, mut s) = self.fuse_and_put(b, rows.clone(), at, offset)?;
-                let max = s.max_abs();
-                let seen = max_so_far.fetch_max(max.to_bits(), Ordering::Relaxed);
-                s.speculate(dtype, &c.weight, rows, max.max(f64::from_bits(seen)));
-                recycle(c.weight);
-                Ok::<_, WriteError>((c.bias, c.deviation, s))
-            })
-            .collect::<Result<_, _>>()?;
-        let mut fused = Fused {
-            bias: Vec::with_capacity(block.out_channels * dtype_bytes(dtype)),
-            deviation: Deviation::default(),
-            int8: ChannelStats::new(block.row_len(), 0),
-        };
-        for (bias, dev, s) in chunks {
-            fused.int8 = fused.int8.merge(s);
-            fused.deviation = fused.deviation.merge(dev);
-            fused.bias.extend(bias);
-        }
-        Ok(fused)
+    /// Chunk `c` fused and written, with INT8 pass one on it and pass two ahead at its
+    /// block's max|w| so far (a max over the chunks done, in whatever order they finish):
+    /// right for every chunk fused after the tensor's max, which then need not be read back
+    /// from the written file.
+    fn fuse_piece(
+        &self,
+        c: &Chunk,
+        probe: Option<&Input>,
+        max_so_far: &AtomicU64,
+    ) -> Result<Piece, WriteError> {
+        let (fused, mut s) =
+            self.fuse_and_put(c.block, c.rows.clone(), (c.dtype, probe), c.offset)?;
+        let max = s.max_abs();
+        let seen = max_so_far.fetch_max(max.to_bits(), Ordering::Relaxed);
+        s.speculate(
+            c.dtype,
+            &fused.weight,
+            c.rows.clone(),
+            max.max(f64::from_bits(seen)),
+        );
+        recycle(fused.weight);
+        Ok(Piece {
+            bias: fused.bias,
+            deviation: fused.deviation,
+            int8: s,
+        })
     }
 
     /// Rows `rows` of block `b` fused into this thread's buffer and written at their place
