@@ -25,7 +25,7 @@ use crate::checkpoint::{Checkpoint, TensorInfo};
 pub const MAX_KERNEL: usize = 31;
 
 /// A block whose shapes or tensors do not fit together.
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 #[error("block `{block}`: {what}")]
 pub struct BlockError {
     /// The block prefix.

@@ -11,12 +11,20 @@ use crate::checkpoint::Checkpoint;
 use crate::report::Skipped;
 
 /// A candidate that is not a block: half a block (a conv branch without the main conv) or a
-/// block without a required branch. An error, unless blocks of another kind take all its
-/// tensors (at the same prefix, for a missing branch: RepViT's current and legacy RepVggDw).
+/// block without a required branch. An error once the layout is settled, unless blocks of
+/// another kind take all its tensors (at the same prefix, for a missing branch: RepViT's
+/// current and legacy RepVggDw).
 pub(super) struct Orphan {
     error: LayoutError,
     prefix: Option<String>,
     tensors: Vec<String>,
+}
+
+/// A candidate that did not become a block: left alone (and said so in the report), or
+/// refused once the layout is settled unless other blocks take its tensors.
+enum Unfit {
+    Skipped(Skipped),
+    Orphan(Orphan),
 }
 
 /// What blocks are assembled with beyond the layout: the BN ε, and the blocks whose
@@ -26,62 +34,75 @@ pub(super) struct Ctx<'a> {
     pub(super) identity: &'a BTreeMap<String, bool>,
 }
 
+/// The blocks of one layout in a checkpoint, found in one pass, and the candidates that are
+/// not blocks: while a layout is being chosen only the blocks count; the settled layout's
+/// are judged by [`Finding::refusal`].
+pub(super) struct Finding {
+    pub(super) blocks: Vec<Block>,
+    unfit: Vec<Unfit>,
+}
+
+impl Finding {
+    /// Why the settled layout refuses the file: a half block or a block without a required
+    /// branch whose tensors no other block takes, or a deploy name taken by a tensor no block
+    /// consumes.
+    pub(super) fn refusal(&self, ckpt: &Checkpoint) -> Option<LayoutError> {
+        let consumed: BTreeSet<&str> = (self.blocks.iter())
+            .flat_map(|b| b.consumed.iter().map(String::as_str))
+            .collect();
+        let untaken = self.unfit.iter().find_map(|u| match u {
+            Unfit::Orphan(o) => {
+                let taken = o.tensors.iter().all(|t| consumed.contains(t.as_str()))
+                    && (o.prefix.as_ref()).is_none_or(|p| self.blocks.iter().any(|b| &b.name == p));
+                (!taken).then(|| o.error.clone())
+            }
+            Unfit::Skipped(_) => None,
+        });
+        untaken.or_else(|| check_deploy_names(ckpt, &self.blocks).err())
+    }
+
+    /// The blocks, and the candidates left alone.
+    pub(super) fn into_found(self) -> BlocksFound {
+        let skipped = self.unfit.into_iter().filter_map(|u| match u {
+            Unfit::Skipped(s) => Some(s),
+            Unfit::Orphan(_) => None,
+        });
+        BlocksFound {
+            skipped: skipped.collect(),
+            blocks: self.blocks,
+        }
+    }
+}
+
+/// The blocks of every kind of `layout` in the checkpoint, blocks inside larger blocks of
+/// another kind given to those, in the order of their main weights in the file.
 pub(super) fn find_blocks(
     ckpt: &Checkpoint,
     names: &Names,
     layout: &Layout,
-    refuse_half: bool,
     ctx: &Ctx,
-) -> Result<BlocksFound, LayoutError> {
-    let mut found = BlocksFound {
-        blocks: Vec::new(),
-        skipped: Vec::new(),
-    };
+) -> Result<Finding, LayoutError> {
+    let mut blocks = Vec::new();
+    let mut unfit = Vec::new();
     let mut kinds_of = Vec::new();
-    let mut orphans = Vec::new();
     for (k, kind) in layout.all_kinds().iter().enumerate() {
-        let before = found.blocks.len();
-        find_kind(
-            (ckpt, names),
-            layout,
-            kind,
-            refuse_half,
-            (&mut found, &mut orphans),
-            ctx,
-        )?;
-        kinds_of.resize(kinds_of.len() + found.blocks.len() - before, k);
+        let before = blocks.len();
+        find_kind((ckpt, names), layout, kind, (&mut blocks, &mut unfit), ctx)?;
+        kinds_of.resize(kinds_of.len() + blocks.len() - before, k);
     }
-    let mut blocks = drop_contained(std::mem::take(&mut found.blocks), &kinds_of);
-    let consumed: BTreeSet<&str> = blocks
-        .iter()
-        .flat_map(|b| b.consumed.iter().map(String::as_str))
-        .collect();
-    for o in orphans {
-        let taken = o.tensors.iter().all(|t| consumed.contains(t.as_str()))
-            && o.prefix.is_none_or(|p| blocks.iter().any(|b| b.name == p));
-        if !taken {
-            return Err(o.error);
-        }
-    }
-    // While choosing a layout, a taken deploy name does not rule one out: the settled
-    // layout's pass (refusing half blocks) refuses it, and the doctor says what the file mixes.
-    if refuse_half {
-        check_deploy_names(ckpt, &blocks)?;
-    }
+    let mut blocks = drop_contained(blocks, &kinds_of);
     check_ownership(&blocks)?;
     blocks.sort_by_key(|b| ckpt.get(b.main_weight()).map_or(0, |t| t.start));
-    found.blocks = blocks;
-    Ok(found)
+    Ok(Finding { blocks, unfit })
 }
 
-/// The blocks of one kind of `layout` into `found`; candidates that are not blocks into
-/// `orphans` (when refusing half blocks).
-pub(super) fn find_kind(
+/// The blocks of one kind of `layout` into `blocks`; candidates that are not blocks into
+/// `unfit`.
+fn find_kind(
     (ckpt, names): (&Checkpoint, &Names),
     layout: &Layout,
     kind: &Kind,
-    refuse_half: bool,
-    (found, orphans): (&mut BlocksFound, &mut Vec<Orphan>),
+    (blocks, unfit): (&mut Vec<Block>, &mut Vec<Unfit>),
     ctx: &Ctx,
 ) -> Result<(), LayoutError> {
     let several = layout.kinds.len() + usize::from(!layout.branches.is_empty()) > 1;
@@ -95,26 +116,23 @@ pub(super) fn find_kind(
                 .keys()
                 .any(|(_, leaf)| plain || matches!(leaf, Leaf::ConvWeight | Leaf::Orepa(0)))
     };
+    let skip = |prefix: &str, why: String| Unfit::Skipped(skipped(prefix, why));
     for (prefix, branches) in &candidates(names, kind) {
         if !kind.applies_at(prefix) {
             continue;
         }
-        let tensors = || {
-            branches
-                .values()
+        let orphan = |error: LayoutError, at: Option<&String>| Orphan {
+            error,
+            prefix: at.cloned(),
+            tensors: (branches.values())
                 .flat_map(|f| f.slots.values().cloned())
-                .collect()
+                .collect(),
         };
         if !branches.values().any(is_main) {
-            if refuse_half
-                && !layout.generic_names
+            if !layout.generic_names
                 && let Err(error) = refuse_half_block(layout, kind, prefix, branches)
             {
-                orphans.push(Orphan {
-                    error,
-                    prefix: None,
-                    tensors: tensors(),
-                });
+                unfit.push(Unfit::Orphan(orphan(error, None)));
             }
             continue;
         }
@@ -125,30 +143,20 @@ pub(super) fn find_kind(
             .find(|(i, spec)| spec.required && !branches.values().any(|f| f.spec == *i));
         if let Some((_, spec)) = missing_required {
             let why = format!("no `{}` branch", spec.path);
-            if layout.generic_names || !refuse_half {
-                found.skipped.push(skipped(prefix, why));
-            } else {
-                orphans.push(Orphan {
-                    error: BlockError::new(prefix, why).into(),
-                    prefix: Some(prefix.clone()),
-                    tensors: tensors(),
-                });
-            }
+            unfit.push(match layout.generic_names {
+                true => skip(prefix, why),
+                false => Unfit::Orphan(orphan(BlockError::new(prefix, why).into(), Some(prefix))),
+            });
             continue;
         }
         match assemble(ckpt, kind, prefix, branches, ctx) {
             Ok(block) => match other_kernel(kind, &block) {
-                Some(skip) => found.skipped.push(skip),
-                None => found.blocks.push(block),
+                Some(s) => unfit.push(Unfit::Skipped(s)),
+                None => blocks.push(block),
             },
-            Err(e) if layout.generic_names => found.skipped.push(skipped(prefix, e.what)),
+            Err(e) if layout.generic_names => unfit.push(skip(prefix, e.what)),
             // Another kind may be what the block is (DBB's four forms share most names).
-            Err(e) if several && refuse_half => orphans.push(Orphan {
-                error: e.into(),
-                prefix: Some(prefix.clone()),
-                tensors: tensors(),
-            }),
-            Err(e) if several => found.skipped.push(skipped(prefix, e.what)),
+            Err(e) if several => unfit.push(Unfit::Orphan(orphan(e.into(), Some(prefix)))),
             Err(e) => return Err(e.into()),
         }
     }

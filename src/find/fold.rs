@@ -5,8 +5,8 @@
 
 use std::collections::BTreeSet;
 
-use super::assemble::{Ctx, find_blocks};
-use super::names::{BlocksFound, Names};
+use super::assemble::{Ctx, Finding, find_blocks};
+use super::names::Names;
 use super::{Detection, FindRules, Layout, LayoutError, settle};
 use crate::checkpoint::Checkpoint;
 
@@ -30,7 +30,7 @@ pub(super) fn add_folds(
             eps: layout.bn_eps(rules.bn_eps).0,
             identity: &rules.identity,
         };
-        let pairs = find_blocks(ckpt, names, layout, false, &ctx)?;
+        let pairs = find_blocks(ckpt, names, layout, &ctx)?;
         if !pairs.blocks.is_empty() {
             hits.push((layout, pairs));
         }
@@ -57,7 +57,7 @@ pub(super) fn add_folds(
 fn merge(
     found: Option<Detection>,
     layout: &Layout,
-    pairs: BlocksFound,
+    pairs: Finding,
     rules: &FindRules,
 ) -> Detection {
     let Some(mut detection) = found else {

@@ -16,6 +16,8 @@ pub mod schema;
 
 use std::collections::{BTreeMap, BTreeSet};
 
+use rayon::prelude::*;
+
 pub use schema::{
     BranchSpec, DEFAULT_BN_EPS, DeployNames, Kind, Layout, LayoutError, OpKind, OpSpec,
 };
@@ -23,7 +25,7 @@ pub use schema::{
 use crate::block::Block;
 use crate::checkpoint::Checkpoint;
 use crate::report::{EpsInfo, Skipped};
-use assemble::{Ctx, depth, find_blocks};
+use assemble::{Ctx, Finding, depth, find_blocks};
 use names::{BlocksFound, Names, split_names};
 
 /// The blocks of one layout found in a checkpoint, and what happens to every other tensor.
@@ -138,7 +140,8 @@ fn detect(
             let known: Vec<_> = layouts.iter().map(|l| l.name.as_str()).collect();
             return Err(LayoutError::Unknown(name.to_string(), known.join(", ")));
         };
-        let found = settled(ckpt, names, layout, rules)?;
+        let found = find_blocks(ckpt, names, layout, &ctx(layout))?;
+        let found = settled(ckpt, layout, found, rules)?;
         if found.blocks.is_empty() {
             return Err(LayoutError::NoBlocks {
                 hint: format!(" of layout {}{}", layout.name, deployed_hint(ckpt, layouts)),
@@ -146,21 +149,28 @@ fn detect(
         }
         return Ok(detection(layout, found));
     }
+    // Every layout tried at once (each is independent: repvit_m2_3's 1469 names against 30
+    // layouts), the outcomes taken in table order.
+    let tried: Vec<_> = layouts
+        .par_iter()
+        .map(|layout| {
+            let marked = layout.marker.as_ref().is_none_or(|marker| {
+                let leaf = format!(".{marker}");
+                ckpt.tensors().iter().any(|t| t.name.ends_with(&leaf))
+            });
+            marked.then(|| find_blocks(ckpt, names, layout, &ctx(layout)))
+        })
+        .collect();
     let mut hits = Vec::new();
     let mut errors = Vec::new();
-    for layout in layouts {
-        if let Some(marker) = &layout.marker {
-            let leaf = format!(".{marker}");
-            if !ckpt.tensors().iter().any(|t| t.name.ends_with(&leaf)) {
-                continue;
-            }
-        }
-        match find_blocks(ckpt, names, layout, false, &ctx(layout)) {
+    for (layout, found) in layouts.iter().zip(tried) {
+        match found {
+            None => {}
             // A fallback's common names may meet tensors they do not describe.
-            Err(_) if layout.fallback => {}
-            Err(e) => errors.push(e),
-            Ok(found) if !found.blocks.is_empty() => hits.push((layout, found)),
-            Ok(_) => {}
+            Some(Err(_)) if layout.fallback => {}
+            Some(Err(e)) => errors.push(e),
+            Some(Ok(found)) if !found.blocks.is_empty() => hits.push((layout, found)),
+            Some(Ok(_)) => {}
         }
     }
     // A layout that fails on a block another layout's names explain (mmpretrain's
@@ -183,16 +193,16 @@ fn detect(
             hint: deployed_hint(ckpt, layouts),
         }),
         1 => {
-            let (layout, _) = hits.remove(0);
-            // Again, now refusing half blocks: the layout is settled.
-            Ok(detection(layout, settled(ckpt, names, layout, rules)?))
+            let (layout, found) = hits.remove(0);
+            // Now refusing half blocks: the layout is settled.
+            Ok(detection(layout, settled(ckpt, layout, found, rules)?))
         }
         _ => Err(mixed(&hits)),
     }
 }
 
 /// The error for blocks of several layouts in one file: each with a count and an example.
-fn mixed(hits: &[(&Layout, BlocksFound)]) -> LayoutError {
+fn mixed(hits: &[(&Layout, Finding)]) -> LayoutError {
     let found: Vec<String> = hits
         .iter()
         .map(|(l, f)| {
@@ -209,33 +219,29 @@ fn mixed(hits: &[(&Layout, BlocksFound)]) -> LayoutError {
 /// deploy name in a file with blocks in deploy form already is what the doctor says it is.
 fn settled(
     ckpt: &Checkpoint,
-    names: &Names,
     layout: &Layout,
+    found: Finding,
     rules: &FindRules,
 ) -> Result<BlocksFound, LayoutError> {
-    let ctx = Ctx {
-        eps: layout.bn_eps(rules.bn_eps).0,
-        identity: &rules.identity,
-    };
-    match find_blocks(ckpt, names, layout, true, &ctx) {
-        Err(LayoutError::DeployNameTaken { block, tensor }) => {
-            let first = find_blocks(ckpt, names, layout, false, &ctx)?;
+    match found.refusal(ckpt) {
+        None => Ok(found.into_found()),
+        Some(LayoutError::DeployNameTaken { block, tensor }) => {
             let d = Detection {
                 layout: layout.clone(),
-                blocks: first.blocks,
+                blocks: found.blocks,
                 skipped: Vec::new(),
                 bn_eps: layout.eps_info(rules.bn_eps),
             };
             Err(doctor::mixed_forms(ckpt, &d, Some(&block))
                 .unwrap_or(LayoutError::DeployNameTaken { block, tensor }))
         }
-        found => found,
+        Some(e) => Err(e),
     }
 }
 
 /// Two layouts that declare the same names (`same_names_as`) and both found blocks: the
 /// names cannot tell which fusion the framework does.
-fn refuse_same_names(hits: &[(&Layout, BlocksFound)]) -> Result<(), LayoutError> {
+fn refuse_same_names(hits: &[(&Layout, Finding)]) -> Result<(), LayoutError> {
     for (a, _) in hits {
         let twins: Vec<&str> = hits
             .iter()
@@ -285,7 +291,7 @@ fn check_identity_overrides(detection: &Detection, rules: &FindRules) -> Result<
 /// same tensors, the one whose blocks are outer modules (iFormer's RepCPE around what RepViT
 /// would fuse as a ConvNorm), then the earlier in the table (a pure MobileOne file matches
 /// FastViT's MobileOne kind as well).
-fn settle(mut hits: Vec<(&Layout, BlocksFound)>) -> Vec<(&Layout, BlocksFound)> {
+fn settle(mut hits: Vec<(&Layout, Finding)>) -> Vec<(&Layout, Finding)> {
     if hits.iter().any(|(l, _)| !l.fallback) {
         hits.retain(|(l, _)| !l.fallback);
     }

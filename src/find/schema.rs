@@ -549,7 +549,7 @@ pub struct Kind {
 }
 
 /// Errors in finding blocks or in a layout file.
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum LayoutError {
     /// No layout found any block.
     #[error("no re-parameterizable block found{hint}")]
