@@ -284,12 +284,11 @@ fn forward_source(
 ) -> Array2<f64> {
     match (branch.source(), weight) {
         // A kh×kw kernel runs as itself, same-padded by (kh − 1)/2 and (kw − 1)/2.
-        (Op::Conv { dilation, .. }, Some((w, k))) => conv_rows(
-            &x.cols(k, *dilation),
+        (Op::Conv { dilation, .. }, Some((w, k))) => x.conv(
             w,
             rows,
             block.in_per_group,
-            k,
+            (k, *dilation),
             block.out_per_group(),
         ),
         (Op::AvgPool { kernel }, _) => {

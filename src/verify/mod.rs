@@ -16,7 +16,7 @@ use crate::Error;
 use crate::block::values::{ChannelValues, read_rows};
 use crate::block::{Block, Op, kernel_hw};
 use crate::checkpoint::{Checkpoint, TensorInfo};
-use crate::conv::{BlockInput, Input, KernelGeometry, conv_rows};
+use crate::conv::{BlockInput, Input, KernelGeometry};
 use crate::deviation::{self, Deviation};
 use crate::dtype::{encode, float_width};
 use crate::find::Detection;
@@ -338,14 +338,7 @@ impl Run<'_> {
             .deploy
             .read_f64(bias, rows.clone())?
             .ok_or_else(not_float)?;
-        let mut y = conv_rows(
-            &x.cols(b.kernel, 1),
-            &w,
-            rows,
-            b.in_per_group,
-            b.kernel,
-            b.out_per_group(),
-        );
+        let mut y = x.conv(&w, rows, b.in_per_group, (b.kernel, 1), b.out_per_group());
         for (mut row, c) in y.rows_mut().into_iter().zip(bias) {
             row += c;
         }

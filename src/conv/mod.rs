@@ -1,5 +1,8 @@
 //! Grouped 2-D convolution, stride 1, same padding ((kh − 1)/2 × (kw − 1)/2 for an odd
-//! kh×kw kernel), in f64: im2col then one GEMM per group.
+//! kh×kw kernel), in f64: im2col then one GEMM per group, or for a 3×3 kernel Winograd's
+//! F(2×2, 3×3) ([`winograd`]).
+
+pub mod winograd;
 
 use std::borrow::Cow;
 use std::collections::BTreeMap;
@@ -54,21 +57,30 @@ impl Input {
 /// A kernel's `(kh, kw)` and the spacing of its taps: what an im2col matrix is made for.
 pub type KernelGeometry = ((usize, usize), usize);
 
-/// The input a block is run on, and its im2col matrices by kernel `(kh, kw)` and dilation.
+/// The input a block is run on, its im2col matrices by kernel `(kh, kw)` and dilation, and
+/// its Winograd transform when a 3×3 kernel is among them.
 pub struct BlockInput {
-    /// The input images.
+    /// The input.
     pub input: Input,
     cols: BTreeMap<KernelGeometry, Array2<f64>>,
+    winograd: Option<winograd::Transformed>,
 }
 
 impl BlockInput {
-    /// `input`, with the im2col matrices of the `kernels` made ahead.
+    /// `input`, with the im2col matrices of the `kernels` made ahead (and its F(2×2, 3×3)
+    /// transform for a 3×3 one, when it has enough channels to use it).
     pub fn new(input: Input, kernels: &[KernelGeometry]) -> Self {
         let cols = kernels
             .iter()
             .map(|&(k, d)| ((k, d), im2col(&input, k, d)))
             .collect();
-        BlockInput { input, cols }
+        let winograd = (kernels.contains(&((3, 3), 1)) && input.c >= winograd::MIN_DEPTH)
+            .then(|| winograd::Transformed::new(&input));
+        BlockInput {
+            input,
+            cols,
+            winograd,
+        }
     }
 
     /// The im2col matrix of the input for a kh×kw kernel with dilation `d` (computed on
@@ -77,6 +89,32 @@ impl BlockInput {
         match self.cols.get(&(k, d)) {
             Some(c) => Cow::Borrowed(c),
             None => Cow::Owned(im2col(&self.input, k, d)),
+        }
+    }
+
+    /// Output channels `rows` of the conv with `weight` (`[rows, in/groups, kh, kw]`, taps
+    /// `d` apart) on this input, as [`conv_rows`] gives it: by Winograd for a 3×3 kernel over
+    /// at least [`winograd::MIN_DEPTH`] channels per group, else by im2col.
+    pub fn conv(
+        &self,
+        weight: &[f64],
+        rows: Range<usize>,
+        in_per_group: usize,
+        (k, d): KernelGeometry,
+        out_per_group: usize,
+    ) -> Array2<f64> {
+        match &self.winograd {
+            Some(t) if (k, d) == ((3, 3), 1) && in_per_group >= winograd::MIN_DEPTH => {
+                t.conv(weight, rows, in_per_group, out_per_group)
+            }
+            _ => conv_rows(
+                &self.cols(k, d),
+                weight,
+                rows,
+                in_per_group,
+                k,
+                out_per_group,
+            ),
         }
     }
 }
