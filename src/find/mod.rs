@@ -149,21 +149,9 @@ fn detect(
         }
         return Ok(detection(layout, found));
     }
-    // Every layout tried at once (each is independent: repvit_m2_3's 1469 names against 30
-    // layouts), the outcomes taken in table order.
-    let tried: Vec<_> = layouts
-        .par_iter()
-        .map(|layout| {
-            let marked = layout.marker.as_ref().is_none_or(|marker| {
-                let leaf = format!(".{marker}");
-                ckpt.tensors().iter().any(|t| t.name.ends_with(&leaf))
-            });
-            marked.then(|| find_blocks(ckpt, names, layout, &ctx(layout)))
-        })
-        .collect();
     let mut hits = Vec::new();
     let mut errors = Vec::new();
-    for (layout, found) in layouts.iter().zip(tried) {
+    for (layout, found) in layouts.iter().zip(try_all(ckpt, names, layouts, &ctx)) {
         match found {
             None => {}
             // A fallback's common names may meet tensors they do not describe.
@@ -199,6 +187,26 @@ fn detect(
         }
         _ => Err(mixed(&hits)),
     }
+}
+
+/// What each of `layouts` finds (`None` for one whose marker tensor the file lacks), every
+/// layout tried at once: each is independent (repvit_m2_3's 1469 names against 37 layouts).
+fn try_all<'c>(
+    ckpt: &Checkpoint,
+    names: &Names,
+    layouts: &[Layout],
+    ctx: &(impl Fn(&Layout) -> Ctx<'c> + Sync),
+) -> Vec<Option<Result<Finding, LayoutError>>> {
+    layouts
+        .par_iter()
+        .map(|layout| {
+            let marked = layout.marker.as_ref().is_none_or(|marker| {
+                let leaf = format!(".{marker}");
+                ckpt.tensors().iter().any(|t| t.name.ends_with(&leaf))
+            });
+            marked.then(|| find_blocks(ckpt, names, layout, &ctx(layout)))
+        })
+        .collect()
 }
 
 /// The error for blocks of several layouts in one file: each with a count and an example.
