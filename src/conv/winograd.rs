@@ -199,7 +199,7 @@ fn transform_weight_any(
     let depth1 = depth.max(1);
     u.resize(16 * m * depth, 0.0);
     taps.resize(9 * depth, 0.0);
-    let mut planes: Vec<&mut [f64]> = u.chunks_exact_mut(m * depth1).collect();
+    let mut planes: Vec<&mut [f64]> = u.chunks_exact_mut((m * depth).max(1)).collect();
     for (r, kernels) in weight.chunks_exact(9 * depth1).enumerate().take(m) {
         for (ci, k) in kernels.chunks_exact(9).enumerate() {
             for (tap, &v) in k.iter().enumerate() {
@@ -293,5 +293,8 @@ mod tests {
             );
             assert!(scale > 0.1, "a conv that computed nothing");
         }
+        // No rows: an empty output, not a chunk size of zero.
+        let x = Input::random(1, 16, 4, 4, 3, 1);
+        assert_eq!(Transformed::new(&x).conv(&[], 0..0, 16, 16).dim(), (0, 16));
     }
 }
