@@ -71,14 +71,7 @@ fn convert(dir: &Path, out: &Path) -> Value {
     let dims: Vec<String> = (case["io_input_shape"].as_array().expect("a shape").iter())
         .map(|d| d.to_string())
         .collect();
-    let o = common::bin()
-        .arg(dir.join("train.onnx"))
-        .arg("-o")
-        .arg(out)
-        .args(["--verify", "-q", "--input-shape"])
-        .arg(format!("{input}:{}", dims.join("x")))
-        .output()
-        .expect("runs");
+    let (o, report) = common::convert_graph(dir, out, &format!("{input}:{}", dims.join("x")));
     assert_eq!(
         o.status.code(),
         Some(0),
@@ -86,11 +79,8 @@ fn convert(dir: &Path, out: &Path) -> Value {
         common::dir_name(dir),
         String::from_utf8_lossy(&o.stderr)
     );
-    let report = out.with_file_name(format!(
-        "{}.report.json",
-        out.file_stem().expect("a stem").to_string_lossy()
-    ));
-    serde_json::from_str(&std::fs::read_to_string(report).expect("the report")).expect("json")
+    assert!(report.is_object(), "{}: no report", common::dir_name(dir));
+    report
 }
 
 #[test]

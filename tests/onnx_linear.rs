@@ -32,23 +32,16 @@ fn convert(dir: &Path, out: &Path) -> (Option<i32>, Value) {
     let shape: Vec<String> = (case["input_shape"].as_array().expect("a shape").iter())
         .map(|d| d.to_string())
         .collect();
-    let o = common::bin()
-        .arg(dir.join("train.onnx"))
-        .arg("-o")
-        .arg(out)
-        .args(["--verify", "-q", "--input-shape"])
-        .arg(format!(
-            "{}:{}",
-            case["input"].as_str().expect("input"),
-            shape.join("x")
-        ))
-        .output()
-        .expect("runs");
-    let report = out.with_extension("report.json");
-    let report = std::fs::read_to_string(&report)
-        .map(|r| serde_json::from_str(&r).expect("json"))
-        .unwrap_or(Value::Null);
+    let input = case["input"].as_str().expect("input");
+    let (o, report) = common::convert_graph(dir, out, &format!("{input}:{}", shape.join("x")));
     (o.status.code(), report)
+}
+
+/// The cases whose `case.json` says they merge (`true`) or stay as they are (`false`).
+fn cases_that_merge(merges: bool) -> Vec<PathBuf> {
+    (cases().into_iter())
+        .filter(|d| common::case_json(d)["merges"] == merges)
+        .collect()
 }
 
 fn lint(p: &Path) -> Option<i32> {
@@ -69,10 +62,7 @@ fn there_are_linear_cases() {
 #[test]
 fn matmul_and_gemm_t0_sets_merge_to_the_framework_deploy_op_counts_and_verify() {
     let tmp = tempfile::tempdir().expect("tempdir");
-    for dir in cases()
-        .into_iter()
-        .filter(|d| common::case_json(d)["merges"] == true)
-    {
+    for dir in cases_that_merge(true) {
         let case = common::dir_name(&dir);
         let out = tmp.path().join(format!("{case}.onnx"));
         let (code, report) = convert(&dir, &out);
@@ -104,10 +94,7 @@ fn matmul_and_gemm_t0_sets_merge_to_the_framework_deploy_op_counts_and_verify() 
 #[cfg(feature = "graph-run")]
 fn our_deploy_graph_gives_onnxruntime_train_outputs() {
     let tmp = tempfile::tempdir().expect("tempdir");
-    for dir in cases()
-        .into_iter()
-        .filter(|d| common::case_json(d)["merges"] == true)
-    {
+    for dir in cases_that_merge(true) {
         let case = common::dir_name(&dir);
         let out = tmp.path().join(format!("{case}.onnx"));
         assert_eq!(convert(&dir, &out).0, Some(0), "{case}");
@@ -130,10 +117,7 @@ fn our_deploy_graph_gives_onnxruntime_train_outputs() {
 #[test]
 fn what_does_not_qualify_stays_with_its_reason() {
     let tmp = tempfile::tempdir().expect("tempdir");
-    for dir in cases()
-        .into_iter()
-        .filter(|d| common::case_json(d)["merges"] == false)
-    {
+    for dir in cases_that_merge(false) {
         let case = common::dir_name(&dir);
         let out = tmp.path().join(format!("{case}.onnx"));
         let (code, report) = convert(&dir, &out);

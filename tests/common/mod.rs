@@ -209,6 +209,23 @@ pub fn op_counts(path: &Path) -> BTreeMap<String, usize> {
     counts
 }
 
+/// `dir`'s `train.onnx` converted with `--verify` into `out`, both graphs run whole at input
+/// `shape` (`name:NxCxHxW`): the process's output, and the report written beside `out`
+/// (`Null` when there is none).
+pub fn convert_graph(dir: &Path, out: &Path, shape: &str) -> (Output, serde_json::Value) {
+    let o = bin()
+        .arg(dir.join("train.onnx"))
+        .arg("-o")
+        .arg(out)
+        .args(["--verify", "-q", "--input-shape", shape])
+        .output()
+        .expect("runs");
+    let report = std::fs::read_to_string(out.with_extension("report.json"))
+        .map(|r| serde_json::from_str(&r).expect("the report is JSON"))
+        .unwrap_or(serde_json::Value::Null);
+    (o, report)
+}
+
 /// A folder's name (a fixture case's).
 pub fn dir_name(dir: &Path) -> String {
     dir.file_name()
